@@ -1,0 +1,136 @@
+/*
+ * ue: the io_uring engine. Plain C, no Python.h.
+ *
+ * One ring per loop, owned by the thread that runs it. Work is expressed as
+ * ops (struct ue_op) embedded in their owner's struct: an op's address is the
+ * SQE user_data, and the op must stay alive until its final CQE (for a
+ * multishot op, the first CQE without IORING_CQE_F_MORE). A 16-bit generation
+ * packed into the high bits of user_data lets the engine drop CQEs that belong
+ * to an earlier arming of the same op.
+ *
+ * Timers live in a binary min-heap ordered by (when, seq); the wait timeout of
+ * each iteration is taken from its root, so no timeout SQEs are used.
+ */
+#ifndef UE_H
+#define UE_H
+
+#include <liburing.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Constants newer than liburing 2.3, detected at run time before use. */
+#ifndef IORING_SETUP_NO_SQARRAY
+#define IORING_SETUP_NO_SQARRAY (1U << 16)
+#endif
+
+typedef struct ue_loop ue_loop;
+typedef struct ue_op ue_op;
+typedef struct ue_timer ue_timer;
+
+/* Called once per CQE of `op`. When `flags` lacks IORING_CQE_F_MORE this is
+ * the op's final CQE: the op is idle again and may be re-armed or freed by
+ * the callback. */
+typedef void (*ue_op_cb)(ue_loop *loop, ue_op *op, int32_t res, uint32_t flags);
+
+enum ue_op_state {
+    UE_OP_IDLE = 0,
+    UE_OP_INFLIGHT = 1,
+    UE_OP_CANCELING = 2, /* a cancel was requested; the final CQE is pending */
+};
+
+struct ue_op {
+    ue_op_cb cb;
+    uint16_t gen;
+    uint8_t state;
+    uint8_t internal; /* not counted in loop->inflight (the wakeup poll) */
+};
+
+struct ue_timer {
+    double when;     /* CLOCK_MONOTONIC seconds, as loop.time() */
+    uint64_t seq;    /* insertion order breaks ties: FIFO among equal `when` */
+    uint32_t index;  /* slot in the heap, UE_TIMER_UNSCHEDULED when out */
+};
+#define UE_TIMER_UNSCHEDULED UINT32_MAX
+
+/* Which ring setup was accepted by the kernel (for diagnostics and tests). */
+enum ue_mode {
+    UE_MODE_DEFER_TASKRUN = 0, /* SINGLE_ISSUER | DEFER_TASKRUN */
+    UE_MODE_COOP_TASKRUN = 1,
+    UE_MODE_PLAIN = 2,
+};
+
+struct ue_loop {
+    struct io_uring ring;
+    int ring_fd;          /* -1 when there is no ring */
+    int enabled;          /* ring enabled (it is created R_DISABLED) */
+    enum ue_mode mode;
+    unsigned features;    /* io_uring_params.features */
+    unsigned sq_size, cq_size;
+    pid_t pid;            /* process that created the ring */
+    pid_t owner_tid;      /* thread that enabled the ring */
+
+    /* cross-thread wakeup: an eventfd watched by a multishot poll */
+    int wake_fd;
+    ue_op wake_op;
+    atomic_int sleeping;
+
+    /* timers */
+    ue_timer **heap;
+    uint32_t heap_len, heap_cap;
+    uint64_t timer_seq;
+
+    uint32_t inflight;    /* ops between submission and final CQE */
+    unsigned unsubmitted; /* SQEs prepared since the last submit */
+
+    const char *failed_step; /* which setup call failed, for error messages */
+};
+
+/* Setup and teardown. Return 0 or -errno. */
+int ue_loop_init(ue_loop *l, unsigned sq_entries, unsigned cq_entries);
+/* Enables the ring on the calling thread (once), arms the wakeup poll.
+ * -EEXIST when another thread already owns it. */
+int ue_loop_start(ue_loop *l);
+/* Cancels every op still in flight and waits (bounded) for final CQEs. */
+void ue_loop_cancel_all(ue_loop *l, int timeout_ms);
+void ue_loop_close(ue_loop *l);
+/* Forgets the current ring (its ops are abandoned and never complete) and
+ * builds a fresh one: in a forked child, or when the loop moves to another
+ * thread with nothing in flight. Timers are kept. */
+int ue_loop_rebuild(ue_loop *l);
+int ue_loop_forked(const ue_loop *l);
+int ue_current_tid(void);
+
+/* Ops. ue_sqe() never returns NULL while the ring is usable: when the SQ is
+ * full and the ring is enabled it submits first; otherwise NULL (-EBUSY). */
+struct io_uring_sqe *ue_sqe(ue_loop *l);
+void ue_op_arm(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb cb);
+/* Requests cancellation of an in-flight op; the op's final CQE still comes. */
+int ue_op_cancel(ue_loop *l, ue_op *op);
+static inline int ue_op_busy(const ue_op *op) { return op->state != UE_OP_IDLE; }
+
+/* One iteration's kernel work: submit what is queued and wait for at least
+ * one CQE or `timeout` seconds (<0: forever, 0: do not block). Returns 0,
+ * -EINTR when a signal interrupted the wait, or another -errno.
+ * ue_wait_prepare() must be called first, under the same lock that guards
+ * the caller's ready queue, so a concurrent ue_wakeup() is never missed. */
+void ue_wait_prepare(ue_loop *l, double timeout);
+int ue_wait(ue_loop *l, double timeout);
+int ue_submit(ue_loop *l);
+/* Runs the callback of every available CQE; returns how many. */
+unsigned ue_dispatch(ue_loop *l);
+/* Thread-safe: makes a sleeping ue_wait() return. */
+void ue_wakeup(ue_loop *l);
+
+/* Timers. */
+double ue_now(void);
+int ue_timer_add(ue_loop *l, ue_timer *t, double when);
+void ue_timer_remove(ue_loop *l, ue_timer *t);
+static inline ue_timer *ue_timer_first(const ue_loop *l) { return l->heap_len ? l->heap[0] : NULL; }
+static inline int ue_timer_scheduled(const ue_timer *t) { return t->index != UE_TIMER_UNSCHEDULED; }
+static inline void ue_timer_init(ue_timer *t) { t->index = UE_TIMER_UNSCHEDULED; t->when = 0; t->seq = 0; }
+
+/* Is an opcode supported by the running kernel? */
+int ue_probe_op(ue_loop *l, int opcode);
+
+#endif

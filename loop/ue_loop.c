@@ -1,0 +1,339 @@
+/*
+ * The ring: setup with fallbacks, ops, the per-iteration wait, CQE dispatch,
+ * cross-thread wakeup and fork handling.
+ */
+#define _GNU_SOURCE
+#include "ue.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* user_data = op address in the low 48 bits, generation in the high 16.
+ * 0 marks CQEs nobody waits for (cancel requests). */
+#define UE_PTR_MASK ((UINT64_C(1) << 48) - 1)
+
+static inline uint64_t ue__encode(const ue_op *op)
+{
+    return ((uint64_t)(uintptr_t)op & UE_PTR_MASK) | ((uint64_t)op->gen << 48);
+}
+
+int ue_current_tid(void) { return (int)syscall(SYS_gettid); }
+
+double ue_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Tries the preferred setup first and falls back on -EINVAL (older kernels
+ * reject flags they do not know). Any other error is final: EPERM/ENOSYS
+ * mean io_uring is refused here, whatever the flags. */
+static int ue__setup_ring(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
+{
+    static const struct {
+        unsigned flags;
+        enum ue_mode mode;
+    } attempts[] = {
+        {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL |
+             IORING_SETUP_R_DISABLED,
+         UE_MODE_DEFER_TASKRUN},
+        {IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED,
+         UE_MODE_COOP_TASKRUN},
+        {IORING_SETUP_R_DISABLED, UE_MODE_PLAIN},
+        {0, UE_MODE_PLAIN},
+    };
+    int ret = -EINVAL;
+    for (size_t i = 0; i < sizeof attempts / sizeof attempts[0]; i++) {
+        struct io_uring_params p;
+        memset(&p, 0, sizeof p);
+        p.flags = attempts[i].flags | IORING_SETUP_CQSIZE;
+        p.cq_entries = cq_entries;
+        ret = io_uring_queue_init_params(sq_entries, &l->ring, &p);
+        if (ret == 0) {
+            l->mode = attempts[i].mode;
+            l->features = p.features;
+            l->enabled = !(attempts[i].flags & IORING_SETUP_R_DISABLED);
+            l->ring_fd = l->ring.ring_fd;
+            return 0;
+        }
+        if (ret != -EINVAL)
+            break;
+    }
+    return ret;
+}
+
+int ue_loop_init(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
+{
+    memset(l, 0, sizeof *l);
+    l->ring_fd = -1;
+    l->wake_fd = -1;
+    l->pid = getpid();
+    l->sq_size = sq_entries;
+    l->cq_size = cq_entries;
+    int ret = ue__setup_ring(l, sq_entries, cq_entries);
+    if (ret < 0) {
+        l->failed_step = "io_uring_setup";
+        return ret;
+    }
+    l->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (l->wake_fd < 0) {
+        ret = -errno;
+        l->failed_step = "eventfd";
+        io_uring_queue_exit(&l->ring);
+        l->ring_fd = -1;
+        return ret;
+    }
+    l->wake_op.internal = 1;
+    return 0;
+}
+
+int ue_loop_forked(const ue_loop *l) { return l->pid != getpid(); }
+
+static void ue__wake_cb(ue_loop *l, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)op;
+    (void)res;
+    uint64_t v;
+    /* Drain the counter so the eventfd does not stay readable forever. */
+    while (read(l->wake_fd, &v, sizeof v) > 0) {
+    }
+    if (!(flags & IORING_CQE_F_MORE) && l->ring_fd >= 0) {
+        struct io_uring_sqe *sqe = ue_sqe(l);
+        if (sqe) {
+            io_uring_prep_poll_multishot(sqe, l->wake_fd, POLLIN);
+            ue_op_arm(l, &l->wake_op, sqe, ue__wake_cb);
+        }
+    }
+}
+
+int ue_loop_start(ue_loop *l)
+{
+    if (l->ring_fd < 0)
+        return -EBADF;
+    if (!l->enabled) {
+        int ret = io_uring_register(l->ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+        if (ret < 0)
+            return ret;
+        l->enabled = 1;
+        l->owner_tid = ue_current_tid();
+    } else if (l->mode == UE_MODE_DEFER_TASKRUN && l->owner_tid && l->owner_tid != ue_current_tid()) {
+        return -EEXIST;
+    } else if (!l->owner_tid) {
+        l->owner_tid = ue_current_tid();
+    }
+    if (l->wake_op.state == UE_OP_IDLE) {
+        struct io_uring_sqe *sqe = ue_sqe(l);
+        if (!sqe)
+            return -EBUSY;
+        io_uring_prep_poll_multishot(sqe, l->wake_fd, POLLIN);
+        ue_op_arm(l, &l->wake_op, sqe, ue__wake_cb);
+    }
+    return 0;
+}
+
+struct io_uring_sqe *ue_sqe(ue_loop *l)
+{
+    if (l->ring_fd < 0)
+        return NULL;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&l->ring);
+    if (!sqe) {
+        /* SQ full: push what is queued to the kernel, then retry. Only the
+         * owner thread of an enabled ring may do that. */
+        if (!l->enabled || ue_submit(l) < 0)
+            return NULL;
+        sqe = io_uring_get_sqe(&l->ring);
+        if (!sqe)
+            return NULL;
+    }
+    l->unsubmitted++;
+    return sqe;
+}
+
+void ue_op_arm(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb cb)
+{
+    op->cb = cb;
+    op->gen++;
+    op->state = UE_OP_INFLIGHT;
+    if (!op->internal)
+        l->inflight++;
+    io_uring_sqe_set_data64(sqe, ue__encode(op));
+}
+
+int ue_op_cancel(ue_loop *l, ue_op *op)
+{
+    if (op->state != UE_OP_INFLIGHT)
+        return 0;
+    struct io_uring_sqe *sqe = ue_sqe(l);
+    if (!sqe)
+        return -EBUSY;
+    io_uring_prep_cancel64(sqe, ue__encode(op), 0);
+    io_uring_sqe_set_data64(sqe, 0);
+    op->state = UE_OP_CANCELING;
+    return 0;
+}
+
+int ue_submit(ue_loop *l)
+{
+    if (!l->unsubmitted)
+        return 0;
+    int ret = io_uring_submit(&l->ring);
+    if (ret >= 0)
+        l->unsubmitted = 0;
+    return ret;
+}
+
+void ue_wait_prepare(ue_loop *l, double timeout)
+{
+    if (timeout != 0)
+        atomic_store(&l->sleeping, 1);
+}
+
+int ue_wait(ue_loop *l, double timeout)
+{
+    struct io_uring_cqe *cqe;
+    int ret;
+    if (timeout == 0) {
+        /* With DEFER_TASKRUN completions are only posted when we enter with
+         * GETEVENTS; a plain peek would see nothing. */
+        ret = io_uring_submit_and_get_events(&l->ring);
+    } else if (timeout < 0) {
+        ret = io_uring_submit_and_wait(&l->ring, 1);
+    } else {
+        struct __kernel_timespec ts;
+        ts.tv_sec = (long long)timeout;
+        ts.tv_nsec = (long long)((timeout - (double)ts.tv_sec) * 1e9);
+        ret = io_uring_submit_and_wait_timeout(&l->ring, &cqe, 1, &ts, NULL);
+    }
+    atomic_store(&l->sleeping, 0);
+    if (ret >= 0 || ret == -ETIME) {
+        l->unsubmitted = 0;
+        return 0;
+    }
+    /* -EBUSY/-EAGAIN: the CQ is full or overflowed; dispatching frees it. */
+    if (ret == -EBUSY || ret == -EAGAIN)
+        return 0;
+    return ret;
+}
+
+unsigned ue_dispatch(ue_loop *l)
+{
+    unsigned head, seen = 0;
+    struct io_uring_cqe *cqe;
+    io_uring_for_each_cqe(&l->ring, head, cqe)
+    {
+        uint64_t ud = cqe->user_data;
+        int32_t res = cqe->res;
+        uint32_t flags = cqe->flags;
+        seen++;
+        if (ud == 0)
+            continue;
+        ue_op *op = (ue_op *)(uintptr_t)(ud & UE_PTR_MASK);
+        if (op->gen != (uint16_t)(ud >> 48) || op->state == UE_OP_IDLE)
+            continue; /* belongs to an earlier arming */
+        if (!(flags & IORING_CQE_F_MORE)) {
+            op->state = UE_OP_IDLE;
+            if (!op->internal)
+                l->inflight--;
+        }
+        /* The callback may free `op`: nothing below may touch it. */
+        op->cb(l, op, res, flags);
+    }
+    if (seen)
+        io_uring_cq_advance(&l->ring, seen);
+    return seen;
+}
+
+void ue_wakeup(ue_loop *l)
+{
+    if (atomic_exchange(&l->sleeping, 0)) {
+        uint64_t one = 1;
+        ssize_t n = write(l->wake_fd, &one, sizeof one);
+        (void)n; /* EAGAIN means the counter is already non-zero: awake */
+    }
+}
+
+void ue_loop_cancel_all(ue_loop *l, int timeout_ms)
+{
+    if (l->ring_fd < 0 || ue_loop_forked(l))
+        return;
+    if (!l->enabled && ue_loop_start(l) < 0)
+        return;
+    if (l->inflight) {
+        struct io_uring_sqe *sqe = ue_sqe(l);
+        if (sqe) {
+            io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+            io_uring_sqe_set_data64(sqe, 0);
+        }
+    }
+    double deadline = ue_now() + timeout_ms / 1000.0;
+    while (l->inflight) {
+        double left = deadline - ue_now();
+        if (left <= 0)
+            break;
+        int ret = ue_wait(l, left);
+        ue_dispatch(l);
+        if (ret < 0 && ret != -EINTR)
+            break;
+    }
+}
+
+void ue_loop_close(ue_loop *l)
+{
+    if (l->ring_fd >= 0) {
+        io_uring_queue_exit(&l->ring);
+        l->ring_fd = -1;
+    }
+    if (l->wake_fd >= 0) {
+        close(l->wake_fd);
+        l->wake_fd = -1;
+    }
+    free(l->heap);
+    l->heap = NULL;
+    l->heap_len = l->heap_cap = 0;
+}
+
+int ue_loop_rebuild(ue_loop *l)
+{
+    /* Unmapping and closing only drops this process's references; the
+     * parent's ring is untouched. Ops in flight there are abandoned. */
+    if (l->ring_fd >= 0)
+        io_uring_queue_exit(&l->ring);
+    if (l->wake_fd >= 0)
+        close(l->wake_fd);
+    l->ring_fd = -1;
+    l->wake_fd = -1;
+    l->inflight = 0;
+    l->unsubmitted = 0;
+    l->owner_tid = 0;
+    l->wake_op.state = UE_OP_IDLE;
+    atomic_store(&l->sleeping, 0);
+    l->pid = getpid();
+    int ret = ue__setup_ring(l, l->sq_size, l->cq_size);
+    if (ret < 0) {
+        l->failed_step = "io_uring_setup";
+        return ret;
+    }
+    l->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (l->wake_fd < 0) {
+        l->failed_step = "eventfd";
+        return -errno;
+    }
+    return 0;
+}
+
+int ue_probe_op(ue_loop *l, int opcode)
+{
+    struct io_uring_probe *p = io_uring_get_probe_ring(&l->ring);
+    if (!p)
+        return 0;
+    int ok = io_uring_opcode_supported(p, opcode);
+    io_uring_free_probe(p);
+    return ok;
+}

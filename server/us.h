@@ -1,0 +1,110 @@
+/*
+ * us: the CPython face of the engine, shared declarations.
+ *
+ * Module `uringloop._core` holds heap types with module state (as CPython's
+ * _asynciomodule.c does): LoopCore (the C base of uringloop.Loop), Handle and
+ * TimerHandle, FdWatch (add_reader/add_writer) and SockOp (sock_* calls).
+ */
+#ifndef US_H
+#define US_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "../loop/ue.h"
+
+#define US_CONTAINER(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+
+typedef struct us_state {
+    PyTypeObject *LoopCoreType;
+    PyTypeObject *HandleType;
+    PyTypeObject *TimerHandleType;
+    PyTypeObject *FdWatchType;
+    PyTypeObject *SockOpType;
+    PyObject *UnavailableError; /* uringloop.IOUringUnavailableError */
+
+    /* asyncio helpers used on slow paths */
+    PyObject *format_callback_source; /* asyncio.format_helpers._format_callback_source */
+    PyObject *extract_stack;          /* asyncio.format_helpers.extract_stack */
+
+    /* hooks installed by python/uringloop at import */
+    PyObject *handle_repr;  /* callable(handle) -> str */
+    PyObject *sock_future;  /* Future subclass whose cancel() cancels the op */
+
+    /* interned strings */
+    PyObject *s_call_exception_handler, *s_message, *s_exception, *s_handle;
+    PyObject *s_source_traceback, *s_check_thread, *s_check_callback;
+    PyObject *s_current_handle, *s_slow_callback, *s_loop, *s_uring_op;
+    PyObject *s_sock_stash, *s_set_result, *s_set_exception, *s_done;
+    PyObject *s_call_soon, *s_call_at, *s_call_soon_threadsafe;
+    PyObject *kw_loop; /* ("loop",) */
+} us_state;
+
+typedef struct us_loop {
+    PyObject_HEAD
+    us_state *st;
+    ue_loop ue;
+    int ue_ready; /* ring set up */
+
+    /* ready queue: a ring buffer of strong references to Handle or FdWatch */
+    PyObject **ready;
+    Py_ssize_t ready_head, ready_len, ready_cap;
+
+    PyObject *readers; /* {fd: FdWatch} */
+    PyObject *writers;
+
+    Py_ssize_t sockops_inflight;
+    char stopping, closed, debug, running, closing;
+} us_loop;
+
+typedef struct us_handle {
+    PyObject_HEAD
+    PyObject *callback; /* NULL once cancelled */
+    PyObject *args;     /* tuple, NULL once cancelled */
+    PyObject *context;
+    us_loop *loop;
+    PyObject *source_traceback;
+    PyObject *repr; /* repr saved at cancel() in debug mode */
+    PyObject *weakreflist;
+    char cancelled;
+} us_handle;
+
+typedef struct us_timer_handle {
+    us_handle base;
+    ue_timer timer; /* in the loop's heap while scheduled (the heap owns a ref) */
+} us_timer_handle;
+
+/* us_module.c */
+us_state *us_state_of_type(PyTypeObject *tp);
+int us_report_exception(us_loop *loop, PyObject *message, PyObject *handle);
+
+/* us_handle.c */
+extern PyType_Spec us_handle_spec, us_timer_handle_spec;
+us_handle *us_handle_new(us_loop *loop, PyTypeObject *tp, PyObject *callback, PyObject *const *args,
+                         Py_ssize_t nargs, PyObject *context);
+int us_handle_run(us_handle *h);
+void us_handle_cancel_quiet(us_handle *h);
+
+/* us_loop.c */
+extern PyType_Spec us_loop_spec;
+int us_ready_push(us_loop *loop, PyObject *item); /* takes a new reference */
+int us_loop_check_open(us_loop *loop);
+void us_timer_cancelled(us_loop *loop, us_timer_handle *t);
+
+/* us_fdwatch.c */
+extern PyType_Spec us_fdwatch_spec;
+int us_fdwatch_run(PyObject *w);
+int us_fdwatch_arm(PyObject *w);
+PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, short events, PyObject *const *args,
+                            Py_ssize_t nargs);
+int us_loop_remove_watch(us_loop *loop, PyObject *dict, int fd);
+void us_loop_rearm_watches(us_loop *loop);
+
+/* us_sockops.c */
+extern PyType_Spec us_sockop_spec;
+PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
+
+#endif

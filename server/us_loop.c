@@ -1,0 +1,697 @@
+/*
+ * LoopCore: the C base of uringloop.Loop (which also derives from
+ * asyncio.BaseEventLoop). It owns the ring, the ready queue and the timer
+ * heap, and implements the hot methods: call_soon[_threadsafe], call_later,
+ * call_at, time and the iteration itself (_run_once / _run_forever_inner).
+ */
+#include "us.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <string.h>
+
+
+#define US_MAX_TIMEOUT 86400.0 /* as asyncio's MAXIMUM_SELECT_TIMEOUT */
+
+/* ---- ready queue: power-of-two ring buffer ---- */
+
+int us_ready_push(us_loop *loop, PyObject *item)
+{
+    if (loop->ready_len == loop->ready_cap) {
+        Py_ssize_t cap = loop->ready_cap ? loop->ready_cap * 2 : 256;
+        PyObject **buf = PyMem_Malloc(cap * sizeof *buf);
+        if (!buf) {
+            Py_DECREF(item);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < loop->ready_len; i++)
+            buf[i] = loop->ready[(loop->ready_head + i) & (loop->ready_cap - 1)];
+        PyMem_Free(loop->ready);
+        loop->ready = buf;
+        loop->ready_cap = cap;
+        loop->ready_head = 0;
+    }
+    loop->ready[(loop->ready_head + loop->ready_len) & (loop->ready_cap - 1)] = item;
+    loop->ready_len++;
+    return 0;
+}
+
+static PyObject *ready_pop(us_loop *loop)
+{
+    PyObject *item = loop->ready[loop->ready_head];
+    loop->ready_head = (loop->ready_head + 1) & (loop->ready_cap - 1);
+    loop->ready_len--;
+    return item;
+}
+
+static void ready_clear(us_loop *loop)
+{
+    while (loop->ready_len)
+        Py_DECREF(ready_pop(loop));
+}
+
+/* ---- errors ---- */
+
+int us_loop_check_open(us_loop *loop)
+{
+    if (loop->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "Event loop is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *raise_unavailable(us_loop *loop, int err)
+{
+    const char *why;
+    switch (err) {
+    case EPERM:
+    case EACCES:
+        why = "it is refused by a seccomp filter (Docker's default profile blocks io_uring) or by the sysctl "
+              "kernel.io_uring_disabled. Allow the io_uring_setup, io_uring_enter and io_uring_register "
+              "syscalls (for Docker: --security-opt seccomp=<profile allowing them>) or set "
+              "kernel.io_uring_disabled=0";
+        break;
+    case ENOSYS:
+        why = "the kernel has no io_uring (Linux 5.19 or newer is needed; 6.1+ recommended)";
+        break;
+    case ENOMEM:
+        why = "the kernel could not allocate the ring; raise RLIMIT_MEMLOCK (ulimit -l) on kernels older than 5.12";
+        break;
+    case EMFILE:
+    case ENFILE:
+        why = "the process is out of file descriptors";
+        break;
+    default:
+        why = "see the error code";
+        break;
+    }
+    const char *step = loop->ue.failed_step ? loop->ue.failed_step : "io_uring_setup";
+    PyObject *msg = PyUnicode_FromFormat("io_uring is not available: %s() failed with %s (%s): %s", step,
+                                         err == EPERM ? "EPERM" : err == ENOSYS ? "ENOSYS" : "an error",
+                                         strerror(err), why);
+    if (!msg)
+        return NULL;
+    PyObject *args = Py_BuildValue("(iN)", err, msg);
+    if (args) {
+        PyErr_SetObject(loop->st->UnavailableError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+static int set_errno_error(int neg_err)
+{
+    errno = -neg_err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
+/* ---- construction and teardown ---- */
+
+static PyObject *loop_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    us_state *st = us_state_of_type(tp);
+    if (!st)
+        return NULL;
+    us_loop *self = (us_loop *)tp->tp_alloc(tp, 0);
+    if (!self)
+        return NULL;
+    self->st = st;
+    self->ue.ring_fd = -1;
+    self->ue.wake_fd = -1;
+    self->readers = PyDict_New();
+    self->writers = PyDict_New();
+    if (!self->readers || !self->writers)
+        goto fail;
+    int ret = ue_loop_init(&self->ue, 1024, 16384);
+    if (ret < 0) {
+        raise_unavailable(self, -ret);
+        goto fail;
+    }
+    self->ue_ready = 1;
+    if (!(self->ue.features & IORING_FEAT_EXT_ARG)) {
+        self->ue.failed_step = "io_uring_setup (IORING_FEAT_EXT_ARG missing)";
+        raise_unavailable(self, ENOSYS);
+        goto fail;
+    }
+    return (PyObject *)self;
+fail:
+    Py_DECREF(self);
+    return NULL;
+}
+
+static void timers_clear(us_loop *loop)
+{
+    ue_timer *t;
+    while ((t = ue_timer_first(&loop->ue)) != NULL) {
+        ue_timer_remove(&loop->ue, t);
+        Py_DECREF((PyObject *)US_CONTAINER(t, us_timer_handle, timer));
+    }
+}
+
+static int loop_traverse(us_loop *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->readers);
+    Py_VISIT(self->writers);
+    for (Py_ssize_t i = 0; i < self->ready_len; i++)
+        Py_VISIT(self->ready[(self->ready_head + i) & (self->ready_cap - 1)]);
+    for (uint32_t i = 0; i < self->ue.heap_len; i++)
+        Py_VISIT((PyObject *)US_CONTAINER(self->ue.heap[i], us_timer_handle, timer));
+    return 0;
+}
+
+static int loop_clear(us_loop *self)
+{
+    ready_clear(self);
+    if (self->ue.heap)
+        timers_clear(self);
+    Py_CLEAR(self->readers);
+    Py_CLEAR(self->writers);
+    return 0;
+}
+
+static void loop_dealloc(us_loop *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    loop_clear(self);
+    if (self->ue_ready) {
+        /* No op can still be in flight: each holds a reference to the loop. */
+        ue_loop_close(&self->ue);
+        self->ue_ready = 0;
+    } else {
+        free(self->ue.heap);
+    }
+    PyMem_Free(self->ready);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+/* Cancels every op, drops queued work and closes the ring. */
+static PyObject *loop_close_core(us_loop *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "Cannot close a running event loop");
+        return NULL;
+    }
+    self->closing = 1;
+    self->closed = 1;
+    PyObject *dicts[2] = {self->readers, self->writers};
+    for (int d = 0; d < 2; d++) {
+        if (!dicts[d])
+            continue;
+        PyObject *fds = PyDict_Keys(dicts[d]);
+        if (!fds)
+            return NULL;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++)
+            us_loop_remove_watch(self, dicts[d], (int)PyLong_AsLong(PyList_GET_ITEM(fds, i)));
+        Py_DECREF(fds);
+    }
+    if (self->ue_ready) {
+        if (!ue_loop_forked(&self->ue))
+            ue_loop_cancel_all(&self->ue, 1000);
+        ue_loop_close(&self->ue);
+        self->ue_ready = 0;
+    }
+    ready_clear(self);
+    timers_clear(self);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- scheduling ---- */
+
+static int parse_context(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **context,
+                         const char *fname)
+{
+    *context = NULL;
+    if (!kwnames)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(name, "context") != 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fname, name);
+            return -1;
+        }
+        *context = args[nargs + i];
+    }
+    return 0;
+}
+
+/* Debug mode: the same checks asyncio makes, by calling its own methods. */
+static int debug_checks(us_loop *self, PyObject *callback, PyObject *method, int check_thread)
+{
+    us_state *st = self->st;
+    if (check_thread) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, st->s_check_thread);
+        if (!r)
+            return -1;
+        Py_DECREF(r);
+    }
+    PyObject *r = PyObject_CallMethodObjArgs((PyObject *)self, st->s_check_callback, callback, method, NULL);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *schedule_soon(us_loop *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames,
+                               const char *fname, int threadsafe)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *context;
+    if (nargs < 1) {
+        PyErr_Format(PyExc_TypeError, "%s() missing 1 required positional argument: 'callback'", fname);
+        return NULL;
+    }
+    if (parse_context(args, nargs, kwnames, &context, fname) < 0 || us_loop_check_open(self) < 0)
+        return NULL;
+    if (self->debug &&
+        debug_checks(self, args[0], threadsafe ? self->st->s_call_soon_threadsafe : self->st->s_call_soon,
+                     !threadsafe) < 0)
+        return NULL;
+    us_handle *h = us_handle_new(self, self->st->HandleType, args[0], args + 1, nargs - 1, context);
+    if (!h)
+        return NULL;
+    if (us_ready_push(self, Py_NewRef(h)) < 0) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    if (threadsafe && self->ue_ready)
+        ue_wakeup(&self->ue);
+    return (PyObject *)h;
+}
+
+static PyObject *loop_call_soon(us_loop *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    return schedule_soon(self, args, nargsf, kwnames, "call_soon", 0);
+}
+
+static PyObject *loop_call_soon_threadsafe(us_loop *self, PyObject *const *args, Py_ssize_t nargsf,
+                                           PyObject *kwnames)
+{
+    return schedule_soon(self, args, nargsf, kwnames, "call_soon_threadsafe", 1);
+}
+
+static PyObject *schedule_at(us_loop *self, double when, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames, const char *fname)
+{
+    PyObject *context;
+    if (parse_context(args, nargs, kwnames, &context, fname) < 0 || us_loop_check_open(self) < 0)
+        return NULL;
+    if (self->debug && debug_checks(self, args[0], self->st->s_call_at, 1) < 0)
+        return NULL;
+    us_timer_handle *t =
+        (us_timer_handle *)us_handle_new(self, self->st->TimerHandleType, args[0], args + 1, nargs - 1, context);
+    if (!t)
+        return NULL;
+    if (ue_timer_add(&self->ue, &t->timer, when) < 0) {
+        Py_DECREF(t);
+        return PyErr_NoMemory();
+    }
+    Py_INCREF(t); /* the heap's reference */
+    return (PyObject *)t;
+}
+
+static PyObject *loop_call_at(us_loop *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "call_at() missing required positional arguments: 'when' and 'callback'");
+        return NULL;
+    }
+    if (args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "when cannot be None");
+        return NULL;
+    }
+    double when = PyFloat_AsDouble(args[0]);
+    if (when == -1.0 && PyErr_Occurred())
+        return NULL;
+    return schedule_at(self, when, args + 1, nargs - 1, kwnames, "call_at");
+}
+
+static PyObject *loop_call_later(us_loop *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "call_later() missing required positional arguments: 'delay' and 'callback'");
+        return NULL;
+    }
+    if (args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "delay must not be None");
+        return NULL;
+    }
+    double delay = PyFloat_AsDouble(args[0]);
+    if (delay == -1.0 && PyErr_Occurred())
+        return NULL;
+    return schedule_at(self, ue_now() + delay, args + 1, nargs - 1, kwnames, "call_later");
+}
+
+void us_timer_cancelled(us_loop *loop, us_timer_handle *t)
+{
+    if (ue_timer_scheduled(&t->timer)) {
+        ue_timer_remove(&loop->ue, &t->timer);
+        Py_DECREF(t); /* the heap's reference; the caller still holds one */
+    }
+}
+
+static PyObject *loop_time(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyFloat_FromDouble(ue_now());
+}
+
+static PyObject *loop_write_to_self(us_loop *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->ue_ready)
+        ue_wakeup(&self->ue);
+    Py_RETURN_NONE;
+}
+
+/* ---- the iteration ---- */
+
+/* Makes the ring usable from the calling thread: enables it the first time,
+ * builds a fresh one in a forked child, or when the loop moved to another
+ * thread with nothing in flight (SINGLE_ISSUER binds a ring to a thread). */
+static int loop_prepare_ring(us_loop *self)
+{
+    if (!self->ue_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Event loop is closed");
+        return -1;
+    }
+    int rebuilt = 0;
+    if (ue_loop_forked(&self->ue)) {
+        self->sockops_inflight = 0; /* the parent's ops cannot complete here */
+        rebuilt = 1;
+    }
+    int ret = rebuilt ? -EEXIST : ue_loop_start(&self->ue);
+    if (ret == -EEXIST) {
+        if (self->sockops_inflight) {
+            PyErr_Format(PyExc_RuntimeError,
+                         "uringloop: this loop's ring belongs to thread %d and %zd socket operations are still "
+                         "in flight on it; run the loop on one thread at a time",
+                         self->ue.owner_tid, self->sockops_inflight);
+            return -1;
+        }
+        ret = ue_loop_rebuild(&self->ue);
+        if (ret < 0) {
+            raise_unavailable(self, -ret);
+            return -1;
+        }
+        us_loop_rearm_watches(self);
+        if (PyErr_Occurred())
+            return -1;
+        ret = ue_loop_start(&self->ue);
+    }
+    if (ret < 0)
+        return set_errno_error(ret);
+    return 0;
+}
+
+static int run_ready_item(us_loop *self, PyObject *item)
+{
+    us_state *st = self->st;
+    int is_handle = Py_TYPE(item) == st->HandleType || Py_TYPE(item) == st->TimerHandleType;
+    if (!self->debug)
+        return is_handle ? us_handle_run((us_handle *)item) : us_fdwatch_run(item);
+
+    if (is_handle && ((us_handle *)item)->cancelled)
+        return 0;
+    if (PyObject_SetAttr((PyObject *)self, st->s_current_handle, item) < 0)
+        return -1;
+    double t0 = ue_now();
+    int rc = is_handle ? us_handle_run((us_handle *)item) : us_fdwatch_run(item);
+    double dt = ue_now() - t0;
+    PyObject *exc_type, *exc, *tb;
+    PyErr_Fetch(&exc_type, &exc, &tb);
+    if (PyObject_SetAttr((PyObject *)self, st->s_current_handle, Py_None) < 0)
+        PyErr_Clear();
+    if (rc == 0) {
+        /* The Python side compares with slow_callback_duration and logs. */
+        PyObject *r = PyObject_CallMethod((PyObject *)self, "_uring_slow_callback", "Od", item, dt);
+        if (!r)
+            PyErr_WriteUnraisable(item);
+        Py_XDECREF(r);
+    }
+    PyErr_Restore(exc_type, exc, tb);
+    return rc;
+}
+
+static int loop_run_once(us_loop *self)
+{
+    ue_loop *ue = &self->ue;
+    ue_timer *first = ue_timer_first(ue);
+    double timeout;
+    if (self->ready_len || self->stopping)
+        timeout = 0;
+    else if (first) {
+        timeout = first->when - ue_now();
+        timeout = timeout < 0 ? 0 : timeout > US_MAX_TIMEOUT ? US_MAX_TIMEOUT : timeout;
+    } else
+        timeout = -1;
+
+    int ret = 0;
+    if (timeout == 0) {
+        /* Nothing to submit and nothing that can complete: skip the syscall. */
+        if (ue->unsubmitted || ue->inflight)
+            ret = ue_wait(ue, 0);
+    } else {
+        ue_wait_prepare(ue, timeout);
+        Py_BEGIN_ALLOW_THREADS ret = ue_wait(ue, timeout);
+        Py_END_ALLOW_THREADS
+    }
+    if (ret == -EINTR) {
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    } else if (ret < 0) {
+        return set_errno_error(ret);
+    }
+    ue_dispatch(ue);
+    if (PyErr_Occurred())
+        return -1;
+
+    /* Due timers join the ready queue; the heap's reference moves with them.
+     * asyncio adds its clock resolution (1 ns for CLOCK_MONOTONIC). */
+    double end = ue_now() + 1e-9;
+    while ((first = ue_timer_first(ue)) != NULL && first->when < end) {
+        ue_timer_remove(ue, first);
+        if (us_ready_push(self, (PyObject *)US_CONTAINER(first, us_timer_handle, timer)) < 0)
+            return -1;
+    }
+
+    /* Run only what is ready now; what these callbacks schedule waits for
+     * the next iteration, as in asyncio. */
+    Py_ssize_t ntodo = self->ready_len;
+    for (Py_ssize_t i = 0; i < ntodo && self->ready_len; i++) {
+        PyObject *item = ready_pop(self);
+        int rc = run_ready_item(self, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *loop_run_once_method(us_loop *self, PyObject *unused)
+{
+    (void)unused;
+    if (loop_prepare_ring(self) < 0)
+        return NULL;
+    if (loop_run_once(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *loop_run_forever_inner(us_loop *self, PyObject *unused)
+{
+    (void)unused;
+    if (loop_prepare_ring(self) < 0)
+        return NULL;
+    self->running = 1;
+    int rc;
+    while ((rc = loop_run_once(self)) == 0 && !self->stopping) {
+    }
+    self->running = 0;
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- readers and writers (the watch objects live in us_fdwatch.c) ---- */
+
+static int fd_from_object(PyObject *obj)
+{
+    int fd = PyObject_AsFileDescriptor(obj);
+    if (fd < 0 && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "Invalid file object: %R", obj);
+    }
+    return fd;
+}
+
+static PyObject *add_watch(us_loop *self, PyObject *dict, short events, PyObject *const *args, Py_ssize_t nargsf)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "expected (fd, callback, *args)");
+        return NULL;
+    }
+    int fd = fd_from_object(args[0]);
+    if (fd < 0)
+        return NULL;
+    if (us_loop_check_open(self) < 0)
+        return NULL;
+    if (fcntl(fd, F_GETFD) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return us_loop_add_watch(self, dict, fd, events, args + 1, nargs - 1);
+}
+
+static PyObject *loop_add_reader(us_loop *self, PyObject *const *args, Py_ssize_t nargsf)
+{
+    return add_watch(self, self->readers, POLLIN, args, nargsf);
+}
+
+static PyObject *loop_add_writer(us_loop *self, PyObject *const *args, Py_ssize_t nargsf)
+{
+    return add_watch(self, self->writers, POLLOUT, args, nargsf);
+}
+
+static PyObject *remove_watch(us_loop *self, PyObject *dict, PyObject *fdobj)
+{
+    int fd = fd_from_object(fdobj);
+    if (fd < 0)
+        return NULL;
+    if (self->closed || !dict)
+        Py_RETURN_FALSE;
+    int r = us_loop_remove_watch(self, dict, fd);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *loop_remove_reader(us_loop *self, PyObject *fd)
+{
+    return remove_watch(self, self->readers, fd);
+}
+
+static PyObject *loop_remove_writer(us_loop *self, PyObject *fd)
+{
+    return remove_watch(self, self->writers, fd);
+}
+
+static PyObject *get_watch_handle(PyObject *dict, PyObject *fdobj)
+{
+    int fd = fd_from_object(fdobj);
+    if (fd < 0)
+        return NULL;
+    PyObject *key = PyLong_FromLong(fd);
+    if (!key)
+        return NULL;
+    PyObject *w = dict ? PyDict_GetItemWithError(dict, key) : NULL;
+    Py_DECREF(key);
+    if (!w)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    return PyObject_GetAttrString(w, "handle");
+}
+
+static PyObject *loop_get_reader(us_loop *self, PyObject *fd) { return get_watch_handle(self->readers, fd); }
+static PyObject *loop_get_writer(us_loop *self, PyObject *fd) { return get_watch_handle(self->writers, fd); }
+
+/* ---- introspection for tests and diagnostics ---- */
+
+static PyObject *loop_uring_info(us_loop *self, PyObject *unused)
+{
+    (void)unused;
+    static const char *modes[] = {"single_issuer+defer_taskrun", "coop_taskrun", "plain"};
+    return Py_BuildValue("{s:s,s:I,s:i,s:I,s:n,s:i,s:I,s:I,s:n}", "mode", modes[self->ue.mode], "features",
+                         self->ue.features, "ring_fd", self->ue.ring_fd, "inflight", self->ue.inflight,
+                         "sockops_inflight", self->sockops_inflight, "owner_tid", self->ue.owner_tid, "sq_entries",
+                         self->ue.sq_size, "cq_entries", self->ue.cq_size, "timers", (Py_ssize_t)self->ue.heap_len);
+}
+
+/* ---- attributes shared with asyncio.BaseEventLoop ---- */
+
+#define US_FLAG_GETSET(name)                                                                                      \
+    static PyObject *get_##name(us_loop *self, void *c)                                                           \
+    {                                                                                                             \
+        (void)c;                                                                                                  \
+        return PyBool_FromLong(self->name);                                                                       \
+    }                                                                                                             \
+    static int set_##name(us_loop *self, PyObject *v, void *c)                                                    \
+    {                                                                                                             \
+        (void)c;                                                                                                  \
+        int b = v ? PyObject_IsTrue(v) : 0;                                                                       \
+        if (b < 0)                                                                                                \
+            return -1;                                                                                            \
+        self->name = (char)b;                                                                                     \
+        return 0;                                                                                                 \
+    }
+
+US_FLAG_GETSET(stopping)
+US_FLAG_GETSET(closed)
+US_FLAG_GETSET(debug)
+
+static PyObject *get_ready_count(us_loop *self, void *c)
+{
+    (void)c;
+    return PyLong_FromSsize_t(self->ready_len);
+}
+
+static PyGetSetDef loop_getset[] = {
+    {"_stopping", (getter)get_stopping, (setter)set_stopping, NULL, NULL},
+    {"_closed", (getter)get_closed, (setter)set_closed, NULL, NULL},
+    {"_debug", (getter)get_debug, (setter)set_debug, NULL, NULL},
+    {"_ready_count", (getter)get_ready_count, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef loop_methods[] = {
+    {"call_soon", (PyCFunction)(void (*)(void))loop_call_soon, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"call_soon_threadsafe", (PyCFunction)(void (*)(void))loop_call_soon_threadsafe, METH_FASTCALL | METH_KEYWORDS,
+     NULL},
+    {"call_later", (PyCFunction)(void (*)(void))loop_call_later, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"call_at", (PyCFunction)(void (*)(void))loop_call_at, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {"time", (PyCFunction)loop_time, METH_NOARGS, NULL},
+    {"_write_to_self", (PyCFunction)loop_write_to_self, METH_NOARGS, NULL},
+    {"_run_once", (PyCFunction)loop_run_once_method, METH_NOARGS, NULL},
+    {"_run_forever_inner", (PyCFunction)loop_run_forever_inner, METH_NOARGS, NULL},
+    {"_close_core", (PyCFunction)loop_close_core, METH_NOARGS, NULL},
+    {"_add_reader", (PyCFunction)(void (*)(void))loop_add_reader, METH_FASTCALL, NULL},
+    {"_add_writer", (PyCFunction)(void (*)(void))loop_add_writer, METH_FASTCALL, NULL},
+    {"_remove_reader", (PyCFunction)loop_remove_reader, METH_O, NULL},
+    {"_remove_writer", (PyCFunction)loop_remove_writer, METH_O, NULL},
+    {"_get_reader", (PyCFunction)loop_get_reader, METH_O, NULL},
+    {"_get_writer", (PyCFunction)loop_get_writer, METH_O, NULL},
+    {"_sock_op", (PyCFunction)(void (*)(void))us_loop_sock_op, METH_FASTCALL, NULL},
+    {"_uring_info", (PyCFunction)loop_uring_info, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot loop_slots[] = {
+    {Py_tp_new, loop_new},
+    {Py_tp_dealloc, loop_dealloc},
+    {Py_tp_traverse, loop_traverse},
+    {Py_tp_clear, loop_clear},
+    {Py_tp_methods, loop_methods},
+    {Py_tp_getset, loop_getset},
+    {Py_tp_doc, "The io_uring core of uringloop.Loop."},
+    {0, NULL},
+};
+
+PyType_Spec us_loop_spec = {
+    .name = "uringloop._core.LoopCore",
+    .basicsize = sizeof(us_loop),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE,
+    .slots = loop_slots,
+};

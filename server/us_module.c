@@ -1,0 +1,220 @@
+/*
+ * Module `uringloop._core`: multi-phase init, module state, heap types.
+ */
+#include "us.h"
+
+static struct PyModuleDef us_module_def;
+
+us_state *us_state_of_type(PyTypeObject *tp)
+{
+    PyObject *mod = NULL;
+#if PY_VERSION_HEX >= 0x030B0000
+    mod = PyType_GetModuleByDef(tp, &us_module_def);
+#else
+    /* 3.10: walk the MRO to the type this module created. */
+    PyObject *mro = tp->tp_mro;
+    for (Py_ssize_t i = 0; mro && i < PyTuple_GET_SIZE(mro) && !mod; i++) {
+        PyTypeObject *t = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (!(t->tp_flags & Py_TPFLAGS_HEAPTYPE))
+            continue;
+        PyObject *m = PyType_GetModule(t);
+        if (m && PyModule_GetDef(m) == &us_module_def)
+            mod = m;
+        else
+            PyErr_Clear();
+    }
+    if (!mod)
+        PyErr_SetString(PyExc_TypeError, "type does not derive from a uringloop._core type");
+#endif
+    return mod ? (us_state *)PyModule_GetState(mod) : NULL;
+}
+
+/* Hands the current exception to loop.call_exception_handler(). Returns -1
+ * (exception left set) when it is SystemExit/KeyboardInterrupt raised by
+ * the handler, which must propagate out of the loop. */
+int us_report_exception(us_loop *loop, PyObject *message, PyObject *handle)
+{
+    us_state *st = loop->st;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (ev && tb)
+        PyException_SetTraceback(ev, tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    int rc = 0;
+    PyObject *ctx = PyDict_New();
+    PyObject *msg = message ? Py_NewRef(message) : PyUnicode_FromString("uringloop: error in an I/O completion");
+    if (!ctx || !msg || PyDict_SetItem(ctx, st->s_message, msg) < 0 ||
+        PyDict_SetItem(ctx, st->s_exception, ev ? ev : Py_None) < 0)
+        goto unraisable;
+    if (handle) {
+        if (PyDict_SetItem(ctx, st->s_handle, handle) < 0)
+            goto unraisable;
+        PyObject *stb = ((us_handle *)handle)->source_traceback;
+        if (stb && PyDict_SetItem(ctx, st->s_source_traceback, stb) < 0)
+            goto unraisable;
+    }
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)loop, st->s_call_exception_handler, ctx);
+    if (r) {
+        Py_DECREF(r);
+        goto done;
+    }
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+        rc = -1;
+        goto done;
+    }
+unraisable:
+    PyErr_WriteUnraisable((PyObject *)loop);
+done:
+    Py_XDECREF(ctx);
+    Py_XDECREF(msg);
+    Py_XDECREF(ev);
+    return rc;
+}
+
+static PyObject *mod_set_hooks(PyObject *mod, PyObject *args)
+{
+    us_state *st = PyModule_GetState(mod);
+    PyObject *handle_repr, *sock_future;
+    if (!PyArg_ParseTuple(args, "OO:_set_hooks", &handle_repr, &sock_future))
+        return NULL;
+    Py_XSETREF(st->handle_repr, Py_NewRef(handle_repr));
+    Py_XSETREF(st->sock_future, Py_NewRef(sock_future));
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_probe(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    /* A throwaway ring: 0 when io_uring works here, else -errno. */
+    ue_loop l;
+    int ret = ue_loop_init(&l, 8, 16);
+    if (ret == 0)
+        ue_loop_close(&l);
+    return PyLong_FromLong(ret);
+}
+
+static PyMethodDef us_module_methods[] = {
+    {"_set_hooks", mod_set_hooks, METH_VARARGS, NULL},
+    {"probe", mod_probe, METH_NOARGS, "Return 0 when io_uring can be set up here, else -errno."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject *add_type(PyObject *m, PyType_Spec *spec, PyObject *base)
+{
+    PyTypeObject *tp = (PyTypeObject *)PyType_FromModuleAndSpec(m, spec, base);
+    if (!tp || PyModule_AddType(m, tp) < 0) {
+        Py_XDECREF(tp);
+        return NULL;
+    }
+    return tp;
+}
+
+#define INTERN(field, text)                                                                                       \
+    do {                                                                                                          \
+        if (!(st->field = PyUnicode_InternFromString(text)))                                                      \
+            return -1;                                                                                            \
+    } while (0)
+
+static int us_module_exec(PyObject *m)
+{
+    us_state *st = PyModule_GetState(m);
+    if (!(st->LoopCoreType = add_type(m, &us_loop_spec, NULL)) ||
+        !(st->HandleType = add_type(m, &us_handle_spec, NULL)) ||
+        !(st->TimerHandleType = add_type(m, &us_timer_handle_spec, (PyObject *)st->HandleType)) ||
+        !(st->FdWatchType = add_type(m, &us_fdwatch_spec, NULL)) ||
+        !(st->SockOpType = add_type(m, &us_sockop_spec, NULL)))
+        return -1;
+    st->UnavailableError = PyErr_NewExceptionWithDoc(
+        "uringloop.IOUringUnavailableError",
+        "io_uring cannot be used in this process (seccomp, sysctl or kernel version).", PyExc_OSError, NULL);
+    if (!st->UnavailableError || PyModule_AddObjectRef(m, "IOUringUnavailableError", st->UnavailableError) < 0)
+        return -1;
+
+    PyObject *fh = PyImport_ImportModule("asyncio.format_helpers");
+    if (!fh)
+        return -1;
+    st->format_callback_source = PyObject_GetAttrString(fh, "_format_callback_source");
+    st->extract_stack = PyObject_GetAttrString(fh, "extract_stack");
+    Py_DECREF(fh);
+    if (!st->format_callback_source || !st->extract_stack)
+        return -1;
+
+    INTERN(s_call_exception_handler, "call_exception_handler");
+    INTERN(s_message, "message");
+    INTERN(s_exception, "exception");
+    INTERN(s_handle, "handle");
+    INTERN(s_source_traceback, "source_traceback");
+    INTERN(s_check_thread, "_check_thread");
+    INTERN(s_check_callback, "_check_callback");
+    INTERN(s_current_handle, "_current_handle");
+    INTERN(s_slow_callback, "_uring_slow_callback");
+    INTERN(s_loop, "loop");
+    INTERN(s_uring_op, "_uring_op");
+    INTERN(s_sock_stash, "_sock_stash");
+    INTERN(s_set_result, "set_result");
+    INTERN(s_set_exception, "set_exception");
+    INTERN(s_done, "done");
+    INTERN(s_call_soon, "call_soon");
+    INTERN(s_call_at, "call_at");
+    INTERN(s_call_soon_threadsafe, "call_soon_threadsafe");
+    st->kw_loop = PyTuple_Pack(1, st->s_loop);
+    if (!st->kw_loop)
+        return -1;
+    return 0;
+}
+
+#define STATE_FIELDS(X)                                                                                           \
+    X(LoopCoreType)                                                                                               \
+    X(HandleType)                                                                                                 \
+    X(TimerHandleType)                                                                                            \
+    X(FdWatchType)                                                                                                \
+    X(SockOpType)                                                                                                 \
+    X(UnavailableError)                                                                                           \
+    X(format_callback_source)                                                                                     \
+    X(extract_stack)                                                                                              \
+    X(handle_repr)                                                                                                \
+    X(sock_future)                                                                                                \
+    X(kw_loop)
+
+static int us_module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    us_state *st = PyModule_GetState(m);
+#define VISIT(f) Py_VISIT(st->f);
+    STATE_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int us_module_clear(PyObject *m)
+{
+    us_state *st = PyModule_GetState(m);
+#define CLEAR(f) Py_CLEAR(st->f);
+    STATE_FIELDS(CLEAR)
+#undef CLEAR
+    /* interned strings are immortal enough: released with the module */
+    return 0;
+}
+
+static void us_module_free(void *m) { us_module_clear((PyObject *)m); }
+
+static PyModuleDef_Slot us_module_slots[] = {
+    {Py_mod_exec, us_module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef us_module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "uringloop._core",
+    .m_doc = "io_uring engine and the C core of uringloop.",
+    .m_size = sizeof(us_state),
+    .m_methods = us_module_methods,
+    .m_slots = us_module_slots,
+    .m_traverse = us_module_traverse,
+    .m_clear = us_module_clear,
+    .m_free = us_module_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&us_module_def); }

@@ -1,0 +1,594 @@
+/*
+ * sock_* as io_uring operations.
+ *
+ * Each call is a SockOp: it owns its buffer (or a Py_buffer view of the
+ * caller's) until the op's final CQE, and resolves a future. The future is a
+ * uringloop._SockFuture whose cancel() cancels the op. A cancel can race with
+ * completion: when data arrives for a future that was already cancelled, it
+ * is handed to loop._sock_stash(), and the next sock_recv* / sock_accept on
+ * that socket returns it first, so cancelling loses no data.
+ */
+#include "us.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+
+enum us_sock_kind {
+    US_SK_RECV = 0,
+    US_SK_RECV_INTO = 1,
+    US_SK_RECVFROM = 2,
+    US_SK_RECVFROM_INTO = 3,
+    US_SK_SENDALL = 4,
+    US_SK_SENDTO = 5,
+    US_SK_CONNECT = 6,
+    US_SK_ACCEPT = 7,
+};
+
+typedef struct {
+    PyObject_HEAD
+    ue_op op;
+    us_loop *loop;
+    PyObject *fut;
+    PyObject *sock;
+    PyObject *obj; /* the bytes being filled (recv, recvfrom) */
+    Py_buffer view;
+    char has_view;
+    uint8_t kind;
+    int fd;
+    size_t len, done;
+    struct msghdr msg;
+    struct iovec iov;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+} us_sockop;
+
+/* ---- socket addresses ---- */
+
+static PyObject *sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (len == 0)
+        Py_RETURN_NONE;
+    switch (ss->ss_family) {
+    case AF_INET: {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    }
+    case AF_INET6: {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo), a->sin6_scope_id);
+    }
+    case AF_UNIX: {
+        const struct sockaddr_un *a = (const struct sockaddr_un *)ss;
+        size_t n = len > offsetof(struct sockaddr_un, sun_path) ? len - offsetof(struct sockaddr_un, sun_path) : 0;
+        if (n > 0 && a->sun_path[0] == 0)
+            return PyBytes_FromStringAndSize(a->sun_path, (Py_ssize_t)n); /* abstract namespace */
+        return PyUnicode_DecodeFSDefaultAndSize(a->sun_path, (Py_ssize_t)strnlen(a->sun_path, n));
+    }
+    default:
+        return Py_BuildValue("(iy#)", ss->ss_family, (const char *)ss, (Py_ssize_t)len);
+    }
+}
+
+static int port_from_py(PyObject *o, uint16_t *port)
+{
+    long p = PyLong_AsLong(o);
+    if (p == -1 && PyErr_Occurred())
+        return -1;
+    if (p < 0 || p > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535.");
+        return -1;
+    }
+    *port = htons((uint16_t)p);
+    return 0;
+}
+
+/* Numeric addresses only: uringloop.Loop resolves names first, as asyncio
+ * does. Returns -2 (no exception) for a family handled in Python. */
+static int sockaddr_from_py(int family, PyObject *addr, struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof *ss);
+    if (family == AF_INET || family == AF_INET6) {
+        const char *host;
+        PyObject *port;
+        if (!PyTuple_Check(addr) || PyTuple_GET_SIZE(addr) < 2 ||
+            !(host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(addr, 0)))) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError, "%s address must be a tuple (host, port)",
+                             family == AF_INET ? "AF_INET" : "AF_INET6");
+            return -1;
+        }
+        port = PyTuple_GET_ITEM(addr, 1);
+        if (family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)ss;
+            a->sin_family = AF_INET;
+            if (port_from_py(port, &a->sin_port) < 0)
+                return -1;
+            if (inet_pton(AF_INET, host, &a->sin_addr) != 1)
+                return -2;
+            *len = sizeof *a;
+            return 0;
+        }
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+        a->sin6_family = AF_INET6;
+        if (port_from_py(port, &a->sin6_port) < 0)
+            return -1;
+        if (PyTuple_GET_SIZE(addr) > 2) {
+            unsigned long v = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 2));
+            if (v == (unsigned long)-1 && PyErr_Occurred())
+                return -1;
+            a->sin6_flowinfo = htonl((uint32_t)v);
+        }
+        if (PyTuple_GET_SIZE(addr) > 3) {
+            unsigned long v = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 3));
+            if (v == (unsigned long)-1 && PyErr_Occurred())
+                return -1;
+            a->sin6_scope_id = (uint32_t)v;
+        }
+        char buf[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
+        const char *pct = strchr(host, '%');
+        if (pct) {
+            size_t n = (size_t)(pct - host);
+            if (n >= sizeof buf)
+                return -2;
+            memcpy(buf, host, n);
+            buf[n] = 0;
+            unsigned idx = if_nametoindex(pct + 1);
+            if (!idx)
+                return -2;
+            a->sin6_scope_id = idx;
+            host = buf;
+        }
+        if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1)
+            return -2;
+        *len = sizeof *a;
+        return 0;
+    }
+    if (family == AF_UNIX) {
+        struct sockaddr_un *a = (struct sockaddr_un *)ss;
+        PyObject *path = NULL;
+        if (PyUnicode_Check(addr)) {
+            if (!PyUnicode_FSConverter(addr, &path))
+                return -1;
+        } else if (PyBytes_Check(addr)) {
+            path = Py_NewRef(addr);
+        } else {
+            PyErr_SetString(PyExc_TypeError, "AF_UNIX address must be str or bytes");
+            return -1;
+        }
+        Py_ssize_t n = PyBytes_GET_SIZE(path);
+        const char *p = PyBytes_AS_STRING(path);
+        int abstract = n == 0 || p[0] == 0;
+        if ((size_t)n + (abstract ? 0 : 1) > sizeof a->sun_path) {
+            Py_DECREF(path);
+            PyErr_SetString(PyExc_OSError, "AF_UNIX path too long");
+            return -1;
+        }
+        a->sun_family = AF_UNIX;
+        memcpy(a->sun_path, p, (size_t)n);
+        *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + (size_t)n + (abstract ? 0 : 1));
+        Py_DECREF(path);
+        return 0;
+    }
+    return -2;
+}
+
+/* ---- lifecycle ---- */
+
+static int sockop_traverse(us_sockop *s, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(s));
+    Py_VISIT(s->loop);
+    Py_VISIT(s->fut);
+    Py_VISIT(s->sock);
+    Py_VISIT(s->obj);
+    return 0;
+}
+
+static int sockop_clear(us_sockop *s)
+{
+    /* Only reached once the op is idle: an op in flight holds a reference
+     * to itself, so the collector never sees it as garbage. */
+    Py_CLEAR(s->fut);
+    Py_CLEAR(s->sock);
+    Py_CLEAR(s->obj);
+    Py_CLEAR(s->loop);
+    return 0;
+}
+
+static void sockop_dealloc(us_sockop *s)
+{
+    PyTypeObject *tp = Py_TYPE(s);
+    PyObject_GC_UnTrack(s);
+    if (s->has_view) {
+        PyBuffer_Release(&s->view);
+        s->has_view = 0;
+    }
+    sockop_clear(s);
+    tp->tp_free(s);
+    Py_DECREF(tp);
+}
+
+static PyObject *sockop_cancel(us_sockop *s, PyObject *unused)
+{
+    (void)unused;
+    if (s->loop && s->loop->ue_ready && ue_op_cancel(&s->loop->ue, &s->op) < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef sockop_methods[] = {
+    {"cancel", (PyCFunction)sockop_cancel, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot sockop_slots[] = {
+    {Py_tp_dealloc, sockop_dealloc},
+    {Py_tp_traverse, sockop_traverse},
+    {Py_tp_clear, sockop_clear},
+    {Py_tp_methods, sockop_methods},
+    {0, NULL},
+};
+
+PyType_Spec us_sockop_spec = {
+    .name = "uringloop._core.SockOp",
+    .basicsize = sizeof(us_sockop),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = sockop_slots,
+};
+
+/* ---- completion ---- */
+
+static int future_is_done(PyObject *fut, us_state *st)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(fut, st->s_done);
+    if (!r)
+        return -1;
+    int done = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return done;
+}
+
+static PyObject *sockop_result(us_sockop *s, int32_t res)
+{
+    switch (s->kind) {
+    case US_SK_RECV:
+        if ((size_t)res < s->len && _PyBytes_Resize(&s->obj, res) < 0)
+            return NULL;
+        return Py_NewRef(s->obj);
+    case US_SK_RECV_INTO:
+    case US_SK_SENDTO:
+        return PyLong_FromLong(res);
+    case US_SK_RECVFROM: {
+        if ((size_t)res < s->len && _PyBytes_Resize(&s->obj, res) < 0)
+            return NULL;
+        PyObject *addr = sockaddr_to_py(&s->addr, s->msg.msg_namelen);
+        return addr ? Py_BuildValue("(ON)", s->obj, addr) : NULL;
+    }
+    case US_SK_RECVFROM_INTO: {
+        PyObject *addr = sockaddr_to_py(&s->addr, s->msg.msg_namelen);
+        return addr ? Py_BuildValue("(iN)", res, addr) : NULL;
+    }
+    case US_SK_ACCEPT: {
+        PyObject *addr = sockaddr_to_py(&s->addr, s->addrlen);
+        return addr ? Py_BuildValue("(iN)", res, addr) : NULL;
+    }
+    default:
+        Py_RETURN_NONE;
+    }
+}
+
+/* What a cancelled op had already taken from the socket, or NULL. */
+static PyObject *sockop_leftover(us_sockop *s, int32_t res)
+{
+    if (s->kind == US_SK_ACCEPT)
+        return sockop_result(s, res);
+    if (res <= 0)
+        return NULL;
+    if (s->kind == US_SK_RECV_INTO || s->kind == US_SK_RECVFROM_INTO) {
+        PyObject *data = PyBytes_FromStringAndSize(s->view.buf, res);
+        if (!data || s->kind == US_SK_RECV_INTO)
+            return data;
+        PyObject *addr = sockaddr_to_py(&s->addr, s->msg.msg_namelen);
+        return addr ? Py_BuildValue("(NN)", data, addr) : (Py_DECREF(data), NULL);
+    }
+    if (s->kind == US_SK_RECV || s->kind == US_SK_RECVFROM)
+        return sockop_result(s, res);
+    return NULL;
+}
+
+static void sockop_finish(us_sockop *s, int32_t res)
+{
+    us_loop *loop = s->loop;
+    us_state *st = loop->st;
+    PyObject *fut = s->fut;
+    if (!fut || loop->closing) {
+        if (s->kind == US_SK_ACCEPT && res >= 0)
+            close(res);
+        return;
+    }
+    int done = future_is_done(fut, st);
+    if (done < 0)
+        goto report;
+    if (done) {
+        if (res < 0)
+            return;
+        PyObject *left = sockop_leftover(s, res);
+        if (!left) {
+            if (s->kind == US_SK_ACCEPT)
+                close(res);
+            if (PyErr_Occurred())
+                goto report;
+            return;
+        }
+        PyObject *kind = PyLong_FromLong(s->kind);
+        PyObject *r = kind ? PyObject_CallMethodObjArgs((PyObject *)loop, st->s_sock_stash, s->sock, kind, left, NULL)
+                           : NULL;
+        Py_XDECREF(kind);
+        Py_DECREF(left);
+        if (!r)
+            goto report;
+        Py_DECREF(r);
+        return;
+    }
+    PyObject *r;
+    if (res < 0) {
+        if (res == -ECANCELED)
+            return; /* cancelled without the future's knowledge: loop teardown */
+        errno = -res;
+        PyErr_SetFromErrno(PyExc_OSError);
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        if (tb)
+            PyException_SetTraceback(ev, tb);
+        r = PyObject_CallMethodOneArg(fut, st->s_set_exception, ev);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+    } else {
+        PyObject *value = sockop_result(s, res);
+        if (!value)
+            goto report;
+        r = PyObject_CallMethodOneArg(fut, st->s_set_result, value);
+        Py_DECREF(value);
+    }
+    if (!r)
+        goto report;
+    Py_DECREF(r);
+    return;
+report:
+    us_report_exception(loop, NULL, NULL);
+}
+
+static int sockop_prep(us_sockop *s, struct io_uring_sqe *sqe);
+
+static void sockop_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)ue;
+    (void)flags;
+    us_sockop *s = US_CONTAINER(op, us_sockop, op);
+    us_loop *loop = s->loop;
+    if (s->kind == US_SK_SENDALL && res > 0 && !loop->closing && s->fut) {
+        s->done += (size_t)res;
+        int fut_done = future_is_done(s->fut, loop->st);
+        if (s->done < s->len && fut_done == 0) {
+            /* Short send: continue from where the kernel stopped. */
+            struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
+            if (sqe) {
+                sockop_prep(s, sqe);
+                ue_op_arm(&loop->ue, &s->op, sqe, sockop_cb);
+                return; /* keeps the in-flight reference */
+            }
+            res = -EBUSY;
+        }
+        if (fut_done < 0)
+            PyErr_Clear();
+        if (res > 0)
+            res = (int32_t)s->done;
+    }
+    loop->sockops_inflight--;
+    sockop_finish(s, res);
+    if (s->fut) {
+        if (PyObject_SetAttr(s->fut, loop->st->s_uring_op, Py_None) < 0)
+            PyErr_Clear();
+        Py_CLEAR(s->fut);
+    }
+    Py_DECREF(s); /* the in-flight reference */
+}
+
+/* ---- submission ---- */
+
+static int sockop_prep(us_sockop *s, struct io_uring_sqe *sqe)
+{
+    switch (s->kind) {
+    case US_SK_RECV:
+        io_uring_prep_recv(sqe, s->fd, PyBytes_AS_STRING(s->obj), s->len, 0);
+        break;
+    case US_SK_RECV_INTO:
+        io_uring_prep_recv(sqe, s->fd, s->view.buf, s->len, 0);
+        break;
+    case US_SK_RECVFROM:
+    case US_SK_RECVFROM_INTO:
+        s->iov.iov_base = s->kind == US_SK_RECVFROM ? PyBytes_AS_STRING(s->obj) : s->view.buf;
+        s->iov.iov_len = s->len;
+        memset(&s->msg, 0, sizeof s->msg);
+        s->msg.msg_name = &s->addr;
+        s->msg.msg_namelen = sizeof s->addr;
+        s->msg.msg_iov = &s->iov;
+        s->msg.msg_iovlen = 1;
+        io_uring_prep_recvmsg(sqe, s->fd, &s->msg, 0);
+        break;
+    case US_SK_SENDALL:
+        io_uring_prep_send(sqe, s->fd, (const char *)s->view.buf + s->done, s->len - s->done, MSG_NOSIGNAL);
+        break;
+    case US_SK_SENDTO:
+        s->iov.iov_base = s->view.buf;
+        s->iov.iov_len = s->len;
+        memset(&s->msg, 0, sizeof s->msg);
+        s->msg.msg_name = &s->addr;
+        s->msg.msg_namelen = s->addrlen;
+        s->msg.msg_iov = &s->iov;
+        s->msg.msg_iovlen = 1;
+        io_uring_prep_sendmsg(sqe, s->fd, &s->msg, MSG_NOSIGNAL);
+        break;
+    case US_SK_CONNECT:
+        io_uring_prep_connect(sqe, s->fd, (struct sockaddr *)&s->addr, s->addrlen);
+        break;
+    case US_SK_ACCEPT:
+        s->addrlen = sizeof s->addr;
+        io_uring_prep_accept(sqe, s->fd, (struct sockaddr *)&s->addr, &s->addrlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        break;
+    }
+    return 0;
+}
+
+static int sock_fd(PyObject *sock)
+{
+    int fd = PyObject_AsFileDescriptor(sock);
+    if (fd < 0 && PyErr_ExceptionMatches(PyExc_ValueError)) {
+        PyErr_Clear();
+        errno = EBADF;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return fd;
+}
+
+static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *a = nargs > 2 ? args[2] : Py_None;
+    PyObject *b = nargs > 3 ? args[3] : Py_None;
+    switch (s->kind) {
+    case US_SK_RECV:
+    case US_SK_RECVFROM: {
+        Py_ssize_t n = PyLong_AsSsize_t(a);
+        if (n == -1 && PyErr_Occurred())
+            return -1;
+        if (n < 0) {
+            PyErr_SetString(PyExc_ValueError, "negative buffersize in recv");
+            return -1;
+        }
+        s->obj = PyBytes_FromStringAndSize(NULL, n);
+        s->len = (size_t)n;
+        return s->obj ? 0 : -1;
+    }
+    case US_SK_RECV_INTO:
+    case US_SK_RECVFROM_INTO: {
+        if (PyObject_GetBuffer(a, &s->view, PyBUF_WRITABLE) < 0)
+            return -1;
+        s->has_view = 1;
+        s->len = (size_t)s->view.len;
+        if (s->kind == US_SK_RECVFROM_INTO && b != Py_None) {
+            Py_ssize_t n = PyLong_AsSsize_t(b);
+            if (n == -1 && PyErr_Occurred())
+                return -1;
+            if (n < 0 || n > s->view.len) {
+                PyErr_SetString(PyExc_ValueError, n < 0 ? "negative buffersize in recvfrom_into"
+                                                        : "nbytes is greater than the length of the buffer");
+                return -1;
+            }
+            if (n)
+                s->len = (size_t)n;
+        }
+        return 0;
+    }
+    case US_SK_SENDALL:
+    case US_SK_SENDTO:
+        if (PyObject_GetBuffer(a, &s->view, PyBUF_SIMPLE) < 0)
+            return -1;
+        s->has_view = 1;
+        s->len = (size_t)s->view.len;
+        if (s->kind == US_SK_SENDALL)
+            return 0;
+        /* fall through: the address */
+        a = b;
+        /* fallthrough */
+    case US_SK_CONNECT: {
+        int family = 0;
+        socklen_t flen = sizeof family;
+        if (getsockopt(s->fd, SOL_SOCKET, SO_DOMAIN, &family, &flen) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        int r = sockaddr_from_py(family, a, &s->addr, &s->addrlen);
+        if (r == -2)
+            PyErr_Format(PyExc_NotImplementedError, "uringloop: address %R is not numeric for family %d", a,
+                         family);
+        return r < 0 ? -1 : 0;
+    }
+    default:
+        return 0;
+    }
+}
+
+/* loop._sock_op(kind, sock, [arg, [arg2]]) -> future */
+PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
+{
+    us_state *st = loop->st;
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "_sock_op(kind, sock, ...)");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(args[0]);
+    if (kind < US_SK_RECV || kind > US_SK_ACCEPT) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "unknown socket operation");
+        return NULL;
+    }
+    if (us_loop_check_open(loop) < 0)
+        return NULL;
+    int fd = sock_fd(args[1]);
+    if (fd < 0)
+        return NULL;
+    us_sockop *s = PyObject_GC_New(us_sockop, st->SockOpType);
+    if (!s)
+        return NULL;
+    memset(&s->op, 0, sizeof *s - offsetof(us_sockop, op));
+    s->loop = (us_loop *)Py_NewRef(loop);
+    s->sock = Py_NewRef(args[1]);
+    s->kind = (uint8_t)kind;
+    s->fd = fd;
+    PyObject_GC_Track(s);
+    if (sockop_setup(s, args, nargs) < 0)
+        goto fail;
+    PyObject *kwargs[1] = {(PyObject *)loop};
+    s->fut = PyObject_Vectorcall(st->sock_future, kwargs, 0, st->kw_loop);
+    if (!s->fut)
+        goto fail;
+    if ((s->kind == US_SK_SENDALL && s->len == 0)) {
+        PyObject *r = PyObject_CallMethodOneArg(s->fut, st->s_set_result, Py_None);
+        if (!r)
+            goto fail;
+        Py_DECREF(r);
+        PyObject *fut = Py_NewRef(s->fut);
+        Py_DECREF(s);
+        return fut;
+    }
+    if (PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0)
+        goto fail;
+    struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
+    if (!sqe) {
+        PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
+        goto fail;
+    }
+    sockop_prep(s, sqe);
+    ue_op_arm(&loop->ue, &s->op, sqe, sockop_cb);
+    loop->sockops_inflight++;
+    /* The in-flight reference: released by the final CQE. */
+    return Py_NewRef(s->fut);
+fail:
+    if (s->fut && PyObject_SetAttr(s->fut, st->s_uring_op, Py_None) < 0)
+        PyErr_Clear();
+    Py_DECREF(s);
+    return NULL;
+}
