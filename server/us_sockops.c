@@ -584,6 +584,11 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     sockop_prep(s, sqe);
     ue_op_arm(&loop->ue, &s->op, sqe, sockop_cb);
     loop->sockops_inflight++;
+    /* asyncio starts a connect before sock_connect() first yields, and
+     * callers rely on it (connect, then a blocking accept elsewhere): push
+     * it to the kernel now instead of with the next iteration's batch. */
+    if (s->kind == US_SK_CONNECT && loop->ue.enabled)
+        (void)ue_submit(&loop->ue); /* on failure it goes with the next batch */
     /* The in-flight reference: released by the final CQE. */
     return Py_NewRef(s->fut);
 fail:

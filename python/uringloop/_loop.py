@@ -97,7 +97,15 @@ class Loop(_core.LoopCore, base_events.BaseEventLoop):
             sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
                                    finalizer=self._asyncgen_finalizer_hook)
             events._set_running_loop(self)
-            self._run_forever_inner()
+            if "_run_once" in self.__dict__ or type(self)._run_once is not Loop._run_once:
+                # _run_once was replaced (tests and subclasses do that): honour
+                # it as asyncio would, one Python call per iteration.
+                while True:
+                    self._run_once()
+                    if self._stopping:
+                        break
+            else:
+                self._run_forever_inner()
         finally:
             self._stopping = False
             self._thread_id = None
