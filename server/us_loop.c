@@ -63,7 +63,7 @@ int us_loop_check_open(us_loop *loop)
     return 0;
 }
 
-static PyObject *raise_unavailable(us_loop *loop, int err)
+static PyObject *raise_unavailable(us_state *st, int err, const char *step)
 {
     const char *why;
     switch (err) {
@@ -88,7 +88,8 @@ static PyObject *raise_unavailable(us_loop *loop, int err)
         why = "see the error code";
         break;
     }
-    const char *step = loop->ue.failed_step ? loop->ue.failed_step : "io_uring_setup";
+    if (!step)
+        step = "io_uring_setup";
     PyObject *msg = PyUnicode_FromFormat("io_uring is not available: %s() failed with %s (%s): %s", step,
                                          err == EPERM ? "EPERM" : err == ENOSYS ? "ENOSYS" : "an error",
                                          strerror(err), why);
@@ -96,7 +97,7 @@ static PyObject *raise_unavailable(us_loop *loop, int err)
         return NULL;
     PyObject *args = Py_BuildValue("(iN)", err, msg);
     if (args) {
-        PyErr_SetObject(loop->st->UnavailableError, args);
+        PyErr_SetObject(st->UnavailableError, args);
         Py_DECREF(args);
     }
     return NULL;
@@ -118,31 +119,33 @@ static PyObject *loop_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     us_state *st = us_state_of_type(tp);
     if (!st)
         return NULL;
+    /* The ring first: when io_uring is refused no object exists yet, so no
+     * half-built loop reaches asyncio's __del__. (struct io_uring holds no
+     * pointer to itself, so it may be copied before the ring is started.) */
+    ue_loop ue;
+    int ret = ue_loop_init(&ue, 1024, 16384);
+    if (ret == 0 && !(ue.features & IORING_FEAT_EXT_ARG)) {
+        ue_loop_close(&ue);
+        ue.failed_step = "io_uring_setup (the kernel lacks IORING_FEAT_EXT_ARG)";
+        ret = -ENOSYS;
+    }
+    if (ret < 0)
+        return raise_unavailable(st, -ret, ue.failed_step);
     us_loop *self = (us_loop *)tp->tp_alloc(tp, 0);
-    if (!self)
+    if (!self) {
+        ue_loop_close(&ue);
         return NULL;
+    }
     self->st = st;
-    self->ue.ring_fd = -1;
-    self->ue.wake_fd = -1;
+    self->ue = ue;
+    self->ue_ready = 1;
     self->readers = PyDict_New();
     self->writers = PyDict_New();
-    if (!self->readers || !self->writers)
-        goto fail;
-    int ret = ue_loop_init(&self->ue, 1024, 16384);
-    if (ret < 0) {
-        raise_unavailable(self, -ret);
-        goto fail;
-    }
-    self->ue_ready = 1;
-    if (!(self->ue.features & IORING_FEAT_EXT_ARG)) {
-        self->ue.failed_step = "io_uring_setup (IORING_FEAT_EXT_ARG missing)";
-        raise_unavailable(self, ENOSYS);
-        goto fail;
+    if (!self->readers || !self->writers) {
+        Py_DECREF(self);
+        return NULL;
     }
     return (PyObject *)self;
-fail:
-    Py_DECREF(self);
-    return NULL;
 }
 
 static void timers_clear(us_loop *loop)
@@ -406,7 +409,7 @@ static int loop_prepare_ring(us_loop *self)
         }
         ret = ue_loop_rebuild(&self->ue);
         if (ret < 0) {
-            raise_unavailable(self, -ret);
+            raise_unavailable(self->st, -ret, self->ue.failed_step);
             return -1;
         }
         us_loop_rearm_watches(self);
@@ -471,12 +474,15 @@ static int loop_run_once(us_loop *self)
         Py_BEGIN_ALLOW_THREADS ret = ue_wait(ue, timeout);
         Py_END_ALLOW_THREADS
     }
-    if (ret == -EINTR) {
+    /* A signal may end the wait without -EINTR: when the same enter also
+     * submitted SQEs the kernel reports the submit count. Checking is one
+     * flag read when nothing is pending. */
+    if (timeout != 0 || ret == -EINTR) {
         if (PyErr_CheckSignals() < 0)
             return -1;
-    } else if (ret < 0) {
-        return set_errno_error(ret);
     }
+    if (ret < 0 && ret != -EINTR)
+        return set_errno_error(ret);
     ue_dispatch(ue);
     if (PyErr_Occurred())
         return -1;

@@ -40,9 +40,17 @@ def install():
 
 def run(main, *, debug=None):
     """Run the coroutine ``main`` on a new uringloop loop, like asyncio.run()."""
+    try:
+        loop = new_event_loop()
+    except BaseException:
+        # io_uring refused: say that one thing, not also "never awaited"
+        if _asyncio.iscoroutine(main):
+            main.close()
+        raise
     if _sys.version_info >= (3, 11):
-        with _asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+        with _asyncio.Runner(debug=debug, loop_factory=lambda: loop) as runner:
             return runner.run(main)
+    loop.close()
     old = _asyncio.get_event_loop_policy()
     _asyncio.set_event_loop_policy(EventLoopPolicy())
     try:

@@ -1,0 +1,290 @@
+/* Ops: lifetime until the final CQE, cancellation races, multishot, waits,
+ * cancel-all, thread ownership and fork. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "ue.h"
+#include "ue_test.h"
+
+typedef struct {
+    ue_op op;
+    int cqes, finals;
+    int32_t last_res;
+    uint32_t last_flags;
+    char buf[64];
+} probe_op;
+
+static void probe_cb(ue_loop *l, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)l;
+    probe_op *p = (probe_op *)op;
+    p->cqes++;
+    p->last_res = res;
+    p->last_flags = flags;
+    if (!(flags & IORING_CQE_F_MORE)) {
+        p->finals++;
+        CHECK(op->state == UE_OP_IDLE); /* idle before the final callback runs */
+    }
+}
+
+static void setup(ue_loop *l)
+{
+    REQUIRE(ue_loop_init(l, 64, 256) == 0);
+    REQUIRE(ue_loop_start(l) == 0);
+}
+
+static void run_until(ue_loop *l, int *counter, int target, double timeout)
+{
+    double deadline = ue_now() + timeout;
+    while (*counter < target && ue_now() < deadline) {
+        ue_wait(l, 0.05);
+        ue_dispatch(l);
+    }
+}
+
+/* Arms `op` as a recv on fd (helper that keeps the SQE handling in one place). */
+static void arm_recv(ue_loop *l, probe_op *p, int fd)
+{
+    struct io_uring_sqe *sqe = ue_sqe(l);
+    REQUIRE(sqe);
+    io_uring_prep_recv(sqe, fd, p->buf, sizeof p->buf, 0);
+    ue_op_arm(l, &p->op, sqe, probe_cb);
+}
+
+static void test_recv_completes_once(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    probe_op p = {0};
+    arm_recv(&l, &p, sv[0]);
+    CHECK(l.inflight == 1);
+    ue_wait(&l, 0);
+    ue_dispatch(&l);
+    CHECK(p.cqes == 0); /* nothing to read yet: the op waits in the kernel */
+    REQUIRE(write(sv[1], "ping", 4) == 4);
+    run_until(&l, &p.finals, 1, 2.0);
+    CHECK(p.finals == 1 && p.cqes == 1);
+    CHECK(p.last_res == 4 && memcmp(p.buf, "ping", 4) == 0);
+    CHECK(l.inflight == 0);
+    close(sv[0]);
+    close(sv[1]);
+    ue_loop_close(&l);
+}
+
+static void test_cancel_pending_recv(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    probe_op p = {0};
+    arm_recv(&l, &p, sv[0]);
+    ue_wait(&l, 0);
+    CHECK(ue_op_cancel(&l, &p.op) == 0);
+    CHECK(p.op.state == UE_OP_CANCELING);
+    CHECK(ue_op_cancel(&l, &p.op) == 0); /* a second cancel is a no-op */
+    run_until(&l, &p.finals, 1, 2.0);
+    CHECK(p.finals == 1 && p.last_res == -ECANCELED);
+    CHECK(l.inflight == 0);
+    /* After cancellation, data is still in the socket for the next reader. */
+    REQUIRE(write(sv[1], "data", 4) == 4);
+    probe_op q = {0};
+    arm_recv(&l, &q, sv[0]);
+    run_until(&l, &q.finals, 1, 2.0);
+    CHECK(q.last_res == 4);
+    close(sv[0]);
+    close(sv[1]);
+    ue_loop_close(&l);
+}
+
+/* Data and cancel in the same batch: exactly one final CQE, carrying either
+ * the bytes or -ECANCELED, never both and never none. */
+static void test_cancel_races_completion(void)
+{
+    int got_data = 0, got_cancel = 0;
+    for (int round = 0; round < 200; round++) {
+        ue_loop l;
+        setup(&l);
+        int sv[2];
+        REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+        probe_op p = {0};
+        arm_recv(&l, &p, sv[0]);
+        if (round % 2)
+            ue_wait(&l, 0); /* sometimes let it reach the kernel first */
+        REQUIRE(write(sv[1], "x", 1) == 1);
+        ue_op_cancel(&l, &p.op);
+        run_until(&l, &p.finals, 1, 2.0);
+        CHECK(p.finals == 1 && p.cqes == 1);
+        CHECK(p.last_res == 1 || p.last_res == -ECANCELED);
+        if (p.last_res == 1)
+            got_data++;
+        else {
+            got_cancel++;
+            char c;
+            CHECK(read(sv[0], &c, 1) == 1); /* the byte was not consumed */
+        }
+        close(sv[0]);
+        close(sv[1]);
+        ue_loop_close(&l);
+    }
+    CHECK(got_data + got_cancel == 200);
+}
+
+static void test_multishot_until_cancel(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    probe_op p = {0};
+    struct io_uring_sqe *sqe = ue_sqe(&l);
+    io_uring_prep_poll_multishot(sqe, sv[0], POLLIN);
+    ue_op_arm(&l, &p.op, sqe, probe_cb);
+    REQUIRE(write(sv[1], "a", 1) == 1);
+    run_until(&l, &p.cqes, 1, 2.0);
+    CHECK(p.cqes >= 1 && p.finals == 0 && (p.last_flags & IORING_CQE_F_MORE));
+    CHECK(p.op.state == UE_OP_INFLIGHT);
+    ue_op_cancel(&l, &p.op);
+    run_until(&l, &p.finals, 1, 2.0);
+    CHECK(p.finals == 1);
+    CHECK(l.inflight == 0);
+    close(sv[0]);
+    close(sv[1]);
+    ue_loop_close(&l);
+}
+
+static void test_generation_changes_on_rearm(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    probe_op p = {0};
+    arm_recv(&l, &p, sv[0]);
+    uint16_t g1 = p.op.gen;
+    REQUIRE(write(sv[1], "1", 1) == 1);
+    run_until(&l, &p.finals, 1, 2.0);
+    arm_recv(&l, &p, sv[0]);
+    CHECK(p.op.gen != g1);
+    REQUIRE(write(sv[1], "2", 1) == 1);
+    run_until(&l, &p.finals, 2, 2.0);
+    CHECK(p.finals == 2 && p.buf[0] == '2');
+    close(sv[0]);
+    close(sv[1]);
+    ue_loop_close(&l);
+}
+
+static void test_wait_timeout(void)
+{
+    ue_loop l;
+    setup(&l);
+    double t0 = ue_now();
+    CHECK(ue_wait(&l, 0.05) == 0);
+    double dt = ue_now() - t0;
+    CHECK(dt >= 0.045 && dt < 1.0);
+    CHECK(ue_dispatch(&l) == 0);
+    ue_loop_close(&l);
+}
+
+static void test_cancel_all(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    probe_op ops[8];
+    memset(ops, 0, sizeof ops);
+    for (int i = 0; i < 8; i++)
+        arm_recv(&l, &ops[i], sv[0]);
+    ue_wait(&l, 0);
+    CHECK(l.inflight == 8);
+    ue_loop_cancel_all(&l, 1000);
+    CHECK(l.inflight == 0);
+    for (int i = 0; i < 8; i++)
+        CHECK(ops[i].finals == 1 && ops[i].last_res == -ECANCELED);
+    close(sv[0]);
+    close(sv[1]);
+    ue_loop_close(&l);
+}
+
+static void *start_elsewhere(void *arg)
+{
+    return (void *)(intptr_t)ue_loop_start((ue_loop *)arg);
+}
+
+static void test_ring_belongs_to_one_thread(void)
+{
+    ue_loop l;
+    setup(&l);
+    if (l.mode != UE_MODE_DEFER_TASKRUN) {
+        ue_loop_close(&l);
+        return; /* only SINGLE_ISSUER rings are bound to a thread */
+    }
+    pthread_t th;
+    void *ret;
+    pthread_create(&th, NULL, start_elsewhere, &l);
+    pthread_join(th, &ret);
+    CHECK((intptr_t)ret == -EEXIST);
+    /* rebuilt, the ring can be started by another thread */
+    CHECK(ue_loop_rebuild(&l) == 0);
+    pthread_create(&th, NULL, start_elsewhere, &l);
+    pthread_join(th, &ret);
+    CHECK((intptr_t)ret == 0);
+    ue_loop_close(&l);
+}
+
+static void test_fork_gets_fresh_ring(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    probe_op p = {0};
+    arm_recv(&l, &p, sv[0]);
+    ue_wait(&l, 0);
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        int ok = ue_loop_forked(&l) && ue_loop_rebuild(&l) == 0 && ue_loop_start(&l) == 0 && l.inflight == 0;
+        probe_op c = {0};
+        int cs[2];
+        ok = ok && socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, cs) == 0;
+        arm_recv(&l, &c, cs[0]);
+        ok = ok && write(cs[1], "c", 1) == 1;
+        run_until(&l, &c.finals, 1, 2.0);
+        _exit(ok && c.last_res == 1 ? 0 : 1);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    /* the parent's ring and its pending op are untouched by the child */
+    CHECK(!ue_loop_forked(&l));
+    REQUIRE(write(sv[1], "p", 1) == 1);
+    run_until(&l, &p.finals, 1, 2.0);
+    CHECK(p.finals == 1 && p.last_res == 1);
+    close(sv[0]);
+    close(sv[1]);
+    ue_loop_close(&l);
+}
+
+int main(void)
+{
+    RUN(test_recv_completes_once);
+    RUN(test_cancel_pending_recv);
+    RUN(test_cancel_races_completion);
+    RUN(test_multishot_until_cancel);
+    RUN(test_generation_changes_on_rearm);
+    RUN(test_wait_timeout);
+    RUN(test_cancel_all);
+    RUN(test_ring_belongs_to_one_thread);
+    RUN(test_fork_gets_fresh_ring);
+    return TEST_EXIT();
+}

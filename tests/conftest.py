@@ -1,0 +1,69 @@
+"""Shared fixtures: every loop test runs on uringloop and on stock asyncio."""
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+import uringloop
+
+LOOP_KINDS = ("uringloop", "asyncio")
+
+
+def make_loop(kind):
+    if kind == "uringloop":
+        loop = uringloop.new_event_loop()
+        assert isinstance(loop, uringloop.Loop)
+        return loop
+    return asyncio.SelectorEventLoop()
+
+
+@pytest.fixture(params=LOOP_KINDS)
+def loop_kind(request):
+    return request.param
+
+
+@pytest.fixture
+def loop(loop_kind):
+    lp = make_loop(loop_kind)
+    asyncio.set_event_loop(lp)
+    yield lp
+    if not lp.is_closed():
+        if not lp.is_running():
+            lp.run_until_complete(lp.shutdown_default_executor())
+        lp.close()
+    asyncio.set_event_loop(None)
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_fd_leak():
+    """Fails the test if it leaves file descriptors open."""
+    before = open_fds()
+    yield
+    import gc
+    gc.collect()
+    leaked = open_fds() - before
+    # an fd listed but already gone again is not a leak
+    leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked}
+
+
+def run(loop, coro, timeout=10):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+def tcp_pair():
+    """A connected pair of non-blocking TCP sockets on loopback."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b

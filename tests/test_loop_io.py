@@ -1,0 +1,376 @@
+"""add/remove_reader/writer and every sock_* method over real sockets, on
+uringloop and on stock asyncio, with the same assertions."""
+
+import asyncio
+import errno
+import os
+import socket
+import tempfile
+
+import pytest
+
+from conftest import run, tcp_pair
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+
+def test_reader_is_level_triggered(loop):
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    calls = []
+
+    def on_readable():
+        calls.append(1)
+        if len(calls) == 3:
+            # data is left unread: readiness is reported again each time
+            a.recv(100)
+            loop.remove_reader(a)
+            loop.call_soon(loop.stop)
+
+    loop.add_reader(a, on_readable)
+    b.send(b"x")
+    loop.run_forever()
+    assert len(calls) == 3
+    assert not loop.remove_reader(a)
+    a.close()
+    b.close()
+
+
+def test_reader_replace_and_remove(loop):
+    a, b = socket.socketpair()
+    seen = []
+    loop.add_reader(a.fileno(), seen.append, "old")
+    loop.add_reader(a.fileno(), lambda: (seen.append("new"), a.recv(10), loop.stop()))
+    b.send(b"x")
+    loop.run_forever()
+    assert seen == ["new"]
+    assert loop.remove_reader(a.fileno()) is True
+    assert loop.remove_reader(a.fileno()) is False
+    a.close()
+    b.close()
+
+
+def test_writer_fires_and_removes(loop):
+    a, b = socket.socketpair()
+    fired = []
+
+    def on_writable():
+        fired.append(1)
+        assert loop.remove_writer(a)
+        loop.stop()
+
+    loop.add_writer(a, on_writable)
+    loop.run_forever()
+    assert fired == [1]
+    a.close()
+    b.close()
+
+
+def test_reader_and_writer_on_same_fd(loop):
+    a, b = socket.socketpair()
+    events = set()
+
+    def done():
+        if events == {"r", "w"}:
+            loop.remove_reader(a)
+            loop.remove_writer(a)
+            loop.stop()
+
+    loop.add_reader(a, lambda: (events.add("r"), a.recv(10), done()))
+    loop.add_writer(a, lambda: (events.add("w"), loop.remove_writer(a), done()))
+    b.send(b"x")
+    loop.call_later(5, loop.stop)
+    loop.run_forever()
+    assert events == {"r", "w"}
+    loop.remove_reader(a)
+    a.close()
+    b.close()
+
+
+def test_cancelled_reader_handle_stops_callbacks(loop):
+    a, b = socket.socketpair()
+    calls = []
+    loop.add_reader(a, lambda: calls.append(1))
+    b.send(b"x")
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert calls
+    loop.remove_reader(a)
+    n = len(calls)
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert len(calls) == n
+    a.close()
+    b.close()
+
+
+def test_add_reader_on_closed_fd_raises(loop):
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    a.close()
+    b.close()
+    with pytest.raises((OSError, ValueError)):
+        loop.add_reader(fd, print)
+    with pytest.raises(ValueError):
+        loop.add_reader(-1, print)
+
+
+def test_sock_tcp_client_server(loop):
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        client = socket.socket()
+        client.setblocking(False)
+        accept = asyncio.ensure_future(loop.sock_accept(listener))
+        await loop.sock_connect(client, listener.getsockname())
+        conn, addr = await accept
+        assert addr == client.getsockname()
+        assert conn.gettimeout() == 0
+        await loop.sock_sendall(client, b"hello")
+        assert await loop.sock_recv(conn, 100) == b"hello"
+        buf = bytearray(10)
+        await loop.sock_sendall(conn, b"world")
+        n = await loop.sock_recv_into(client, buf)
+        assert buf[:n] == b"world"
+        client.shutdown(socket.SHUT_WR)
+        assert await loop.sock_recv(conn, 100) == b""
+        for s in (listener, client, conn):
+            s.close()
+
+    run(loop, main())
+
+
+def test_sock_unix_stream(loop):
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "s")
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(path)
+            listener.listen()
+            listener.setblocking(False)
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            accept = asyncio.ensure_future(loop.sock_accept(listener))
+            await loop.sock_connect(client, path)
+            conn, _ = await accept
+            await loop.sock_sendall(client, b"unix")
+            assert await loop.sock_recv(conn, 10) == b"unix"
+            for s in (listener, client, conn):
+                s.close()
+
+    run(loop, main())
+
+
+def test_sock_sendall_large_and_partial(loop):
+    payload = os.urandom(8 * 1024 * 1024)
+
+    async def main():
+        a, b = tcp_pair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        sender = asyncio.ensure_future(loop.sock_sendall(a, payload))
+        got = bytearray()
+        while len(got) < len(payload):
+            got += await loop.sock_recv(b, 1 << 16)
+        await sender
+        assert bytes(got) == payload
+        a.close()
+        b.close()
+
+    run(loop, main(), timeout=30)
+
+
+def test_sock_udp_sendto_recvfrom(loop):
+    async def main():
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for s in (a, b):
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+        await loop.sock_sendto(a, b"dgram", b.getsockname())
+        data, addr = await loop.sock_recvfrom(b, 100)
+        assert data == b"dgram" and addr == a.getsockname()
+        buf = bytearray(100)
+        await loop.sock_sendto(b, b"back", ("localhost", a.getsockname()[1]))
+        n, addr = await loop.sock_recvfrom_into(a, buf)
+        assert buf[:n] == b"back" and addr == b.getsockname()
+        await loop.sock_sendto(a, b"truncated", b.getsockname())
+        n, _ = await loop.sock_recvfrom_into(b, buf, 4)
+        assert buf[:n] == b"trun"
+        a.close()
+        b.close()
+
+    run(loop, main())
+
+
+def test_sock_udp_ipv6(loop):
+    async def main():
+        a = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        a.bind(("::1", 0))
+        a.setblocking(False)
+        await loop.sock_sendto(a, b"six", a.getsockname())
+        data, addr = await loop.sock_recvfrom(a, 100)
+        assert data == b"six" and addr[:2] == a.getsockname()[:2]
+        a.close()
+
+    run(loop, main())
+
+
+def test_sock_connect_refused(loop):
+    async def main():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            addr = probe.getsockname()  # bound, never listening
+        s = socket.socket()
+        s.setblocking(False)
+        with pytest.raises(ConnectionRefusedError) as info:
+            await loop.sock_connect(s, addr)
+        assert "Connect call failed" in str(info.value)
+        s.close()
+
+    run(loop, main())
+
+
+def test_sock_recv_error_is_oserror(loop):
+    async def main():
+        a, b = tcp_pair()
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        b.close()  # RST
+        with pytest.raises(ConnectionResetError):
+            while await loop.sock_recv(a, 100):
+                pass
+        a.close()
+
+    run(loop, main())
+
+
+def test_sendall_to_reset_peer_raises(loop):
+    async def main():
+        a, b = tcp_pair()
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        b.close()
+        await asyncio.sleep(0.01)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            for _ in range(100):
+                await loop.sock_sendall(a, b"x" * 65536)
+        a.close()
+
+    run(loop, main())
+
+
+def test_cancelled_sock_recv_loses_no_data(loop):
+    async def main():
+        a, b = tcp_pair()
+        received = bytearray()
+        for i in range(50):
+            task = asyncio.ensure_future(loop.sock_recv(b, 1024))
+            await asyncio.sleep(0)
+            # the data and the cancellation race each other
+            a.send(b"%03d" % i)
+            task.cancel()
+            try:
+                received += await task
+            except asyncio.CancelledError:
+                pass
+        a.close()
+        while True:
+            chunk = await loop.sock_recv(b, 1024)
+            if not chunk:
+                break
+            received += chunk
+        b.close()
+        assert bytes(received) == b"".join(b"%03d" % i for i in range(50))
+
+    run(loop, main())
+
+
+def test_cancelled_sock_recv_into_loses_no_data(loop):
+    async def main():
+        a, b = tcp_pair()
+        received = bytearray()
+        buf = bytearray(1024)
+        for i in range(50):
+            task = asyncio.ensure_future(loop.sock_recv_into(b, buf))
+            await asyncio.sleep(0)
+            a.send(b"%03d" % i)
+            task.cancel()
+            try:
+                n = await task
+                received += buf[:n]
+            except asyncio.CancelledError:
+                pass
+        a.close()
+        while n := await loop.sock_recv_into(b, buf):
+            received += buf[:n]
+        b.close()
+        assert bytes(received) == b"".join(b"%03d" % i for i in range(50))
+
+    run(loop, main())
+
+
+def test_cancelled_sock_accept_loses_no_connection(loop):
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_accept(listener))
+        await asyncio.sleep(0)
+        client = socket.create_connection(listener.getsockname())
+        task.cancel()
+        try:
+            conn, _ = await task
+        except asyncio.CancelledError:
+            conn, _ = await loop.sock_accept(listener)
+        client.send(b"kept")
+        assert await loop.sock_recv(conn, 10) == b"kept"
+        for s in (listener, client, conn):
+            s.close()
+
+    run(loop, main())
+
+
+def test_sock_sendfile(loop):
+    data = os.urandom(300_000)
+
+    async def main():
+        with tempfile.TemporaryFile() as f:
+            f.write(data)
+            f.seek(0)
+            a, b = tcp_pair()
+            sender = asyncio.ensure_future(loop.sock_sendfile(a, f, offset=1000, count=200_000))
+            got = bytearray()
+            while len(got) < 200_000:
+                got += await loop.sock_recv(b, 65536)
+            assert await sender == 200_000
+            assert bytes(got) == data[1000:201_000]
+            assert f.tell() == 201_000
+            a.close()
+            b.close()
+
+    run(loop, main())
+
+
+def test_debug_mode_requires_nonblocking_socket(loop):
+    loop.set_debug(True)
+
+    async def main():
+        s = socket.socket()  # blocking
+        with pytest.raises(ValueError, match="non-blocking"):
+            await loop.sock_recv(s, 1)
+        s.close()
+
+    run(loop, main())
+
+
+def test_sock_op_on_closed_socket(loop):
+    async def main():
+        a, b = tcp_pair()
+        a.close()
+        with pytest.raises(OSError) as info:
+            await loop.sock_recv(a, 10)
+        assert info.value.errno == errno.EBADF
+        b.close()
+
+    run(loop, main())
