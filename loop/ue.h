@@ -47,9 +47,9 @@ struct ue_op {
 };
 
 struct ue_timer {
-    double when;     /* CLOCK_MONOTONIC seconds, as loop.time() */
-    uint64_t seq;    /* insertion order breaks ties: FIFO among equal `when` */
-    uint32_t index;  /* slot in the heap, UE_TIMER_UNSCHEDULED when out */
+    double when;    /* CLOCK_MONOTONIC seconds, as loop.time() */
+    uint64_t seq;   /* insertion order breaks ties: FIFO among equal `when` */
+    uint32_t index; /* slot in the heap, UE_TIMER_UNSCHEDULED when out */
 };
 #define UE_TIMER_UNSCHEDULED UINT32_MAX
 
@@ -62,13 +62,13 @@ enum ue_mode {
 
 struct ue_loop {
     struct io_uring ring;
-    int ring_fd;          /* -1 when there is no ring */
-    int enabled;          /* ring enabled (it is created R_DISABLED) */
+    int ring_fd; /* -1 when there is no ring */
+    int enabled; /* ring enabled (it is created R_DISABLED) */
     enum ue_mode mode;
-    unsigned features;    /* io_uring_params.features */
+    unsigned features; /* io_uring_params.features */
     unsigned sq_size, cq_size;
-    pid_t pid;            /* process that created the ring */
-    pid_t owner_tid;      /* thread that enabled the ring */
+    pid_t pid;       /* process that created the ring */
+    pid_t owner_tid; /* thread that enabled the ring */
 
     /* cross-thread wakeup: an eventfd watched by a multishot poll */
     int wake_fd;
@@ -107,7 +107,10 @@ struct io_uring_sqe *ue_sqe(ue_loop *l);
 void ue_op_arm(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb cb);
 /* Requests cancellation of an in-flight op; the op's final CQE still comes. */
 int ue_op_cancel(ue_loop *l, ue_op *op);
-static inline int ue_op_busy(const ue_op *op) { return op->state != UE_OP_IDLE; }
+static inline int ue_op_busy(const ue_op *op)
+{
+    return op->state != UE_OP_IDLE;
+}
 
 /* One iteration's kernel work: submit what is queued and wait for at least
  * one CQE or `timeout` seconds (<0: forever, 0: do not block). Returns 0,
@@ -126,9 +129,20 @@ void ue_wakeup(ue_loop *l);
 double ue_now(void);
 int ue_timer_add(ue_loop *l, ue_timer *t, double when);
 void ue_timer_remove(ue_loop *l, ue_timer *t);
-static inline ue_timer *ue_timer_first(const ue_loop *l) { return l->heap_len ? l->heap[0] : NULL; }
-static inline int ue_timer_scheduled(const ue_timer *t) { return t->index != UE_TIMER_UNSCHEDULED; }
-static inline void ue_timer_init(ue_timer *t) { t->index = UE_TIMER_UNSCHEDULED; t->when = 0; t->seq = 0; }
+static inline ue_timer *ue_timer_first(const ue_loop *l)
+{
+    return l->heap_len ? l->heap[0] : NULL;
+}
+static inline int ue_timer_scheduled(const ue_timer *t)
+{
+    return t->index != UE_TIMER_UNSCHEDULED;
+}
+static inline void ue_timer_init(ue_timer *t)
+{
+    t->index = UE_TIMER_UNSCHEDULED;
+    t->when = 0;
+    t->seq = 0;
+}
 
 /* Is an opcode supported by the running kernel? */
 int ue_probe_op(ue_loop *l, int opcode);

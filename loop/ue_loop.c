@@ -23,7 +23,10 @@ static inline uint64_t ue__encode(const ue_op *op)
     return ((uint64_t)(uintptr_t)op & UE_PTR_MASK) | ((uint64_t)op->gen << 48);
 }
 
-int ue_current_tid(void) { return (int)syscall(SYS_gettid); }
+int ue_current_tid(void)
+{
+    return (int)syscall(SYS_gettid);
+}
 
 double ue_now(void)
 {
@@ -41,11 +44,9 @@ static int ue__setup_ring(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
         unsigned flags;
         enum ue_mode mode;
     } attempts[] = {
-        {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL |
-             IORING_SETUP_R_DISABLED,
+        {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED,
          UE_MODE_DEFER_TASKRUN},
-        {IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED,
-         UE_MODE_COOP_TASKRUN},
+        {IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED, UE_MODE_COOP_TASKRUN},
         {IORING_SETUP_R_DISABLED, UE_MODE_PLAIN},
         {0, UE_MODE_PLAIN},
     };
@@ -94,7 +95,10 @@ int ue_loop_init(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
     return 0;
 }
 
-int ue_loop_forked(const ue_loop *l) { return l->pid != getpid(); }
+int ue_loop_forked(const ue_loop *l)
+{
+    return l->pid != getpid();
+}
 
 static void ue__wake_cb(ue_loop *l, ue_op *op, int32_t res, uint32_t flags)
 {

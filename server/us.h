@@ -31,8 +31,8 @@ typedef struct us_state {
     PyObject *extract_stack;          /* asyncio.format_helpers.extract_stack */
 
     /* hooks installed by python/uringloop at import */
-    PyObject *handle_repr;  /* callable(handle) -> str */
-    PyObject *sock_future;  /* Future subclass whose cancel() cancels the op */
+    PyObject *handle_repr; /* callable(handle) -> str */
+    PyObject *sock_future; /* Future subclass whose cancel() cancels the op */
 
     /* interned strings */
     PyObject *s_call_exception_handler, *s_message, *s_exception, *s_handle;
@@ -44,8 +44,7 @@ typedef struct us_state {
 } us_state;
 
 typedef struct us_loop {
-    PyObject_HEAD
-    us_state *st;
+    PyObject_HEAD us_state *st;
     ue_loop ue;
     int ue_ready; /* ring set up */
 
@@ -61,9 +60,8 @@ typedef struct us_loop {
 } us_loop;
 
 typedef struct us_handle {
-    PyObject_HEAD
-    PyObject *callback; /* NULL once cancelled */
-    PyObject *args;     /* tuple, NULL once cancelled */
+    PyObject_HEAD PyObject *callback; /* NULL once cancelled */
+    PyObject *args;                   /* tuple, NULL once cancelled */
     PyObject *context;
     us_loop *loop;
     PyObject *source_traceback;
@@ -83,8 +81,8 @@ int us_report_exception(us_loop *loop, PyObject *message, PyObject *handle);
 
 /* us_handle.c */
 extern PyType_Spec us_handle_spec, us_timer_handle_spec;
-us_handle *us_handle_new(us_loop *loop, PyTypeObject *tp, PyObject *callback, PyObject *const *args,
-                         Py_ssize_t nargs, PyObject *context);
+us_handle *us_handle_new(us_loop *loop, PyTypeObject *tp, PyObject *callback, PyObject *const *args, Py_ssize_t nargs,
+                         PyObject *context);
 int us_handle_run(us_handle *h);
 void us_handle_cancel_quiet(us_handle *h);
 

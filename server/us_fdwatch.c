@@ -16,8 +16,7 @@
 #include <structmember.h>
 
 typedef struct {
-    PyObject_HEAD
-    ue_op op;
+    PyObject_HEAD ue_op op;
     us_loop *loop;
     PyObject *handle; /* us_handle, NULL once removed */
     int fd;

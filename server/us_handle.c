@@ -8,8 +8,8 @@
 
 #include <structmember.h>
 
-us_handle *us_handle_new(us_loop *loop, PyTypeObject *tp, PyObject *callback, PyObject *const *args,
-                         Py_ssize_t nargs, PyObject *context)
+us_handle *us_handle_new(us_loop *loop, PyTypeObject *tp, PyObject *callback, PyObject *const *args, Py_ssize_t nargs,
+                         PyObject *context)
 {
     us_handle *h = PyObject_GC_New(us_handle, tp);
     if (!h)

@@ -11,7 +11,6 @@
 #include <poll.h>
 #include <string.h>
 
-
 #define US_MAX_TIMEOUT 86400.0 /* as asyncio's MAXIMUM_SELECT_TIMEOUT */
 
 /* ---- ready queue: power-of-two ring buffer ---- */
@@ -91,7 +90,9 @@ static PyObject *raise_unavailable(us_state *st, int err, const char *step)
     if (!step)
         step = "io_uring_setup";
     PyObject *msg = PyUnicode_FromFormat("io_uring is not available: %s() failed with %s (%s): %s", step,
-                                         err == EPERM ? "EPERM" : err == ENOSYS ? "ENOSYS" : "an error",
+                                         err == EPERM    ? "EPERM"
+                                         : err == ENOSYS ? "ENOSYS"
+                                                         : "an error",
                                          strerror(err), why);
     if (!msg)
         return NULL;
@@ -298,14 +299,13 @@ static PyObject *loop_call_soon(us_loop *self, PyObject *const *args, Py_ssize_t
     return schedule_soon(self, args, nargsf, kwnames, "call_soon", 0);
 }
 
-static PyObject *loop_call_soon_threadsafe(us_loop *self, PyObject *const *args, Py_ssize_t nargsf,
-                                           PyObject *kwnames)
+static PyObject *loop_call_soon_threadsafe(us_loop *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     return schedule_soon(self, args, nargsf, kwnames, "call_soon_threadsafe", 1);
 }
 
-static PyObject *schedule_at(us_loop *self, double when, PyObject *const *args, Py_ssize_t nargs,
-                             PyObject *kwnames, const char *fname)
+static PyObject *schedule_at(us_loop *self, double when, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                             const char *fname)
 {
     PyObject *context;
     if (parse_context(args, nargs, kwnames, &context, fname) < 0 || us_loop_check_open(self) < 0)
@@ -345,8 +345,7 @@ static PyObject *loop_call_later(us_loop *self, PyObject *const *args, Py_ssize_
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs < 2) {
-        PyErr_SetString(PyExc_TypeError,
-                        "call_later() missing required positional arguments: 'delay' and 'callback'");
+        PyErr_SetString(PyExc_TypeError, "call_later() missing required positional arguments: 'delay' and 'callback'");
         return NULL;
     }
     if (args[0] == Py_None) {
@@ -611,8 +610,14 @@ static PyObject *get_watch_handle(PyObject *dict, PyObject *fdobj)
     return PyObject_GetAttrString(w, "handle");
 }
 
-static PyObject *loop_get_reader(us_loop *self, PyObject *fd) { return get_watch_handle(self->readers, fd); }
-static PyObject *loop_get_writer(us_loop *self, PyObject *fd) { return get_watch_handle(self->writers, fd); }
+static PyObject *loop_get_reader(us_loop *self, PyObject *fd)
+{
+    return get_watch_handle(self->readers, fd);
+}
+static PyObject *loop_get_writer(us_loop *self, PyObject *fd)
+{
+    return get_watch_handle(self->writers, fd);
+}
 
 /* ---- introspection for tests and diagnostics ---- */
 
@@ -628,20 +633,20 @@ static PyObject *loop_uring_info(us_loop *self, PyObject *unused)
 
 /* ---- attributes shared with asyncio.BaseEventLoop ---- */
 
-#define US_FLAG_GETSET(name)                                                                                      \
-    static PyObject *get_##name(us_loop *self, void *c)                                                           \
-    {                                                                                                             \
-        (void)c;                                                                                                  \
-        return PyBool_FromLong(self->name);                                                                       \
-    }                                                                                                             \
-    static int set_##name(us_loop *self, PyObject *v, void *c)                                                    \
-    {                                                                                                             \
-        (void)c;                                                                                                  \
-        int b = v ? PyObject_IsTrue(v) : 0;                                                                       \
-        if (b < 0)                                                                                                \
-            return -1;                                                                                            \
-        self->name = (char)b;                                                                                     \
-        return 0;                                                                                                 \
+#define US_FLAG_GETSET(name)                                                                                           \
+    static PyObject *get_##name(us_loop *self, void *c)                                                                \
+    {                                                                                                                  \
+        (void)c;                                                                                                       \
+        return PyBool_FromLong(self->name);                                                                            \
+    }                                                                                                                  \
+    static int set_##name(us_loop *self, PyObject *v, void *c)                                                         \
+    {                                                                                                                  \
+        (void)c;                                                                                                       \
+        int b = v ? PyObject_IsTrue(v) : 0;                                                                            \
+        if (b < 0)                                                                                                     \
+            return -1;                                                                                                 \
+        self->name = (char)b;                                                                                          \
+        return 0;                                                                                                      \
     }
 
 US_FLAG_GETSET(stopping)

@@ -112,10 +112,10 @@ static PyTypeObject *add_type(PyObject *m, PyType_Spec *spec, PyObject *base)
     return tp;
 }
 
-#define INTERN(field, text)                                                                                       \
-    do {                                                                                                          \
-        if (!(st->field = PyUnicode_InternFromString(text)))                                                      \
-            return -1;                                                                                            \
+#define INTERN(field, text)                                                                                            \
+    do {                                                                                                               \
+        if (!(st->field = PyUnicode_InternFromString(text)))                                                           \
+            return -1;                                                                                                 \
     } while (0)
 
 static int us_module_exec(PyObject *m)
@@ -166,17 +166,17 @@ static int us_module_exec(PyObject *m)
     return 0;
 }
 
-#define STATE_FIELDS(X)                                                                                           \
-    X(LoopCoreType)                                                                                               \
-    X(HandleType)                                                                                                 \
-    X(TimerHandleType)                                                                                            \
-    X(FdWatchType)                                                                                                \
-    X(SockOpType)                                                                                                 \
-    X(UnavailableError)                                                                                           \
-    X(format_callback_source)                                                                                     \
-    X(extract_stack)                                                                                              \
-    X(handle_repr)                                                                                                \
-    X(sock_future)                                                                                                \
+#define STATE_FIELDS(X)                                                                                                \
+    X(LoopCoreType)                                                                                                    \
+    X(HandleType)                                                                                                      \
+    X(TimerHandleType)                                                                                                 \
+    X(FdWatchType)                                                                                                     \
+    X(SockOpType)                                                                                                      \
+    X(UnavailableError)                                                                                                \
+    X(format_callback_source)                                                                                          \
+    X(extract_stack)                                                                                                   \
+    X(handle_repr)                                                                                                     \
+    X(sock_future)                                                                                                     \
     X(kw_loop)
 
 static int us_module_traverse(PyObject *m, visitproc visit, void *arg)
@@ -198,7 +198,10 @@ static int us_module_clear(PyObject *m)
     return 0;
 }
 
-static void us_module_free(void *m) { us_module_clear((PyObject *)m); }
+static void us_module_free(void *m)
+{
+    us_module_clear((PyObject *)m);
+}
 
 static PyModuleDef_Slot us_module_slots[] = {
     {Py_mod_exec, us_module_exec},
@@ -217,4 +220,7 @@ static struct PyModuleDef us_module_def = {
     .m_free = us_module_free,
 };
 
-PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&us_module_def); }
+PyMODINIT_FUNC PyInit__core(void)
+{
+    return PyModuleDef_Init(&us_module_def);
+}

@@ -18,7 +18,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-
 enum us_sock_kind {
     US_SK_RECV = 0,
     US_SK_RECV_INTO = 1,
@@ -31,8 +30,7 @@ enum us_sock_kind {
 };
 
 typedef struct {
-    PyObject_HEAD
-    ue_op op;
+    PyObject_HEAD ue_op op;
     us_loop *loop;
     PyObject *fut;
     PyObject *sock;
@@ -332,8 +330,8 @@ static void sockop_finish(us_sockop *s, int32_t res)
             return;
         }
         PyObject *kind = PyLong_FromLong(s->kind);
-        PyObject *r = kind ? PyObject_CallMethodObjArgs((PyObject *)loop, st->s_sock_stash, s->sock, kind, left, NULL)
-                           : NULL;
+        PyObject *r =
+            kind ? PyObject_CallMethodObjArgs((PyObject *)loop, st->s_sock_stash, s->sock, kind, left, NULL) : NULL;
         Py_XDECREF(kind);
         Py_DECREF(left);
         if (!r)
@@ -522,8 +520,7 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
         }
         int r = sockaddr_from_py(family, a, &s->addr, &s->addrlen);
         if (r == -2)
-            PyErr_Format(PyExc_NotImplementedError, "uringloop: address %R is not numeric for family %d", a,
-                         family);
+            PyErr_Format(PyExc_NotImplementedError, "uringloop: address %R is not numeric for family %d", a, family);
         return r < 0 ? -1 : 0;
     }
     default:

@@ -1,0 +1,130 @@
+/*
+ * echo_client: a closed-loop load generator for echo servers.
+ * Each of CONNS connections sends MSGSIZE bytes, waits for all of them to come
+ * back, and repeats, for SECONDS. Prints one JSON line: round trips, elapsed
+ * time and latency percentiles.
+ *
+ *     echo_client HOST PORT CONNS MSGSIZE SECONDS
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    int fd;
+    size_t sent, received;
+    double started;
+} conn_t;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static uint32_t *lat;
+static size_t lat_len, lat_cap;
+
+static void record(double seconds)
+{
+    if (lat_len == lat_cap) {
+        lat_cap = lat_cap ? lat_cap * 2 : 1 << 16;
+        lat = realloc(lat, lat_cap * sizeof *lat);
+        if (!lat)
+            abort();
+    }
+    lat[lat_len++] = (uint32_t)(seconds * 1e6);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 6) {
+        fprintf(stderr, "usage: echo_client HOST PORT CONNS MSGSIZE SECONDS\n");
+        return 2;
+    }
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
+    inet_pton(AF_INET, argv[1], &addr.sin_addr);
+    int nconns = atoi(argv[3]);
+    size_t msgsize = (size_t)atol(argv[4]);
+    double duration = atof(argv[5]);
+    char *out = malloc(msgsize), *in = malloc(msgsize);
+    memset(out, 'x', msgsize);
+    conn_t *conns = calloc((size_t)nconns, sizeof *conns);
+    int ep = epoll_create1(0);
+    for (int i = 0; i < nconns; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+            perror("connect");
+            return 1;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        conns[i].fd = fd;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
+        epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+    }
+    double t0 = now(), deadline = t0 + duration;
+    for (int i = 0; i < nconns; i++) {
+        conns[i].started = now();
+        if (write(conns[i].fd, out, msgsize) != (ssize_t)msgsize) {
+            perror("write");
+            return 1;
+        }
+    }
+    uint64_t round_trips = 0;
+    struct epoll_event events[256];
+    int active = nconns;
+    while (active > 0) {
+        int n = epoll_wait(ep, events, 256, 1000);
+        for (int e = 0; e < n; e++) {
+            conn_t *c = events[e].data.ptr;
+            ssize_t r = read(c->fd, in, msgsize - c->received);
+            if (r <= 0) {
+                fprintf(stderr, "read: %s\n", r == 0 ? "connection closed" : strerror(errno));
+                return 1;
+            }
+            c->received += (size_t)r;
+            if (c->received < msgsize)
+                continue;
+            double t = now();
+            record(t - c->started);
+            round_trips++;
+            c->received = 0;
+            if (t >= deadline) {
+                epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                active--;
+                continue;
+            }
+            c->started = t;
+            if (write(c->fd, out, msgsize) != (ssize_t)msgsize) {
+                perror("write");
+                return 1;
+            }
+        }
+    }
+    double elapsed = now() - t0;
+    qsort(lat, lat_len, sizeof *lat, cmp_u32);
+    printf("{\"round_trips\": %llu, \"seconds\": %.4f, \"p50_us\": %u, \"p99_us\": %u}\n",
+           (unsigned long long)round_trips, elapsed, lat_len ? lat[lat_len / 2] : 0,
+           lat_len ? lat[(size_t)(lat_len * 0.99)] : 0);
+    for (int i = 0; i < nconns; i++)
+        close(conns[i].fd);
+    return 0;
+}

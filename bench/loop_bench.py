@@ -1,0 +1,253 @@
+"""Event-loop micro-benchmarks, run side by side on asyncio, uvloop, rloop and
+uringloop in one run:
+
+- call_soon: schedule and run callbacks (batches of 1000 per iteration);
+- timers: call_later(10, cb) then cancel(), with 1000 other timers pending;
+- sock echo: a sock_accept/sock_recv/sock_sendall echo server pinned to one
+  core, driven by bench/echo_client.c pinned to the other; reports round
+  trips/s and the server's CPU time per round trip (utime+stime from
+  /proc/PID/stat), since the load generator may saturate first.
+
+    python bench/loop_bench.py                 # everything, prints a table
+    python bench/loop_bench.py --quick         # shorter runs
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LOOPS = ("asyncio", "uvloop", "rloop", "uringloop")
+SERVER_CORE, CLIENT_CORE = "0", "1"
+
+
+def new_loop(name):
+    if name == "asyncio":
+        import asyncio
+        return asyncio.SelectorEventLoop()
+    if name == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    if name == "rloop":
+        import rloop
+        return rloop.new_event_loop()
+    import uringloop
+    return uringloop.new_event_loop()
+
+
+# ---- workers: run inside a pinned child process ----
+
+def work_call_soon(loop, n):
+    batch = 1000
+    left = [n // batch]
+
+    def noop(x):
+        pass
+
+    def schedule():
+        call_soon = loop.call_soon
+        for i in range(batch):
+            call_soon(noop, i)
+        left[0] -= 1
+        call_soon(schedule if left[0] else loop.stop)
+
+    loop.call_soon(schedule)
+    t0 = time.perf_counter()
+    loop.run_forever()
+    return (n // batch) * batch / (time.perf_counter() - t0)
+
+
+def work_timers(loop, n):
+    def noop():
+        pass
+
+    background = [loop.call_later(3600 + i, noop) for i in range(1000)]
+
+    def work():
+        call_later = loop.call_later
+        for _ in range(n):
+            call_later(10.0, noop).cancel()
+        loop.stop()
+
+    loop.call_soon(work)
+    t0 = time.perf_counter()
+    loop.run_forever()
+    rate = n / (time.perf_counter() - t0)
+    for h in background:
+        h.cancel()
+    return rate
+
+
+def work_echo_server(loop, port):
+    import asyncio
+
+    async def client(conn):
+        with conn:
+            while data := await loop.sock_recv(conn, 65536):
+                await loop.sock_sendall(conn, data)
+
+    async def main():
+        listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+        listener.setblocking(False)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        print("ready", flush=True)
+        tasks = set()
+
+        async def acceptor():
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                t = loop.create_task(client(conn))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+
+        acc = loop.create_task(acceptor())
+        await stop.wait()
+        acc.cancel()
+        for t in list(tasks):
+            t.cancel()
+        listener.close()
+
+    loop.run_until_complete(main())
+
+
+def worker(args):
+    loop = new_loop(args.loop)
+    try:
+        if args.worker == "call_soon":
+            print(json.dumps({"rate": work_call_soon(loop, args.n)}))
+        elif args.worker == "timers":
+            print(json.dumps({"rate": work_timers(loop, args.n)}))
+        elif args.worker == "echo_server":
+            work_echo_server(loop, args.port)
+    finally:
+        loop.close()
+
+
+# ---- driver ----
+
+def pinned(core, cmd, **kw):
+    return subprocess.Popen(["taskset", "-c", core, *cmd], **kw)
+
+
+def run_micro(kind, loop_name, n, repeats):
+    rates = []
+    for _ in range(repeats):
+        out = subprocess.run(["taskset", "-c", SERVER_CORE, sys.executable, __file__, "--worker", kind,
+                              "--loop", loop_name, "--n", str(n)],
+                             capture_output=True, text=True, check=True)
+        rates.append(json.loads(out.stdout)["rate"])
+    return max(rates)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_client():
+    exe = os.path.join(ROOT, "build", "echo_client")
+    src = os.path.join(HERE, "echo_client.c")
+    if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+        os.makedirs(os.path.dirname(exe), exist_ok=True)
+        subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
+    return exe
+
+
+def run_echo(loop_name, conns, size, seconds, client_exe):
+    port = free_port()
+    server = pinned(SERVER_CORE, [sys.executable, __file__, "--worker", "echo_server", "--loop", loop_name,
+                                  "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        cpu0 = cpu_seconds(server.pid)
+        out = subprocess.run(["taskset", "-c", CLIENT_CORE, client_exe, "127.0.0.1", str(port), str(conns),
+                              str(size), str(seconds)], capture_output=True, text=True, check=True)
+        cpu1 = cpu_seconds(server.pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    r = json.loads(out.stdout)
+    r["rt_per_s"] = r["round_trips"] / r["seconds"]
+    r["cpu_us_per_rt"] = (cpu1 - cpu0) / r["round_trips"] * 1e6
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker")
+    p.add_argument("--loop")
+    p.add_argument("--n", type=int, default=0)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--loops", default=",".join(LOOPS))
+    p.add_argument("--out", default=os.path.join(HERE, "results", "loop.json"))
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    loops = args.loops.split(",")
+    repeats = 2 if args.quick else 5
+    seconds = 2 if args.quick else 5
+    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": sys.version.split()[0],
+               "kernel": os.uname().release, "call_soon": {}, "timers": {}, "echo": {}}
+    for name in loops:
+        results["call_soon"][name] = run_micro("call_soon", name, 1_000_000, repeats)
+        results["timers"][name] = run_micro("timers", name, 200_000, repeats)
+        print(f"{name:10s} call_soon {results['call_soon'][name] / 1e6:6.2f} M/s   "
+              f"timer schedule+cancel {results['timers'][name] / 1e6:6.2f} M/s", flush=True)
+    client = build_client()
+    for conns, size in ((1, 1024), (10, 1024), (100, 1024)):
+        key = f"{conns}x{size}"
+        results["echo"][key] = {}
+        for name in loops:
+            runs = [run_echo(name, conns, size, seconds, client) for _ in range(1 if args.quick else 2)]
+            best = min(runs, key=lambda r: r["cpu_us_per_rt"])
+            results["echo"][key][name] = best
+            print(f"{name:10s} echo {key:9s} {best['rt_per_s']:9.0f} rt/s  "
+                  f"{best['cpu_us_per_rt']:6.2f} us CPU/rt  p99 {best['p99_us']} us", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results, loops)
+
+
+def print_table(results, loops):
+    print("\n| loop | call_soon (M/s) | timer schedule+cancel (M/s) |"
+          + "".join(f" echo {k}: rt/s, CPU µs/rt, p99 µs |" for k in results["echo"]))
+    print("|---|---|---|" + "---|" * len(results["echo"]))
+    for name in loops:
+        cells = [f"{results['call_soon'][name] / 1e6:.2f}", f"{results['timers'][name] / 1e6:.2f}"]
+        for k in results["echo"]:
+            r = results["echo"][k][name]
+            cells.append(f"{r['rt_per_s']:.0f}, {r['cpu_us_per_rt']:.2f}, {r['p99_us']}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    base = "uvloop"
+    if base in loops and "uringloop" in loops:
+        u = results
+        print(f"\nuringloop / uvloop: call_soon {u['call_soon']['uringloop'] / u['call_soon'][base]:.2f}x, "
+              f"timers {u['timers']['uringloop'] / u['timers'][base]:.2f}x, echo CPU/rt "
+              + ", ".join(f"{k} {u['echo'][k]['uringloop']['cpu_us_per_rt'] / u['echo'][k][base]['cpu_us_per_rt']:.2f}x"
+                          for k in u["echo"]))
+
+
+if __name__ == "__main__":
+    main()

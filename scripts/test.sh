@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set-up, then the whole test suite: formatting, the C engine tests (ctest),
+# the Python tests (pytest, each loop test on uringloop and on asyncio, plus
+# CPython's own asyncio tests), and both again under ASan+UBSan.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+log() { printf '\n==> %s\n' "$*"; }
+PY=.venv/bin/python
+C_SOURCES=$(git ls-files 'loop/*.[ch]' 'http/*.[ch]' 'server/*.[ch]' 'tests/c/*.[ch]' 'bench/*.c' 2>/dev/null || true)
+
+log "clang-format --dry-run --Werror (C sources)"
+clang-format --dry-run --Werror $C_SOURCES
+
+log "C engine tests (ctest, -Werror)"
+cmake -S . -B build/ctest -G Ninja -DURING_BUILD_TESTS=ON -DURING_BUILD_MODULE=OFF -DURING_WERROR=ON >/dev/null
+ninja -C build/ctest >/dev/null
+(cd build/ctest && ctest --output-on-failure)
+
+log "Python tests (pytest; installed package)"
+$PY -m pytest -q -p no:cacheprovider tests
+
+log "ASan+UBSan: C engine tests"
+cmake -S . -B build/asan-ctest -G Ninja -DURING_BUILD_TESTS=ON -DURING_BUILD_MODULE=OFF \
+      -DURING_SANITIZE=ON -DURING_WERROR=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
+ninja -C build/asan-ctest >/dev/null
+(cd build/asan-ctest && ctest --output-on-failure)
+
+log "ASan+UBSan: Python tests against a sanitized build of the extension"
+cmake -S . -B build/asan -G Ninja -DURING_SANITIZE=ON -DURING_WERROR=ON -DCMAKE_BUILD_TYPE=Debug \
+      -DPython_EXECUTABLE="$PWD/$PY" >/dev/null
+ninja -C build/asan >/dev/null
+rm -rf build/asan/pkg && mkdir -p build/asan/pkg
+cp -r python/uringloop python/uringserve build/asan/pkg/
+rm -f build/asan/pkg/uringloop/_core*.so
+cp build/asan/_core*.so build/asan/pkg/uringloop/
+ASAN_RT=$(gcc -print-file-name=libasan.so)
+UBSAN_RT=$(gcc -print-file-name=libubsan.so)
+LD_PRELOAD="$ASAN_RT:$UBSAN_RT" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$PWD/build/asan/pkg" \
+    $PY -m pytest -q -p no:cacheprovider tests
+log "all tests passed"
