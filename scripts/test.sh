@@ -37,7 +37,10 @@ rm -f build/asan/pkg/uringloop/_core*.so
 cp build/asan/_core*.so build/asan/pkg/uringloop/
 ASAN_RT=$(gcc -print-file-name=libasan.so)
 UBSAN_RT=$(gcc -print-file-name=libubsan.so)
-LD_PRELOAD="$ASAN_RT:$UBSAN_RT" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$PWD/build/asan/pkg" \
-    $PY -m pytest -q -p no:cacheprovider tests
+export LD_PRELOAD="$ASAN_RT:$UBSAN_RT" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$PWD/build/asan/pkg"
+# the sanitized module, not the one installed in .venv, is what the tests import
+$PY -c "import uringloop._core as c, sys; p = c.__file__; print('testing', p); sys.exit(not p.startswith('$PWD/build/asan/pkg'))"
+$PY -m pytest -q -p no:cacheprovider tests
+unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS PYTHONPATH
 log "all tests passed"
