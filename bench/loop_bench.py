@@ -138,14 +138,17 @@ def pinned(core, cmd, **kw):
     return subprocess.Popen(["taskset", "-c", core, *cmd], **kw)
 
 
-def run_micro(kind, loop_name, n, repeats):
-    rates = []
+def run_micro(kind, loops, n, repeats):
+    """Best rate of each loop; loops interleave within every repeat (ABCD
+    ABCD ...) so that the machine's drift over time hits all of them alike."""
+    rates = {name: [] for name in loops}
     for _ in range(repeats):
-        out = subprocess.run(["taskset", "-c", SERVER_CORE, sys.executable, __file__, "--worker", kind,
-                              "--loop", loop_name, "--n", str(n)],
-                             capture_output=True, text=True, check=True)
-        rates.append(json.loads(out.stdout)["rate"])
-    return max(rates)
+        for name in loops:
+            out = subprocess.run(["taskset", "-c", SERVER_CORE, sys.executable, __file__, "--worker", kind,
+                                  "--loop", name, "--n", str(n)],
+                                 capture_output=True, text=True, check=True)
+            rates[name].append(json.loads(out.stdout)["rate"])
+    return {name: max(r) for name, r in rates.items()}
 
 
 def cpu_seconds(pid):
@@ -209,18 +212,21 @@ def main():
     seconds = 2 if args.quick else 5
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": sys.version.split()[0],
                "kernel": os.uname().release, "call_soon": {}, "timers": {}, "echo": {}}
+    results["call_soon"] = run_micro("call_soon", loops, 1_000_000, repeats)
+    results["timers"] = run_micro("timers", loops, 200_000, repeats)
     for name in loops:
-        results["call_soon"][name] = run_micro("call_soon", name, 1_000_000, repeats)
-        results["timers"][name] = run_micro("timers", name, 200_000, repeats)
         print(f"{name:10s} call_soon {results['call_soon'][name] / 1e6:6.2f} M/s   "
               f"timer schedule+cancel {results['timers'][name] / 1e6:6.2f} M/s", flush=True)
     client = build_client()
     for conns, size in ((1, 1024), (10, 1024), (100, 1024)):
         key = f"{conns}x{size}"
         results["echo"][key] = {}
+        runs = {name: [] for name in loops}
+        for _ in range(1 if args.quick else 2):
+            for name in loops:  # interleaved, as above
+                runs[name].append(run_echo(name, conns, size, seconds, client))
         for name in loops:
-            runs = [run_echo(name, conns, size, seconds, client) for _ in range(1 if args.quick else 2)]
-            best = min(runs, key=lambda r: r["cpu_us_per_rt"])
+            best = min(runs[name], key=lambda r: r["cpu_us_per_rt"])
             results["echo"][key][name] = best
             print(f"{name:10s} echo {key:9s} {best['rt_per_s']:9.0f} rt/s  "
                   f"{best['cpu_us_per_rt']:6.2f} us CPU/rt  p99 {best['p99_us']} us", flush=True)

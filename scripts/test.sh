@@ -19,7 +19,7 @@ ninja -C build/ctest >/dev/null
 (cd build/ctest && ctest --output-on-failure)
 
 log "Python tests (pytest; installed package)"
-$PY -m pytest -q -p no:cacheprovider tests
+$PY -m pytest -q -p no:cacheprovider tests e2e
 
 log "ASan+UBSan: C engine tests"
 cmake -S . -B build/asan-ctest -G Ninja -DURING_BUILD_TESTS=ON -DURING_BUILD_MODULE=OFF \
@@ -41,6 +41,6 @@ export LD_PRELOAD="$ASAN_RT:$UBSAN_RT" ASAN_OPTIONS=detect_leaks=0:abort_on_erro
     UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$PWD/build/asan/pkg"
 # the sanitized module, not the one installed in .venv, is what the tests import
 $PY -c "import uringloop._core as c, sys; p = c.__file__; print('testing', p); sys.exit(not p.startswith('$PWD/build/asan/pkg'))"
-$PY -m pytest -q -p no:cacheprovider tests
+$PY -m pytest -q -p no:cacheprovider tests e2e
 unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS PYTHONPATH
 log "all tests passed"

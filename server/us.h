@@ -41,6 +41,14 @@ typedef struct us_state {
     PyObject *s_sock_stash, *s_set_result, *s_set_exception, *s_done;
     PyObject *s_call_soon, *s_call_at, *s_call_soon_threadsafe;
     PyObject *kw_loop; /* ("loop",) */
+
+    /* Freed handles kept for reuse: they are GC objects, and allocating a
+     * batch of them would trigger generation-0 collections. */
+#define US_FREELIST_SIZE 1024
+    struct us_handle *handle_free[US_FREELIST_SIZE];
+    int handle_free_n;
+    struct us_timer_handle *timer_free[US_FREELIST_SIZE];
+    int timer_free_n;
 } us_state;
 
 typedef struct us_loop {
@@ -80,6 +88,7 @@ us_state *us_state_of_type(PyTypeObject *tp);
 int us_report_exception(us_loop *loop, PyObject *message, PyObject *handle);
 
 /* us_handle.c */
+void us_handle_freelist_clear(us_state *st);
 extern PyType_Spec us_handle_spec, us_timer_handle_spec;
 us_handle *us_handle_new(us_loop *loop, PyTypeObject *tp, PyObject *callback, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *context);

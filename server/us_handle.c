@@ -11,7 +11,14 @@
 us_handle *us_handle_new(us_loop *loop, PyTypeObject *tp, PyObject *callback, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *context)
 {
-    us_handle *h = PyObject_GC_New(us_handle, tp);
+    us_state *st = loop->st;
+    us_handle *h;
+    if (tp == st->HandleType && st->handle_free_n)
+        h = (us_handle *)PyObject_Init((PyObject *)st->handle_free[--st->handle_free_n], tp);
+    else if (tp == st->TimerHandleType && st->timer_free_n)
+        h = (us_handle *)PyObject_Init((PyObject *)st->timer_free[--st->timer_free_n], tp);
+    else
+        h = PyObject_GC_New(us_handle, tp);
     if (!h)
         return NULL;
     h->callback = Py_NewRef(callback);
@@ -110,12 +117,26 @@ static int handle_clear(us_handle *h)
 static void handle_dealloc(us_handle *h)
 {
     PyTypeObject *tp = Py_TYPE(h);
+    us_state *st = PyType_GetModuleState(tp);
     PyObject_GC_UnTrack(h);
     if (h->weakreflist)
         PyObject_ClearWeakRefs((PyObject *)h);
     handle_clear(h);
-    tp->tp_free(h);
+    if (st && tp == st->HandleType && st->handle_free_n < US_FREELIST_SIZE)
+        st->handle_free[st->handle_free_n++] = h;
+    else if (st && tp == st->TimerHandleType && st->timer_free_n < US_FREELIST_SIZE)
+        st->timer_free[st->timer_free_n++] = (us_timer_handle *)h;
+    else
+        tp->tp_free(h);
     Py_DECREF(tp);
+}
+
+void us_handle_freelist_clear(us_state *st)
+{
+    while (st->handle_free_n)
+        PyObject_GC_Del(st->handle_free[--st->handle_free_n]);
+    while (st->timer_free_n)
+        PyObject_GC_Del(st->timer_free[--st->timer_free_n]);
 }
 
 static PyObject *handle_repr(us_handle *h)

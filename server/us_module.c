@@ -191,6 +191,7 @@ static int us_module_traverse(PyObject *m, visitproc visit, void *arg)
 static int us_module_clear(PyObject *m)
 {
     us_state *st = PyModule_GetState(m);
+    us_handle_freelist_clear(st);
 #define CLEAR(f) Py_CLEAR(st->f);
     STATE_FIELDS(CLEAR)
 #undef CLEAR
