@@ -144,6 +144,37 @@ static inline void ue_timer_init(ue_timer *t)
     t->seq = 0;
 }
 
+/* Provided-buffer ring (ue_bufring.c): `nbufs` (a power of two) buffers of
+ * `buf_size` bytes the kernel selects from (IOSQE_BUFFER_SELECT with
+ * sqe->buf_group = bgid). A CQE with IORING_CQE_F_BUFFER names the buffer in
+ * its flags; copy or parse out of it, then recycle it in the same batch. */
+typedef struct ue_bufring {
+    struct io_uring_buf_ring *br;
+    char *bufs;
+    size_t map_bytes;
+    unsigned nbufs, buf_size;
+    uint16_t bgid;
+    int mask;
+} ue_bufring;
+
+int ue_bufring_init(ue_loop *l, ue_bufring *b, uint16_t bgid, unsigned nbufs, unsigned buf_size);
+void ue_bufring_recycle(ue_bufring *b, uint16_t bid);
+void ue_bufring_free(ue_loop *l, ue_bufring *b);
+static inline char *ue_bufring_buf(const ue_bufring *b, uint16_t bid)
+{
+    return b->bufs + (size_t)bid * b->buf_size;
+}
+static inline uint16_t ue_cqe_bid(uint32_t cqe_flags)
+{
+    return (uint16_t)(cqe_flags >> IORING_CQE_BUFFER_SHIFT);
+}
+
+/* Multishot receive into `b`'s buffers and multishot accept. Each CQE with
+ * IORING_CQE_F_MORE keeps the op armed; -ENOBUFS (pool empty) or a CQE
+ * without F_MORE ends it, and the owner re-arms. */
+void ue_prep_recv_multishot(struct io_uring_sqe *sqe, int fd, const ue_bufring *b);
+void ue_prep_accept_multishot(struct io_uring_sqe *sqe, int fd);
+
 /* Is an opcode supported by the running kernel? */
 int ue_probe_op(ue_loop *l, int opcode);
 

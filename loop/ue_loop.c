@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -340,4 +341,16 @@ int ue_probe_op(ue_loop *l, int opcode)
     int ok = io_uring_opcode_supported(p, opcode);
     io_uring_free_probe(p);
     return ok;
+}
+
+void ue_prep_recv_multishot(struct io_uring_sqe *sqe, int fd, const ue_bufring *b)
+{
+    io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = b->bgid;
+}
+
+void ue_prep_accept_multishot(struct io_uring_sqe *sqe, int fd)
+{
+    io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 }
