@@ -24,6 +24,8 @@ typedef struct us_state {
     PyTypeObject *TimerHandleType;
     PyTypeObject *FdWatchType;
     PyTypeObject *SockOpType;
+    PyTypeObject *StreamType;
+    PyTypeObject *AcceptorType;
     PyObject *UnavailableError; /* uringloop.IOUringUnavailableError */
 
     /* asyncio helpers used on slow paths */
@@ -62,6 +64,14 @@ typedef struct us_loop {
 
     PyObject *readers; /* {fd: FdWatch} */
     PyObject *writers;
+
+    /* streams with writes queued this iteration (strong references) */
+    PyObject **flush;
+    Py_ssize_t flush_len, flush_cap;
+
+    /* provided buffers for the streams' multishot recv, made on first use */
+    ue_bufring recv_pool;
+    int recv_pool_ready;
 
     Py_ssize_t sockops_inflight;
     char stopping, closed, debug, running, closing;
@@ -109,6 +119,17 @@ PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, short events,
                             Py_ssize_t nargs);
 int us_loop_remove_watch(us_loop *loop, PyObject *dict, int fd);
 void us_loop_rearm_watches(us_loop *loop);
+
+/* us_stream.c, us_acceptor.c */
+extern PyType_Spec us_stream_spec, us_acceptor_spec;
+PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
+int us_stream_run(PyObject *s);
+PyObject *us_stream_bases(void);
+void us_stream_flush(PyObject *s);
+PyObject *us_acceptor_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
+int us_acceptor_run(PyObject *a);
+ue_bufring *us_loop_recv_pool(us_loop *loop);
+int us_loop_add_flush(us_loop *loop, PyObject *stream);
 
 /* us_sockops.c */
 extern PyType_Spec us_sockop_spec;

@@ -113,6 +113,14 @@ static int set_errno_error(int neg_err)
 
 /* ---- construction and teardown ---- */
 
+static void drop_recv_pool(us_loop *self)
+{
+    if (self->recv_pool_ready) {
+        ue_bufring_free(&self->ue, &self->recv_pool);
+        self->recv_pool_ready = 0;
+    }
+}
+
 static PyObject *loop_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 {
     (void)args;
@@ -167,6 +175,8 @@ static int loop_traverse(us_loop *self, visitproc visit, void *arg)
         Py_VISIT(self->ready[(self->ready_head + i) & (self->ready_cap - 1)]);
     for (uint32_t i = 0; i < self->ue.heap_len; i++)
         Py_VISIT((PyObject *)US_CONTAINER(self->ue.heap[i], us_timer_handle, timer));
+    for (Py_ssize_t i = 0; i < self->flush_len; i++)
+        Py_VISIT(self->flush[i]);
     return 0;
 }
 
@@ -193,6 +203,7 @@ static void loop_dealloc(us_loop *self)
         free(self->ue.heap);
     }
     PyMem_Free(self->ready);
+    PyMem_Free(self->flush);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -218,9 +229,13 @@ static PyObject *loop_close_core(us_loop *self, PyObject *unused)
             us_loop_remove_watch(self, dicts[d], (int)PyLong_AsLong(PyList_GET_ITEM(fds, i)));
         Py_DECREF(fds);
     }
+    for (Py_ssize_t i = 0; i < self->flush_len; i++)
+        Py_DECREF(self->flush[i]);
+    self->flush_len = 0;
     if (self->ue_ready) {
         if (!ue_loop_forked(&self->ue))
             ue_loop_cancel_all(&self->ue, 1000);
+        drop_recv_pool(self);
         ue_loop_close(&self->ue);
         self->ue_ready = 0;
     }
@@ -406,6 +421,7 @@ static int loop_prepare_ring(us_loop *self)
                          self->ue.owner_tid, self->sockops_inflight);
             return -1;
         }
+        drop_recv_pool(self); /* registered with the old ring */
         ret = ue_loop_rebuild(&self->ue);
         if (ret < 0) {
             raise_unavailable(self->st, -ret, self->ue.failed_step);
@@ -421,19 +437,29 @@ static int loop_prepare_ring(us_loop *self)
     return 0;
 }
 
+/* Ready-queue entries that are not handles: I/O objects with work to do. */
+static int run_io_item(us_state *st, PyObject *item)
+{
+    if (Py_TYPE(item) == st->StreamType)
+        return us_stream_run(item);
+    if (Py_TYPE(item) == st->AcceptorType)
+        return us_acceptor_run(item);
+    return us_fdwatch_run(item);
+}
+
 static int run_ready_item(us_loop *self, PyObject *item)
 {
     us_state *st = self->st;
     int is_handle = Py_TYPE(item) == st->HandleType || Py_TYPE(item) == st->TimerHandleType;
     if (!self->debug)
-        return is_handle ? us_handle_run((us_handle *)item) : us_fdwatch_run(item);
+        return is_handle ? us_handle_run((us_handle *)item) : run_io_item(st, item);
 
     if (is_handle && ((us_handle *)item)->cancelled)
         return 0;
     if (PyObject_SetAttr((PyObject *)self, st->s_current_handle, item) < 0)
         return -1;
     double t0 = ue_now();
-    int rc = is_handle ? us_handle_run((us_handle *)item) : us_fdwatch_run(item);
+    int rc = is_handle ? us_handle_run((us_handle *)item) : run_io_item(st, item);
     double dt = ue_now() - t0;
     PyObject *exc_type, *exc, *tb;
     PyErr_Fetch(&exc_type, &exc, &tb);
@@ -450,9 +476,54 @@ static int run_ready_item(us_loop *self, PyObject *item)
     return rc;
 }
 
+ue_bufring *us_loop_recv_pool(us_loop *loop)
+{
+    if (!loop->recv_pool_ready) {
+        /* 512 x 16 KiB: pages are only touched as buffers get used */
+        int ret = ue_bufring_init(&loop->ue, &loop->recv_pool, 0, 512, 16384);
+        if (ret < 0) {
+            set_errno_error(ret);
+            return NULL;
+        }
+        loop->recv_pool_ready = 1;
+    }
+    return &loop->recv_pool;
+}
+
+int us_loop_add_flush(us_loop *loop, PyObject *stream)
+{
+    if (loop->flush_len == loop->flush_cap) {
+        Py_ssize_t cap = loop->flush_cap ? loop->flush_cap * 2 : 64;
+        PyObject **f = PyMem_Realloc(loop->flush, (size_t)cap * sizeof *f);
+        if (!f) {
+            Py_DECREF(stream);
+            PyErr_NoMemory();
+            return -1;
+        }
+        loop->flush = f;
+        loop->flush_cap = cap;
+    }
+    loop->flush[loop->flush_len++] = stream;
+    return 0;
+}
+
+/* Every stream that wrote during the last iteration sends it all now, in
+ * one sendmsg each, submitted with this iteration's wait. */
+static void flush_writes(us_loop *self)
+{
+    for (Py_ssize_t i = 0; i < self->flush_len; i++) {
+        PyObject *s = self->flush[i];
+        us_stream_flush(s);
+        Py_DECREF(s);
+    }
+    self->flush_len = 0;
+}
+
 static int loop_run_once(us_loop *self)
 {
     ue_loop *ue = &self->ue;
+    if (self->flush_len)
+        flush_writes(self);
     ue_timer *first = ue_timer_first(ue);
     double timeout;
     if (self->ready_len || self->stopping)
@@ -685,6 +756,8 @@ static PyMethodDef loop_methods[] = {
     {"_get_reader", (PyCFunction)loop_get_reader, METH_O, NULL},
     {"_get_writer", (PyCFunction)loop_get_writer, METH_O, NULL},
     {"_sock_op", (PyCFunction)(void (*)(void))us_loop_sock_op, METH_FASTCALL, NULL},
+    {"_stream_new", (PyCFunction)(void (*)(void))us_stream_new, METH_FASTCALL, NULL},
+    {"_acceptor_new", (PyCFunction)(void (*)(void))us_acceptor_new, METH_FASTCALL, NULL},
     {"_uring_info", (PyCFunction)loop_uring_info, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };

@@ -121,11 +121,16 @@ static PyTypeObject *add_type(PyObject *m, PyType_Spec *spec, PyObject *base)
 static int us_module_exec(PyObject *m)
 {
     us_state *st = PyModule_GetState(m);
-    if (!(st->LoopCoreType = add_type(m, &us_loop_spec, NULL)) ||
-        !(st->HandleType = add_type(m, &us_handle_spec, NULL)) ||
-        !(st->TimerHandleType = add_type(m, &us_timer_handle_spec, (PyObject *)st->HandleType)) ||
-        !(st->FdWatchType = add_type(m, &us_fdwatch_spec, NULL)) ||
-        !(st->SockOpType = add_type(m, &us_sockop_spec, NULL)))
+    PyObject *stream_bases = us_stream_bases(); /* NULL: no base */
+    int failed = !(st->LoopCoreType = add_type(m, &us_loop_spec, NULL)) ||
+                 !(st->HandleType = add_type(m, &us_handle_spec, NULL)) ||
+                 !(st->TimerHandleType = add_type(m, &us_timer_handle_spec, (PyObject *)st->HandleType)) ||
+                 !(st->FdWatchType = add_type(m, &us_fdwatch_spec, NULL)) ||
+                 !(st->SockOpType = add_type(m, &us_sockop_spec, NULL)) ||
+                 !(st->StreamType = add_type(m, &us_stream_spec, stream_bases)) ||
+                 !(st->AcceptorType = add_type(m, &us_acceptor_spec, NULL));
+    Py_XDECREF(stream_bases);
+    if (failed)
         return -1;
     st->UnavailableError = PyErr_NewExceptionWithDoc(
         "uringloop.IOUringUnavailableError",
@@ -172,6 +177,8 @@ static int us_module_exec(PyObject *m)
     X(TimerHandleType)                                                                                                 \
     X(FdWatchType)                                                                                                     \
     X(SockOpType)                                                                                                      \
+    X(StreamType)                                                                                                      \
+    X(AcceptorType)                                                                                                    \
     X(UnavailableError)                                                                                                \
     X(format_callback_source)                                                                                          \
     X(extract_stack)                                                                                                   \

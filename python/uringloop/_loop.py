@@ -23,6 +23,7 @@ from asyncio import base_events, coroutines, events, exceptions, format_helpers
 from asyncio.log import logger
 
 from . import _core
+from ._net import NetworkMixin
 
 # Operation codes of LoopCore._sock_op (server/us_sockops.c).
 _RECV, _RECV_INTO, _RECVFROM, _RECVFROM_INTO, _SENDALL, _SENDTO, _CONNECT, _ACCEPT = range(8)
@@ -71,7 +72,7 @@ def _sighandler_noop(signum, frame):
     """Dummy signal handler: the work happens through the wakeup fd."""
 
 
-class Loop(_core.LoopCore, base_events.BaseEventLoop):
+class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
     """An asyncio event loop whose I/O, timers and wakeups run on io_uring."""
 
     def __init__(self):
@@ -80,6 +81,7 @@ class Loop(_core.LoopCore, base_events.BaseEventLoop):
         self._ssock = self._csock = None
         self._sock_stashes = weakref.WeakKeyDictionary()
         self._transports = weakref.WeakValueDictionary()
+        self._acceptors = {}
 
     def __repr__(self):
         return (f"<{self.__class__.__name__} running={self.is_running()} "
@@ -445,18 +447,12 @@ class Loop(_core.LoopCore, base_events.BaseEventLoop):
                 file.seek(offset)
         return total_sent
 
-    # ---- transports: the next layer ----
+    # ---- what is not built yet ----
 
     def _transport_not_ready(self, what):
         raise NotImplementedError(
-            f"uringloop does not provide {what} yet: stream, datagram and pipe transports on "
-            f"io_uring are being built (issue 3); use the sock_* methods meanwhile")
-
-    def _make_socket_transport(self, *args, **kwargs):
-        self._transport_not_ready("socket transports")
-
-    def _make_ssl_transport(self, *args, **kwargs):
-        self._transport_not_ready("SSL transports")
+            f"uringloop does not provide {what} yet: datagram, pipe and subprocess transports on "
+            f"io_uring are still being built; stream transports, servers and TLS work")
 
     def _make_datagram_transport(self, *args, **kwargs):
         self._transport_not_ready("datagram transports")
@@ -469,18 +465,6 @@ class Loop(_core.LoopCore, base_events.BaseEventLoop):
 
     async def _make_subprocess_transport(self, *args, **kwargs):
         self._transport_not_ready("subprocess transports")
-
-    def _start_serving(self, *args, **kwargs):
-        self._transport_not_ready("servers")
-
-    def _stop_serving(self, sock):
-        pass
-
-    async def create_unix_connection(self, *args, **kwargs):
-        self._transport_not_ready("Unix socket connections")
-
-    async def create_unix_server(self, *args, **kwargs):
-        self._transport_not_ready("Unix socket servers")
 
     async def connect_read_pipe(self, *args, **kwargs):
         self._transport_not_ready("read pipes")

@@ -1,0 +1,226 @@
+"""Transports and servers of uringloop.Loop.
+
+The stream transport itself is C (``_core.StreamTransport``, see
+server/us_stream.c) and so is the multishot accept of servers
+(``_core.Acceptor``); this module connects them to the hooks through which
+asyncio.BaseEventLoop builds connections and servers (``create_connection``,
+``create_server``, ``connect_accepted_socket``, ``start_tls``, streams), so that
+happy eyeballs, ``Server`` objects and TLS (asyncio's ``sslproto``) are
+reused, not rewritten.
+"""
+
+import errno
+import os
+import socket
+import stat
+
+from asyncio import base_events, constants, futures, sslproto, tasks, trsock
+from asyncio.log import logger
+
+
+def _socket_extra(sock, extra):
+    info = dict(extra) if extra else {}
+    info["socket"] = trsock.TransportSocket(sock)
+    try:
+        info["sockname"] = sock.getsockname()
+    except OSError:
+        info["sockname"] = None
+    if "peername" not in info:
+        try:
+            info["peername"] = sock.getpeername()
+        except OSError:
+            info["peername"] = None
+    return info
+
+
+class NetworkMixin:
+    """The transport half of uringloop.Loop (mixed into it)."""
+
+    # ---- stream transports ----
+
+    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+        base_events._set_nodelay(sock)
+        transport = self._stream_new(sock, protocol, _socket_extra(sock, extra), server)
+        self._transports[sock.fileno()] = transport
+        if server is not None:
+            server._attach()
+        # the same order as asyncio: connection_made, then reading, then the waiter
+        self.call_soon(protocol.connection_made, transport)
+        self.call_soon(transport._start)
+        if waiter is not None:
+            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
+        return transport
+
+    def _make_ssl_transport(self, rawsock, protocol, sslcontext, waiter=None, *, server_side=False,
+                            server_hostname=None, extra=None, server=None,
+                            ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
+                            ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT):
+        ssl_protocol = sslproto.SSLProtocol(
+            self, protocol, sslcontext, waiter, server_side, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
+        self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
+        return ssl_protocol._app_transport
+
+    def _uring_log_lost_write(self):
+        logger.warning("socket.send() raised exception.")
+
+    # ---- servers: one multishot accept per listening socket ----
+
+    def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None, backlog=100,
+                       ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
+                       ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT):
+        if sock in self._acceptors:
+            return
+
+        def on_accept(fd):
+            if fd < 0:
+                # Out of descriptors or memory: say so, then retry later,
+                # as asyncio does; connections wait in the backlog meanwhile.
+                self.call_exception_handler({
+                    "message": "socket.accept() out of system resource",
+                    "exception": OSError(-fd, os.strerror(-fd)),
+                    "socket": trsock.TransportSocket(sock),
+                })
+                self.call_later(constants.ACCEPT_RETRY_DELAY, acceptor.resume)
+                return
+            conn = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+            conn.setblocking(False)
+            try:
+                peer = conn.getpeername()
+            except OSError:
+                peer = None
+            if self._debug:
+                logger.debug("%r got a new connection from %r: %r", server, peer, conn)
+            self.create_task(self._accept_connection2(
+                protocol_factory, conn, {"peername": peer}, sslcontext, server,
+                ssl_handshake_timeout, ssl_shutdown_timeout))
+
+        acceptor = self._acceptor_new(sock, on_accept)
+        self._acceptors[sock] = acceptor
+
+    async def _accept_connection2(self, protocol_factory, conn, extra, sslcontext=None, server=None,
+                                  ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
+                                  ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT):
+        protocol = transport = None
+        try:
+            protocol = protocol_factory()
+            waiter = self.create_future()
+            if sslcontext:
+                transport = self._make_ssl_transport(
+                    conn, protocol, sslcontext, waiter=waiter, server_side=True, extra=extra,
+                    server=server, ssl_handshake_timeout=ssl_handshake_timeout,
+                    ssl_shutdown_timeout=ssl_shutdown_timeout)
+            else:
+                transport = self._make_socket_transport(conn, protocol, waiter=waiter, extra=extra,
+                                                        server=server)
+            try:
+                await waiter
+            except BaseException:
+                transport.close()
+                raise
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if self._debug:
+                context = {"message": "Error on transport creation for incoming connection",
+                           "exception": exc}
+                if protocol is not None:
+                    context["protocol"] = protocol
+                if transport is not None:
+                    context["transport"] = transport
+                self.call_exception_handler(context)
+            if transport is None:
+                conn.close()
+
+    def _stop_serving(self, sock):
+        acceptor = self._acceptors.pop(sock, None)
+        if acceptor is not None:
+            acceptor.cancel()
+        # The cancelled accept may hold the socket for one more iteration;
+        # shutting it down stops it listening now (connects are refused).
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    # ---- Unix sockets (asyncio.unix_events semantics) ----
+
+    async def create_unix_connection(self, protocol_factory, path=None, *, ssl=None, sock=None,
+                                     server_hostname=None, ssl_handshake_timeout=None,
+                                     ssl_shutdown_timeout=None):
+        assert server_hostname is None or isinstance(server_hostname, str)
+        if ssl:
+            if server_hostname is None:
+                raise ValueError("you have to pass server_hostname when using ssl")
+        else:
+            if server_hostname is not None:
+                raise ValueError("server_hostname is only meaningful with ssl")
+            if ssl_handshake_timeout is not None:
+                raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+            if ssl_shutdown_timeout is not None:
+                raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+        if path is not None:
+            if sock is not None:
+                raise ValueError("path and sock can not be specified at the same time")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0)
+            try:
+                sock.setblocking(False)
+                await self.sock_connect(sock, os.fspath(path))
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if sock is None:
+                raise ValueError("no path and sock were specified")
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
+            sock.setblocking(False)
+        return await self._create_connection_transport(
+            sock, protocol_factory, ssl, server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
+
+    async def create_unix_server(self, protocol_factory, path=None, *, sock=None, backlog=100, ssl=None,
+                                 ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
+                                 start_serving=True):
+        if isinstance(ssl, bool):
+            raise TypeError("ssl argument must be an SSLContext or None")
+        if ssl_handshake_timeout is not None and not ssl:
+            raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+        if ssl_shutdown_timeout is not None and not ssl:
+            raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+        if path is not None:
+            if sock is not None:
+                raise ValueError("path and sock can not be specified at the same time")
+            path = os.fspath(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if path[0] not in (0, "\x00"):  # not the abstract namespace
+                try:
+                    if stat.S_ISSOCK(os.stat(path).st_mode):
+                        os.remove(path)  # a stale socket file
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    logger.error("Unable to check or remove stale UNIX socket %r: %r", path, err)
+            try:
+                sock.bind(path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(errno.EADDRINUSE, f"Address {path!r} is already in use") from None
+                raise
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if sock is None:
+                raise ValueError("path was not specified, and no sock specified")
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
+        sock.setblocking(False)
+        server = base_events.Server(self, [sock], protocol_factory, ssl, backlog,
+                                    ssl_handshake_timeout, ssl_shutdown_timeout)
+        if start_serving:
+            server._start_serving()
+            await tasks.sleep(0)
+        return server

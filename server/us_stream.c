@@ -1,0 +1,989 @@
+/*
+ * StreamTransport: asyncio's Transport for TCP and Unix stream sockets, on
+ * io_uring.
+ *
+ * Reading is one multishot recv drawing from the loop's provided-buffer ring:
+ * each completion is copied into a bytes object and its buffer recycled in
+ * the same batch; the transport then joins the ready queue and hands what
+ * arrived to the protocol there, as asyncio's reader callbacks do.
+ * pause_reading() cancels the recv (bytes that complete before the cancel are
+ * kept and delivered after resume_reading()).
+ *
+ * Writing never blocks: write() queues the object (bytes are shared, other
+ * buffers copied once), and at the start of the next iteration everything a
+ * socket queued goes out in one sendmsg with an iovec; one send in flight per
+ * socket, short sends resumed where the kernel stopped.
+ *
+ * Closing cancels the socket's ops and waits for their final CQEs before the
+ * socket is closed and connection_lost() runs (exactly once), so the peer
+ * always sees FIN or RST.
+ */
+#include "us.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include <structmember.h>
+
+#define US_IOV_MAX 64
+#define US_CONNLOST_WARN 5 /* asyncio's LOG_THRESHOLD_FOR_CONNLOST_WRITES */
+
+typedef struct us_stream {
+    PyObject_HEAD
+        /* The instance layout of asyncio.transports._FlowControlMixin (its
+         * __slots__, which CPython sorts by name), so that this C type can
+         * derive from it: asyncio checks isinstance(t, asyncio.Transport), and
+         * its sendfile fallback wants a _FlowControlMixin. Checked at import
+         * (us_stream_bases); the Python-visible slots mirror the C state. */
+        PyObject *extra;      /* BaseTransport._extra */
+    PyObject *high_water_obj; /* _FlowControlMixin._high_water */
+    us_loop *loop;            /* _FlowControlMixin._loop */
+    PyObject *low_water_obj;  /* _FlowControlMixin._low_water */
+    PyObject *paused_obj;     /* _FlowControlMixin._protocol_paused */
+
+    PyObject *sock;
+    PyObject *protocol;
+    PyObject *server;
+    int fd;
+    ue_op recv_op;
+    ue_op send_op;
+
+    /* inbound: received, not yet handed to the protocol */
+    PyObject *inbound; /* list of bytes */
+    PyObject *in_error;
+    char in_eof;
+
+    /* outbound */
+    PyObject **wq;
+    int wq_head, wq_len, wq_cap;
+    size_t wq_off; /* bytes of wq[head] already sent */
+    Py_ssize_t wbuf;
+    struct iovec iov[US_IOV_MAX];
+    struct msghdr msg;
+    Py_ssize_t high, low;
+
+    int conn_lost;
+    PyObject *lost_exc;
+    char buffered, closing, read_paused, protocol_paused;
+    char eof_requested, eof_sent, queued_ready, queued_flush;
+    char lost_pending, lost_ready, lost_done;
+    PyObject *weakreflist;
+} us_stream;
+
+/* ---- scheduling helpers ---- */
+
+static void stream_schedule_ready(us_stream *s)
+{
+    if (s->queued_ready)
+        return;
+    s->queued_ready = 1;
+    if (us_ready_push(s->loop, Py_NewRef(s)) < 0)
+        PyErr_WriteUnraisable((PyObject *)s);
+}
+
+static void stream_check_lost(us_stream *s)
+{
+    if (s->lost_pending && !s->lost_ready && !ue_op_busy(&s->recv_op) && !ue_op_busy(&s->send_op)) {
+        s->lost_ready = 1;
+        stream_schedule_ready(s);
+    }
+}
+
+/* asyncio's _force_close: drop queued writes, stop everything, and call
+ * connection_lost(exc) once the ops have finished. */
+static void stream_force_close(us_stream *s, PyObject *exc)
+{
+    if (s->conn_lost)
+        return;
+    while (s->wq_len) {
+        Py_DECREF(s->wq[s->wq_head]);
+        s->wq_head = (s->wq_head + 1) % s->wq_cap;
+        s->wq_len--;
+    }
+    s->wq_off = 0;
+    s->wbuf = 0;
+    s->closing = 1;
+    s->conn_lost++;
+    s->lost_pending = 1;
+    Py_XSETREF(s->lost_exc, Py_XNewRef(exc));
+    if (s->loop->ue_ready) {
+        ue_op_cancel(&s->loop->ue, &s->recv_op);
+        ue_op_cancel(&s->loop->ue, &s->send_op);
+    }
+    stream_check_lost(s);
+}
+
+/* asyncio's _fatal_error: OSErrors are only logged in debug mode (a reset
+ * peer is not the application's bug), anything else goes to the handler. */
+static void stream_fatal_error(us_stream *s, PyObject *exc, const char *message)
+{
+    if (!PyObject_TypeCheck(exc, (PyTypeObject *)PyExc_OSError)) {
+        PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O,s:O}", "message", message, "exception", exc, "transport",
+                                      (PyObject *)s, "protocol", s->protocol ? s->protocol : Py_None);
+        PyObject *r = ctx ? PyObject_CallMethod((PyObject *)s->loop, "call_exception_handler", "O", ctx) : NULL;
+        Py_XDECREF(ctx);
+        if (!r)
+            PyErr_WriteUnraisable((PyObject *)s);
+        Py_XDECREF(r);
+    }
+    stream_force_close(s, exc);
+}
+
+/* Handles a failed protocol callback: SystemExit/KeyboardInterrupt propagate
+ * (-1), anything else is a fatal error of this transport (0). */
+static int stream_callback_failed(us_stream *s, const char *message)
+{
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        return -1;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (tb)
+        PyException_SetTraceback(ev, tb);
+    stream_fatal_error(s, ev ? ev : Py_None, message);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(tb);
+    return 0;
+}
+
+static PyObject *oserror_from_res(int32_t res)
+{
+    errno = -res;
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    return ev;
+}
+
+/* ---- reading ---- */
+
+static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
+
+static int stream_arm_recv(us_stream *s)
+{
+    us_loop *loop = s->loop;
+    if (ue_op_busy(&s->recv_op) || s->read_paused || s->closing || s->in_eof || s->in_error)
+        return 0;
+    ue_bufring *pool = us_loop_recv_pool(loop);
+    if (!pool)
+        return -1;
+    struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
+    if (!sqe) {
+        PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
+        return -1;
+    }
+    ue_prep_recv_multishot(sqe, s->fd, pool);
+    ue_op_arm(&loop->ue, &s->recv_op, sqe, stream_recv_cb);
+    loop->sockops_inflight++;
+    Py_INCREF(s);
+    return 0;
+}
+
+static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)ue;
+    us_stream *s = US_CONTAINER(op, us_stream, recv_op);
+    us_loop *loop = s->loop;
+    if (res > 0 && (flags & IORING_CQE_F_BUFFER)) {
+        ue_bufring *pool = &loop->recv_pool;
+        uint16_t bid = ue_cqe_bid(flags);
+        if (!s->closing) {
+            PyObject *data = PyBytes_FromStringAndSize(ue_bufring_buf(pool, bid), res);
+            if (!data || PyList_Append(s->inbound, data) < 0) {
+                /* out of memory: end the connection with that error */
+                PyObject *et, *ev, *tb;
+                PyErr_Fetch(&et, &ev, &tb);
+                PyErr_NormalizeException(&et, &ev, &tb);
+                Py_XSETREF(s->in_error, ev);
+                Py_XDECREF(et);
+                Py_XDECREF(tb);
+            }
+            Py_XDECREF(data);
+            stream_schedule_ready(s);
+        }
+        ue_bufring_recycle(pool, bid);
+    } else if (res == 0) {
+        if (!s->closing) {
+            s->in_eof = 1;
+            stream_schedule_ready(s);
+        }
+    } else if (res < 0 && res != -ECANCELED && res != -ENOBUFS && !s->closing) {
+        Py_XSETREF(s->in_error, oserror_from_res(res));
+        stream_schedule_ready(s);
+    }
+    if (flags & IORING_CQE_F_MORE)
+        return;
+    loop->sockops_inflight--;
+    /* The multishot recv ended without EOF or error (pool empty, or the
+     * kernel chose to stop): keep reading. */
+    if (stream_arm_recv(s) < 0)
+        PyErr_WriteUnraisable((PyObject *)s);
+    stream_check_lost(s);
+    Py_DECREF(s); /* the in-flight reference */
+}
+
+/* Copies one chunk into a BufferedProtocol's buffers. */
+static int stream_feed_buffered(us_stream *s, PyObject *data)
+{
+    const char *p = PyBytes_AS_STRING(data);
+    Py_ssize_t left = PyBytes_GET_SIZE(data);
+    while (left > 0) {
+        PyObject *buf = PyObject_CallMethod(s->protocol, "get_buffer", "n", left);
+        if (!buf)
+            return stream_callback_failed(s, "Fatal error: protocol.get_buffer() call failed.") < 0 ? -1 : 1;
+        Py_buffer view;
+        int rc = PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE);
+        Py_DECREF(buf);
+        if (rc < 0)
+            return stream_callback_failed(s, "Fatal error: protocol.get_buffer() call failed.") < 0 ? -1 : 1;
+        if (view.len == 0) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
+            return stream_callback_failed(s, "Fatal error: protocol.get_buffer() call failed.") < 0 ? -1 : 1;
+        }
+        Py_ssize_t n = view.len < left ? view.len : left;
+        memcpy(view.buf, p, (size_t)n);
+        PyBuffer_Release(&view);
+        PyObject *r = PyObject_CallMethod(s->protocol, "buffer_updated", "n", n);
+        if (!r)
+            return stream_callback_failed(s, "Fatal error: protocol.buffer_updated() call failed.") < 0 ? -1 : 1;
+        Py_DECREF(r);
+        p += n;
+        left -= n;
+        if (s->closing)
+            return 1;
+    }
+    return 0;
+}
+
+/* Gives the protocol what arrived: data, then EOF or the read error.
+ * Returns -1 only when SystemExit/KeyboardInterrupt must propagate. */
+static int stream_deliver(us_stream *s)
+{
+    while (PyList_GET_SIZE(s->inbound) && !s->read_paused && !s->closing) {
+        PyObject *data = Py_NewRef(PyList_GET_ITEM(s->inbound, 0));
+        if (PySequence_DelItem(s->inbound, 0) < 0) {
+            Py_DECREF(data);
+            return -1;
+        }
+        int rc;
+        if (s->buffered) {
+            rc = stream_feed_buffered(s, data);
+        } else {
+            PyObject *r = PyObject_CallMethod(s->protocol, "data_received", "O", data);
+            rc = r ? 0 : (stream_callback_failed(s, "Fatal error: protocol.data_received() call failed.") < 0 ? -1 : 1);
+            Py_XDECREF(r);
+        }
+        Py_DECREF(data);
+        if (rc)
+            return rc < 0 ? -1 : 0;
+    }
+    if (PyList_GET_SIZE(s->inbound) || s->read_paused || s->closing)
+        return 0;
+    if (s->in_error) {
+        PyObject *exc = s->in_error;
+        s->in_error = NULL;
+        stream_fatal_error(s, exc, "Fatal read error on socket transport");
+        Py_DECREF(exc);
+        return 0;
+    }
+    if (s->in_eof) {
+        s->in_eof = 2; /* delivered */
+        PyObject *r = PyObject_CallMethod(s->protocol, "eof_received", NULL);
+        if (!r)
+            return stream_callback_failed(s, "Fatal error: protocol.eof_received() call failed.");
+        int keep_open = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (keep_open < 0)
+            return stream_callback_failed(s, "Fatal error: protocol.eof_received() call failed.");
+        if (!keep_open) {
+            PyObject *c = PyObject_CallMethod((PyObject *)s, "close", NULL);
+            if (!c)
+                return -1;
+            Py_DECREF(c);
+        }
+    }
+    return 0;
+}
+
+/* connection_lost(exc), then the socket is closed: every op is final. */
+static int stream_call_connection_lost(us_stream *s)
+{
+    s->lost_done = 1;
+    int rc = 0;
+    PyObject *protocol = s->protocol, *sock = s->sock, *server = s->server;
+    s->protocol = s->sock = s->server = NULL;
+    if (protocol) {
+        PyObject *r = PyObject_CallMethod(protocol, "connection_lost", "O", s->lost_exc ? s->lost_exc : Py_None);
+        if (!r) {
+            if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+                rc = -1;
+            else {
+                PyObject *msg = PyUnicode_FromFormat("Exception in callback %R.connection_lost()", protocol);
+                rc = us_report_exception(s->loop, msg, NULL);
+                Py_XDECREF(msg);
+            }
+        }
+        Py_XDECREF(r);
+    }
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (sock) {
+        PyObject *r = PyObject_CallMethod(sock, "close", NULL);
+        if (!r)
+            PyErr_WriteUnraisable(sock);
+        Py_XDECREF(r);
+    }
+    if (server && server != Py_None) {
+        PyObject *r = PyObject_CallMethod(server, "_detach", NULL);
+        if (!r)
+            PyErr_WriteUnraisable(server);
+        Py_XDECREF(r);
+    }
+    PyErr_Restore(et, ev, tb);
+    Py_XDECREF(protocol);
+    Py_XDECREF(sock);
+    Py_XDECREF(server);
+    Py_CLEAR(s->lost_exc);
+    return rc;
+}
+
+int us_stream_run(PyObject *o)
+{
+    us_stream *s = (us_stream *)o;
+    s->queued_ready = 0;
+    if (s->lost_done)
+        return 0;
+    if (s->lost_ready)
+        return stream_call_connection_lost(s);
+    if (!s->protocol)
+        return 0;
+    return stream_deliver(s);
+}
+
+/* ---- writing ---- */
+
+static void stream_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
+
+static void stream_schedule_flush(us_stream *s)
+{
+    if (s->queued_flush || ue_op_busy(&s->send_op))
+        return;
+    s->queued_flush = 1;
+    if (us_loop_add_flush(s->loop, Py_NewRef(s)) < 0)
+        PyErr_WriteUnraisable((PyObject *)s);
+}
+
+static void stream_maybe_pause_protocol(us_stream *s)
+{
+    if (s->wbuf <= s->high || s->protocol_paused || !s->protocol)
+        return;
+    s->protocol_paused = 1;
+    Py_XSETREF(s->paused_obj, Py_NewRef(Py_True));
+    PyObject *r = PyObject_CallMethod(s->protocol, "pause_writing", NULL);
+    if (!r) {
+        if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+            return; /* propagates from write() */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O,s:O}", "message", "protocol.pause_writing() failed", "exception",
+                                      ev ? ev : Py_None, "transport", (PyObject *)s, "protocol", s->protocol);
+        PyObject *h = ctx ? PyObject_CallMethod((PyObject *)s->loop, "call_exception_handler", "O", ctx) : NULL;
+        if (!h)
+            PyErr_WriteUnraisable((PyObject *)s);
+        Py_XDECREF(h);
+        Py_XDECREF(ctx);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+    }
+    Py_XDECREF(r);
+}
+
+static void stream_maybe_resume_protocol(us_stream *s)
+{
+    if (!s->protocol_paused || s->wbuf > s->low || !s->protocol)
+        return;
+    s->protocol_paused = 0;
+    Py_XSETREF(s->paused_obj, Py_NewRef(Py_False));
+    PyObject *r = PyObject_CallMethod(s->protocol, "resume_writing", NULL);
+    if (!r) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O,s:O}", "message", "protocol.resume_writing() failed", "exception",
+                                      ev ? ev : Py_None, "transport", (PyObject *)s, "protocol", s->protocol);
+        PyObject *h = ctx ? PyObject_CallMethod((PyObject *)s->loop, "call_exception_handler", "O", ctx) : NULL;
+        if (!h)
+            PyErr_WriteUnraisable((PyObject *)s);
+        Py_XDECREF(h);
+        Py_XDECREF(ctx);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+    }
+    Py_XDECREF(r);
+}
+
+static void stream_shutdown_write(us_stream *s)
+{
+    if (s->eof_sent)
+        return;
+    s->eof_sent = 1;
+    if (shutdown(s->fd, SHUT_WR) < 0 && errno != ENOTCONN) {
+        PyObject *exc = oserror_from_res(-errno);
+        stream_fatal_error(s, exc, "Fatal error on socket shutdown");
+        Py_XDECREF(exc);
+    }
+}
+
+/* Arms one sendmsg over everything queued (up to US_IOV_MAX chunks). */
+static void stream_arm_send(us_stream *s)
+{
+    us_loop *loop = s->loop;
+    int n = 0;
+    for (int i = 0; i < s->wq_len && n < US_IOV_MAX; i++, n++) {
+        PyObject *chunk = s->wq[(s->wq_head + i) % s->wq_cap];
+        size_t off = i == 0 ? s->wq_off : 0;
+        s->iov[n].iov_base = PyBytes_AS_STRING(chunk) + off;
+        s->iov[n].iov_len = (size_t)PyBytes_GET_SIZE(chunk) - off;
+    }
+    memset(&s->msg, 0, sizeof s->msg);
+    s->msg.msg_iov = s->iov;
+    s->msg.msg_iovlen = (size_t)n;
+    struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
+    if (!sqe) {
+        PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
+        PyErr_WriteUnraisable((PyObject *)s);
+        return;
+    }
+    io_uring_prep_sendmsg(sqe, s->fd, &s->msg, MSG_NOSIGNAL);
+    ue_op_arm(&loop->ue, &s->send_op, sqe, stream_send_cb);
+    loop->sockops_inflight++;
+    Py_INCREF(s);
+}
+
+/* Called at the start of each iteration for every stream that wrote. */
+void us_stream_flush(PyObject *o)
+{
+    us_stream *s = (us_stream *)o;
+    s->queued_flush = 0;
+    if (!s->conn_lost && s->wq_len && !ue_op_busy(&s->send_op))
+        stream_arm_send(s);
+}
+
+static void stream_consume(us_stream *s, size_t n)
+{
+    s->wbuf -= (Py_ssize_t)n;
+    while (n && s->wq_len) {
+        PyObject *chunk = s->wq[s->wq_head];
+        size_t avail = (size_t)PyBytes_GET_SIZE(chunk) - s->wq_off;
+        if (n < avail) {
+            s->wq_off += n;
+            return;
+        }
+        n -= avail;
+        Py_DECREF(chunk);
+        s->wq_head = (s->wq_head + 1) % s->wq_cap;
+        s->wq_len--;
+        s->wq_off = 0;
+    }
+}
+
+static void stream_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)ue;
+    (void)flags;
+    us_stream *s = US_CONTAINER(op, us_stream, send_op);
+    s->loop->sockops_inflight--;
+    if (res < 0) {
+        if (res != -ECANCELED && !s->conn_lost) {
+            PyObject *exc = oserror_from_res(res);
+            stream_fatal_error(s, exc, "Fatal write error on socket transport");
+            Py_XDECREF(exc);
+        }
+    } else if (!s->conn_lost) {
+        stream_consume(s, (size_t)res);
+        stream_maybe_resume_protocol(s);
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable((PyObject *)s);
+        if (s->wq_len) {
+            stream_arm_send(s); /* the rest, without waiting for the next flush */
+        } else {
+            if (s->eof_requested)
+                stream_shutdown_write(s);
+            if (s->closing && !s->conn_lost) {
+                s->conn_lost++;
+                s->lost_pending = 1;
+            }
+        }
+    }
+    stream_check_lost(s);
+    Py_DECREF(s);
+}
+
+static int stream_queue(us_stream *s, PyObject *chunk)
+{
+    if (s->wq_len == s->wq_cap) {
+        int cap = s->wq_cap ? s->wq_cap * 2 : 8;
+        PyObject **q = PyMem_Malloc((size_t)cap * sizeof *q);
+        if (!q) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (int i = 0; i < s->wq_len; i++)
+            q[i] = s->wq[(s->wq_head + i) % s->wq_cap];
+        PyMem_Free(s->wq);
+        s->wq = q;
+        s->wq_cap = cap;
+        s->wq_head = 0;
+    }
+    s->wq[(s->wq_head + s->wq_len) % s->wq_cap] = chunk;
+    s->wq_len++;
+    s->wbuf += PyBytes_GET_SIZE(chunk);
+    return 0;
+}
+
+static PyObject *stream_write(us_stream *s, PyObject *data)
+{
+    if (!PyObject_CheckBuffer(data)) {
+        PyErr_Format(PyExc_TypeError, "data argument must be a bytes-like object, not '%s'", Py_TYPE(data)->tp_name);
+        return NULL;
+    }
+    if (s->eof_requested) {
+        PyErr_SetString(PyExc_RuntimeError, "Cannot call write() after write_eof()");
+        return NULL;
+    }
+    /* bytes are immutable and shared; anything else may change after
+     * write() returns, so it is copied once. */
+    PyObject *chunk = PyBytes_CheckExact(data) ? Py_NewRef(data) : PyBytes_FromObject(data);
+    if (!chunk)
+        return NULL;
+    if (PyBytes_GET_SIZE(chunk) == 0) {
+        Py_DECREF(chunk);
+        Py_RETURN_NONE;
+    }
+    if (s->conn_lost) {
+        if (s->conn_lost >= US_CONNLOST_WARN) {
+            PyObject *r = PyObject_CallMethod((PyObject *)s->loop, "_uring_log_lost_write", NULL);
+            Py_XDECREF(r);
+            PyErr_Clear();
+        }
+        s->conn_lost++;
+        Py_DECREF(chunk);
+        Py_RETURN_NONE;
+    }
+    if (stream_queue(s, chunk) < 0) {
+        Py_DECREF(chunk);
+        return NULL;
+    }
+    stream_schedule_flush(s);
+    stream_maybe_pause_protocol(s);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_writelines(us_stream *s, PyObject *seq)
+{
+    PyObject *it = PyObject_GetIter(seq), *item;
+    if (!it)
+        return NULL;
+    while ((item = PyIter_Next(it)) != NULL) {
+        PyObject *r = stream_write(s, item);
+        Py_DECREF(item);
+        if (!r) {
+            Py_DECREF(it);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_write_eof(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    if (s->closing || s->eof_requested)
+        Py_RETURN_NONE;
+    s->eof_requested = 1;
+    if (!s->wq_len && !ue_op_busy(&s->send_op))
+        stream_shutdown_write(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_can_write_eof(us_stream *s, PyObject *unused)
+{
+    (void)s;
+    (void)unused;
+    Py_RETURN_TRUE;
+}
+
+/* ---- lifecycle ---- */
+
+static PyObject *stream_close(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    if (s->closing)
+        Py_RETURN_NONE;
+    s->closing = 1;
+    if (s->loop->ue_ready)
+        ue_op_cancel(&s->loop->ue, &s->recv_op);
+    if (!s->wq_len && !ue_op_busy(&s->send_op)) {
+        s->conn_lost++;
+        s->lost_pending = 1;
+        stream_check_lost(s);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_abort(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    stream_force_close(s, Py_None);
+    Py_RETURN_NONE;
+}
+
+/* _force_close(exc): asyncio's private API, used by sslproto. */
+static PyObject *stream_force_close_method(us_stream *s, PyObject *exc)
+{
+    stream_force_close(s, exc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_is_closing(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(s->closing);
+}
+
+static PyObject *stream_pause_reading(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    if (s->closing || s->read_paused)
+        Py_RETURN_NONE;
+    s->read_paused = 1;
+    if (s->loop->ue_ready)
+        ue_op_cancel(&s->loop->ue, &s->recv_op);
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_resume_reading(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    if (s->closing || !s->read_paused)
+        Py_RETURN_NONE;
+    s->read_paused = 0;
+    if (PyList_GET_SIZE(s->inbound) || s->in_eof == 1 || s->in_error)
+        stream_schedule_ready(s); /* what arrived before the pause took effect */
+    if (stream_arm_recv(s) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_is_reading(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(!s->read_paused && !s->closing);
+}
+
+static PyObject *stream_start(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    if (stream_arm_recv(s) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int stream_set_limits(us_stream *s, Py_ssize_t high, Py_ssize_t low)
+{
+    PyObject *h = PyLong_FromSsize_t(high), *l = PyLong_FromSsize_t(low);
+    if (!h || !l) {
+        Py_XDECREF(h);
+        Py_XDECREF(l);
+        return -1;
+    }
+    s->high = high;
+    s->low = low;
+    Py_XSETREF(s->high_water_obj, h);
+    Py_XSETREF(s->low_water_obj, l);
+    return 0;
+}
+
+static PyObject *stream_set_write_buffer_limits(us_stream *s, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"high", "low", NULL};
+    PyObject *high_o = Py_None, *low_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO:set_write_buffer_limits", kwlist, &high_o, &low_o))
+        return NULL;
+    Py_ssize_t high, low;
+    if (high_o == Py_None) {
+        if (low_o == Py_None)
+            high = 64 * 1024;
+        else {
+            low = PyLong_AsSsize_t(low_o);
+            if (low == -1 && PyErr_Occurred())
+                return NULL;
+            high = 4 * low;
+        }
+    } else {
+        high = PyLong_AsSsize_t(high_o);
+        if (high == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (low_o == Py_None)
+        low = high / 4;
+    else {
+        low = PyLong_AsSsize_t(low_o);
+        if (low == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (!(high >= low && low >= 0)) {
+        PyErr_Format(PyExc_ValueError, "high (%zd) must be >= low (%zd) must be >= 0", high, low);
+        return NULL;
+    }
+    if (stream_set_limits(s, high, low) < 0)
+        return NULL;
+    stream_maybe_pause_protocol(s);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_get_write_buffer_limits(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    return Py_BuildValue("(nn)", s->low, s->high);
+}
+
+static PyObject *stream_get_write_buffer_size(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromSsize_t(s->wbuf);
+}
+
+static PyObject *stream_get_extra_info(us_stream *s, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", "default", NULL};
+    PyObject *name, *dflt = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:get_extra_info", kwlist, &name, &dflt))
+        return NULL;
+    PyObject *v = s->extra ? PyDict_GetItemWithError(s->extra, name) : NULL;
+    if (!v && PyErr_Occurred())
+        return NULL;
+    return Py_NewRef(v ? v : dflt);
+}
+
+static int stream_set_protocol_obj(us_stream *s, PyObject *protocol)
+{
+    int has = PyObject_HasAttrString(protocol, "get_buffer") && PyObject_HasAttrString(protocol, "buffer_updated");
+    Py_XSETREF(s->protocol, Py_NewRef(protocol));
+    s->buffered = (char)has;
+    return 0;
+}
+
+static PyObject *stream_set_protocol(us_stream *s, PyObject *protocol)
+{
+    stream_set_protocol_obj(s, protocol);
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_get_protocol(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    return Py_NewRef(s->protocol ? s->protocol : Py_None);
+}
+
+static PyObject *stream_repr(us_stream *s)
+{
+    const char *state = s->lost_done ? "closed" : s->closing ? "closing" : "open";
+    return PyUnicode_FromFormat("<StreamTransport fd=%d %s read=%s write=<bufsize=%zd>>", s->fd, state,
+                                s->read_paused ? "paused" : "polling", s->wbuf);
+}
+
+/* loop._stream_new(sock, protocol, extra, server) */
+PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "_stream_new(sock, protocol, extra, server)");
+        return NULL;
+    }
+    if (us_loop_check_open(loop) < 0)
+        return NULL;
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    us_stream *s = PyObject_GC_New(us_stream, loop->st->StreamType);
+    if (!s)
+        return NULL;
+    memset((char *)s + sizeof(PyObject), 0, sizeof *s - sizeof(PyObject));
+    s->loop = (us_loop *)Py_NewRef(loop);
+    s->sock = Py_NewRef(args[0]);
+    s->fd = fd;
+    s->extra = Py_NewRef(args[2]);
+    s->server = Py_NewRef(args[3]);
+    s->paused_obj = Py_NewRef(Py_False);
+    s->inbound = PyList_New(0);
+    PyObject_GC_Track(s);
+    if (!s->inbound || stream_set_limits(s, 64 * 1024, 16 * 1024) < 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    stream_set_protocol_obj(s, args[1]);
+    return (PyObject *)s;
+}
+
+static int stream_traverse(us_stream *s, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(s));
+    Py_VISIT(s->loop);
+    Py_VISIT(s->sock);
+    Py_VISIT(s->protocol);
+    Py_VISIT(s->extra);
+    Py_VISIT(s->server);
+    Py_VISIT(s->inbound);
+    Py_VISIT(s->in_error);
+    Py_VISIT(s->lost_exc);
+    Py_VISIT(s->high_water_obj);
+    Py_VISIT(s->low_water_obj);
+    Py_VISIT(s->paused_obj);
+    for (int i = 0; i < s->wq_len; i++)
+        Py_VISIT(s->wq[(s->wq_head + i) % s->wq_cap]);
+    return 0;
+}
+
+static int stream_clear(us_stream *s)
+{
+    /* Reached only with no op in flight: each holds a reference. */
+    Py_CLEAR(s->sock);
+    Py_CLEAR(s->protocol);
+    Py_CLEAR(s->extra);
+    Py_CLEAR(s->server);
+    Py_CLEAR(s->inbound);
+    Py_CLEAR(s->in_error);
+    Py_CLEAR(s->lost_exc);
+    Py_CLEAR(s->high_water_obj);
+    Py_CLEAR(s->low_water_obj);
+    Py_CLEAR(s->paused_obj);
+    while (s->wq_len) {
+        Py_DECREF(s->wq[s->wq_head]);
+        s->wq_head = (s->wq_head + 1) % s->wq_cap;
+        s->wq_len--;
+    }
+    Py_CLEAR(s->loop);
+    return 0;
+}
+
+static void stream_dealloc(us_stream *s)
+{
+    PyTypeObject *tp = Py_TYPE(s);
+    PyObject_GC_UnTrack(s);
+    if (s->weakreflist)
+        PyObject_ClearWeakRefs((PyObject *)s);
+    stream_clear(s);
+    PyMem_Free(s->wq);
+    tp->tp_free(s);
+    Py_DECREF(tp);
+}
+
+static PyObject *stream_get_closed(us_stream *s, void *c)
+{
+    (void)c;
+    return PyBool_FromLong(s->lost_done);
+}
+
+static PyMethodDef stream_methods[] = {
+    {"write", (PyCFunction)stream_write, METH_O, NULL},
+    {"writelines", (PyCFunction)stream_writelines, METH_O, NULL},
+    {"write_eof", (PyCFunction)stream_write_eof, METH_NOARGS, NULL},
+    {"can_write_eof", (PyCFunction)stream_can_write_eof, METH_NOARGS, NULL},
+    {"close", (PyCFunction)stream_close, METH_NOARGS, NULL},
+    {"abort", (PyCFunction)stream_abort, METH_NOARGS, NULL},
+    {"_force_close", (PyCFunction)stream_force_close_method, METH_O, NULL},
+    {"is_closing", (PyCFunction)stream_is_closing, METH_NOARGS, NULL},
+    {"pause_reading", (PyCFunction)stream_pause_reading, METH_NOARGS, NULL},
+    {"resume_reading", (PyCFunction)stream_resume_reading, METH_NOARGS, NULL},
+    {"is_reading", (PyCFunction)stream_is_reading, METH_NOARGS, NULL},
+    {"set_write_buffer_limits", (PyCFunction)(void (*)(void))stream_set_write_buffer_limits,
+     METH_VARARGS | METH_KEYWORDS, NULL},
+    {"get_write_buffer_limits", (PyCFunction)stream_get_write_buffer_limits, METH_NOARGS, NULL},
+    {"get_write_buffer_size", (PyCFunction)stream_get_write_buffer_size, METH_NOARGS, NULL},
+    {"get_extra_info", (PyCFunction)(void (*)(void))stream_get_extra_info, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"set_protocol", (PyCFunction)stream_set_protocol, METH_O, NULL},
+    {"get_protocol", (PyCFunction)stream_get_protocol, METH_NOARGS, NULL},
+    {"_start", (PyCFunction)stream_start, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef stream_members[] = {
+    {"_sock", T_OBJECT, offsetof(us_stream, sock), READONLY, NULL},
+    {"_sock_fd", T_INT, offsetof(us_stream, fd), READONLY, NULL},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(us_stream, weakreflist), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef stream_getset[] = {
+    {"_closed", (getter)stream_get_closed, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot stream_slots[] = {
+    {Py_tp_dealloc, stream_dealloc},
+    {Py_tp_traverse, stream_traverse},
+    {Py_tp_clear, stream_clear},
+    {Py_tp_repr, stream_repr},
+    {Py_tp_methods, stream_methods},
+    {Py_tp_members, stream_members},
+    {Py_tp_getset, stream_getset},
+    {Py_tp_doc, "A TCP or Unix stream transport on io_uring (asyncio.Transport semantics)."},
+    {0, NULL},
+};
+
+PyType_Spec us_stream_spec = {
+    .name = "uringloop._core.StreamTransport",
+    .basicsize = sizeof(us_stream),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = stream_slots,
+};
+
+/* The bases of StreamTransport: (asyncio.transports._FlowControlMixin,) when
+ * its slots sit where us_stream expects them, else NULL (no base). */
+PyObject *us_stream_bases(void)
+{
+    static const struct {
+        const char *name;
+        size_t offset;
+    } slots[] = {
+        {"_extra", offsetof(us_stream, extra)},
+        {"_high_water", offsetof(us_stream, high_water_obj)},
+        {"_loop", offsetof(us_stream, loop)},
+        {"_low_water", offsetof(us_stream, low_water_obj)},
+        {"_protocol_paused", offsetof(us_stream, paused_obj)},
+    };
+    PyObject *mod = PyImport_ImportModule("asyncio.transports");
+    PyObject *cls = mod ? PyObject_GetAttrString(mod, "_FlowControlMixin") : NULL;
+    Py_XDECREF(mod);
+    if (!cls)
+        return NULL;
+    int ok = PyType_Check(cls) && ((PyTypeObject *)cls)->tp_basicsize == (Py_ssize_t)offsetof(us_stream, sock) &&
+             ((PyTypeObject *)cls)->tp_dictoffset == 0 && ((PyTypeObject *)cls)->tp_weaklistoffset == 0;
+    for (size_t i = 0; ok && i < sizeof slots / sizeof slots[0]; i++) {
+        PyObject *d = PyObject_GetAttrString(cls, slots[i].name);
+        ok = d && Py_IS_TYPE(d, &PyMemberDescr_Type) &&
+             (size_t)((PyMemberDescrObject *)d)->d_member->offset == slots[i].offset;
+        Py_XDECREF(d);
+    }
+    PyErr_Clear();
+    PyObject *bases = ok ? PyTuple_Pack(1, cls) : NULL;
+    Py_DECREF(cls);
+    return bases;
+}
