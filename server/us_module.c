@@ -132,6 +132,19 @@ static int us_module_exec(PyObject *m)
     Py_XDECREF(stream_bases);
     if (failed)
         return -1;
+    /* asyncio's start_tls() accepts only transports that say they can. */
+    if (PyObject_SetAttrString((PyObject *)st->StreamType, "_start_tls_compatible", Py_True) < 0)
+        return -1;
+    /* loop.sendfile(): try the loop's _sendfile_native first */
+    PyObject *consts = PyImport_ImportModule("asyncio.constants");
+    PyObject *modes = consts ? PyObject_GetAttrString(consts, "_SendfileMode") : NULL;
+    PyObject *native = modes ? PyObject_GetAttrString(modes, "TRY_NATIVE") : NULL;
+    int rc = native ? PyObject_SetAttrString((PyObject *)st->StreamType, "_sendfile_compatible", native) : -1;
+    Py_XDECREF(consts);
+    Py_XDECREF(modes);
+    Py_XDECREF(native);
+    if (rc < 0)
+        return -1;
     st->UnavailableError = PyErr_NewExceptionWithDoc(
         "uringloop.IOUringUnavailableError",
         "io_uring cannot be used in this process (seccomp, sysctl or kernel version).", PyExc_OSError, NULL);

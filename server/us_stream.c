@@ -65,6 +65,7 @@ typedef struct us_stream {
 
     int conn_lost;
     PyObject *lost_exc;
+    PyObject *empty_waiter; /* loop.sendfile(): resolved when writes drain */
     char buffered, closing, read_paused, protocol_paused;
     char eof_requested, eof_sent, queued_ready, queued_flush;
     char lost_pending, lost_ready, lost_done;
@@ -90,6 +91,27 @@ static void stream_check_lost(us_stream *s)
     }
 }
 
+/* Resolves the sendfile waiter once nothing is left to send, or fails it
+ * when the connection is gone. */
+static void stream_settle_empty_waiter(us_stream *s, int failed)
+{
+    PyObject *w = s->empty_waiter;
+    if (!w || (!failed && (s->wq_len || ue_op_busy(&s->send_op))))
+        return;
+    PyObject *r = PyObject_CallMethod(w, "done", NULL);
+    int done = r ? PyObject_IsTrue(r) : -1;
+    Py_XDECREF(r);
+    if (done == 0) {
+        PyObject *exc = failed ? PyObject_CallFunction(PyExc_ConnectionError, "s", "Connection is closed by peer")
+                               : Py_NewRef(Py_None);
+        r = exc ? PyObject_CallMethod(w, failed ? "set_exception" : "set_result", "O", exc) : NULL;
+        Py_XDECREF(exc);
+        Py_XDECREF(r);
+    }
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable((PyObject *)s);
+}
+
 /* asyncio's _force_close: drop queued writes, stop everything, and call
  * connection_lost(exc) once the ops have finished. */
 static void stream_force_close(us_stream *s, PyObject *exc)
@@ -107,6 +129,7 @@ static void stream_force_close(us_stream *s, PyObject *exc)
     s->conn_lost++;
     s->lost_pending = 1;
     Py_XSETREF(s->lost_exc, Py_XNewRef(exc));
+    stream_settle_empty_waiter(s, 1);
     if (s->loop->ue_ready) {
         ue_op_cancel(&s->loop->ue, &s->recv_op);
         ue_op_cancel(&s->loop->ue, &s->send_op);
@@ -443,10 +466,9 @@ static void stream_shutdown_write(us_stream *s)
     }
 }
 
-/* Arms one sendmsg over everything queued (up to US_IOV_MAX chunks). */
-static void stream_arm_send(us_stream *s)
+/* Points s->msg at the queued chunks (up to US_IOV_MAX of them). */
+static int stream_fill_iov(us_stream *s)
 {
-    us_loop *loop = s->loop;
     int n = 0;
     for (int i = 0; i < s->wq_len && n < US_IOV_MAX; i++, n++) {
         PyObject *chunk = s->wq[(s->wq_head + i) % s->wq_cap];
@@ -457,6 +479,14 @@ static void stream_arm_send(us_stream *s)
     memset(&s->msg, 0, sizeof s->msg);
     s->msg.msg_iov = s->iov;
     s->msg.msg_iovlen = (size_t)n;
+    return n;
+}
+
+/* Arms one sendmsg over everything queued. */
+static void stream_arm_send(us_stream *s)
+{
+    us_loop *loop = s->loop;
+    stream_fill_iov(s);
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe) {
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
@@ -516,6 +546,7 @@ static void stream_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         if (s->wq_len) {
             stream_arm_send(s); /* the rest, without waiting for the next flush */
         } else {
+            stream_settle_empty_waiter(s, 0);
             if (s->eof_requested)
                 stream_shutdown_write(s);
             if (s->closing && !s->conn_lost) {
@@ -550,6 +581,22 @@ static int stream_queue(us_stream *s, PyObject *chunk)
     return 0;
 }
 
+/* Small writes wait for the iteration's batched sendmsg. A write that
+ * crosses the high-water mark is offered to the kernel at once instead, as
+ * asyncio does, so pause_writing() means the kernel really refused it. */
+static void stream_send_now(us_stream *s)
+{
+    stream_fill_iov(s);
+    ssize_t sent = sendmsg(s->fd, &s->msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (sent > 0) {
+        stream_consume(s, (size_t)sent);
+    } else if (sent < 0 && errno != EAGAIN && errno != EINTR) {
+        PyObject *exc = oserror_from_res(-errno);
+        stream_fatal_error(s, exc, "Fatal write error on socket transport");
+        Py_XDECREF(exc);
+    }
+}
+
 static PyObject *stream_write(us_stream *s, PyObject *data)
 {
     if (!PyObject_CheckBuffer(data)) {
@@ -558,6 +605,10 @@ static PyObject *stream_write(us_stream *s, PyObject *data)
     }
     if (s->eof_requested) {
         PyErr_SetString(PyExc_RuntimeError, "Cannot call write() after write_eof()");
+        return NULL;
+    }
+    if (s->empty_waiter) {
+        PyErr_SetString(PyExc_RuntimeError, "unable to write; sendfile is in progress");
         return NULL;
     }
     /* bytes are immutable and shared; anything else may change after
@@ -583,7 +634,10 @@ static PyObject *stream_write(us_stream *s, PyObject *data)
         Py_DECREF(chunk);
         return NULL;
     }
-    stream_schedule_flush(s);
+    if (s->wbuf > s->high && !ue_op_busy(&s->send_op))
+        stream_send_now(s);
+    if (s->wq_len)
+        stream_schedule_flush(s);
     stream_maybe_pause_protocol(s);
     if (PyErr_Occurred())
         return NULL;
@@ -650,6 +704,27 @@ static PyObject *stream_abort(us_stream *s, PyObject *unused)
 {
     (void)unused;
     stream_force_close(s, Py_None);
+    Py_RETURN_NONE;
+}
+
+static PyObject *stream_make_empty_waiter(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    if (s->empty_waiter) {
+        PyErr_SetString(PyExc_RuntimeError, "Empty waiter is already set");
+        return NULL;
+    }
+    s->empty_waiter = PyObject_CallMethod((PyObject *)s->loop, "create_future", NULL);
+    if (!s->empty_waiter)
+        return NULL;
+    stream_settle_empty_waiter(s, 0);
+    return Py_NewRef(s->empty_waiter);
+}
+
+static PyObject *stream_reset_empty_waiter(us_stream *s, PyObject *unused)
+{
+    (void)unused;
+    Py_CLEAR(s->empty_waiter);
     Py_RETURN_NONE;
 }
 
@@ -853,6 +928,7 @@ static int stream_traverse(us_stream *s, visitproc visit, void *arg)
     Py_VISIT(s->inbound);
     Py_VISIT(s->in_error);
     Py_VISIT(s->lost_exc);
+    Py_VISIT(s->empty_waiter);
     Py_VISIT(s->high_water_obj);
     Py_VISIT(s->low_water_obj);
     Py_VISIT(s->paused_obj);
@@ -871,6 +947,7 @@ static int stream_clear(us_stream *s)
     Py_CLEAR(s->inbound);
     Py_CLEAR(s->in_error);
     Py_CLEAR(s->lost_exc);
+    Py_CLEAR(s->empty_waiter);
     Py_CLEAR(s->high_water_obj);
     Py_CLEAR(s->low_water_obj);
     Py_CLEAR(s->paused_obj);
@@ -909,6 +986,8 @@ static PyMethodDef stream_methods[] = {
     {"close", (PyCFunction)stream_close, METH_NOARGS, NULL},
     {"abort", (PyCFunction)stream_abort, METH_NOARGS, NULL},
     {"_force_close", (PyCFunction)stream_force_close_method, METH_O, NULL},
+    {"_make_empty_waiter", (PyCFunction)stream_make_empty_waiter, METH_NOARGS, NULL},
+    {"_reset_empty_waiter", (PyCFunction)stream_reset_empty_waiter, METH_NOARGS, NULL},
     {"is_closing", (PyCFunction)stream_is_closing, METH_NOARGS, NULL},
     {"pause_reading", (PyCFunction)stream_pause_reading, METH_NOARGS, NULL},
     {"resume_reading", (PyCFunction)stream_resume_reading, METH_NOARGS, NULL},

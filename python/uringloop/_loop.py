@@ -454,7 +454,8 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
             f"uringloop does not provide {what} yet: datagram, pipe and subprocess transports on "
             f"io_uring are still being built; stream transports, servers and TLS work")
 
-    def _make_datagram_transport(self, *args, **kwargs):
+    def _make_datagram_transport(self, sock, *args, **kwargs):
+        sock.close()  # create_datagram_endpoint() made it and would leak it
         self._transport_not_ready("datagram transports")
 
     def _make_read_pipe_transport(self, *args, **kwargs):

@@ -61,6 +61,21 @@ class NetworkMixin:
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
+    async def _sendfile_native(self, transp, file, offset, count):
+        # The transport's queued writes go first; then the kernel copies the
+        # file with sendfile(2) (sock_sendfile), nothing passes through Python.
+        del self._transports[transp._sock_fd]
+        resume_reading = transp.is_reading()
+        transp.pause_reading()
+        await transp._make_empty_waiter()
+        try:
+            return await self.sock_sendfile(transp._sock, file, offset, count, fallback=False)
+        finally:
+            transp._reset_empty_waiter()
+            if resume_reading:
+                transp.resume_reading()
+            self._transports[transp._sock_fd] = transp
+
     def _uring_log_lost_write(self):
         logger.warning("socket.send() raised exception.")
 

