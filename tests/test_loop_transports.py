@@ -1,0 +1,494 @@
+"""Stream transports and servers over real sockets, on uringloop and stock
+asyncio with the same assertions: protocols, flow control both ways,
+half-close, abort, closing from callbacks, TLS, Unix sockets, many
+connections, and faults (resets, writes after close, servers closed with
+clients attached), with file descriptors counted before and after."""
+
+import asyncio
+import os
+import socket
+import ssl
+import tempfile
+
+import pytest
+
+from conftest import run
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Recorder(asyncio.Protocol):
+    """Records every callback, to check order and exactly-once."""
+
+    def __init__(self, loop):
+        self.events = []
+        self.data = bytearray()
+        self.transport = None
+        self.lost = loop.create_future()
+        self.eof = loop.create_future()
+        self.keep_open_on_eof = False
+
+    def connection_made(self, transport):
+        self.events.append("made")
+        self.transport = transport
+
+    def data_received(self, data):
+        self.data += data
+
+    def eof_received(self):
+        self.events.append("eof")
+        self.eof.set_result(None)
+        return self.keep_open_on_eof
+
+    def connection_lost(self, exc):
+        self.events.append(("lost", type(exc).__name__ if exc else None))
+        self.lost.set_result(exc)
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+
+async def echo_server(loop, **kw):
+    server = await loop.create_server(Echo, "127.0.0.1", 0, **kw)
+    return server, server.sockets[0].getsockname()
+
+
+def test_echo_protocol_roundtrip_and_callbacks_once(loop):
+    async def main():
+        server, addr = await echo_server(loop)
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *addr)
+        assert isinstance(tr, asyncio.Transport)
+        assert tr.get_extra_info("peername") == addr
+        assert tr.get_extra_info("sockname") == tr.get_extra_info("socket").getsockname()
+        assert tr.get_extra_info("nonexistent", 42) == 42
+        tr.write(b"hello ")
+        tr.writelines([b"wor", bytearray(b"ld")])
+        while len(pr.data) < 11:
+            await asyncio.sleep(0.001)
+        assert bytes(pr.data) == b"hello world"
+        tr.close()
+        assert tr.is_closing()
+        await pr.lost
+        assert pr.events == ["made", ("lost", None)]
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_buffered_protocol(loop):
+    class Buffered(asyncio.BufferedProtocol):
+        def __init__(self):
+            self.buf = bytearray(7)  # smaller than what arrives: get_buffer is called again
+            self.got = bytearray()
+            self.lost = loop.create_future()
+
+        def get_buffer(self, sizehint):
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            self.got += self.buf[:nbytes]
+
+        def connection_lost(self, exc):
+            self.lost.set_result(exc)
+
+    async def main():
+        server, addr = await echo_server(loop)
+        tr, pr = await loop.create_connection(Buffered, *addr)
+        payload = os.urandom(100_000)
+        tr.write(payload)
+        while len(pr.got) < len(payload):
+            await asyncio.sleep(0.001)
+        assert bytes(pr.got) == payload
+        tr.close()
+        await pr.lost
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_write_flow_control_pauses_and_resumes(loop):
+    class Producer(asyncio.Protocol):
+        def __init__(self):
+            self.paused = 0
+            self.resumed = 0
+            self.lost = loop.create_future()
+
+        def pause_writing(self):
+            self.paused += 1
+
+        def resume_writing(self):
+            self.resumed += 1
+
+        def connection_lost(self, exc):
+            self.lost.set_result(exc)
+
+    async def main():
+        # a peer that does not read until told to
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tr, pr = await loop.create_connection(Producer, *listener.getsockname())
+        peer, _ = listener.accept()
+        tr.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+        assert tr.get_write_buffer_limits() == (16 * 1024, 64 * 1024)
+        chunk = b"x" * 65536
+        for _ in range(200):  # far more than the kernel buffers
+            tr.write(chunk)
+            if pr.paused:
+                break
+            await asyncio.sleep(0)
+        assert pr.paused == 1 and tr.get_write_buffer_size() > 64 * 1024
+        # drain from the other side: the producer is resumed once
+        peer.setblocking(False)
+        while tr.get_write_buffer_size() > 0:
+            try:
+                peer.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            await asyncio.sleep(0.001)
+        assert pr.resumed == 1
+        tr.close()
+        await pr.lost
+        peer.close()
+        listener.close()
+
+    run(loop, main(), timeout=30)
+
+
+def test_pause_reading_loses_nothing(loop):
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
+        peer, _ = listener.accept()
+        sent = bytearray()
+        for i in range(20):
+            tr.pause_reading()
+            assert not tr.is_reading()
+            before = len(pr.data)
+            msg = b"%04d" % i * 1000
+            peer.sendall(msg)
+            sent += msg
+            await asyncio.sleep(0.01)
+            assert len(pr.data) == before  # nothing delivered while paused
+            tr.resume_reading()
+            assert tr.is_reading()
+        while len(pr.data) < len(sent):
+            await asyncio.sleep(0.001)
+        assert bytes(pr.data) == bytes(sent)
+        tr.close()
+        await pr.lost
+        peer.close()
+        listener.close()
+
+    run(loop, main())
+
+
+def test_half_close_both_ways(loop):
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
+        pr.keep_open_on_eof = True
+        peer, _ = listener.accept()
+        # the peer shuts its side: eof_received, and we can still write
+        peer.shutdown(socket.SHUT_WR)
+        await pr.eof
+        assert not tr.is_closing()
+        tr.write(b"after eof")
+        assert tr.can_write_eof()
+        tr.write_eof()
+        with pytest.raises(RuntimeError):
+            tr.write(b"too late")
+        def read_all():  # off the loop: the loop must keep running to send
+            got = b""
+            peer.settimeout(5)
+            while chunk := peer.recv(100):
+                got += chunk
+            return got
+
+        assert await loop.run_in_executor(None, read_all) == b"after eof"
+        tr.close()
+        await pr.lost
+        peer.close()
+        listener.close()
+
+    run(loop, main())
+
+
+def test_eof_closes_when_protocol_does_not_keep_open(loop):
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
+        peer, _ = listener.accept()
+        peer.sendall(b"bye")
+        peer.shutdown(socket.SHUT_WR)
+        await pr.lost
+        assert bytes(pr.data) == b"bye"
+        assert pr.events == ["made", "eof", ("lost", None)]
+        peer.close()
+        listener.close()
+
+    run(loop, main())
+
+
+def test_close_flushes_pending_writes_then_fin(loop):
+    payload = os.urandom(3 * 1024 * 1024)
+
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
+        peer, _ = listener.accept()
+        tr.write(payload)
+        tr.close()  # with data still queued: it is sent, then FIN
+        peer.setblocking(False)
+        got = bytearray()
+        while True:
+            try:
+                chunk = peer.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+                continue
+            if not chunk:
+                break
+            got += chunk
+        assert bytes(got) == payload
+        await pr.lost
+        peer.close()
+        listener.close()
+
+    run(loop, main(), timeout=30)
+
+
+def test_abort_drops_writes_and_reaches_peer(loop):
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
+        peer, _ = listener.accept()
+        tr.write(b"x" * 10_000_000)
+        tr.abort()
+        exc = await pr.lost
+        assert exc is None and tr.is_closing()
+        assert pr.events.count(("lost", None)) == 1
+        peer.settimeout(5)
+        total = 0
+        try:
+            while chunk := peer.recv(1 << 20):
+                total += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert total < 10_000_000  # the queue was dropped, the peer saw the end
+        peer.close()
+        listener.close()
+
+    run(loop, main())
+
+
+def test_close_inside_data_received(loop):
+    class CloseOnData(Recorder):
+        def data_received(self, data):
+            super().data_received(data)
+            self.transport.close()
+            self.transport.write(b"ignored")  # after close: dropped, no error
+
+    async def main():
+        server, addr = await echo_server(loop)
+        tr, pr = await loop.create_connection(lambda: CloseOnData(loop), *addr)
+        tr.write(b"ping")
+        await pr.lost
+        assert bytes(pr.data) == b"ping"
+        assert pr.events == ["made", ("lost", None)]
+        for _ in range(10):
+            tr.write(b"more")  # writes after close never raise
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_peer_reset_mid_write(loop):
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()  # RST
+        for _ in range(50):
+            tr.write(b"y" * 65536)
+            await asyncio.sleep(0.001)
+            if pr.lost.done():
+                break
+        exc = await pr.lost
+        assert isinstance(exc, (ConnectionResetError, BrokenPipeError))
+        assert len([e for e in pr.events if e[0] == "lost"]) == 1
+        listener.close()
+
+    run(loop, main())
+
+
+def test_server_closed_with_clients_attached(loop):
+    async def main():
+        server, addr = await echo_server(loop)
+        clients = [await loop.create_connection(lambda: Recorder(loop), *addr) for _ in range(5)]
+        assert server.is_serving()
+        server.close()
+        assert not server.is_serving()
+        # a closed server refuses new connections at once
+        with pytest.raises(ConnectionRefusedError):
+            s = socket.create_connection(addr, timeout=2)
+            s.close()
+        # existing connections keep working until they close
+        tr, pr = clients[0]
+        tr.write(b"still")
+        while len(pr.data) < 5:
+            await asyncio.sleep(0.001)
+        for tr, pr in clients:
+            tr.close()
+            await pr.lost
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_streams_api_and_many_connections(loop):
+    async def handle(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def client(port, i):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        msg = b"%d " % i * 50
+        writer.write(msg)
+        await writer.drain()
+        assert await reader.readexactly(len(msg)) == msg
+        writer.close()
+        await writer.wait_closed()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1000)
+        port = server.sockets[0].getsockname()[1]
+        await asyncio.gather(*(client(port, i) for i in range(1000)))
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main(), timeout=60)
+
+
+def test_unix_server_and_connection(loop):
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "sock")
+            server = await loop.create_unix_server(Echo, path)
+            tr, pr = await loop.create_unix_connection(lambda: Recorder(loop), path)
+            tr.write(b"over unix")
+            while len(pr.data) < 9:
+                await asyncio.sleep(0.001)
+            assert bytes(pr.data) == b"over unix"
+            tr.close()
+            await pr.lost
+            server.close()
+            await server.wait_closed()
+
+    run(loop, main())
+
+
+def _tls_contexts():
+    cert = os.path.join(HERE, "certs", "localhost.pem")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert)
+    client_ctx = ssl.create_default_context(cafile=cert)
+    return server_ctx, client_ctx
+
+
+def test_tls_server_client_and_start_tls(loop):
+    server_ctx, client_ctx = _tls_contexts()
+
+    async def handle(reader, writer):
+        line = await reader.readline()
+        if line == b"STARTTLS\n":
+            writer.write(b"OK\n")
+            await writer.drain()
+            await writer.start_tls(server_ctx)
+            line = await reader.readline()
+        writer.write(line.upper())
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        plain = await asyncio.start_server(handle, "127.0.0.1", 0)
+        tls = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+        # TLS from the first byte
+        r, w = await asyncio.open_connection("127.0.0.1", tls.sockets[0].getsockname()[1],
+                                             ssl=client_ctx, server_hostname="localhost")
+        assert w.get_extra_info("sslcontext") is client_ctx
+        assert w.get_extra_info("peercert")["subject"]
+        w.write(b"secret\n")
+        assert await r.readline() == b"SECRET\n"
+        w.close()
+        await w.wait_closed()
+        # upgrade in the middle of a connection
+        r, w = await asyncio.open_connection("127.0.0.1", plain.sockets[0].getsockname()[1])
+        w.write(b"STARTTLS\n")
+        assert await r.readline() == b"OK\n"
+        await w.start_tls(client_ctx, server_hostname="localhost")
+        w.write(b"upgraded\n")
+        assert await r.readline() == b"UPGRADED\n"
+        w.close()
+        await w.wait_closed()
+        for s in (plain, tls):
+            s.close()
+            await s.wait_closed()
+
+    run(loop, main())
+
+
+def test_loop_sendfile_over_transport(loop):
+    data = os.urandom(2_000_000)
+
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
+        peer, _ = listener.accept()
+        with tempfile.TemporaryFile() as f:
+            f.write(data)
+            f.seek(0)
+            tr.write(b"HEAD")
+            sender = asyncio.ensure_future(loop.sendfile(tr, f, offset=10))
+            peer.setblocking(False)
+            got = bytearray()
+            while len(got) < 4 + len(data) - 10:
+                try:
+                    got += peer.recv(1 << 20)
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            assert await sender == len(data) - 10
+            assert bytes(got) == b"HEAD" + data[10:]
+        tr.close()
+        await pr.lost
+        peer.close()
+        listener.close()
+
+    run(loop, main())
