@@ -1,0 +1,84 @@
+"""A real asyncio program on uringloop: an aiohttp server app and an aiohttp
+client talking to each other (keep-alive, streaming bodies, websockets),
+all on one uringloop loop."""
+
+import asyncio
+import os
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import uringloop
+
+
+def make_app():
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+
+    async def hello(request):
+        return web.json_response({"hello": request.query.get("name", "world")})
+
+    async def echo(request):
+        body = await request.read()
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    async def stream(request):
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for i in range(100):
+            await resp.write(b"chunk %03d\n" % i)
+        await resp.write_eof()
+        return resp
+
+    async def ws(request):
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await sock.send_str(msg.data[::-1])
+        return sock
+
+    app.router.add_get("/hello", hello)
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/ws", ws)
+    return app
+
+
+async def exercise():
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, uringloop.Loop)
+    runner = web.AppRunner(make_app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def get_hello(i):
+                async with session.get(f"{base}/hello", params={"name": str(i)}) as r:
+                    assert r.status == 200
+                    return (await r.json())["hello"]
+
+            names = await asyncio.gather(*(get_hello(i) for i in range(200)))
+            assert names == [str(i) for i in range(200)]
+
+            payload = os.urandom(5 * 1024 * 1024)
+            async with session.post(f"{base}/echo", data=payload) as r:
+                assert await r.read() == payload
+
+            async with session.get(f"{base}/stream") as r:
+                lines = [line async for line in r.content]
+                assert lines == [b"chunk %03d\n" % i for i in range(100)]
+
+            async with session.ws_connect(f"{base}/ws") as sock:
+                for word in ("uring", "loop"):
+                    await sock.send_str(word)
+                    assert (await sock.receive()).data == word[::-1]
+    finally:
+        await runner.cleanup()
+
+
+def test_aiohttp_server_and_client_on_uringloop():
+    uringloop.run(asyncio.wait_for(exercise(), 60))
