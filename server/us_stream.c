@@ -1,6 +1,12 @@
 /*
- * StreamTransport: asyncio's Transport for TCP and Unix stream sockets, on
+ * StreamTransport: asyncio's Transport for TCP and Unix stream sockets, and
+ * for pipes (connect_read_pipe/connect_write_pipe, subprocess stdio), on
  * io_uring.
+ *
+ * Pipes differ in three places: reads are buffer-select READs re-armed after
+ * each completion (recv is for sockets only), writes are WRITEV, and a write
+ * pipe watches its own fd with a poll that fires when the reading end goes
+ * away (asyncio watches it for readability the same way).
  *
  * Reading is one multishot recv drawing from the loop's provided-buffer ring:
  * each completion is copied into a bytes object and its buffer recycled in
@@ -22,11 +28,16 @@
 
 #include <errno.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <structmember.h>
 
 #define US_IOV_MAX 64
+
+enum { US_STREAM_SOCKET = 0, US_STREAM_READ_PIPE = 1, US_STREAM_WRITE_PIPE = 2 };
 #define US_CONNLOST_WARN 5 /* asyncio's LOG_THRESHOLD_FOR_CONNLOST_WRITES */
 
 typedef struct us_stream {
@@ -46,7 +57,8 @@ typedef struct us_stream {
     PyObject *protocol;
     PyObject *server;
     int fd;
-    ue_op recv_op;
+    int kind;      /* US_STREAM_SOCKET, US_STREAM_READ_PIPE, US_STREAM_WRITE_PIPE */
+    ue_op recv_op; /* recv or read; for a write pipe, the hang-up poll */
     ue_op send_op;
 
     /* inbound: received, not yet handed to the protocol */
@@ -186,22 +198,31 @@ static PyObject *oserror_from_res(int32_t res)
 /* ---- reading ---- */
 
 static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
+static void stream_hangup_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
 
 static int stream_arm_recv(us_stream *s)
 {
     us_loop *loop = s->loop;
     if (ue_op_busy(&s->recv_op) || s->read_paused || s->closing || s->in_eof || s->in_error)
         return 0;
-    ue_bufring *pool = us_loop_recv_pool(loop);
-    if (!pool)
+    ue_bufring *pool = s->kind == US_STREAM_WRITE_PIPE ? NULL : us_loop_recv_pool(loop);
+    if (!pool && s->kind != US_STREAM_WRITE_PIPE)
         return -1;
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe) {
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
         return -1;
     }
-    ue_prep_recv_multishot(sqe, s->fd, pool);
-    ue_op_arm(&loop->ue, &s->recv_op, sqe, stream_recv_cb);
+    if (s->kind == US_STREAM_SOCKET) {
+        ue_prep_recv_multishot(sqe, s->fd, pool);
+    } else if (s->kind == US_STREAM_READ_PIPE) {
+        io_uring_prep_read(sqe, s->fd, NULL, pool->buf_size, (uint64_t)-1);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = pool->bgid;
+    } else {
+        io_uring_prep_poll_add(sqe, s->fd, POLLIN);
+    }
+    ue_op_arm(&loop->ue, &s->recv_op, sqe, s->kind == US_STREAM_WRITE_PIPE ? stream_hangup_cb : stream_recv_cb);
     loop->sockops_inflight++;
     Py_INCREF(s);
     return 0;
@@ -248,6 +269,26 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         PyErr_WriteUnraisable((PyObject *)s);
     stream_check_lost(s);
     Py_DECREF(s); /* the in-flight reference */
+}
+
+/* A write pipe's reading end went away: close, with BrokenPipeError when
+ * data was still waiting to be written (asyncio's _read_ready of a write
+ * pipe). */
+static void stream_hangup_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)ue;
+    (void)flags;
+    us_stream *s = US_CONTAINER(op, us_stream, recv_op);
+    s->loop->sockops_inflight--;
+    if (res >= 0 && !s->conn_lost) {
+        PyObject *exc = s->wbuf ? PyObject_CallNoArgs(PyExc_BrokenPipeError) : NULL;
+        if (s->wbuf && !exc)
+            PyErr_WriteUnraisable((PyObject *)s);
+        stream_force_close(s, exc ? exc : Py_None);
+        Py_XDECREF(exc);
+    }
+    stream_check_lost(s);
+    Py_DECREF(s);
 }
 
 /* Copies one chunk into a BufferedProtocol's buffers. */
@@ -320,7 +361,8 @@ static int stream_deliver(us_stream *s)
         PyObject *r = PyObject_CallMethod(s->protocol, "eof_received", NULL);
         if (!r)
             return stream_callback_failed(s, "Fatal error: protocol.eof_received() call failed.");
-        int keep_open = PyObject_IsTrue(r);
+        /* a read pipe ends at EOF whatever the protocol answers */
+        int keep_open = s->kind == US_STREAM_READ_PIPE ? 0 : PyObject_IsTrue(r);
         Py_DECREF(r);
         if (keep_open < 0)
             return stream_callback_failed(s, "Fatal error: protocol.eof_received() call failed.");
@@ -493,7 +535,10 @@ static void stream_arm_send(us_stream *s)
         PyErr_WriteUnraisable((PyObject *)s);
         return;
     }
-    io_uring_prep_sendmsg(sqe, s->fd, &s->msg, MSG_NOSIGNAL);
+    if (s->kind == US_STREAM_SOCKET)
+        io_uring_prep_sendmsg(sqe, s->fd, &s->msg, MSG_NOSIGNAL);
+    else
+        io_uring_prep_writev(sqe, s->fd, s->msg.msg_iov, (unsigned)s->msg.msg_iovlen, (uint64_t)-1);
     ue_op_arm(&loop->ue, &s->send_op, sqe, stream_send_cb);
     loop->sockops_inflight++;
     Py_INCREF(s);
@@ -586,8 +631,9 @@ static int stream_queue(us_stream *s, PyObject *chunk)
  * asyncio does, so pause_writing() means the kernel really refused it. */
 static void stream_send_now(us_stream *s)
 {
-    stream_fill_iov(s);
-    ssize_t sent = sendmsg(s->fd, &s->msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    int n = stream_fill_iov(s);
+    ssize_t sent = s->kind == US_STREAM_SOCKET ? sendmsg(s->fd, &s->msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+                                               : writev(s->fd, s->iov, n); /* the fd is non-blocking */
     if (sent > 0) {
         stream_consume(s, (size_t)sent);
     } else if (sent < 0 && errno != EAGAIN && errno != EINTR) {
@@ -634,7 +680,9 @@ static PyObject *stream_write(us_stream *s, PyObject *data)
         Py_DECREF(chunk);
         return NULL;
     }
-    if (s->wbuf > s->high && !ue_op_busy(&s->send_op))
+    /* Sockets batch their writes into the next iteration's sendmsg; pipes
+     * (no hot path, and callers read them synchronously) write at once. */
+    if ((s->kind != US_STREAM_SOCKET || s->wbuf > s->high) && !ue_op_busy(&s->send_op))
         stream_send_now(s);
     if (s->wq_len)
         stream_schedule_flush(s);
@@ -664,11 +712,15 @@ static PyObject *stream_writelines(us_stream *s, PyObject *seq)
     Py_RETURN_NONE;
 }
 
+static PyObject *stream_close(us_stream *s, PyObject *unused);
+
 static PyObject *stream_write_eof(us_stream *s, PyObject *unused)
 {
     (void)unused;
     if (s->closing || s->eof_requested)
         Py_RETURN_NONE;
+    if (s->kind != US_STREAM_SOCKET)
+        return stream_close(s, NULL); /* a pipe's EOF is its closing */
     s->eof_requested = 1;
     if (!s->wq_len && !ue_op_busy(&s->send_op))
         stream_shutdown_write(s);
@@ -888,10 +940,13 @@ static PyObject *stream_repr(us_stream *s)
 /* loop._stream_new(sock, protocol, extra, server) */
 PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "_stream_new(sock, protocol, extra, server)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "_stream_new(sock, protocol, extra, server[, kind])");
         return NULL;
     }
+    int kind = US_STREAM_SOCKET;
+    if (nargs == 5 && (kind = (int)PyLong_AsLong(args[4])) == -1 && PyErr_Occurred())
+        return NULL;
     if (us_loop_check_open(loop) < 0)
         return NULL;
     int fd = PyObject_AsFileDescriptor(args[0]);
@@ -904,6 +959,7 @@ PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
     s->loop = (us_loop *)Py_NewRef(loop);
     s->sock = Py_NewRef(args[0]);
     s->fd = fd;
+    s->kind = kind;
     s->extra = Py_NewRef(args[2]);
     s->server = Py_NewRef(args[3]);
     s->paused_obj = Py_NewRef(Py_False);
@@ -972,6 +1028,24 @@ static void stream_dealloc(us_stream *s)
     Py_DECREF(tp);
 }
 
+/* _pipe: asyncio's pipe transports keep the pipe object there. */
+static PyObject *stream_get_pipe(us_stream *s, void *c)
+{
+    (void)c;
+    return Py_NewRef(s->kind != US_STREAM_SOCKET && s->sock ? s->sock : Py_None);
+}
+
+static int stream_set_pipe(us_stream *s, PyObject *v, void *c)
+{
+    (void)c;
+    if (s->kind == US_STREAM_SOCKET) {
+        PyErr_SetString(PyExc_AttributeError, "a socket transport has no _pipe");
+        return -1;
+    }
+    Py_XSETREF(s->sock, v && v != Py_None ? Py_NewRef(v) : NULL);
+    return 0;
+}
+
 static PyObject *stream_get_closed(us_stream *s, void *c)
 {
     (void)c;
@@ -1012,6 +1086,7 @@ static PyMemberDef stream_members[] = {
 
 static PyGetSetDef stream_getset[] = {
     {"_closed", (getter)stream_get_closed, NULL, NULL, NULL},
+    {"_pipe", (getter)stream_get_pipe, (setter)stream_set_pipe, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

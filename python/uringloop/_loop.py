@@ -451,24 +451,15 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
 
     def _transport_not_ready(self, what):
         raise NotImplementedError(
-            f"uringloop does not provide {what} yet: datagram, pipe and subprocess transports on "
-            f"io_uring are still being built; stream transports, servers and TLS work")
+            f"uringloop does not provide {what} yet: datagram and subprocess transports on "
+            f"io_uring are still being built; stream and pipe transports, servers and TLS work")
 
     def _make_datagram_transport(self, sock, *args, **kwargs):
         sock.close()  # create_datagram_endpoint() made it and would leak it
         self._transport_not_ready("datagram transports")
 
-    def _make_read_pipe_transport(self, *args, **kwargs):
-        self._transport_not_ready("pipe transports")
-
-    def _make_write_pipe_transport(self, *args, **kwargs):
-        self._transport_not_ready("pipe transports")
 
     async def _make_subprocess_transport(self, *args, **kwargs):
         self._transport_not_ready("subprocess transports")
 
-    async def connect_read_pipe(self, *args, **kwargs):
-        self._transport_not_ready("read pipes")
 
-    async def connect_write_pipe(self, *args, **kwargs):
-        self._transport_not_ready("write pipes")

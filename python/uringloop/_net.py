@@ -17,6 +17,9 @@ import stat
 from asyncio import base_events, constants, futures, sslproto, tasks, trsock
 from asyncio.log import logger
 
+# kinds of _core.StreamTransport (server/us_stream.c)
+_READ_PIPE, _WRITE_PIPE = 1, 2
+
 
 def _socket_extra(sock, extra):
     info = dict(extra) if extra else {}
@@ -75,6 +78,33 @@ class NetworkMixin:
             if resume_reading:
                 transp.resume_reading()
             self._transports[transp._sock_fd] = transp
+
+    # ---- pipes: the same C transport, reading with READ and writing with WRITEV ----
+
+    def _pipe_transport(self, pipe, protocol, waiter, extra, kind):
+        fileno = pipe.fileno()
+        mode = os.fstat(fileno).st_mode
+        is_socket = stat.S_ISSOCK(mode)
+        if not (stat.S_ISFIFO(mode) or is_socket or stat.S_ISCHR(mode)):
+            raise ValueError("Pipe transport is for pipes/sockets only.")
+        os.set_blocking(fileno, False)
+        info = dict(extra) if extra else {}
+        info["pipe"] = pipe
+        transport = self._stream_new(pipe, protocol, info, None, kind)
+        self.call_soon(protocol.connection_made, transport)
+        # A read pipe starts reading; a write pipe (socket or FIFO, not a
+        # character device) starts watching for its reader to go away.
+        if kind == _READ_PIPE or not stat.S_ISCHR(mode):
+            self.call_soon(transport._start)
+        if waiter is not None:
+            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
+        return transport
+
+    def _make_read_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
+        return self._pipe_transport(pipe, protocol, waiter, extra, _READ_PIPE)
+
+    def _make_write_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
+        return self._pipe_transport(pipe, protocol, waiter, extra, _WRITE_PIPE)
 
     def _uring_log_lost_write(self):
         logger.warning("socket.send() raised exception.")

@@ -12,13 +12,12 @@ import uringloop
 from test.test_asyncio import test_events, test_sock_lowlevel
 from test.test_asyncio import utils as test_utils
 
-# Datagram, pipe and subprocess transports are not built yet; until they
+# Datagram and subprocess transports are not built yet; until they
 # are, these mixin tests are not collected (see EXCLUDED_REASON).
-EXCLUDED_REASON = "needs datagram/pipe/subprocess transports (not built yet)"
+EXCLUDED_REASON = "needs datagram or subprocess transports (not built yet)"
 EVENTS_EXCLUDED = {
     name for name in dir(test_events.EventLoopTestsMixin)
-    if name.startswith("test_") and any(k in name for k in (
-        "datagram", "pipe", "pty", "subprocess"))
+    if name.startswith("test_") and any(k in name for k in ("datagram", "subprocess"))
 }
 SOCK_EXCLUDED = set()
 

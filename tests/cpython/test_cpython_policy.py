@@ -46,12 +46,12 @@ def _new_uring_loop(self):
     return loop
 
 
-# Tests that need pipe or datagram transports, which uringloop does not have
+# Tests that need datagram or subprocess transports, which uringloop does not have
 # yet; they are not collected until it does (and are listed in the notes).
-EXCLUDED_REASON = "needs pipe or datagram transports (not built yet)"
+EXCLUDED_REASON = "needs datagram or subprocess transports (not built yet)"
 EXCLUDED = {
-    "StreamTests": {"test_read_all_from_pipe_reader"},
-    "UringSendfileTests": {"test_sendfile_not_supported"},
+    "StreamTests": {"test_read_all_from_pipe_reader"},  # runs a subprocess
+    "UringSendfileTests": {"test_sendfile_not_supported"},  # a datagram endpoint
 }
 
 
