@@ -82,6 +82,7 @@ typedef struct us_stream {
     char eof_requested, eof_sent, queued_ready, queued_flush;
     char lost_pending, lost_ready, lost_done;
     PyObject *weakreflist;
+    PyObject *dict; /* instance attributes: tests and tools patch transports */
 } us_stream;
 
 /* ---- scheduling helpers ---- */
@@ -985,6 +986,7 @@ static int stream_traverse(us_stream *s, visitproc visit, void *arg)
     Py_VISIT(s->in_error);
     Py_VISIT(s->lost_exc);
     Py_VISIT(s->empty_waiter);
+    Py_VISIT(s->dict);
     Py_VISIT(s->high_water_obj);
     Py_VISIT(s->low_water_obj);
     Py_VISIT(s->paused_obj);
@@ -1004,6 +1006,7 @@ static int stream_clear(us_stream *s)
     Py_CLEAR(s->in_error);
     Py_CLEAR(s->lost_exc);
     Py_CLEAR(s->empty_waiter);
+    Py_CLEAR(s->dict);
     Py_CLEAR(s->high_water_obj);
     Py_CLEAR(s->low_water_obj);
     Py_CLEAR(s->paused_obj);
@@ -1081,11 +1084,13 @@ static PyMemberDef stream_members[] = {
     {"_sock", T_OBJECT, offsetof(us_stream, sock), READONLY, NULL},
     {"_sock_fd", T_INT, offsetof(us_stream, fd), READONLY, NULL},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(us_stream, weakreflist), READONLY, NULL},
+    {"__dictoffset__", T_PYSSIZET, offsetof(us_stream, dict), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
 static PyGetSetDef stream_getset[] = {
     {"_closed", (getter)stream_get_closed, NULL, NULL, NULL},
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {"_pipe", (getter)stream_get_pipe, (setter)stream_set_pipe, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

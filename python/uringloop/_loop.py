@@ -82,6 +82,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         self._sock_stashes = weakref.WeakKeyDictionary()
         self._transports = weakref.WeakValueDictionary()
         self._acceptors = {}
+        self._child_pidfds = {}
 
     def __repr__(self):
         return (f"<{self.__class__.__name__} running={self.is_running()} "
@@ -132,6 +133,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
                     self.remove_signal_handler(sig)
         base_events.BaseEventLoop.close(self)
         self._close_core()
+        self._close_child_pidfds()
         self._close_self_pipe()
 
     def _uring_slow_callback(self, item, dt):
@@ -451,15 +453,13 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
 
     def _transport_not_ready(self, what):
         raise NotImplementedError(
-            f"uringloop does not provide {what} yet: datagram and subprocess transports on "
-            f"io_uring are still being built; stream and pipe transports, servers and TLS work")
+            f"uringloop does not provide {what} yet: the datagram transport on io_uring is "
+            f"still being built; stream, pipe and subprocess transports, servers and TLS work")
 
     def _make_datagram_transport(self, sock, *args, **kwargs):
         sock.close()  # create_datagram_endpoint() made it and would leak it
         self._transport_not_ready("datagram transports")
 
 
-    async def _make_subprocess_transport(self, *args, **kwargs):
-        self._transport_not_ready("subprocess transports")
 
 

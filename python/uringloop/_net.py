@@ -13,8 +13,9 @@ import errno
 import os
 import socket
 import stat
+import subprocess
 
-from asyncio import base_events, constants, futures, sslproto, tasks, trsock
+from asyncio import base_events, base_subprocess, constants, futures, sslproto, tasks, trsock
 from asyncio.log import logger
 
 # kinds of _core.StreamTransport (server/us_stream.c)
@@ -34,6 +35,12 @@ def _socket_extra(sock, extra):
         except OSError:
             info["peername"] = None
     return info
+
+
+class _SubprocessTransport(base_subprocess.BaseSubprocessTransport):
+    def _start(self, args, shell, stdin, stdout, stderr, bufsize, **kwargs):
+        self._proc = subprocess.Popen(args, shell=shell, stdin=stdin, stdout=stdout, stderr=stderr,
+                                      universal_newlines=False, bufsize=bufsize, **kwargs)
 
 
 class NetworkMixin:
@@ -105,6 +112,86 @@ class NetworkMixin:
 
     def _make_write_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
         return self._pipe_transport(pipe, protocol, waiter, extra, _WRITE_PIPE)
+
+    # ---- subprocesses: stdio over pipe transports, exit seen through a pidfd ----
+
+    async def _make_subprocess_transport(self, protocol, args, shell, stdin, stdout, stderr, bufsize,
+                                         extra=None, **kwargs):
+        waiter = self.create_future()
+        watcher = self._reaping_child_watcher()
+        if watcher is not None:
+            with watcher:  # holds the zombie of a child that exits before it is registered
+                transp = _SubprocessTransport(self, protocol, args, shell, stdin, stdout, stderr, bufsize,
+                                              waiter=waiter, extra=extra, **kwargs)
+                watcher.add_child_handler(transp.get_pid(), self._watcher_reported, transp)
+        else:
+            transp = _SubprocessTransport(self, protocol, args, shell, stdin, stdout, stderr, bufsize,
+                                          waiter=waiter, extra=extra, **kwargs)
+            self._watch_child(transp.get_pid(), transp)
+        try:
+            await waiter
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException:
+            transp.close()
+            await transp._wait()
+            raise
+        return transp
+
+    @staticmethod
+    def _reaping_child_watcher():
+        """asyncio's FastChildWatcher (3.11 child-watcher API) reaps every
+        child with waitpid(-1): when one is installed, children must be
+        handed to it, or it would take their exit status. Other watchers only
+        reap what is registered with them and need nothing."""
+        import asyncio
+        from asyncio import unix_events
+        fast = getattr(unix_events, "FastChildWatcher", None)
+        watcher = getattr(asyncio.get_event_loop_policy(), "_watcher", None)
+        if fast is not None and isinstance(watcher, fast) and watcher.is_active():
+            return watcher
+        return None
+
+    def _watcher_reported(self, pid, returncode, transp):
+        self.call_soon_threadsafe(transp._process_exited, returncode)
+
+    def _watch_child(self, pid, transp):
+        """Reaps `pid` when it exits, with no watcher thread and no SIGCHLD
+        handler: the loop polls a pidfd (readable once the child has exited),
+        then waitpid(WNOHANG) collects the status."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.call_soon(self._child_exited, pid, None, transp)
+            return
+        self._child_pidfds[pid] = pidfd
+        self._add_reader(pidfd, self._child_exited, pid, pidfd, transp)
+
+    def _child_exited(self, pid, pidfd, transp):
+        if pidfd is not None:
+            self._remove_reader(pidfd)
+            os.close(pidfd)
+            self._child_pidfds.pop(pid, None)
+        try:
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            wpid = None
+        if wpid == 0:  # not yet (cannot happen once the pidfd is readable): look again
+            self._watch_child(pid, transp)
+            return
+        if wpid is None:
+            logger.warning("Unknown child process pid %d, will report returncode 255", pid)
+            returncode = 255
+        else:
+            returncode = os.waitstatus_to_exitcode(status)
+            if self._debug:
+                logger.debug("process %s exited with returncode %s", pid, returncode)
+        transp._process_exited(returncode)
+
+    def _close_child_pidfds(self):
+        for pidfd in self._child_pidfds.values():
+            os.close(pidfd)
+        self._child_pidfds.clear()
 
     def _uring_log_lost_write(self):
         logger.warning("socket.send() raised exception.")

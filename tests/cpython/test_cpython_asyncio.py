@@ -12,12 +12,12 @@ import uringloop
 from test.test_asyncio import test_events, test_sock_lowlevel
 from test.test_asyncio import utils as test_utils
 
-# Datagram and subprocess transports are not built yet; until they
+# The datagram transport is not built yet; until they
 # are, these mixin tests are not collected (see EXCLUDED_REASON).
-EXCLUDED_REASON = "needs datagram or subprocess transports (not built yet)"
+EXCLUDED_REASON = "needs the datagram transport (not built yet)"
 EVENTS_EXCLUDED = {
     name for name in dir(test_events.EventLoopTestsMixin)
-    if name.startswith("test_") and any(k in name for k in ("datagram", "subprocess"))
+    if name.startswith("test_") and "datagram" in name
 }
 SOCK_EXCLUDED = set()
 
@@ -40,7 +40,8 @@ def _uring_loop_case(mixin, excluded):
     return Case
 
 
-class UringEventLoopTests(_uring_loop_case(test_events.EventLoopTestsMixin, EVENTS_EXCLUDED)):
+class UringEventLoopTests(_uring_loop_case(test_events.EventLoopTestsMixin, EVENTS_EXCLUDED),
+                          test_events.SubprocessTestsMixin):
     pass
 
 

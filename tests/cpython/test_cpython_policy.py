@@ -13,8 +13,8 @@ import unittest
 import uringloop
 from test.test_asyncio import utils as test_utils
 from test.test_asyncio import (test_buffered_proto, test_context, test_locks, test_queues, test_sendfile,
-                               test_server, test_ssl, test_sslproto, test_streams, test_taskgroups,
-                               test_threads, test_timeouts, test_waitfor)
+                               test_server, test_ssl, test_sslproto, test_streams, test_subprocess,
+                               test_taskgroups, test_threads, test_timeouts, test_waitfor)
 
 
 class _UringOnlyPolicy(uringloop.EventLoopPolicy):
@@ -46,12 +46,16 @@ def _new_uring_loop(self):
     return loop
 
 
-# Tests that need datagram or subprocess transports, which uringloop does not have
-# yet; they are not collected until it does (and are listed in the notes).
-EXCLUDED_REASON = "needs datagram or subprocess transports (not built yet)"
+# Tests not collected, each with its reason (listed in the notes too).
 EXCLUDED = {
-    "StreamTests": {"test_read_all_from_pipe_reader"},  # runs a subprocess
-    "UringSendfileTests": {"test_sendfile_not_supported"},  # a datagram endpoint
+    "UringSendfileTests": {
+        "test_sendfile_not_supported": "needs the datagram transport (not built yet)",
+    },
+    "GenericWatcherTests": {
+        "test_create_subprocess_fails_with_inactive_watcher":
+            "asserts that the loop consults asyncio's child watcher; uringloop reaps its children "
+            "through pidfds and needs none (as uvloop)",
+    },
 }
 
 
@@ -63,8 +67,8 @@ def _without_excluded(cls):
 
 
 # Modules whose tests take the loop from the policy: collected as they are.
-for _module in (test_streams, test_ssl, test_sslproto, test_taskgroups, test_timeouts, test_waitfor,
-                test_locks, test_queues, test_context, test_threads):
+for _module in (test_streams, test_ssl, test_sslproto, test_subprocess, test_taskgroups, test_timeouts,
+                test_waitfor, test_locks, test_queues, test_context, test_threads):
     for _name, _obj in vars(_module).items():
         if (isinstance(_obj, type) and issubclass(_obj, unittest.TestCase) and _obj.__module__ == _module.__name__
                 and "Proactor" not in _name and "Selector" not in _name):

@@ -1,0 +1,138 @@
+"""Pipes and subprocesses on uringloop and stock asyncio, same assertions."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from conftest import run
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+PY = sys.executable
+
+
+def test_exec_with_pipes_and_exit_code(loop):
+    async def main():
+        p = await asyncio.create_subprocess_exec(
+            PY, "-c", "import sys; d = sys.stdin.read(); sys.stdout.write(d.upper()); "
+                      "sys.stderr.write('err'); sys.exit(7)",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await p.communicate(b"hello" * 100_000)
+        assert out == b"HELLO" * 100_000 and err == b"err"
+        assert p.returncode == 7
+
+    run(loop, main(), timeout=30)
+
+
+def test_shell_stderr_to_stdout_env_cwd(loop):
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            p = await asyncio.create_subprocess_shell(
+                "echo $GREETING; pwd; echo oops 1>&2",
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env={"GREETING": "hi", "PATH": os.environ["PATH"]}, cwd=d)
+            out, _ = await p.communicate()
+            assert out.decode().split() == ["hi", os.path.realpath(d), "oops"]
+            assert p.returncode == 0
+
+    run(loop, main())
+
+
+def test_devnull_fd_and_file_stdio(loop):
+    async def main():
+        with tempfile.TemporaryFile() as f:
+            p = await asyncio.create_subprocess_exec(
+                PY, "-c", "import sys; print(len(sys.stdin.read())); print('to file')",
+                stdin=subprocess.DEVNULL, stdout=f)
+            assert await p.wait() == 0
+            f.seek(0)
+            assert f.read().split() == [b"0", b"to", b"file"]
+        r, w = os.pipe()
+        p = await asyncio.create_subprocess_exec(
+            PY, "-c", f"import os; os.write({w}, b'via pass_fds')", pass_fds=(w,))
+        os.close(w)
+        assert await p.wait() == 0
+        assert os.read(r, 100) == b"via pass_fds"
+        os.close(r)
+
+    run(loop, main())
+
+
+def test_new_session_kill_and_terminate(loop):
+    async def main():
+        p = await asyncio.create_subprocess_exec(
+            PY, "-c", "import os, time; print(os.getsid(0) == os.getpid(), flush=True); time.sleep(60)",
+            stdout=subprocess.PIPE, start_new_session=True)
+        assert (await p.stdout.readline()).strip() == b"True"
+        p.terminate()
+        assert await p.wait() == -signal.SIGTERM
+        p = await asyncio.create_subprocess_exec(PY, "-c", "import time; time.sleep(60)")
+        p.kill()
+        assert await p.wait() == -signal.SIGKILL
+        p = await asyncio.create_subprocess_exec(PY, "-c", "import time; time.sleep(60)")
+        p.send_signal(signal.SIGINT)
+        assert await p.wait() != 0
+
+    run(loop, main())
+
+
+def test_many_concurrent_subprocesses(loop):
+    async def one(i):
+        p = await asyncio.create_subprocess_exec(PY, "-c", f"print({i})", stdout=subprocess.PIPE)
+        out, _ = await p.communicate()
+        return int(out)
+
+    async def main():
+        assert await asyncio.gather(*(one(i) for i in range(20))) == list(range(20))
+
+    run(loop, main(), timeout=60)
+
+
+def test_read_and_write_pipes(loop):
+    class Reader(asyncio.Protocol):
+        def __init__(self):
+            self.data = bytearray()
+            self.done = loop.create_future()
+
+        def data_received(self, data):
+            self.data += data
+
+        def connection_lost(self, exc):
+            self.done.set_result(exc)
+
+    async def main():
+        r, w = os.pipe()
+        rtr, rpr = await loop.connect_read_pipe(Reader, os.fdopen(r, "rb", 0))
+        wtr, wpr = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(w, "wb", 0))
+        assert wtr.get_extra_info("pipe") is not None
+        payload = os.urandom(1_000_000)
+        wtr.write(payload)
+        wtr.close()  # flushes, then closes: the reader sees EOF
+        assert await rpr.done is None
+        assert bytes(rpr.data) == payload
+
+    run(loop, main(), timeout=30)
+
+
+def test_write_pipe_sees_reader_go_away(loop):
+    class Writer(asyncio.Protocol):
+        def __init__(self):
+            self.lost = loop.create_future()
+
+        def connection_lost(self, exc):
+            self.lost.set_result(exc)
+
+    async def main():
+        r, w = os.pipe()
+        wtr, wpr = await loop.connect_write_pipe(Writer, os.fdopen(w, "wb", 0))
+        os.close(r)
+        exc = await wpr.lost
+        assert exc is None or isinstance(exc, BrokenPipeError)
+        assert wtr.is_closing()
+
+    run(loop, main())
