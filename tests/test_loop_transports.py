@@ -492,3 +492,100 @@ def test_loop_sendfile_over_transport(loop):
         listener.close()
 
     run(loop, main())
+
+
+class DatagramRecorder(asyncio.DatagramProtocol):
+    def __init__(self, loop):
+        self.datagrams = []
+        self.errors = []
+        self.transport = None
+        self.got = asyncio.Event()
+        self.lost = loop.create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.datagrams.append((data, addr))
+        self.got.set()
+
+    def error_received(self, exc):
+        self.errors.append(exc)
+        self.got.set()
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data.upper(), addr)
+
+
+def test_udp_endpoints_unconnected_and_connected(loop):
+    async def main():
+        srv_tr, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", 0))
+        addr = srv_tr.get_extra_info("sockname")
+        # unconnected: explicit addresses
+        tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), local_addr=("127.0.0.1", 0))
+        for i in range(50):
+            tr.sendto(b"msg %d" % i, addr)
+        while len(pr.datagrams) < 50:
+            pr.got.clear()
+            await pr.got.wait()
+        assert sorted(d for d, _ in pr.datagrams) == sorted(b"MSG %d" % i for i in range(50))
+        assert all(a == addr for _, a in pr.datagrams)
+        tr.close()
+        await pr.lost
+        # connected: sendto() without an address, anything else refused
+        tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), remote_addr=addr)
+        tr.sendto(b"connected")
+        await pr.got.wait()
+        assert pr.datagrams == [(b"CONNECTED", addr)]
+        with pytest.raises(ValueError):
+            tr.sendto(b"x", ("127.0.0.1", 9))
+        tr.close()
+        await pr.lost
+        srv_tr.close()
+
+    run(loop, main())
+
+
+def test_udp_error_received_for_refused_port(loop):
+    async def main():
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()
+        probe.close()  # nobody listens there: ICMP port unreachable
+        tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), remote_addr=dead)
+        for _ in range(20):
+            tr.sendto(b"anyone?")
+            await asyncio.sleep(0.01)
+            if pr.errors:
+                break
+        assert pr.errors and isinstance(pr.errors[0], ConnectionRefusedError)
+        assert not tr.is_closing()  # errors are reported, the endpoint lives on
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_unix_datagram_endpoint(loop):
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            srv_path, cli_path = os.path.join(d, "srv"), os.path.join(d, "cli")
+            srv_tr, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=srv_path, family=socket.AF_UNIX)
+            tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), local_addr=cli_path,
+                                                         family=socket.AF_UNIX)
+            tr.sendto(b"unix dgram", srv_path)
+            await pr.got.wait()
+            assert pr.datagrams == [(b"UNIX DGRAM", srv_path)]
+            tr.close()
+            await pr.lost
+            srv_tr.close()
+
+    run(loop, main())

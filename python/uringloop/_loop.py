@@ -19,10 +19,11 @@ import sys
 import threading
 import weakref
 
-from asyncio import base_events, coroutines, events, exceptions, format_helpers
+from asyncio import base_events, coroutines, events, exceptions, format_helpers, futures
 from asyncio.log import logger
 
 from . import _core
+from ._dgram import DatagramTransport
 from ._net import NetworkMixin
 
 # Operation codes of LoopCore._sock_op (server/us_sockops.c).
@@ -449,16 +450,16 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
                 file.seek(offset)
         return total_sent
 
-    # ---- what is not built yet ----
+    # ---- datagrams ----
 
-    def _transport_not_ready(self, what):
-        raise NotImplementedError(
-            f"uringloop does not provide {what} yet: the datagram transport on io_uring is "
-            f"still being built; stream, pipe and subprocess transports, servers and TLS work")
-
-    def _make_datagram_transport(self, sock, *args, **kwargs):
-        sock.close()  # create_datagram_endpoint() made it and would leak it
-        self._transport_not_ready("datagram transports")
+    def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
+        transport = DatagramTransport(self, sock, protocol, address, extra)
+        self._transports[sock.fileno()] = transport
+        self.call_soon(protocol.connection_made, transport)
+        self.call_soon(transport._start_reading)
+        if waiter is not None:
+            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
+        return transport
 
 
 

@@ -12,13 +12,8 @@ import uringloop
 from test.test_asyncio import test_events, test_sock_lowlevel
 from test.test_asyncio import utils as test_utils
 
-# The datagram transport is not built yet; until they
-# are, these mixin tests are not collected (see EXCLUDED_REASON).
-EXCLUDED_REASON = "needs the datagram transport (not built yet)"
-EVENTS_EXCLUDED = {
-    name for name in dir(test_events.EventLoopTestsMixin)
-    if name.startswith("test_") and "datagram" in name
-}
+# Every test of the mixins is collected; none is excluded.
+EVENTS_EXCLUDED = set()
 SOCK_EXCLUDED = set()
 
 

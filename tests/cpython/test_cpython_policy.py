@@ -48,9 +48,6 @@ def _new_uring_loop(self):
 
 # Tests not collected, each with its reason (listed in the notes too).
 EXCLUDED = {
-    "UringSendfileTests": {
-        "test_sendfile_not_supported": "needs the datagram transport (not built yet)",
-    },
     "GenericWatcherTests": {
         "test_create_subprocess_fails_with_inactive_watcher":
             "asserts that the loop consults asyncio's child watcher; uringloop reaps its children "

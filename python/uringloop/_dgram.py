@@ -1,0 +1,225 @@
+"""The datagram transport of uringloop: UDP and Unix datagram sockets.
+
+Reading keeps one io_uring RECVMSG in flight (``_core`` sock op) and hands
+each datagram to ``datagram_received``; pause_reading() cancels it (a
+datagram that completes before the cancel is stashed by the core and
+delivered first on resume). ``sendto`` tries the kernel at once, as asyncio
+does, and queues to io_uring SENDMSG ops only when the socket is full.
+Semantics follow asyncio's selector datagram transport.
+"""
+
+import collections
+import socket
+
+from asyncio import exceptions, transports, trsock
+from asyncio.log import logger
+
+_RECVFROM, _SENDTO = 2, 5  # _core sock op codes (server/us_sockops.c)
+_MAX_DATAGRAM = 256 * 1024
+
+
+class DatagramTransport(transports._FlowControlMixin, transports.DatagramTransport):
+    def __init__(self, loop, sock, protocol, address=None, extra=None):
+        super().__init__(extra, loop)
+        self._extra["socket"] = trsock.TransportSocket(sock)
+        try:
+            self._extra["sockname"] = sock.getsockname()
+        except OSError:
+            self._extra["sockname"] = None
+        if "peername" not in self._extra:
+            try:
+                self._extra["peername"] = sock.getpeername()
+            except OSError:
+                self._extra["peername"] = None
+        self._sock = sock
+        self._sock_fd = sock.fileno()
+        self._protocol = protocol
+        self._address = address
+        self._buffer = collections.deque()
+        self._buffer_size = 0
+        self._reading = None  # the future of the RECVMSG in flight
+        self._paused = False
+        self._closing = False
+        self._conn_lost = 0
+        self._sending = False
+
+    def __repr__(self):
+        state = "closed" if self._sock is None else "closing" if self._closing else "open"
+        return f"<uringloop DatagramTransport fd={self._sock_fd} {state}>"
+
+    # ---- reading ----
+
+    def _start_reading(self):
+        if self._paused or self._closing or self._reading is not None or self._sock is None:
+            return
+        if self._loop._sock_stashes:
+            item = self._loop._stash_pop(self._sock, _RECVFROM)
+            if item is not None:  # arrived while a cancel was in flight
+                self._loop.call_soon(self._deliver, item)
+                return
+        self._reading = self._loop._sock_op(_RECVFROM, self._sock, _MAX_DATAGRAM)
+        self._reading.add_done_callback(self._on_datagram)
+
+    def _on_datagram(self, fut):
+        self._reading = None
+        if fut.cancelled() or self._closing:
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._deliver(fut.result())
+        elif isinstance(exc, OSError):
+            self._protocol.error_received(exc)
+            self._start_reading()
+        else:
+            self._fatal_error(exc, "Fatal read error on datagram transport")
+
+    def _deliver(self, item):
+        if self._closing:
+            return
+        data, addr = item
+        try:
+            self._protocol.datagram_received(data, addr)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.datagram_received() call failed.")
+            return
+        self._start_reading()
+
+    def pause_reading(self):
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        if self._reading is not None:
+            self._reading.cancel()
+            self._reading = None
+
+    def resume_reading(self):
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        self._start_reading()
+
+    def is_reading(self):
+        return not self._paused and not self._closing
+
+    # ---- writing ----
+
+    def get_write_buffer_size(self):
+        return self._buffer_size
+
+    def sendto(self, data, addr=None):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+        if self._address:
+            if addr not in (None, self._address):
+                raise ValueError(f"Invalid address: must be None or {self._address}")
+            addr = self._address
+        if self._conn_lost and self._address:
+            if self._conn_lost >= 5:
+                logger.warning("socket.send() raised exception.")
+            self._conn_lost += 1
+            return
+        if not self._buffer and not self._sending:
+            try:
+                if self._extra["peername"]:
+                    self._sock.send(data)
+                else:
+                    self._sock.sendto(data, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                return
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal write error on datagram transport")
+                return
+        self._buffer.append((bytes(data), addr))
+        self._buffer_size += len(data)
+        self._maybe_pause_protocol()
+        self._send_next()
+
+    def _send_next(self):
+        if self._sending or not self._buffer or self._sock is None:
+            return
+        data, addr = self._buffer[0]
+        self._sending = True
+        if addr is None:
+            fut = self._loop._sock_op(4, self._sock, data)  # sendall on a connected socket
+        else:
+            fut = self._loop._sock_op(_SENDTO, self._sock, data, addr)
+        fut.add_done_callback(self._on_sent)
+
+    def _on_sent(self, fut):
+        self._sending = False
+        data, _ = self._buffer.popleft()
+        self._buffer_size -= len(data)
+        if not fut.cancelled():
+            exc = fut.exception()
+            if isinstance(exc, OSError):
+                self._protocol.error_received(exc)
+            elif exc is not None:
+                self._fatal_error(exc, "Fatal write error on datagram transport")
+                return
+        self._maybe_resume_protocol()
+        if self._buffer:
+            self._send_next()
+        elif self._closing and not self._conn_lost:
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    # ---- closing ----
+
+    def is_closing(self):
+        return self._closing
+
+    def close(self):
+        if self._closing:
+            return
+        self._closing = True
+        if self._reading is not None:
+            self._reading.cancel()
+            self._reading = None
+        if not self._buffer and not self._sending:
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self):
+        self._force_close(None)
+
+    def _fatal_error(self, exc, message="Fatal error on transport"):
+        if not isinstance(exc, OSError):
+            self._loop.call_exception_handler({"message": message, "exception": exc,
+                                               "transport": self, "protocol": self._protocol})
+        self._force_close(exc)
+
+    def _force_close(self, exc):
+        if self._conn_lost:
+            return
+        self._buffer.clear()
+        self._buffer_size = 0
+        self._closing = True
+        if self._reading is not None:
+            self._reading.cancel()
+            self._reading = None
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc):
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            # The cancelled RECVMSG may still hold the socket in the kernel
+            # for an iteration; the fd itself is closed now.
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = None
+            self._protocol = None
+
+    def __del__(self, _warn=__import__("warnings").warn):
+        if getattr(self, "_sock", None) is not None and not self._closing:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            self._sock.close()
