@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -24,6 +25,7 @@ typedef struct {
     int fd;
     size_t sent, received;
     double started;
+    int done;
 } conn_t;
 
 static double now(void)
@@ -37,6 +39,25 @@ static int cmp_u32(const void *a, const void *b)
 {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
     return x < y ? -1 : x > y;
+}
+
+/* Writes what the socket takes; asks for EPOLLOUT while some is left. */
+static void pump_write(int ep, conn_t *c, const char *out, size_t msgsize)
+{
+    while (c->sent < msgsize) {
+        ssize_t w = write(c->fd, out + c->sent, msgsize - c->sent);
+        if (w < 0) {
+            if (errno == EAGAIN)
+                break;
+            if (errno == EINTR)
+                continue;
+            perror("write");
+            exit(1);
+        }
+        c->sent += (size_t)w;
+    }
+    struct epoll_event ev = {.events = EPOLLIN | (c->sent < msgsize ? EPOLLOUT : 0), .data.ptr = c};
+    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
 static uint32_t *lat;
@@ -80,13 +101,14 @@ int main(int argc, char **argv)
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
     }
+    /* Non-blocking both ways: a large message is written as the socket
+     * takes it while the echo is read, so neither side can wedge the other. */
+    for (int i = 0; i < nconns; i++)
+        fcntl(conns[i].fd, F_SETFL, fcntl(conns[i].fd, F_GETFL) | O_NONBLOCK);
     double t0 = now(), deadline = t0 + duration;
     for (int i = 0; i < nconns; i++) {
         conns[i].started = now();
-        if (write(conns[i].fd, out, msgsize) != (ssize_t)msgsize) {
-            perror("write");
-            return 1;
-        }
+        pump_write(ep, &conns[i], out, msgsize);
     }
     uint64_t round_trips = 0;
     struct epoll_event events[256];
@@ -95,27 +117,37 @@ int main(int argc, char **argv)
         int n = epoll_wait(ep, events, 256, 1000);
         for (int e = 0; e < n; e++) {
             conn_t *c = events[e].data.ptr;
-            ssize_t r = read(c->fd, in, msgsize - c->received);
-            if (r <= 0) {
-                fprintf(stderr, "read: %s\n", r == 0 ? "connection closed" : strerror(errno));
-                return 1;
-            }
-            c->received += (size_t)r;
-            if (c->received < msgsize)
+            if (c->done)
                 continue;
-            double t = now();
-            record(t - c->started);
-            round_trips++;
-            c->received = 0;
-            if (t >= deadline) {
-                epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
-                active--;
+            if (events[e].events & EPOLLOUT)
+                pump_write(ep, c, out, msgsize);
+            if (!(events[e].events & (EPOLLIN | EPOLLERR | EPOLLHUP)))
                 continue;
-            }
-            c->started = t;
-            if (write(c->fd, out, msgsize) != (ssize_t)msgsize) {
-                perror("write");
-                return 1;
+            for (;;) {
+                ssize_t r = read(c->fd, in, msgsize - c->received);
+                if (r < 0 && (errno == EAGAIN || errno == EINTR))
+                    break;
+                if (r <= 0) {
+                    fprintf(stderr, "read: %s\n", r == 0 ? "connection closed" : strerror(errno));
+                    return 1;
+                }
+                c->received += (size_t)r;
+                if (c->received < msgsize)
+                    continue;
+                double t = now();
+                record(t - c->started);
+                round_trips++;
+                c->received = 0;
+                c->sent = 0;
+                if (t >= deadline) {
+                    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                    c->done = 1;
+                    active--;
+                    break;
+                }
+                c->started = t;
+                pump_write(ep, c, out, msgsize);
+                break;
             }
         }
     }

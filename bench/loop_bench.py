@@ -85,36 +85,61 @@ def work_timers(loop, n):
     return rate
 
 
-def work_echo_server(loop, port):
+def work_echo_server(loop, port, kind):
+    """An echo server written three ways: with sock_* calls, with streams,
+    and with a Protocol (the vmbench variants)."""
     import asyncio
 
-    async def client(conn):
+    async def sock_client(conn):
         with conn:
             while data := await loop.sock_recv(conn, 65536):
                 await loop.sock_sendall(conn, data)
 
+    async def stream_client(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    class EchoProtocol(asyncio.Protocol):
+        def connection_made(self, transport):
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.transport = transport
+
+        def data_received(self, data):
+            self.transport.write(data)
+
     async def main():
-        listener = socket.create_server(("127.0.0.1", port), backlog=1024)
-        listener.setblocking(False)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+        if kind == "protocol":
+            server = await loop.create_server(EchoProtocol, "127.0.0.1", port, backlog=1024)
+        elif kind == "streams":
+            server = await asyncio.start_server(stream_client, "127.0.0.1", port, backlog=1024)
+        else:
+            server = None
+            listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+            listener.setblocking(False)
+            tasks = set()
+
+            async def acceptor():
+                while True:
+                    conn, _ = await loop.sock_accept(listener)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    t = loop.create_task(sock_client(conn))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+
+            acc = loop.create_task(acceptor())
         print("ready", flush=True)
-        tasks = set()
-
-        async def acceptor():
-            while True:
-                conn, _ = await loop.sock_accept(listener)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                t = loop.create_task(client(conn))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-
-        acc = loop.create_task(acceptor())
         await stop.wait()
-        acc.cancel()
-        for t in list(tasks):
-            t.cancel()
-        listener.close()
+        if server is not None:
+            server.close()
+        else:
+            acc.cancel()
+            for t in list(tasks):
+                t.cancel()
+            listener.close()
 
     loop.run_until_complete(main())
 
@@ -127,7 +152,7 @@ def worker(args):
         elif args.worker == "timers":
             print(json.dumps({"rate": work_timers(loop, args.n)}))
         elif args.worker == "echo_server":
-            work_echo_server(loop, args.port)
+            work_echo_server(loop, args.port, args.kind)
     finally:
         loop.close()
 
@@ -172,10 +197,10 @@ def build_client():
     return exe
 
 
-def run_echo(loop_name, conns, size, seconds, client_exe):
+def run_echo(loop_name, conns, size, seconds, client_exe, kind="sockets"):
     port = free_port()
     server = pinned(SERVER_CORE, [sys.executable, __file__, "--worker", "echo_server", "--loop", loop_name,
-                                  "--port", str(port)], stdout=subprocess.PIPE, text=True)
+                                  "--port", str(port), "--kind", kind], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
         cpu0 = cpu_seconds(server.pid)
@@ -201,6 +226,9 @@ def main():
     p.add_argument("--n", type=int, default=0)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--kind", default="sockets", choices=("sockets", "streams", "protocol"))
+    p.add_argument("--matrix", action="store_true",
+                   help="the echo matrix: {protocol, streams, sockets} x {1, 10, 100} KiB x {1, 10, 100} connections")
     p.add_argument("--loops", default=",".join(LOOPS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "loop.json"))
     args = p.parse_args()
@@ -208,6 +236,8 @@ def main():
         return worker(args)
 
     loops = args.loops.split(",")
+    if args.matrix:
+        return run_matrix(loops, 2 if args.quick else 3, args.out.replace("loop.json", "echo_matrix.json"))
     repeats = 2 if args.quick else 5
     seconds = 2 if args.quick else 5
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": sys.version.split()[0],
@@ -234,6 +264,32 @@ def main():
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print_table(results, loops)
+
+
+def run_matrix(loops, seconds, out):
+    client = build_client()
+    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds, "cells": []}
+    for kind in ("protocol", "streams", "sockets"):
+        for size in (1024, 10 * 1024, 100 * 1024):
+            for conns in (1, 10, 100):
+                cell = {"kind": kind, "size": size, "conns": conns}
+                for name in loops:
+                    cell[name] = run_echo(name, conns, size, seconds, client, kind)
+                results["cells"].append(cell)
+                line = "  ".join(f"{n} {cell[n]['rt_per_s']:8.0f} rt/s {cell[n]['cpu_us_per_rt']:7.2f} us p99 "
+                                 f"{cell[n]['p99_us']}" for n in loops)
+                print(f"{kind:8s} {size // 1024:3d} KiB x {conns:3d}: {line}", flush=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n| server | msg | conns | " + " | ".join(f"{n} rt/s, CPU µs/rt, p99 µs" for n in loops)
+          + (" | uringloop/uvloop CPU |" if "uvloop" in loops and "uringloop" in loops else " |"))
+    print("|---|---|---|" + "---|" * (len(loops) + ("uvloop" in loops and "uringloop" in loops)))
+    for c in results["cells"]:
+        cells = [f"{c[n]['rt_per_s']:.0f}, {c[n]['cpu_us_per_rt']:.2f}, {c[n]['p99_us']}" for n in loops]
+        if "uvloop" in loops and "uringloop" in loops:
+            cells.append(f"{c['uringloop']['cpu_us_per_rt'] / c['uvloop']['cpu_us_per_rt']:.2f}x")
+        print(f"| {c['kind']} | {c['size'] // 1024} KiB | {c['conns']} | " + " | ".join(cells) + " |")
 
 
 def print_table(results, loops):
