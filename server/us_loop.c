@@ -479,8 +479,9 @@ static int run_ready_item(us_loop *self, PyObject *item)
 ue_bufring *us_loop_recv_pool(us_loop *loop)
 {
     if (!loop->recv_pool_ready) {
-        /* 512 x 16 KiB: pages are only touched as buffers get used */
-        int ret = ue_bufring_init(&loop->ue, &loop->recv_pool, 0, 512, 16384);
+        /* 256 x 64 KiB: pages are only touched as buffers get used, and a
+         * connection holds a buffer only between a completion and its copy */
+        int ret = ue_bufring_init(&loop->ue, &loop->recv_pool, 0, 256, 65536);
         if (ret < 0) {
             set_errno_error(ret);
             return NULL;

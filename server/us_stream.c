@@ -229,6 +229,29 @@ static int stream_arm_recv(us_stream *s)
     return 0;
 }
 
+#define US_MERGE_MAX (256 * 1024)
+
+/* Appends to the last undelivered chunk when this transport holds the only
+ * reference to it, so that what arrives between two deliveries reaches the
+ * protocol as one data_received() call. Returns 1 when merged. */
+static int stream_merge_inbound(us_stream *s, const char *data, int32_t n)
+{
+    Py_ssize_t count = PyList_GET_SIZE(s->inbound);
+    if (!count)
+        return 0;
+    PyObject **slot = &((PyListObject *)s->inbound)->ob_item[count - 1];
+    Py_ssize_t old = PyBytes_GET_SIZE(*slot);
+    if (Py_REFCNT(*slot) != 1 || !PyBytes_CheckExact(*slot) || old + n > US_MERGE_MAX)
+        return 0;
+    if (_PyBytes_Resize(slot, old + n) < 0) {
+        PyErr_Clear();
+        *slot = PyBytes_FromStringAndSize(NULL, 0); /* the old chunk is gone with the failure */
+        return 0;
+    }
+    memcpy(PyBytes_AS_STRING(*slot) + old, data, (size_t)n);
+    return 1;
+}
+
 static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 {
     (void)ue;
@@ -237,7 +260,9 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     if (res > 0 && (flags & IORING_CQE_F_BUFFER)) {
         ue_bufring *pool = &loop->recv_pool;
         uint16_t bid = ue_cqe_bid(flags);
-        if (!s->closing) {
+        if (!s->closing && stream_merge_inbound(s, ue_bufring_buf(pool, bid), res)) {
+            stream_schedule_ready(s);
+        } else if (!s->closing) {
             PyObject *data = PyBytes_FromStringAndSize(ue_bufring_buf(pool, bid), res);
             if (!data || PyList_Append(s->inbound, data) < 0) {
                 /* out of memory: end the connection with that error */

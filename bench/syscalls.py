@@ -1,0 +1,68 @@
+"""Syscalls per round trip of the echo servers of loop_bench.py, counted by
+strace -c -f over a fixed load, for each loop side by side.
+
+    python bench/syscalls.py [--kind protocol] [--conns 10] [--size 1024]
+"""
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import loop_bench  # noqa: E402
+
+
+def count(loop_name, kind, conns, size, seconds, client):
+    port = loop_bench.free_port()
+    with tempfile.NamedTemporaryFile(suffix=".strace", delete=False) as f:
+        out_path = f.name
+    server = subprocess.Popen(["taskset", "-c", loop_bench.SERVER_CORE, "strace", "-c", "-f", "-o", out_path,
+                               sys.executable, loop_bench.__file__, "--worker", "echo_server", "--loop", loop_name,
+                               "--port", str(port), "--kind", kind], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        res = subprocess.run(["taskset", "-c", loop_bench.CLIENT_CORE, client, "127.0.0.1", str(port), str(conns),
+                              str(size), str(seconds)], capture_output=True, text=True, check=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    import json
+    rts = json.loads(res.stdout)["round_trips"]
+    table = open(out_path).read()
+    os.unlink(out_path)
+    calls = {}
+    for line in table.splitlines():
+        m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)(?:\s+\d+)?\s+(\w+)$", line)
+        if m:
+            calls[m.group(2)] = int(m.group(1))
+    # the hot loop only: setup and teardown syscalls are few and fixed
+    return rts, sum(calls.values()), calls
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--kind", default="protocol", choices=("sockets", "streams", "protocol"))
+    p.add_argument("--conns", type=int, default=10)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--seconds", type=float, default=3)
+    p.add_argument("--loops", default="asyncio,uvloop,rloop,uringloop")
+    args = p.parse_args()
+    client = loop_bench.build_client()
+    print(f"| loop | round trips | syscalls | syscalls per round trip | top calls |  ({args.kind}, "
+          f"{args.conns} conns, {args.size} B)")
+    print("|---|---|---|---|---|")
+    for name in args.loops.split(","):
+        rts, total, calls = count(name, args.kind, args.conns, args.size, args.seconds, client)
+        top = ", ".join(f"{k} {v / rts:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:4])
+        print(f"| {name} | {rts} | {total} | {total / rts:.2f} | {top} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
