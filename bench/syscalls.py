@@ -22,17 +22,25 @@ def count(loop_name, kind, conns, size, seconds, client):
     port = loop_bench.free_port()
     with tempfile.NamedTemporaryFile(suffix=".strace", delete=False) as f:
         out_path = f.name
-    server = subprocess.Popen(["taskset", "-c", loop_bench.SERVER_CORE, "strace", "-c", "-f", "-o", out_path,
-                               sys.executable, loop_bench.__file__, "--worker", "echo_server", "--loop", loop_name,
-                               "--port", str(port), "--kind", kind], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(["taskset", "-c", loop_bench.SERVER_CORE, sys.executable, loop_bench.__file__,
+                               "--worker", "echo_server", "--loop", loop_name, "--port", str(port), "--kind", kind],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
-        time.sleep(0.2)
+        # attach for the load only: setup and teardown are not counted
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(server.pid), "-o", out_path],
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
         res = subprocess.run(["taskset", "-c", loop_bench.CLIENT_CORE, client, "127.0.0.1", str(port), str(conns),
                               str(size), str(seconds)], capture_output=True, text=True, check=True)
+        tracer.send_signal(signal.SIGINT)  # strace detaches and writes its summary
+        tracer.wait(30)
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
     import json
     rts = json.loads(res.stdout)["round_trips"]
     table = open(out_path).read()
@@ -40,9 +48,8 @@ def count(loop_name, kind, conns, size, seconds, client):
     calls = {}
     for line in table.splitlines():
         m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)(?:\s+\d+)?\s+(\w+)$", line)
-        if m:
+        if m and m.group(2) != "total":
             calls[m.group(2)] = int(m.group(1))
-    # the hot loop only: setup and teardown syscalls are few and fixed
     return rts, sum(calls.values()), calls
 
 
