@@ -152,16 +152,25 @@ static void stream_force_close(us_stream *s, PyObject *exc)
 
 /* asyncio's _fatal_error: OSErrors are only logged in debug mode (a reset
  * peer is not the application's bug), anything else goes to the handler. */
+/* loop.call_exception_handler() with asyncio's keys for a transport. */
+static void stream_report(us_stream *s, PyObject *message, PyObject *exc)
+{
+    PyObject *ctx = message ? Py_BuildValue("{s:O,s:O,s:O,s:O}", "message", message, "exception", exc, "transport",
+                                            (PyObject *)s, "protocol", s->protocol ? s->protocol : Py_None)
+                            : NULL;
+    PyObject *r = ctx ? PyObject_CallMethod((PyObject *)s->loop, "call_exception_handler", "O", ctx) : NULL;
+    Py_XDECREF(ctx);
+    if (!r)
+        PyErr_WriteUnraisable((PyObject *)s);
+    Py_XDECREF(r);
+}
+
 static void stream_fatal_error(us_stream *s, PyObject *exc, const char *message)
 {
     if (!PyObject_TypeCheck(exc, (PyTypeObject *)PyExc_OSError)) {
-        PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O,s:O}", "message", message, "exception", exc, "transport",
-                                      (PyObject *)s, "protocol", s->protocol ? s->protocol : Py_None);
-        PyObject *r = ctx ? PyObject_CallMethod((PyObject *)s->loop, "call_exception_handler", "O", ctx) : NULL;
-        Py_XDECREF(ctx);
-        if (!r)
-            PyErr_WriteUnraisable((PyObject *)s);
-        Py_XDECREF(r);
+        PyObject *msg = PyUnicode_FromString(message);
+        stream_report(s, msg, exc);
+        Py_XDECREF(msg);
     }
     stream_force_close(s, exc);
 }
@@ -470,31 +479,36 @@ static void stream_schedule_flush(us_stream *s)
         PyErr_WriteUnraisable((PyObject *)s);
 }
 
+/* Calls protocol.pause_writing() or resume_writing(); a failure goes to the
+ * loop's exception handler, as asyncio reports it. SystemExit and
+ * KeyboardInterrupt from pause_writing() propagate out of write(). */
+static void stream_flow_callback(us_stream *s, const char *method, int propagate_exit)
+{
+    PyObject *r = PyObject_CallMethod(s->protocol, method, NULL);
+    if (r) {
+        Py_DECREF(r);
+        return;
+    }
+    if (propagate_exit && (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)))
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    PyObject *msg = PyUnicode_FromFormat("protocol.%s() failed", method);
+    stream_report(s, msg, ev ? ev : Py_None);
+    Py_XDECREF(msg);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(tb);
+}
+
 static void stream_maybe_pause_protocol(us_stream *s)
 {
     if (s->wbuf <= s->high || s->protocol_paused || !s->protocol)
         return;
     s->protocol_paused = 1;
     Py_XSETREF(s->paused_obj, Py_NewRef(Py_True));
-    PyObject *r = PyObject_CallMethod(s->protocol, "pause_writing", NULL);
-    if (!r) {
-        if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-            return; /* propagates from write() */
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        PyErr_NormalizeException(&et, &ev, &tb);
-        PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O,s:O}", "message", "protocol.pause_writing() failed", "exception",
-                                      ev ? ev : Py_None, "transport", (PyObject *)s, "protocol", s->protocol);
-        PyObject *h = ctx ? PyObject_CallMethod((PyObject *)s->loop, "call_exception_handler", "O", ctx) : NULL;
-        if (!h)
-            PyErr_WriteUnraisable((PyObject *)s);
-        Py_XDECREF(h);
-        Py_XDECREF(ctx);
-        Py_XDECREF(et);
-        Py_XDECREF(ev);
-        Py_XDECREF(tb);
-    }
-    Py_XDECREF(r);
+    stream_flow_callback(s, "pause_writing", 1);
 }
 
 static void stream_maybe_resume_protocol(us_stream *s)
@@ -503,23 +517,7 @@ static void stream_maybe_resume_protocol(us_stream *s)
         return;
     s->protocol_paused = 0;
     Py_XSETREF(s->paused_obj, Py_NewRef(Py_False));
-    PyObject *r = PyObject_CallMethod(s->protocol, "resume_writing", NULL);
-    if (!r) {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        PyErr_NormalizeException(&et, &ev, &tb);
-        PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O,s:O}", "message", "protocol.resume_writing() failed", "exception",
-                                      ev ? ev : Py_None, "transport", (PyObject *)s, "protocol", s->protocol);
-        PyObject *h = ctx ? PyObject_CallMethod((PyObject *)s->loop, "call_exception_handler", "O", ctx) : NULL;
-        if (!h)
-            PyErr_WriteUnraisable((PyObject *)s);
-        Py_XDECREF(h);
-        Py_XDECREF(ctx);
-        Py_XDECREF(et);
-        Py_XDECREF(ev);
-        Py_XDECREF(tb);
-    }
-    Py_XDECREF(r);
+    stream_flow_callback(s, "resume_writing", 0);
 }
 
 static void stream_shutdown_write(us_stream *s)

@@ -60,6 +60,17 @@ async def echo_server(loop, **kw):
     return server, server.sockets[0].getsockname()
 
 
+async def connected_to_raw_peer(loop, protocol_factory):
+    """A transport connected to a plain blocking socket we drive by hand."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    tr, pr = await loop.create_connection(protocol_factory, *listener.getsockname())
+    peer, _ = listener.accept()
+    listener.close()
+    return tr, pr, peer
+
+
 def test_echo_protocol_roundtrip_and_callbacks_once(loop):
     async def main():
         server, addr = await echo_server(loop)
@@ -133,11 +144,7 @@ def test_write_flow_control_pauses_and_resumes(loop):
 
     async def main():
         # a peer that does not read until told to
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        tr, pr = await loop.create_connection(Producer, *listener.getsockname())
-        peer, _ = listener.accept()
+        tr, pr, peer = await connected_to_raw_peer(loop, Producer)
         tr.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
         assert tr.get_write_buffer_limits() == (16 * 1024, 64 * 1024)
         chunk = b"x" * 65536
@@ -159,18 +166,13 @@ def test_write_flow_control_pauses_and_resumes(loop):
         tr.close()
         await pr.lost
         peer.close()
-        listener.close()
 
     run(loop, main(), timeout=30)
 
 
 def test_pause_reading_loses_nothing(loop):
     async def main():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
-        peer, _ = listener.accept()
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
         sent = bytearray()
         for i in range(20):
             tr.pause_reading()
@@ -189,19 +191,14 @@ def test_pause_reading_loses_nothing(loop):
         tr.close()
         await pr.lost
         peer.close()
-        listener.close()
 
     run(loop, main())
 
 
 def test_half_close_both_ways(loop):
     async def main():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
-        pr.keep_open_on_eof = True
-        peer, _ = listener.accept()
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        pr.keep_open_on_eof = True  # set before the peer shuts its side below
         # the peer shuts its side: eof_received, and we can still write
         peer.shutdown(socket.SHUT_WR)
         await pr.eof
@@ -222,25 +219,19 @@ def test_half_close_both_ways(loop):
         tr.close()
         await pr.lost
         peer.close()
-        listener.close()
 
     run(loop, main())
 
 
 def test_eof_closes_when_protocol_does_not_keep_open(loop):
     async def main():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
-        peer, _ = listener.accept()
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
         peer.sendall(b"bye")
         peer.shutdown(socket.SHUT_WR)
         await pr.lost
         assert bytes(pr.data) == b"bye"
         assert pr.events == ["made", "eof", ("lost", None)]
         peer.close()
-        listener.close()
 
     run(loop, main())
 
@@ -249,11 +240,7 @@ def test_close_flushes_pending_writes_then_fin(loop):
     payload = os.urandom(3 * 1024 * 1024)
 
     async def main():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
-        peer, _ = listener.accept()
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
         tr.write(payload)
         tr.close()  # with data still queued: it is sent, then FIN
         peer.setblocking(False)
@@ -270,18 +257,13 @@ def test_close_flushes_pending_writes_then_fin(loop):
         assert bytes(got) == payload
         await pr.lost
         peer.close()
-        listener.close()
 
     run(loop, main(), timeout=30)
 
 
 def test_abort_drops_writes_and_reaches_peer(loop):
     async def main():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
-        peer, _ = listener.accept()
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
         tr.write(b"x" * 10_000_000)
         tr.abort()
         exc = await pr.lost
@@ -296,7 +278,6 @@ def test_abort_drops_writes_and_reaches_peer(loop):
             pass
         assert total < 10_000_000  # the queue was dropped, the peer saw the end
         peer.close()
-        listener.close()
 
     run(loop, main())
 
@@ -325,11 +306,7 @@ def test_close_inside_data_received(loop):
 
 def test_peer_reset_mid_write(loop):
     async def main():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
-        peer, _ = listener.accept()
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         peer.close()  # RST
         for _ in range(50):
@@ -340,7 +317,6 @@ def test_peer_reset_mid_write(loop):
         exc = await pr.lost
         assert isinstance(exc, (ConnectionResetError, BrokenPipeError))
         assert len([e for e in pr.events if e[0] == "lost"]) == 1
-        listener.close()
 
     run(loop, main())
 
@@ -467,11 +443,7 @@ def test_loop_sendfile_over_transport(loop):
     data = os.urandom(2_000_000)
 
     async def main():
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        tr, pr = await loop.create_connection(lambda: Recorder(loop), *listener.getsockname())
-        peer, _ = listener.accept()
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
         with tempfile.TemporaryFile() as f:
             f.write(data)
             f.seek(0)
@@ -489,7 +461,6 @@ def test_loop_sendfile_over_transport(loop):
         tr.close()
         await pr.lost
         peer.close()
-        listener.close()
 
     run(loop, main())
 
