@@ -70,6 +70,7 @@ for _module in (test_streams, test_ssl, test_sslproto, test_subprocess, test_tas
         if (isinstance(_obj, type) and issubclass(_obj, unittest.TestCase) and _obj.__module__ == _module.__name__
                 and "Proactor" not in _name and "Selector" not in _name):
             globals()[f"{_module.__name__.rsplit('.', 1)[-1]}__{_name}"] = _without_excluded(_obj)
+del _module, _name, _obj  # or pytest would collect the last class twice
 
 
 # Mixins that name their loop class: the same tests on uringloop.
