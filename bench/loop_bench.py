@@ -13,6 +13,7 @@ uringloop in one run:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -197,23 +198,35 @@ def build_client():
     return exe
 
 
-def run_echo(loop_name, conns, size, seconds, client_exe, kind="sockets"):
+@contextlib.contextmanager
+def echo_server(loop_name, kind="sockets"):
+    """An echo server pinned to SERVER_CORE, ready to serve; yields (process, port)."""
     port = free_port()
     server = pinned(SERVER_CORE, [sys.executable, __file__, "--worker", "echo_server", "--loop", loop_name,
                                   "--port", str(port), "--kind", kind], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
-        cpu0 = cpu_seconds(server.pid)
-        out = subprocess.run(["taskset", "-c", CLIENT_CORE, client_exe, "127.0.0.1", str(port), str(conns),
-                              str(size), str(seconds)], capture_output=True, text=True, check=True)
-        cpu1 = cpu_seconds(server.pid)
+        yield server, port
     finally:
         server.send_signal(signal.SIGTERM)
         try:
-            server.wait(10)
+            server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-    r = json.loads(out.stdout)
+
+
+def run_client(client_exe, port, conns, size, seconds):
+    """bench/echo_client.c pinned to CLIENT_CORE; its JSON result."""
+    out = subprocess.run(["taskset", "-c", CLIENT_CORE, client_exe, "127.0.0.1", str(port), str(conns), str(size),
+                          str(seconds)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def run_echo(loop_name, conns, size, seconds, client_exe, kind="sockets"):
+    with echo_server(loop_name, kind) as (server, port):
+        cpu0 = cpu_seconds(server.pid)
+        r = run_client(client_exe, port, conns, size, seconds)
+        cpu1 = cpu_seconds(server.pid)
     r["rt_per_s"] = r["round_trips"] / r["seconds"]
     r["cpu_us_per_rt"] = (cpu1 - cpu0) / r["round_trips"] * 1e6
     return r

@@ -19,30 +19,16 @@ import loop_bench  # noqa: E402
 
 
 def count(loop_name, kind, conns, size, seconds, client):
-    port = loop_bench.free_port()
     with tempfile.NamedTemporaryFile(suffix=".strace", delete=False) as f:
         out_path = f.name
-    server = subprocess.Popen(["taskset", "-c", loop_bench.SERVER_CORE, sys.executable, loop_bench.__file__,
-                               "--worker", "echo_server", "--loop", loop_name, "--port", str(port), "--kind", kind],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout.readline().strip() == "ready"
+    with loop_bench.echo_server(loop_name, kind) as (server, port):
         # attach for the load only: setup and teardown are not counted
         tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(server.pid), "-o", out_path],
                                   stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-        res = subprocess.run(["taskset", "-c", loop_bench.CLIENT_CORE, client, "127.0.0.1", str(port), str(conns),
-                              str(size), str(seconds)], capture_output=True, text=True, check=True)
+        rts = loop_bench.run_client(client, port, conns, size, seconds)["round_trips"]
         tracer.send_signal(signal.SIGINT)  # strace detaches and writes its summary
         tracer.wait(30)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-    import json
-    rts = json.loads(res.stdout)["round_trips"]
     table = open(out_path).read()
     os.unlink(out_path)
     calls = {}

@@ -39,6 +39,18 @@ static void setup(ue_loop *l)
     REQUIRE(ue_loop_start(l) == 0);
 }
 
+static void open_pair(int sv[2])
+{
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+}
+
+static void close_pair_and_loop(int sv[2], ue_loop *l)
+{
+    close(sv[0]);
+    close(sv[1]);
+    ue_loop_close(l);
+}
+
 static void run_until(ue_loop *l, int *counter, int target, double timeout)
 {
     double deadline = ue_now() + timeout;
@@ -62,7 +74,7 @@ static void test_recv_completes_once(void)
     ue_loop l;
     setup(&l);
     int sv[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    open_pair(sv);
     probe_op p = {0};
     arm_recv(&l, &p, sv[0]);
     CHECK(l.inflight == 1);
@@ -74,9 +86,7 @@ static void test_recv_completes_once(void)
     CHECK(p.finals == 1 && p.cqes == 1);
     CHECK(p.last_res == 4 && memcmp(p.buf, "ping", 4) == 0);
     CHECK(l.inflight == 0);
-    close(sv[0]);
-    close(sv[1]);
-    ue_loop_close(&l);
+    close_pair_and_loop(sv, &l);
 }
 
 static void test_cancel_pending_recv(void)
@@ -84,7 +94,7 @@ static void test_cancel_pending_recv(void)
     ue_loop l;
     setup(&l);
     int sv[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    open_pair(sv);
     probe_op p = {0};
     arm_recv(&l, &p, sv[0]);
     ue_wait(&l, 0);
@@ -100,9 +110,7 @@ static void test_cancel_pending_recv(void)
     arm_recv(&l, &q, sv[0]);
     run_until(&l, &q.finals, 1, 2.0);
     CHECK(q.last_res == 4);
-    close(sv[0]);
-    close(sv[1]);
-    ue_loop_close(&l);
+    close_pair_and_loop(sv, &l);
 }
 
 /* Data and cancel in the same batch: exactly one final CQE, carrying either
@@ -114,7 +122,7 @@ static void test_cancel_races_completion(void)
         ue_loop l;
         setup(&l);
         int sv[2];
-        REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+        open_pair(sv);
         probe_op p = {0};
         arm_recv(&l, &p, sv[0]);
         if (round % 2)
@@ -131,9 +139,7 @@ static void test_cancel_races_completion(void)
             char c;
             CHECK(read(sv[0], &c, 1) == 1); /* the byte was not consumed */
         }
-        close(sv[0]);
-        close(sv[1]);
-        ue_loop_close(&l);
+        close_pair_and_loop(sv, &l);
     }
     CHECK(got_data + got_cancel == 200);
 }
@@ -143,7 +149,7 @@ static void test_multishot_until_cancel(void)
     ue_loop l;
     setup(&l);
     int sv[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    open_pair(sv);
     probe_op p = {0};
     struct io_uring_sqe *sqe = ue_sqe(&l);
     io_uring_prep_poll_multishot(sqe, sv[0], POLLIN);
@@ -156,9 +162,7 @@ static void test_multishot_until_cancel(void)
     run_until(&l, &p.finals, 1, 2.0);
     CHECK(p.finals == 1);
     CHECK(l.inflight == 0);
-    close(sv[0]);
-    close(sv[1]);
-    ue_loop_close(&l);
+    close_pair_and_loop(sv, &l);
 }
 
 static void test_generation_changes_on_rearm(void)
@@ -166,7 +170,7 @@ static void test_generation_changes_on_rearm(void)
     ue_loop l;
     setup(&l);
     int sv[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    open_pair(sv);
     probe_op p = {0};
     arm_recv(&l, &p, sv[0]);
     uint16_t g1 = p.op.gen;
@@ -177,9 +181,7 @@ static void test_generation_changes_on_rearm(void)
     REQUIRE(write(sv[1], "2", 1) == 1);
     run_until(&l, &p.finals, 2, 2.0);
     CHECK(p.finals == 2 && p.buf[0] == '2');
-    close(sv[0]);
-    close(sv[1]);
-    ue_loop_close(&l);
+    close_pair_and_loop(sv, &l);
 }
 
 static void test_wait_timeout(void)
@@ -199,7 +201,7 @@ static void test_cancel_all(void)
     ue_loop l;
     setup(&l);
     int sv[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    open_pair(sv);
     probe_op ops[8];
     memset(ops, 0, sizeof ops);
     for (int i = 0; i < 8; i++)
@@ -210,9 +212,7 @@ static void test_cancel_all(void)
     CHECK(l.inflight == 0);
     for (int i = 0; i < 8; i++)
         CHECK(ops[i].finals == 1 && ops[i].last_res == -ECANCELED);
-    close(sv[0]);
-    close(sv[1]);
-    ue_loop_close(&l);
+    close_pair_and_loop(sv, &l);
 }
 
 static void *start_elsewhere(void *arg)
@@ -246,7 +246,7 @@ static void test_fork_gets_fresh_ring(void)
     ue_loop l;
     setup(&l);
     int sv[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    open_pair(sv);
     probe_op p = {0};
     arm_recv(&l, &p, sv[0]);
     ue_wait(&l, 0);
@@ -270,9 +270,7 @@ static void test_fork_gets_fresh_ring(void)
     REQUIRE(write(sv[1], "p", 1) == 1);
     run_until(&l, &p.finals, 1, 2.0);
     CHECK(p.finals == 1 && p.last_res == 1);
-    close(sv[0]);
-    close(sv[1]);
-    ue_loop_close(&l);
+    close_pair_and_loop(sv, &l);
 }
 
 int main(void)
