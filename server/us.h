@@ -44,6 +44,20 @@ typedef struct us_state {
     PyObject *s_call_soon, *s_call_at, *s_call_soon_threadsafe;
     PyObject *kw_loop; /* ("loop",) */
 
+    /* the HTTP server (us_http.c, us_http_cycle.c) */
+    PyTypeObject *HttpServerType, *HttpConnType, *HttpCycleType, *DoneType;
+    PyObject *done_none; /* the Done that yields None */
+    PyObject *h_scope_template, *h_asgi_template, *h_extensions_template;
+    PyObject *h_type, *h_asgi, *h_http_version, *h_method, *h_scheme, *h_path, *h_raw_path;
+    PyObject *h_query_string, *h_root_path, *h_headers, *h_client, *h_server, *h_state, *h_extensions;
+    PyObject *h_v10, *h_v11, *h_body, *h_more_body, *h_status, *h_empty_bytes;
+    PyObject *h_t_request, *h_t_disconnect, *h_t_start, *h_t_body, *h_t_pathsend;
+#define US_HTTP_NMETHODS 64
+    PyObject *h_methods[US_HTTP_NMETHODS]; /* interned, made on first use */
+#define US_HTTP_NNAMES 24
+    PyObject *h_names[US_HTTP_NNAMES]; /* common request header names */
+    int h_nnames;
+
     /* Freed handles kept for reuse: they are GC objects, and allocating a
      * batch of them would trigger generation-0 collections. */
 #define US_FREELIST_SIZE 1024
@@ -130,6 +144,11 @@ PyObject *us_acceptor_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
 int us_acceptor_run(PyObject *a);
 ue_bufring *us_loop_recv_pool(us_loop *loop);
 int us_loop_add_flush(us_loop *loop, PyObject *stream);
+
+/* us_http.c */
+int us_http_module_init(PyObject *m, us_state *st);
+void us_http_module_clear(us_state *st);
+void us_httpconn_flush(PyObject *conn);
 
 /* us_sockops.c */
 extern PyType_Spec us_sockop_spec;

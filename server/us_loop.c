@@ -514,7 +514,10 @@ static void flush_writes(us_loop *self)
 {
     for (Py_ssize_t i = 0; i < self->flush_len; i++) {
         PyObject *s = self->flush[i];
-        us_stream_flush(s);
+        if (Py_TYPE(s) == self->st->HttpConnType)
+            us_httpconn_flush(s);
+        else
+            us_stream_flush(s);
         Py_DECREF(s);
     }
     self->flush_len = 0;

@@ -181,7 +181,7 @@ static int us_module_exec(PyObject *m)
     st->kw_loop = PyTuple_Pack(1, st->s_loop);
     if (!st->kw_loop)
         return -1;
-    return 0;
+    return us_http_module_init(m, st);
 }
 
 #define STATE_FIELDS(X)                                                                                                \
@@ -212,6 +212,7 @@ static int us_module_clear(PyObject *m)
 {
     us_state *st = PyModule_GetState(m);
     us_handle_freelist_clear(st);
+    us_http_module_clear(st);
 #define CLEAR(f) Py_CLEAR(st->f);
     STATE_FIELDS(CLEAR)
 #undef CLEAR

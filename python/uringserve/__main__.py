@@ -1,26 +1,127 @@
-"""The ``uringserve`` command."""
+"""The ``uringserve`` command: uvicorn's option names, each also settable
+from a ``URINGSERVE_<OPTION>`` environment variable (``--timeout-keep-alive``
+is ``URINGSERVE_TIMEOUT_KEEP_ALIVE``)."""
 
 import argparse
+import os
 import sys
 
 from . import __version__
 
 
+class _EnvDefaults(argparse.ArgumentParser):
+    """Defaults come from URINGSERVE_* variables when they are set."""
+
+    def add(self, *flags, **kw):
+        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        env = "URINGSERVE_" + dest.upper()
+        if env in os.environ:
+            raw = os.environ[env]
+            if kw.get("action") == "append":
+                conv = kw.get("type", str)
+                try:
+                    kw["default"] = [conv(v) for v in raw.split("\n") if v.strip()]
+                except (TypeError, ValueError, argparse.ArgumentTypeError):
+                    self.error(f"invalid value {raw!r} in {env}")
+            elif kw.get("action") == argparse.BooleanOptionalAction:
+                kw["default"] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                conv = kw.get("type", str)
+                try:
+                    kw["default"] = conv(raw)
+                except (TypeError, ValueError):
+                    self.error(f"invalid value {raw!r} in {env}")
+        kw.setdefault("help", "")
+        kw["help"] += f" [env: {env}]"
+        return self.add_argument(*flags, **kw)
+
+
+def _header(value):
+    name, sep, val = value.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"header {value!r} must be NAME:VALUE")
+    return name.strip(), val.strip()
+
+
+def _positive_int(value):
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return n
+
+
+def _fd(value):
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be a file descriptor number")
+    return n
+
+
+def build_parser():
+    p = _EnvDefaults(prog="uringserve", description="An ASGI server on io_uring (uvicorn-compatible options).")
+    p.add_argument("app", nargs="?", default=os.environ.get("URINGSERVE_APP"),
+                   help="the application, as module:attribute [env: URINGSERVE_APP]")
+    p.add("--host", default="127.0.0.1", help="bind to this address (IPv4 or IPv6).")
+    p.add("--port", type=int, default=8000, help="bind to this port.")
+    p.add("--uds", default=None, help="bind to this Unix domain socket.")
+    p.add("--uds-mode", type=lambda v: int(v, 8), default=0o666, help="permission bits of the --uds socket (octal).")
+    p.add("--fd", type=_fd, default=None, help="serve on this already-bound socket (systemd socket activation).")
+    p.add("--backlog", type=_positive_int, default=2048, help="listen backlog.")
+    p.add("--workers", type=_positive_int, default=None, help="worker processes (default $WEB_CONCURRENCY or 1).")
+    p.add("--reuse-port", action=argparse.BooleanOptionalAction, default=False,
+          help="give each worker its own SO_REUSEPORT socket.")
+    p.add("--factory", action=argparse.BooleanOptionalAction, default=False,
+          help="the app is a factory: call it to get the application.")
+    p.add("--app-dir", default="", help="look for the app in this directory (default: current directory).")
+    p.add("--root-path", default="", help="ASGI root_path of an app mounted below a path.")
+    p.add("--proxy-headers", action=argparse.BooleanOptionalAction, default=True,
+          help="use X-Forwarded-For and X-Forwarded-Proto from trusted proxies.")
+    p.add("--forwarded-allow-ips", default=None,
+          help="comma-separated IPs, CIDRs, 'unix:' or '*' trusted for proxy headers "
+               "(default $FORWARDED_ALLOW_IPS or 127.0.0.1).")
+    p.add("--header", dest="headers", action="append", type=_header, default=[],
+          help="an extra response header NAME:VALUE (repeatable).")
+    p.add("--server-header", action=argparse.BooleanOptionalAction, default=True, help="send 'server: uringserve'.")
+    p.add("--date-header", action=argparse.BooleanOptionalAction, default=True, help="send a Date header.")
+    p.add("--timeout-keep-alive", type=float, default=5, help="close idle keep-alive connections after this many s.")
+    p.add("--timeout-graceful-shutdown", type=float, default=None,
+          help="on shutdown, wait this long for requests in flight, then cancel them.")
+    p.add("--timeout-request-header", type=float, default=30,
+          help="close a connection whose request headers take longer than this (slowloris).")
+    p.add("--limit-concurrency", type=_positive_int, default=None,
+          help="answer 503 above this many connections or running requests.")
+    p.add("--limit-max-requests", type=_positive_int, default=None, help="exit after serving this many requests.")
+    p.add("--limit-request-line", type=_positive_int, default=8190, help="longest request target (414 above).")
+    p.add("--limit-request-fields", type=_positive_int, default=100, help="most request header fields (431 above).")
+    p.add("--limit-request-field-size", type=_positive_int, default=8190,
+          help="longest request header field (431 above).")
+    p.add("--lifespan", choices=("auto", "on", "off"), default="auto", help="ASGI lifespan protocol.")
+    p.add("--log-level", choices=("critical", "error", "warning", "info", "debug", "trace"), default=None,
+          help="log level.")
+    p.add("--log-config", default=None, help="logging configuration file (.json, .yaml or .ini).")
+    p.add("--access-log", action=argparse.BooleanOptionalAction, default=True, help="log every request.")
+    p.add_argument("--version", action="store_true", help="print the version and exit.")
+    return p
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="uringserve", description="ASGI server on io_uring (uvicorn-compatible options).")
-    parser.add_argument("app", nargs="?", help="the application, as module:attribute")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        import platform
-        print(f"Running uringserve {__version__} with "
-              f"{platform.python_implementation()} {platform.python_version()} on {platform.system()}")
+        from .config import version_line
+
+        print(version_line())
         return 0
-    print("uringserve: the HTTP server is not built yet (it arrives with the ASGI server "
-          "issue); today this package provides the uringloop event loop: "
-          "python -m uringloop.examples or see README.md", file=sys.stderr)
-    return 2
+    if not args.app:
+        parser.error("the application is missing: uringserve module:attribute")
+    if args.log_config is not None and not os.path.exists(args.log_config):
+        parser.error(f"--log-config: no such file: {args.log_config}")
+    from .server import run
+
+    opts = vars(args).copy()
+    app = opts.pop("app")
+    opts.pop("version")
+    return run(app, **opts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""Config: every server setting, with uvicorn's names and defaults, and
+loading the application."""
+
+import importlib
+import inspect
+import logging
+import os
+import socket
+import sys
+
+from . import __version__
+from .logging import configure as configure_logging
+
+logger = logging.getLogger("uringserve.error")
+
+LIFESPAN_MODES = ("auto", "on", "off")
+
+
+class AppLoadError(Exception):
+    """The application could not be imported; the message says why."""
+
+
+def import_from_string(target):
+    if not isinstance(target, str):
+        return target
+    module_name, _, attrs = target.partition(":")
+    if not module_name or not attrs:
+        raise AppLoadError(f'Import string "{target}" must be in format "<module>:<attribute>".')
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise AppLoadError(f'Could not import module "{module_name}".') from None
+    obj = module
+    try:
+        for attr in attrs.split("."):
+            obj = getattr(obj, attr)
+    except AttributeError:
+        raise AppLoadError(f'Attribute "{attrs}" not found in module "{module_name}".') from None
+    return obj
+
+
+class Config:
+    def __init__(
+        self,
+        app,
+        host="127.0.0.1",
+        port=8000,
+        uds=None,
+        fd=None,
+        backlog=2048,
+        factory=False,
+        app_dir="",
+        root_path="",
+        proxy_headers=True,
+        forwarded_allow_ips=None,
+        headers=None,
+        server_header=True,
+        date_header=True,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=None,
+        timeout_request_header=30,
+        limit_concurrency=None,
+        limit_max_requests=None,
+        limit_request_line=8190,
+        limit_request_fields=100,
+        limit_request_field_size=8190,
+        lifespan="auto",
+        log_level=None,
+        log_config=None,
+        access_log=True,
+        workers=None,
+        reuse_port=False,
+        uds_mode=0o666,
+        configure_logging=True,
+    ):
+        if lifespan not in LIFESPAN_MODES:
+            raise ValueError(f"lifespan must be one of {', '.join(LIFESPAN_MODES)}")
+        self.app = app
+        self.host = host
+        self.port = int(port)
+        self.uds = uds
+        self.fd = fd
+        self.backlog = int(backlog)
+        self.factory = factory
+        self.app_dir = app_dir
+        self.root_path = root_path or ""
+        self.proxy_headers = proxy_headers
+        if forwarded_allow_ips is None:
+            forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+        self.forwarded_allow_ips = forwarded_allow_ips
+        self.headers = list(headers or [])
+        self.server_header = server_header
+        self.date_header = date_header
+        self.timeout_keep_alive = float(timeout_keep_alive)
+        self.timeout_graceful_shutdown = timeout_graceful_shutdown
+        self.timeout_request_header = float(timeout_request_header)
+        self.limit_concurrency = limit_concurrency
+        self.limit_max_requests = limit_max_requests
+        self.limit_request_line = limit_request_line
+        self.limit_request_fields = limit_request_fields
+        self.limit_request_field_size = limit_request_field_size
+        self.lifespan = lifespan
+        self.log_level = log_level
+        self.log_config = log_config
+        self.access_log = access_log
+        if workers is None:
+            workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+        self.workers = workers
+        self.reuse_port = reuse_port
+        self.uds_mode = uds_mode
+        self.loaded_app = None
+        if configure_logging:
+            configure_logging_once(self)
+
+    def encoded_headers(self):
+        """Extra response headers as (bytes, bytes): server first, then --header."""
+        out = []
+        names = {name.lower() for name, _ in self.headers}
+        if self.server_header and "server" not in names:
+            out.append((b"server", b"uringserve"))
+        for name, value in self.headers:
+            out.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        return out
+
+    def load(self):
+        """Import the application (module:attribute, or a callable)."""
+        if self.app_dir is not None:
+            sys.path.insert(0, os.path.abspath(self.app_dir or "."))
+        app = import_from_string(self.app)
+        if self.factory:
+            if not callable(app):
+                raise AppLoadError("The --factory target is not callable.")
+            app = app()
+        elif isinstance(self.app, str) and inspect.isfunction(app) and not inspect.iscoroutinefunction(app):
+            params = inspect.signature(app).parameters
+            if len(params) == 0:
+                logger.warning("The application looks like a factory; use --factory to call it.")
+        if not callable(app):
+            raise AppLoadError(f"The application {self.app!r} is not callable.")
+        if len(_asgi_params(app)) == 1:
+            app = _ASGI2(app)
+        self.loaded_app = app
+        return app
+
+    def bind_sockets(self, inherited=None):
+        """The listening sockets: inherited, --fd, --uds, or --host/--port."""
+        if inherited:
+            return list(inherited)
+        if self.fd is not None:
+            sock = socket.socket(fileno=int(self.fd))
+            return [sock]
+        if self.uds:
+            path = self.uds
+            if os.path.exists(path) and not os.path.isdir(path):
+                import stat
+
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+                os.chmod(path, self.uds_mode)
+                sock.listen(self.backlog)
+            except OSError:
+                sock.close()
+                raise
+            return [sock]
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((self.host, self.port))
+            sock.listen(self.backlog)
+        except OSError:
+            sock.close()
+            raise
+        return [sock]
+
+
+def _asgi_params(app):
+    target = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)
+    try:
+        return [p for p in inspect.signature(target).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return [1, 2, 3]
+
+
+class _ASGI2:
+    """An ASGI 2 application (scope) -> coroutine(receive, send)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope)(receive, send)
+
+
+_logging_done = False
+
+
+def configure_logging_once(config):
+    global _logging_done
+    if not _logging_done or config.log_config is not None:
+        configure_logging(config.log_config, config.log_level, config.access_log)
+        _logging_done = True
+    elif config.log_level is not None:
+        configure_logging(None, config.log_level, config.access_log)
+
+
+def version_line():
+    import platform
+
+    return (f"Running uringserve {__version__} with {platform.python_implementation()} "
+            f"{platform.python_version()} on {platform.system()}")

@@ -1,0 +1,244 @@
+"""Server: binds, runs lifespan, serves with the C core, shuts down
+gracefully. ``run(app, **options)`` is the one-call entry point."""
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import uringloop
+from uringloop._core import HttpServer
+
+from .config import AppLoadError, Config
+from .lifespan import Lifespan
+from .proxy import ProxyHeaders
+
+logger = logging.getLogger("uringserve.error")
+access_logger = logging.getLogger("uringserve.access")
+
+STARTUP_FAILURE = 3
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _access_hook():
+    log = access_logger.info
+
+    def access(scope, status):
+        client = scope.get("client")
+        addr = f"{client[0]}:{client[1]}" if client else ""
+        path = scope["raw_path"].decode("latin-1")
+        qs = scope["query_string"]
+        if qs:
+            path = f"{path}?{qs.decode('ascii', 'replace')}"
+        log('%s - "%s %s HTTP/%s" %d', addr, scope["method"], path, scope["http_version"], status)
+
+    return access
+
+
+def _log_error(message, exc):
+    if exc is not None:
+        logger.error(message.rstrip("\n"), exc_info=(type(exc), exc, exc.__traceback__))
+    else:
+        logger.error(message)
+
+
+class Server:
+    def __init__(self, config):
+        self.config = config
+        self.should_exit = False
+        self.force_exit = False
+        self.started = False
+        self.core = None
+        self.sockets = []
+        self.exit_code = 0
+        self.lifespan = None
+
+    # -- entry points --
+
+    def run(self, sockets=None):
+        try:
+            loop = uringloop.new_event_loop()
+        except uringloop.IOUringUnavailableError as exc:
+            logger.error("%s", exc)
+            self.exit_code = 1
+            return self.exit_code
+        try:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self.serve(sockets))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+        return self.exit_code
+
+    async def serve(self, sockets=None):
+        config = self.config
+        try:
+            app = config.loaded_app or config.load()
+        except AppLoadError as exc:
+            logger.error("Error loading ASGI app. %s", exc)
+            self.exit_code = 1
+            return
+        except Exception:
+            logger.exception("Error loading ASGI app.")
+            self.exit_code = 1
+            return
+        loop = asyncio.get_running_loop()
+        self._install_signal_handlers(loop)
+        logger.info("Started server process [%d]", os.getpid())
+        self.lifespan = Lifespan(app, config.lifespan)
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            self.exit_code = STARTUP_FAILURE
+            return
+        try:
+            started = await self.startup(app, sockets)
+        except Exception as exc:
+            logger.error("Could not start the server: %s", exc)
+            started = False
+        if not started:
+            await self.lifespan.shutdown()
+            self.exit_code = 1
+            return
+        await self.main_loop()
+        await self.shutdown()
+
+    # -- phases --
+
+    async def startup(self, app, sockets=None):
+        config = self.config
+        loop = asyncio.get_running_loop()
+        try:
+            self.sockets = config.bind_sockets(sockets)
+        except OSError as exc:
+            where = config.uds or (config.host, config.port)
+            logger.error("[Errno %s] error while attempting to bind on address %r: %s",
+                         exc.errno, where, (exc.strerror or str(exc)).lower())
+            return False
+        proxy = None
+        if config.proxy_headers:
+            proxy = ProxyHeaders(config.forwarded_allow_ips).apply
+        access = _access_hook() if config.access_log and access_logger.isEnabledFor(logging.INFO) else None
+        self.core = HttpServer(
+            loop, app, _log_error,
+            access_log=access,
+            proxy=proxy,
+            root_path=config.root_path,
+            headers=config.encoded_headers(),
+            date_header=config.date_header,
+            keepalive_timeout=config.timeout_keep_alive,
+            header_timeout=config.timeout_request_header,
+            limit_concurrency=config.limit_concurrency or 0,
+            limits={
+                "max_request_line": config.limit_request_line,
+                "max_headers": config.limit_request_fields,
+                "max_field_size": config.limit_request_field_size,
+            },
+        )
+        self.core.state = self.lifespan.state
+        for sock in self.sockets:
+            self.core.listen(sock)
+        self._log_started(sockets is not None)
+        self.started = True
+        return True
+
+    def _log_started(self, inherited):
+        config = self.config
+        sock = self.sockets[0]
+        if sock.family == socket.AF_UNIX:
+            logger.info("Uringserve running on unix socket %s (Press CTRL+C to quit)", sock.getsockname())
+            return
+        host, port = sock.getsockname()[:2]
+        if config.fd is not None or inherited:
+            logger.info("Uringserve running on socket %s (Press CTRL+C to quit)", (host, port))
+            return
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("Uringserve running on http://%s:%d (Press CTRL+C to quit)", shown, port)
+
+    async def main_loop(self):
+        max_requests = self.config.limit_max_requests
+        ticks = 0
+        while not self.should_exit:
+            await asyncio.sleep(0.1)
+            ticks += 1
+            if ticks % 10 == 0:
+                self.core.tick()
+            if max_requests is not None and self.core.stats["requests"] >= max_requests:
+                logger.warning("Maximum request limit of %d exceeded. Terminating process.", max_requests)
+                self.should_exit = True
+
+    async def shutdown(self):
+        logger.info("Shutting down")
+        core = self.core
+        core.stop_accepting()
+        for sock in self.sockets:
+            if self.config.uds and sock.family == socket.AF_UNIX:
+                try:
+                    os.unlink(self.config.uds)
+                except OSError:
+                    pass
+            sock.close()
+        core.drain()
+        timeout = self.config.timeout_graceful_shutdown
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        if core.stats["connections"] and not self.force_exit:
+            logger.info("Waiting for connections to close. (CTRL+C to force quit)")
+        while core.stats["connections"] and not self.force_exit:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            core.tick()
+            await asyncio.sleep(0.05)
+        if core.stats["tasks"] or core.stats["connections"]:
+            n = core.cancel_all()
+            if n:
+                logger.error("Cancel %s running task(s), timeout graceful shutdown exceeded", n)
+            for _ in range(10):
+                if not core.stats["tasks"]:
+                    break
+                await asyncio.sleep(0.01)
+        if self.lifespan is not None:
+            await self.lifespan.shutdown()
+        logger.info("Finished server process [%d]", os.getpid())
+
+    # -- signals --
+
+    def _install_signal_handlers(self, loop):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in HANDLED_SIGNALS:
+            try:
+                loop.add_signal_handler(sig, self.handle_exit, sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+    def handle_exit(self, sig=None):
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def run(app, **kwargs):
+    """Serve ``app`` (an ASGI app or "module:attribute") until stopped.
+    Returns the process exit code (0, or 1/3 on failure) and exits with it
+    when ``exit=True`` (the CLI)."""
+    exit_after = kwargs.pop("exit", False)
+    config = Config(app, **kwargs)
+    if config.workers and config.workers > 1:
+        from .supervisor import Supervisor
+
+        code = Supervisor(config).run()
+    else:
+        code = Server(config).run()
+    if exit_after:
+        sys.exit(code)
+    return code

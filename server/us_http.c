@@ -1,0 +1,1224 @@
+/*
+ * HttpServer: the I/O side of the ASGI server. Listening sockets get one
+ * multishot accept each; a connection is a C object with a multishot recv on
+ * the loop's provided-buffer ring, an llhttp parser fed straight from the
+ * kernel's buffer, the request cycles it has parsed (pipelining: parsed
+ * ahead, answered in order) and a queue of response segments sent with one
+ * sendmsg per loop iteration.
+ *
+ * Time limits (keep-alive, slow headers, lingering close) are one deadline
+ * per connection checked by tick(), which the Python side calls once a
+ * second.
+ */
+#include "us_http.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/sendfile.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include <structmember.h>
+
+/* ---- segment queues ---- */
+
+int us_segq_push(us_segq *q, us_seg seg)
+{
+    if (q->len == q->cap) {
+        int cap = q->cap ? q->cap * 2 : 8;
+        us_seg *v = PyMem_Malloc((size_t)cap * sizeof *v);
+        if (!v) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (int i = 0; i < q->len; i++)
+            v[i] = *us_segq_at(q, i);
+        PyMem_Free(q->v);
+        q->v = v;
+        q->head = 0;
+        q->cap = cap;
+    }
+    q->v[(q->head + q->len) % q->cap] = seg;
+    q->len++;
+    q->bytes += seg.obj ? PyBytes_GET_SIZE(seg.obj) : (Py_ssize_t)seg.len;
+    return 0;
+}
+
+void us_segq_pop(us_segq *q)
+{
+    us_seg *s = us_segq_at(q, 0);
+    q->bytes -= s->obj ? PyBytes_GET_SIZE(s->obj) : (Py_ssize_t)s->len;
+    Py_CLEAR(s->obj);
+    if (s->fd >= 0)
+        close(s->fd);
+    s->fd = -1;
+    q->head = (q->head + 1) % q->cap;
+    q->len--;
+}
+
+void us_segq_clear(us_segq *q)
+{
+    while (q->len)
+        us_segq_pop(q);
+    PyMem_Free(q->v);
+    q->v = NULL;
+    q->cap = q->head = 0;
+    q->bytes = 0;
+}
+
+void us_http_log_error(us_httpserver *srv, const char *message, PyObject *exc)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *r = PyObject_CallFunction(srv->log_error, "sO", message, exc ? exc : Py_None);
+    if (!r)
+        PyErr_WriteUnraisable(srv->log_error);
+    Py_XDECREF(r);
+    PyErr_Restore(et, ev, tb);
+}
+
+/* ---- connections ---- */
+
+static void conn_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
+static void conn_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
+static void conn_close(us_httpconn *c);
+static void conn_maybe_free(us_httpconn *c);
+static void conn_parse_pending(us_httpconn *c);
+
+static int conn_on_head(void *ud, uh_parser *p, const uh_request *req)
+{
+    us_httpconn *c = ud;
+    us_httpcycle *cy = us_httpcycle_new(c, p, req);
+    if (!cy) {
+        us_http_log_error(c->srv, "Exception while building the ASGI scope", NULL);
+        PyErr_Clear();
+        p->error_status = 500;
+        p->error_reason = "Internal Server Error";
+        return -1;
+    }
+    c->cycles[c->ncycles++] = cy; /* the connection's reference */
+    c->parsing = cy;
+    c->deadline = 0;
+    c->srv->requests++;
+    if (us_httpcycle_start(cy) < 0)
+        PyErr_Clear(); /* already answered with a 500 */
+    return 0;
+}
+
+static int conn_on_body(void *ud, const char *at, size_t len)
+{
+    us_httpconn *c = ud;
+    us_httpcycle *cy = c->parsing;
+    if (!cy || cy->rejected || cy->disconnected)
+        return 0;
+    PyObject *b = PyBytes_FromStringAndSize(at, (Py_ssize_t)len);
+    if (!b || PyList_Append(cy->body, b) < 0) {
+        Py_XDECREF(b);
+        PyErr_Clear();
+        c->parser.error_status = 500;
+        return -1;
+    }
+    Py_DECREF(b);
+    c->body_buffered += (Py_ssize_t)len;
+    return 0;
+}
+
+static int conn_on_complete(void *ud)
+{
+    us_httpconn *c = ud;
+    us_httpcycle *cy = c->parsing;
+    c->parsing = NULL;
+    if (cy) {
+        cy->body_complete = 1;
+        if (!cy->keep_alive)
+            c->no_more = 1;
+    }
+    if (c->no_more || c->ncycles >= US_HTTP_MAX_PIPELINE)
+        return UH_CB_PAUSE;
+    return 0;
+}
+
+static const uh_callbacks conn_callbacks = {conn_on_head, conn_on_body, conn_on_complete};
+
+static int conn_arm_recv(us_httpconn *c)
+{
+    us_loop *loop = c->srv->loop;
+    if (ue_op_busy(&c->recv_op) || c->read_paused || c->eof || c->closed)
+        return 0;
+    ue_bufring *pool = us_loop_recv_pool(loop);
+    if (!pool)
+        return -1;
+    struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
+    if (!sqe) {
+        PyErr_SetString(PyExc_RuntimeError, "uringserve: the io_uring submission queue is full");
+        return -1;
+    }
+    ue_prep_recv_multishot(sqe, c->fd, pool);
+    ue_op_arm(&loop->ue, &c->recv_op, sqe, conn_recv_cb);
+    loop->sockops_inflight++;
+    Py_INCREF(c);
+    return 0;
+}
+
+static void conn_schedule_flush(us_httpconn *c)
+{
+    if (c->queued_flush || c->closed)
+        return;
+    c->queued_flush = 1;
+    if (us_loop_add_flush(c->srv->loop, Py_NewRef(c)) < 0)
+        PyErr_WriteUnraisable((PyObject *)c);
+}
+
+int us_httpconn_is_head(const us_httpconn *c, const us_httpcycle *cy)
+{
+    return c->ncycles && c->cycles[0] == cy;
+}
+
+/* Queues a response segment (the reference moves into the queue). */
+int us_httpconn_emit(us_httpconn *c, us_httpcycle *cy, us_seg seg)
+{
+    if (c->dead || c->closed) {
+        Py_XDECREF(seg.obj);
+        if (seg.fd >= 0)
+            close(seg.fd);
+        return 0;
+    }
+    if (!us_httpconn_is_head(c, cy))
+        return us_segq_push(&cy->out, seg);
+    if (us_segq_push(&c->wq, seg) < 0)
+        return -1;
+    conn_schedule_flush(c);
+    return 0;
+}
+
+static void conn_release_cycle(us_httpconn *c, us_httpcycle *cy)
+{
+    (void)c;
+    Py_CLEAR(cy->conn);
+    Py_DECREF(cy);
+}
+
+/* The first cycle's response is complete: the next one becomes the head,
+ * its buffered response joins the send queue, and parsing resumes. */
+void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy)
+{
+    if (!us_httpconn_is_head(c, cy))
+        return; /* finished early: popped when it becomes the head */
+    while (c->ncycles && c->cycles[0]->response_complete) {
+        us_httpcycle *done = c->cycles[0];
+        int last = !done->keep_alive;
+        memmove(c->cycles, c->cycles + 1, (size_t)(c->ncycles - 1) * sizeof c->cycles[0]);
+        c->ncycles--;
+        if (c->parsing == done)
+            c->parsing = NULL; /* answered before its body was read: drop the rest */
+        conn_release_cycle(c, done);
+        if (last) {
+            /* "connection: close" went out: requests after it get no answer */
+            c->close_after = 1;
+            while (c->ncycles) {
+                us_httpcycle *rest = c->cycles[--c->ncycles];
+                us_httpcycle_disconnect(rest);
+                conn_release_cycle(c, rest);
+            }
+            c->parsing = NULL;
+            Py_CLEAR(c->tail);
+            break;
+        }
+        if (c->ncycles) {
+            us_httpcycle *next = c->cycles[0];
+            while (next->out.len) {
+                us_seg *s = us_segq_at(&next->out, 0);
+                us_seg moved = *s;
+                next->out.bytes -= s->obj ? PyBytes_GET_SIZE(s->obj) : (Py_ssize_t)s->len;
+                s->obj = NULL;
+                s->fd = -1;
+                next->out.head = (next->out.head + 1) % next->out.cap;
+                next->out.len--;
+                if (us_segq_push(&c->wq, moved) < 0) {
+                    PyErr_WriteUnraisable((PyObject *)c);
+                    break;
+                }
+            }
+            us_httpcycle_wake(next); /* a send() waiting for its turn */
+        }
+    }
+    conn_schedule_flush(c);
+    if (c->close_after) {
+        c->no_more = 1;
+        return;
+    }
+    if (!c->ncycles && c->eof) {
+        c->close_after = 1;
+        return;
+    }
+    if (!c->ncycles)
+        c->deadline = ue_now() + c->srv->keepalive_timeout;
+    if (c->parse_paused && c->ncycles < US_HTTP_MAX_PIPELINE && !c->no_more)
+        conn_parse_pending(c);
+}
+
+/* Ends the connection at once (a response that cannot be completed). */
+void us_httpconn_abort(us_httpconn *c)
+{
+    Py_INCREF(c);
+    c->dead = 1;
+    conn_close(c);
+    Py_DECREF(c);
+}
+
+void us_httpconn_body_consumed(us_httpconn *c, Py_ssize_t n)
+{
+    c->body_buffered -= n;
+    if (c->read_paused && c->body_buffered <= US_HTTP_READ_HIGH / 2) {
+        c->read_paused = 0;
+        if (conn_arm_recv(c) < 0)
+            PyErr_WriteUnraisable((PyObject *)c);
+    }
+}
+
+/* Answers a request that could not be parsed, after the responses before
+ * it, and closes. */
+static void conn_parse_error(us_httpconn *c)
+{
+    int status = c->parser.error_status ? c->parser.error_status : 400;
+    const char *reason = c->parser.error_reason ? c->parser.error_reason : "Invalid HTTP request received.";
+    c->no_more = 1;
+    us_httpcycle *cy = c->parsing;
+    c->parsing = NULL;
+    if (cy) {
+        /* the head was fine, the body was not: this request gets the error,
+         * its app sees a disconnect and what it sends is dropped */
+        us_httpcycle_disconnect(cy);
+        if (!cy->response_started) {
+            cy->rejected = 1;
+            if (us_httpcycle_error_response(cy, status, reason) < 0)
+                PyErr_WriteUnraisable((PyObject *)c);
+        }
+        c->close_after = 1;
+        conn_schedule_flush(c);
+        return;
+    }
+    if (!c->tail)
+        c->tail = us_http_simple_response(c->srv, status, reason);
+    if (!c->tail)
+        PyErr_WriteUnraisable((PyObject *)c);
+    c->close_after = 1;
+    conn_schedule_flush(c);
+}
+
+/* Feeds input to the parser; what a pause leaves unparsed is kept. */
+static void conn_feed(us_httpconn *c, const char *data, size_t len, int from_pending)
+{
+    size_t used = 0;
+    enum uh_feed_result r = uh_parser_feed(&c->parser, data, len, &used);
+    if (r == UH_FEED_ERROR) {
+        conn_parse_error(c);
+    } else if (r == UH_FEED_PAUSED && !c->no_more) {
+        c->parse_paused = 1;
+        if (from_pending) {
+            c->pending_off += used;
+        } else if (uh_buf_append(&c->pending, data + used, len - used) < 0) {
+            c->no_more = 1;
+            c->close_after = 1;
+        }
+    } else if (from_pending) {
+        c->pending_off += used;
+    }
+    if (!c->ncycles && uh_parser_in_head(&c->parser) && c->deadline == 0)
+        c->deadline = ue_now() + c->srv->header_timeout;
+    for (int i = 0; i < c->ncycles; i++)
+        us_httpcycle_wake(c->cycles[i]);
+    if (c->body_buffered > US_HTTP_READ_HIGH && !c->read_paused) {
+        c->read_paused = 1;
+        if (ue_op_busy(&c->recv_op))
+            ue_op_cancel(&c->srv->loop->ue, &c->recv_op);
+    }
+    if (c->pending.len > (size_t)c->srv->limits.max_head_size + US_HTTP_READ_HIGH && !c->read_paused) {
+        c->read_paused = 1; /* pipelined far ahead: wait for the app */
+        if (ue_op_busy(&c->recv_op))
+            ue_op_cancel(&c->srv->loop->ue, &c->recv_op);
+    }
+}
+
+static void conn_parse_pending(us_httpconn *c)
+{
+    c->parse_paused = 0;
+    uh_parser_resume(&c->parser);
+    size_t start = c->pending_off;
+    if (start < c->pending.len)
+        conn_feed(c, c->pending.data + start, c->pending.len - start, 1);
+    if (!c->parse_paused) {
+        c->pending.len = 0;
+        c->pending_off = 0;
+        if (c->pending.cap > 65536)
+            uh_buf_free(&c->pending);
+        if (c->read_paused && c->body_buffered <= US_HTTP_READ_HIGH / 2) {
+            c->read_paused = 0;
+            if (conn_arm_recv(c) < 0)
+                PyErr_WriteUnraisable((PyObject *)c);
+        }
+    }
+}
+
+static void conn_input(us_httpconn *c, const char *data, size_t len)
+{
+    if (c->no_more || c->lingering || c->closed)
+        return; /* nothing more is read from this client */
+    if (c->parse_paused) {
+        if (uh_buf_append(&c->pending, data, len) < 0)
+            c->close_after = 1;
+        return;
+    }
+    conn_feed(c, data, len, 0);
+}
+
+/* The client closed its side or the connection failed. */
+static void conn_input_ended(us_httpconn *c)
+{
+    c->eof = 1;
+    for (int i = 0; i < c->ncycles; i++)
+        us_httpcycle_disconnect(c->cycles[i]);
+    if (c->lingering || !c->ncycles || c->dead) {
+        conn_close(c);
+    } else {
+        c->no_more = 1; /* finish the responses already started */
+    }
+}
+
+static void conn_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)ue;
+    us_httpconn *c = US_CONTAINER(op, us_httpconn, recv_op);
+    us_loop *loop = c->srv->loop;
+    if (res > 0 && (flags & IORING_CQE_F_BUFFER)) {
+        uint16_t bid = ue_cqe_bid(flags);
+        conn_input(c, ue_bufring_buf(&loop->recv_pool, bid), (size_t)res);
+        ue_bufring_recycle(&loop->recv_pool, bid);
+    } else if (res == 0 || (res < 0 && res != -ECANCELED && res != -ENOBUFS)) {
+        if (!c->eof)
+            conn_input_ended(c);
+    }
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable((PyObject *)c);
+    if (!(flags & IORING_CQE_F_MORE)) {
+        loop->sockops_inflight--;
+        if (!c->closed && conn_arm_recv(c) < 0)
+            PyErr_WriteUnraisable((PyObject *)c);
+        if (c->close_after)
+            conn_schedule_flush(c);
+        conn_maybe_free(c);
+        Py_DECREF(c);
+        return;
+    }
+    if (c->close_after)
+        conn_schedule_flush(c);
+}
+
+/* ---- writing ---- */
+
+static int conn_send_file(us_httpconn *c, us_seg *s)
+{
+    us_loop *loop = c->srv->loop;
+    off_t off = (off_t)(s->off + c->wq_off);
+    size_t want = (size_t)(s->len - c->wq_off);
+    ssize_t n = sendfile(c->fd, s->fd, &off, want > (1 << 20) ? (1 << 20) : want);
+    if (n < 0 && errno != EAGAIN && errno != EINTR)
+        return -errno;
+    if (n > 0)
+        c->wq_off += n;
+    if (n == 0 && want)
+        return -EIO; /* the file shrank under us */
+    /* wait for room (or for the next round) with a poll on the send op */
+    struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
+    if (!sqe)
+        return -EBUSY;
+    io_uring_prep_poll_add(sqe, c->fd, POLLOUT);
+    c->sent_iov = -1; /* a file round: the CQE result is not a byte count */
+    ue_op_arm(&loop->ue, &c->send_op, sqe, conn_send_cb);
+    loop->sockops_inflight++;
+    Py_INCREF(c);
+    return 0;
+}
+
+static int conn_submit_send(us_httpconn *c)
+{
+    us_loop *loop = c->srv->loop;
+    us_seg *first = us_segq_at(&c->wq, 0);
+    if (first->fd >= 0)
+        return conn_send_file(c, first);
+    int n = 0;
+    for (int i = 0; i < c->wq.len && n < 64; i++) {
+        us_seg *s = us_segq_at(&c->wq, i);
+        if (!s->obj)
+            break; /* a file: sent on its own */
+        const char *p = PyBytes_AS_STRING(s->obj);
+        Py_ssize_t len = PyBytes_GET_SIZE(s->obj);
+        if (i == 0) {
+            p += c->wq_off;
+            len -= (Py_ssize_t)c->wq_off;
+        }
+        c->iov[n].iov_base = (void *)p;
+        c->iov[n].iov_len = (size_t)len;
+        n++;
+    }
+    struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
+    if (!sqe)
+        return -EBUSY;
+    if (n == 1) {
+        io_uring_prep_send(sqe, c->fd, c->iov[0].iov_base, c->iov[0].iov_len, MSG_NOSIGNAL);
+    } else {
+        memset(&c->msg, 0, sizeof c->msg);
+        c->msg.msg_iov = c->iov;
+        c->msg.msg_iovlen = (size_t)n;
+        io_uring_prep_sendmsg(sqe, c->fd, &c->msg, MSG_NOSIGNAL);
+    }
+    c->sent_iov = n;
+    ue_op_arm(&loop->ue, &c->send_op, sqe, conn_send_cb);
+    loop->sockops_inflight++;
+    Py_INCREF(c);
+    return 0;
+}
+
+/* Nothing left to send: close if asked to, and wake a send() waiting to
+ * drain. */
+static void conn_after_send(us_httpconn *c)
+{
+    if (c->wq.bytes <= US_HTTP_WRITE_LOW && c->ncycles)
+        us_httpcycle_wake(c->cycles[0]);
+    if (c->wq.len || ue_op_busy(&c->send_op))
+        return;
+    if (c->tail && !c->ncycles) {
+        us_seg seg = {c->tail, -1, 0, 0};
+        c->tail = NULL;
+        if (us_segq_push(&c->wq, seg) < 0)
+            PyErr_WriteUnraisable((PyObject *)c);
+        else if (conn_submit_send(c) < 0)
+            c->dead = 1;
+        return;
+    }
+    if (c->close_after && !c->ncycles && !c->lingering)
+        conn_close(c);
+}
+
+void us_httpconn_flush(PyObject *o)
+{
+    us_httpconn *c = (us_httpconn *)o;
+    c->queued_flush = 0;
+    if (c->closed)
+        return;
+    if (c->dead) {
+        us_segq_clear(&c->wq);
+        conn_close(c);
+        return;
+    }
+    if (ue_op_busy(&c->send_op))
+        return;
+    if (c->wq.len) {
+        int rc = conn_submit_send(c);
+        if (rc < 0) {
+            c->dead = 1;
+            conn_close(c);
+        }
+        return;
+    }
+    conn_after_send(c);
+}
+
+static void conn_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)ue;
+    (void)flags;
+    us_httpconn *c = US_CONTAINER(op, us_httpconn, send_op);
+    c->srv->loop->sockops_inflight--;
+    if (c->sent_iov < 0) {
+        /* a sendfile round: POLLOUT or an error */
+        us_seg *s = c->wq.len ? us_segq_at(&c->wq, 0) : NULL;
+        if (res < 0 && res != -ECANCELED)
+            c->dead = 1;
+        else if (s && s->fd >= 0 && c->wq_off >= s->len) {
+            us_segq_pop(&c->wq);
+            c->wq_off = 0;
+        }
+    } else if (res < 0) {
+        if (res != -ECANCELED)
+            c->dead = 1;
+    } else {
+        int64_t left = res;
+        while (left > 0 && c->wq.len) {
+            us_seg *s = us_segq_at(&c->wq, 0);
+            int64_t avail = PyBytes_GET_SIZE(s->obj) - c->wq_off;
+            if (left < avail) {
+                c->wq_off += left;
+                break;
+            }
+            left -= avail;
+            c->wq_off = 0;
+            us_segq_pop(&c->wq);
+        }
+    }
+    if (c->dead) {
+        us_segq_clear(&c->wq);
+        for (int i = 0; i < c->ncycles; i++)
+            us_httpcycle_disconnect(c->cycles[i]);
+        conn_close(c);
+    } else if (!c->closed && c->wq.len) {
+        if (conn_submit_send(c) < 0) {
+            c->dead = 1;
+            conn_close(c);
+        }
+    } else if (!c->closed) {
+        conn_after_send(c);
+    }
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable((PyObject *)c);
+    conn_maybe_free(c);
+    Py_DECREF(c);
+}
+
+/* ---- closing ---- */
+
+/* Ends the connection: stops reading, lets the cycles know, and once both
+ * ops are final closes the socket and leaves the server's list. A
+ * connection that ends after a response shuts down its sending side first
+ * and reads until the client closes (or a short deadline), so that unread
+ * input never turns the close into a reset that would destroy the response. */
+static void conn_close(us_httpconn *c)
+{
+    if (c->closed)
+        return;
+    us_loop *loop = c->srv->loop;
+    if (!c->lingering && !c->dead && !c->eof && !ue_op_busy(&c->send_op) && !c->wq.len) {
+        c->lingering = 1;
+        c->no_more = 1;
+        shutdown(c->fd, SHUT_WR);
+        c->deadline = ue_now() + US_HTTP_LINGER_SECONDS;
+        if (c->read_paused) {
+            c->read_paused = 0;
+            if (conn_arm_recv(c) < 0)
+                PyErr_WriteUnraisable((PyObject *)c);
+        }
+        if (ue_op_busy(&c->recv_op))
+            return;
+    }
+    c->closed = 1;
+    c->deadline = 0;
+    for (int i = 0; i < c->ncycles; i++) {
+        us_httpcycle_disconnect(c->cycles[i]);
+        conn_release_cycle(c, c->cycles[i]);
+    }
+    c->ncycles = 0;
+    c->parsing = NULL;
+    us_segq_clear(&c->wq);
+    Py_CLEAR(c->tail);
+    if (loop->ue_ready) {
+        ue_op_cancel(&loop->ue, &c->recv_op);
+        ue_op_cancel(&loop->ue, &c->send_op);
+    }
+    conn_maybe_free(c);
+}
+
+/* Closes the socket and leaves the list once nothing is in flight. */
+static void conn_maybe_free(us_httpconn *c)
+{
+    if (!c->closed || ue_op_busy(&c->recv_op) || ue_op_busy(&c->send_op) || !c->in_list)
+        return;
+    us_httpserver *srv = c->srv;
+    if (c->fd >= 0) {
+        close(c->fd);
+        c->fd = -1;
+    }
+    c->in_list = 0;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    srv->nconns--;
+    Py_DECREF(c); /* the list's reference */
+}
+
+static int conn_traverse(us_httpconn *c, visitproc visit, void *arg)
+{
+    for (int i = 0; i < c->ncycles; i++)
+        Py_VISIT(c->cycles[i]);
+    Py_VISIT(c->tail);
+    Py_VISIT(Py_TYPE(c));
+    return 0;
+}
+
+static int conn_clear(us_httpconn *c)
+{
+    for (int i = 0; i < c->ncycles; i++)
+        conn_release_cycle(c, c->cycles[i]);
+    c->ncycles = 0;
+    Py_CLEAR(c->tail);
+    return 0;
+}
+
+static void conn_dealloc(us_httpconn *c)
+{
+    PyTypeObject *tp = Py_TYPE(c);
+    PyObject_GC_UnTrack(c);
+    conn_clear(c);
+    us_segq_clear(&c->wq);
+    uh_parser_free(&c->parser);
+    uh_buf_free(&c->pending);
+    Py_CLEAR(c->client);
+    Py_CLEAR(c->sockname);
+    if (c->fd >= 0)
+        close(c->fd);
+    Py_CLEAR(c->srv);
+    tp->tp_free(c);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot conn_slots[] = {
+    {Py_tp_dealloc, conn_dealloc},
+    {Py_tp_traverse, conn_traverse},
+    {Py_tp_clear, conn_clear},
+    {Py_tp_doc, "One HTTP/1.1 connection of an HttpServer (internal)."},
+    {0, NULL},
+};
+
+PyType_Spec us_httpconn_spec = {
+    .name = "uringloop._core.HttpConnection",
+    .basicsize = sizeof(us_httpconn),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = conn_slots,
+};
+
+static void server_new_conn(us_httpserver *srv, int fd)
+{
+    us_httpconn *c = PyObject_GC_New(us_httpconn, srv->st->HttpConnType);
+    if (!c) {
+        close(fd);
+        PyErr_WriteUnraisable((PyObject *)srv);
+        return;
+    }
+    memset((char *)c + sizeof(PyObject), 0, sizeof *c - sizeof(PyObject));
+    c->srv = (us_httpserver *)Py_NewRef(srv);
+    c->fd = fd;
+    uh_parser_init(&c->parser, &srv->limits, &conn_callbacks, c);
+    PyObject_GC_Track(c);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails harmlessly on Unix sockets */
+    c->in_list = 1;                                             /* the list owns the new reference */
+    c->next = srv->conns;
+    if (srv->conns)
+        srv->conns->prev = c;
+    srv->conns = c;
+    srv->nconns++;
+    c->deadline = ue_now() + srv->header_timeout;
+    if (conn_arm_recv(c) < 0) {
+        PyErr_WriteUnraisable((PyObject *)c);
+        c->dead = 1;
+        conn_close(c);
+    }
+}
+
+/* ---- listeners ---- */
+
+static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
+
+static int listener_arm(us_listener *l)
+{
+    struct io_uring_sqe *sqe = ue_sqe(&l->srv->loop->ue);
+    if (!sqe) {
+        PyErr_SetString(PyExc_RuntimeError, "uringserve: the io_uring submission queue is full");
+        return -1;
+    }
+    ue_prep_accept_multishot(sqe, l->fd);
+    ue_op_arm(&l->srv->loop->ue, &l->op, sqe, listener_cb);
+    Py_INCREF(l->srv);
+    return 0;
+}
+
+static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)ue;
+    us_listener *l = US_CONTAINER(op, us_listener, op);
+    us_httpserver *srv = l->srv;
+    if (res >= 0) {
+        if (l->active && !srv->draining)
+            server_new_conn(srv, res);
+        else
+            close(res);
+    } else if (res != -ECANCELED && l->active) {
+        /* EMFILE and friends: the multishot ends; it is re-armed below,
+         * after the connections that hold descriptors had a chance. */
+    }
+    if (!(flags & IORING_CQE_F_MORE) && l->active && !srv->draining && listener_arm(l) < 0)
+        PyErr_WriteUnraisable((PyObject *)srv);
+    if (!(flags & IORING_CQE_F_MORE))
+        Py_DECREF(srv);
+}
+
+/* ---- the server object ---- */
+
+static PyObject *server_listen(us_httpserver *srv, PyObject *sock)
+{
+    PyObject *fdobj = PyObject_CallMethod(sock, "fileno", NULL);
+    if (!fdobj)
+        return NULL;
+    int fd = (int)PyLong_AsLong(fdobj);
+    Py_DECREF(fdobj);
+    if (fd < 0 && PyErr_Occurred())
+        return NULL;
+    if (us_loop_check_open(srv->loop) < 0)
+        return NULL;
+    us_listener **ls = PyMem_Realloc(srv->listeners, (size_t)(srv->nlisteners + 1) * sizeof *ls);
+    if (!ls)
+        return PyErr_NoMemory();
+    srv->listeners = ls;
+    us_listener *l = PyMem_Calloc(1, sizeof *l);
+    if (!l)
+        return PyErr_NoMemory();
+    l->srv = srv;
+    l->sock = Py_NewRef(sock);
+    l->fd = fd;
+    l->active = 1;
+    srv->listeners[srv->nlisteners++] = l;
+    if (!srv->loop->ue_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "uringserve: listen() needs a running uringloop");
+        return NULL;
+    }
+    if (listener_arm(l) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *server_stop_accepting(us_httpserver *srv, PyObject *unused)
+{
+    (void)unused;
+    for (int i = 0; i < srv->nlisteners; i++) {
+        us_listener *l = srv->listeners[i];
+        l->active = 0;
+        if (srv->loop->ue_ready && ue_op_busy(&l->op))
+            ue_op_cancel(&srv->loop->ue, &l->op);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Graceful shutdown: idle connections close now, busy ones after their
+ * current response (sent with Connection: close). */
+static PyObject *server_drain(us_httpserver *srv, PyObject *unused)
+{
+    (void)unused;
+    srv->draining = 1;
+    us_httpconn *c = srv->conns;
+    while (c) {
+        us_httpconn *next = c->next;
+        c->no_more = 1;
+        if (!c->ncycles && !c->closed) {
+            Py_INCREF(c);
+            conn_close(c);
+            Py_DECREF(c);
+        }
+        c = next;
+    }
+    Py_RETURN_NONE;
+}
+
+/* End of the grace period: cancel the apps still running and close. */
+static PyObject *server_cancel_all(us_httpserver *srv, PyObject *unused)
+{
+    (void)unused;
+    srv->draining = 1;
+    int cancelled = 0;
+    for (us_httpconn *c = srv->conns; c; c = c->next) {
+        for (int i = 0; i < c->ncycles; i++) {
+            PyObject *t = c->cycles[i]->task;
+            if (t) {
+                PyObject *r = PyObject_CallMethod(t, "cancel", NULL);
+                if (!r)
+                    return NULL;
+                Py_DECREF(r);
+                cancelled++;
+            }
+        }
+    }
+    us_httpconn *c = srv->conns;
+    while (c) {
+        us_httpconn *next = c->next;
+        Py_INCREF(c);
+        c->dead = 1;
+        conn_close(c);
+        Py_DECREF(c);
+        c = next;
+    }
+    return PyLong_FromLong(cancelled);
+}
+
+/* Once a second: connections past their deadline close. */
+static PyObject *server_tick(us_httpserver *srv, PyObject *unused)
+{
+    (void)unused;
+    double now = ue_now();
+    us_httpconn *c = srv->conns;
+    while (c) {
+        us_httpconn *next = c->next;
+        if (c->deadline && now >= c->deadline && !c->closed) {
+            Py_INCREF(c);
+            if (c->lingering || !c->ncycles) {
+                c->dead = 1; /* nothing is owed to this client */
+                conn_close(c);
+            }
+            c->deadline = 0;
+            Py_DECREF(c);
+        }
+        c = next;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *server_close(us_httpserver *srv, PyObject *unused)
+{
+    PyObject *r = server_stop_accepting(srv, unused);
+    Py_XDECREF(r);
+    return r ? server_cancel_all(srv, unused) : NULL;
+}
+
+static PyObject *server_get_stats(us_httpserver *srv, void *closure)
+{
+    (void)closure;
+    Py_ssize_t busy = 0;
+    for (us_httpconn *c = srv->conns; c; c = c->next)
+        busy += c->ncycles ? 1 : 0;
+    return Py_BuildValue("{s:n,s:n,s:n,s:K}", "connections", srv->nconns, "busy_connections", busy, "tasks",
+                         srv->ntasks, "requests", srv->requests);
+}
+
+static int set_limit(PyObject *kw, const char *name, uint32_t *out)
+{
+    PyObject *v = kw ? PyDict_GetItemString(kw, name) : NULL;
+    if (!v || v == Py_None)
+        return 0;
+    long n = PyLong_AsLong(v);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n <= 0 || n > (1L << 30)) {
+        PyErr_Format(PyExc_ValueError, "%s must be a positive integer", name);
+        return -1;
+    }
+    *out = (uint32_t)n;
+    return 0;
+}
+
+static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"loop",
+                             "app",
+                             "log_error",
+                             "access_log",
+                             "proxy",
+                             "root_path",
+                             "headers",
+                             "date_header",
+                             "keepalive_timeout",
+                             "header_timeout",
+                             "limit_concurrency",
+                             "limits",
+                             NULL};
+    PyObject *loop, *app, *log_error, *access_log = Py_None, *proxy = Py_None, *root_path = NULL, *headers = NULL;
+    PyObject *limits = NULL;
+    int date_header = 1;
+    double keepalive = 5.0, header_timeout = 30.0;
+    Py_ssize_t limit_concurrency = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$OOUOpddnO!:HttpServer", kwlist, &loop, &app, &log_error,
+                                     &access_log, &proxy, &root_path, &headers, &date_header, &keepalive,
+                                     &header_timeout, &limit_concurrency, &PyDict_Type, &limits))
+        return -1;
+    if (!PyObject_TypeCheck(loop, srv->st->LoopCoreType)) {
+        PyErr_SetString(PyExc_TypeError, "HttpServer needs a uringloop loop");
+        return -1;
+    }
+    Py_XSETREF(srv->loop, (us_loop *)Py_NewRef(loop));
+    Py_XSETREF(srv->app, Py_NewRef(app));
+    Py_XSETREF(srv->log_error, Py_NewRef(log_error));
+    Py_XSETREF(srv->access_log, access_log == Py_None ? NULL : Py_NewRef(access_log));
+    Py_XSETREF(srv->proxy, proxy == Py_None ? NULL : Py_NewRef(proxy));
+    Py_XSETREF(srv->root_path, root_path ? Py_NewRef(root_path) : PyUnicode_FromString(""));
+    Py_XSETREF(srv->root_path_b, PyUnicode_AsUTF8String(srv->root_path));
+    if (!srv->root_path_b)
+        return -1;
+    if (!srv->state && !(srv->state = PyDict_New()))
+        return -1;
+    srv->date_header = date_header;
+    srv->keepalive_timeout = keepalive;
+    srv->header_timeout = header_timeout;
+    srv->limit_concurrency = limit_concurrency;
+    const uh_limits d = UH_DEFAULT_LIMITS;
+    srv->limits = d;
+    if (set_limit(limits, "max_request_line", &srv->limits.max_request_line) < 0 ||
+        set_limit(limits, "max_headers", &srv->limits.max_headers) < 0 ||
+        set_limit(limits, "max_field_size", &srv->limits.max_field_size) < 0 ||
+        set_limit(limits, "max_head_size", &srv->limits.max_head_size) < 0)
+        return -1;
+    srv->extra_headers.len = 0;
+    if (headers) {
+        PyObject *seq = PySequence_Fast(headers, "headers must be a sequence of (name, value) pairs");
+        if (!seq)
+            return -1;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            const char *name, *value;
+            Py_ssize_t nlen, vlen;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#y#", &name, &nlen, &value, &vlen)) {
+                Py_DECREF(seq);
+                return -1;
+            }
+            if (uh_put_header(&srv->extra_headers, name, (size_t)nlen, value, (size_t)vlen) < 0) {
+                Py_DECREF(seq);
+                PyErr_Format(PyExc_ValueError, "invalid header %R", PySequence_Fast_GET_ITEM(seq, i));
+                return -1;
+            }
+        }
+        Py_DECREF(seq);
+    }
+    PyObject *asyncio = PyImport_ImportModule("asyncio");
+    if (!asyncio)
+        return -1;
+    Py_XSETREF(srv->task_type, PyObject_GetAttrString(asyncio, "Task"));
+    Py_DECREF(asyncio);
+    if (!srv->task_type)
+        return -1;
+    Py_XSETREF(srv->s_task_factory, PyUnicode_InternFromString("_task_factory"));
+    return srv->s_task_factory ? 0 : -1;
+}
+
+static PyObject *server_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
+{
+    (void)args;
+    (void)kw;
+    us_httpserver *srv = (us_httpserver *)tp->tp_alloc(tp, 0);
+    if (!srv)
+        return NULL;
+    srv->st = us_state_of_type(tp);
+    if (!srv->st) {
+        Py_DECREF(srv);
+        return NULL;
+    }
+    return (PyObject *)srv;
+}
+
+static int server_traverse(us_httpserver *srv, visitproc visit, void *arg)
+{
+    Py_VISIT(srv->loop);
+    Py_VISIT(srv->app);
+    Py_VISIT(srv->log_error);
+    Py_VISIT(srv->access_log);
+    Py_VISIT(srv->proxy);
+    Py_VISIT(srv->state);
+    for (int i = 0; i < srv->nlisteners; i++)
+        Py_VISIT(srv->listeners[i]->sock);
+    Py_VISIT(Py_TYPE(srv));
+    return 0;
+}
+
+static int server_clear(us_httpserver *srv)
+{
+    Py_CLEAR(srv->app);
+    Py_CLEAR(srv->log_error);
+    Py_CLEAR(srv->access_log);
+    Py_CLEAR(srv->proxy);
+    Py_CLEAR(srv->state);
+    return 0;
+}
+
+static void server_dealloc(us_httpserver *srv)
+{
+    PyTypeObject *tp = Py_TYPE(srv);
+    PyObject_GC_UnTrack(srv);
+    server_clear(srv);
+    for (int i = 0; i < srv->nlisteners; i++) {
+        Py_XDECREF(srv->listeners[i]->sock);
+        PyMem_Free(srv->listeners[i]);
+    }
+    PyMem_Free(srv->listeners);
+    uh_buf_free(&srv->extra_headers);
+    uh_buf_free(&srv->scratch);
+    Py_CLEAR(srv->loop);
+    Py_CLEAR(srv->root_path);
+    Py_CLEAR(srv->root_path_b);
+    Py_CLEAR(srv->task_type);
+    Py_CLEAR(srv->s_task_factory);
+    tp->tp_free(srv);
+    Py_DECREF(tp);
+}
+
+static PyObject *server_get_state(us_httpserver *srv, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(srv->state);
+}
+
+static int server_set_state(us_httpserver *srv, PyObject *v, void *closure)
+{
+    (void)closure;
+    if (!v || !PyDict_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "state must be a dict");
+        return -1;
+    }
+    Py_XSETREF(srv->state, Py_NewRef(v));
+    return 0;
+}
+
+static PyObject *server_get_accepting(us_httpserver *srv, void *closure)
+{
+    (void)closure;
+    for (int i = 0; i < srv->nlisteners; i++)
+        if (srv->listeners[i]->active || ue_op_busy(&srv->listeners[i]->op))
+            Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+static PyMethodDef server_methods[] = {
+    {"listen", (PyCFunction)server_listen, METH_O, "Accept connections on a listening socket (multishot accept)."},
+    {"stop_accepting", (PyCFunction)server_stop_accepting, METH_NOARGS, "Cancel every accept."},
+    {"drain", (PyCFunction)server_drain, METH_NOARGS,
+     "Close idle connections now and the others after their current response."},
+    {"cancel_all", (PyCFunction)server_cancel_all, METH_NOARGS,
+     "Cancel the running application tasks and close every connection; returns how many tasks."},
+    {"tick", (PyCFunction)server_tick, METH_NOARGS, "Close connections past their deadline (call once a second)."},
+    {"close", (PyCFunction)server_close, METH_NOARGS, "stop_accepting() and cancel_all()."},
+    {NULL},
+};
+
+static PyGetSetDef server_getset[] = {
+    {"stats", (getter)server_get_stats, NULL, "connections, busy connections, running tasks, requests served", NULL},
+    {"state", (getter)server_get_state, (setter)server_set_state, "lifespan state copied into every scope", NULL},
+    {"accepting", (getter)server_get_accepting, NULL, "True while an accept is armed or active", NULL},
+    {NULL},
+};
+
+static PyType_Slot server_slots[] = {
+    {Py_tp_new, server_new},
+    {Py_tp_init, server_init},
+    {Py_tp_dealloc, server_dealloc},
+    {Py_tp_traverse, server_traverse},
+    {Py_tp_clear, server_clear},
+    {Py_tp_methods, server_methods},
+    {Py_tp_getset, server_getset},
+    {Py_tp_doc, "HttpServer(loop, app, log_error, *, ...): the ASGI HTTP/1.1 server core."},
+    {0, NULL},
+};
+
+PyType_Spec us_httpserver_spec = {
+    .name = "uringloop._core.HttpServer",
+    .basicsize = sizeof(us_httpserver),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = server_slots,
+};
+
+/* ---- module state ---- */
+
+static PyObject *http_str(const char *s)
+{
+    return PyUnicode_InternFromString(s);
+}
+
+int us_http_module_init(PyObject *m, us_state *st)
+{
+    st->HttpServerType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &us_httpserver_spec, NULL);
+    if (!st->HttpServerType || PyModule_AddType(m, st->HttpServerType) < 0)
+        return -1;
+    st->HttpConnType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &us_httpconn_spec, NULL);
+    st->HttpCycleType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &us_httpcycle_spec, NULL);
+    st->DoneType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &us_done_spec, NULL);
+    if (!st->HttpConnType || !st->HttpCycleType || !st->DoneType)
+        return -1;
+    if (!(st->done_none = us_done_none_new(st)))
+        return -1;
+#define S(field, text)                                                                                                 \
+    if (!(st->field = http_str(text)))                                                                                 \
+        return -1;
+    S(h_type, "type")
+    S(h_asgi, "asgi")
+    S(h_http_version, "http_version")
+    S(h_method, "method")
+    S(h_scheme, "scheme")
+    S(h_path, "path")
+    S(h_raw_path, "raw_path")
+    S(h_query_string, "query_string")
+    S(h_root_path, "root_path")
+    S(h_headers, "headers")
+    S(h_client, "client")
+    S(h_server, "server")
+    S(h_state, "state")
+    S(h_extensions, "extensions")
+    S(h_v10, "1.0")
+    S(h_v11, "1.1")
+    S(h_body, "body")
+    S(h_more_body, "more_body")
+    S(h_status, "status")
+    S(h_t_request, "http.request")
+    S(h_t_disconnect, "http.disconnect")
+    S(h_t_start, "http.response.start")
+    S(h_t_body, "http.response.body")
+    S(h_t_pathsend, "http.response.pathsend")
+#undef S
+    if (!(st->h_empty_bytes = PyBytes_FromStringAndSize(NULL, 0)))
+        return -1;
+    st->h_asgi_template = Py_BuildValue("{s:s,s:s}", "version", "3.0", "spec_version", "2.3");
+    st->h_extensions_template = Py_BuildValue("{s:{}}", "http.response.pathsend");
+    /* every key in scope order, so that a copy never resizes */
+    st->h_scope_template =
+        Py_BuildValue("{s:s,s:O,s:O,s:O,s:s,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "type", "http", "asgi", Py_None,
+                      "http_version", Py_None, "method", Py_None, "scheme", "http", "path", Py_None, "raw_path",
+                      Py_None, "query_string", Py_None, "root_path", Py_None, "headers", Py_None, "client", Py_None,
+                      "server", Py_None, "state", Py_None, "extensions", Py_None);
+    if (!st->h_asgi_template || !st->h_extensions_template || !st->h_scope_template)
+        return -1;
+    static const char *names[] = {"host",
+                                  "user-agent",
+                                  "accept",
+                                  "accept-encoding",
+                                  "accept-language",
+                                  "connection",
+                                  "content-type",
+                                  "content-length",
+                                  "cookie",
+                                  "authorization",
+                                  "cache-control",
+                                  "origin",
+                                  "referer",
+                                  "x-forwarded-for",
+                                  "x-forwarded-proto",
+                                  "x-request-id",
+                                  "upgrade",
+                                  "transfer-encoding",
+                                  "expect",
+                                  "if-none-match",
+                                  "if-modified-since",
+                                  "pragma",
+                                  "sec-fetch-mode",
+                                  "x-real-ip"};
+    for (int i = 0; i < US_HTTP_NNAMES; i++) {
+        if (!(st->h_names[i] = PyBytes_FromString(names[i])))
+            return -1;
+        st->h_nnames++;
+    }
+    return 0;
+}
+
+void us_http_module_clear(us_state *st)
+{
+    Py_CLEAR(st->HttpServerType);
+    Py_CLEAR(st->HttpConnType);
+    Py_CLEAR(st->HttpCycleType);
+    Py_CLEAR(st->done_none);
+    Py_CLEAR(st->DoneType);
+    Py_CLEAR(st->h_scope_template);
+    Py_CLEAR(st->h_asgi_template);
+    Py_CLEAR(st->h_extensions_template);
+    Py_CLEAR(st->h_empty_bytes);
+    for (int i = 0; i < st->h_nnames; i++)
+        Py_CLEAR(st->h_names[i]);
+    st->h_nnames = 0;
+    for (int i = 0; i < US_HTTP_NMETHODS; i++)
+        Py_CLEAR(st->h_methods[i]);
+}

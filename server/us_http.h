@@ -1,0 +1,146 @@
+/*
+ * The ASGI HTTP/1.1 server: shared declarations of us_http.c (server,
+ * listeners, connections: the I/O side) and us_http_cycle.c (one request
+ * and its response: scope, receive, send).
+ *
+ * Ownership: the server holds its connections in a list; a connection holds
+ * its request cycles in order (at most US_HTTP_MAX_PIPELINE); a cycle holds
+ * its connection until its response is complete or the connection ends.
+ * In-flight io_uring ops hold a reference to their owner.
+ */
+#ifndef US_HTTP_H
+#define US_HTTP_H
+
+#include "us.h"
+
+#include "../http/uh.h"
+
+#define US_HTTP_MAX_PIPELINE 32
+#define US_HTTP_READ_HIGH (64 * 1024)  /* unread request body that pauses reading */
+#define US_HTTP_WRITE_HIGH (64 * 1024) /* queued response bytes that make send() wait */
+#define US_HTTP_WRITE_LOW (16 * 1024)
+#define US_HTTP_LINGER_SECONDS 2.0
+
+/* A piece of response: bytes (obj) or a range of an open file (fd). */
+typedef struct us_seg {
+    PyObject *obj;
+    int fd;
+    int64_t off, len;
+} us_seg;
+
+typedef struct us_segq {
+    us_seg *v;
+    int head, len, cap;
+    Py_ssize_t bytes;
+} us_segq;
+
+typedef struct us_httpserver us_httpserver;
+typedef struct us_httpconn us_httpconn;
+typedef struct us_httpcycle us_httpcycle;
+
+typedef struct us_listener {
+    ue_op op;
+    us_httpserver *srv;
+    PyObject *sock;
+    int fd;
+    char active;
+} us_listener;
+
+struct us_httpserver {
+    PyObject_HEAD us_state *st;
+    us_loop *loop;
+    PyObject *app;
+    PyObject *log_error;   /* callable(message, exc or None) */
+    PyObject *access_log;  /* callable(scope, status) or None */
+    PyObject *proxy;       /* callable(scope) or None: applies X-Forwarded-* */
+    PyObject *state;       /* lifespan state: copied into every scope */
+    PyObject *root_path;   /* str */
+    PyObject *root_path_b; /* bytes */
+    PyObject *task_type;   /* asyncio.Task */
+    PyObject *s_task_factory;
+    uh_buf extra_headers; /* server header and --header lines, serialized */
+    int date_header;
+    uh_limits limits;
+    double keepalive_timeout, header_timeout;
+    Py_ssize_t limit_concurrency;
+    us_listener **listeners;
+    int nlisteners;
+    us_httpconn *conns; /* doubly linked */
+    Py_ssize_t nconns, ntasks;
+    unsigned long long requests;
+    char draining;
+    uh_date_cache date;
+    uh_buf scratch; /* response heads are built here */
+};
+
+struct us_httpconn {
+    PyObject_HEAD us_httpserver *srv;
+    us_httpconn *prev, *next;
+    int fd;
+    ue_op recv_op, send_op;
+    uh_parser parser;
+    uh_buf pending; /* unparsed input kept while parsing is paused */
+    size_t pending_off;
+    us_httpcycle *cycles[US_HTTP_MAX_PIPELINE]; /* in request order */
+    int ncycles;
+    us_httpcycle *parsing;    /* the cycle whose body is being parsed */
+    Py_ssize_t body_buffered; /* request body bytes not yet received by apps */
+    us_segq wq;
+    int64_t wq_off; /* bytes of the first segment already sent */
+    int sent_iov;   /* segments in the send in flight */
+    struct iovec iov[64];
+    struct msghdr msg;
+    PyObject *client, *sockname; /* scope tuples, made on first use */
+    double deadline;             /* keep-alive, header or linger deadline; 0: none */
+    char in_list, parse_paused, no_more, read_paused, eof, dead, closing;
+    char queued_flush, lingering, closed, close_after;
+    PyObject *tail; /* an error response sent after the cycles, then close */
+};
+
+struct us_httpcycle {
+    PyObject_HEAD us_httpconn *conn; /* NULL once detached */
+    us_httpserver *srv;
+    PyObject *scope;
+    PyObject *task;
+    PyObject *body; /* list of request body chunks not yet received */
+    PyObject *recv_waiter, *drain_waiter;
+    us_segq out;       /* response bytes while an earlier response is unfinished */
+    PyObject *headers; /* from http.response.start until the head is written */
+    int status;
+    int64_t expected_len, sent_len;
+    uint16_t req_flags;
+    char body_complete, final_returned, response_started, head_written;
+    char response_complete, chunked, head_request, keep_alive, http10;
+    char continue_sent, disconnected, task_done, rejected;
+};
+
+/* us_http.c */
+extern PyType_Spec us_httpserver_spec, us_httpconn_spec;
+void us_httpconn_flush(PyObject *conn);
+int us_httpconn_emit(us_httpconn *c, us_httpcycle *cy, us_seg seg);
+void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy);
+void us_httpconn_body_consumed(us_httpconn *c, Py_ssize_t n);
+void us_httpconn_abort(us_httpconn *c);
+int us_httpconn_is_head(const us_httpconn *c, const us_httpcycle *cy);
+void us_http_log_error(us_httpserver *srv, const char *message, PyObject *exc);
+
+/* us_http_cycle.c */
+extern PyType_Spec us_httpcycle_spec, us_done_spec;
+us_httpcycle *us_httpcycle_new(us_httpconn *c, uh_parser *p, const uh_request *req);
+int us_httpcycle_start(us_httpcycle *cy);
+void us_httpcycle_wake(us_httpcycle *cy);
+void us_httpcycle_disconnect(us_httpcycle *cy);
+int us_httpcycle_error_response(us_httpcycle *cy, int status, const char *text);
+PyObject *us_done_none_new(us_state *st);
+PyObject *us_http_simple_response(us_httpserver *srv, int status, const char *text);
+
+/* segment queues */
+int us_segq_push(us_segq *q, us_seg seg);
+void us_segq_clear(us_segq *q);
+static inline us_seg *us_segq_at(us_segq *q, int i)
+{
+    return &q->v[(q->head + i) % q->cap];
+}
+void us_segq_pop(us_segq *q);
+
+#endif

@@ -1,0 +1,1084 @@
+/*
+ * HttpCycle: one request and its response, as the ASGI app sees them. The
+ * scope is built in C from the parser's arena; receive() and send() return
+ * an already-completed awaitable (Done) unless they really have to wait, in
+ * which case they return a loop Future. The cycle itself is the done
+ * callback of the app's Task: it reports failures (500 before the response
+ * started, a closed connection after) and frees the task.
+ */
+#include "us_http.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+/* ---- Done: an awaitable that is already complete ---- */
+
+typedef struct {
+    PyObject_HEAD PyObject *value; /* NULL means None */
+} us_done;
+
+static PyObject *done_new(us_state *st, PyObject *value)
+{
+    if (!value)
+        return Py_NewRef(st->done_none);
+    us_done *d = PyObject_New(us_done, st->DoneType);
+    if (!d) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    d->value = value; /* steals */
+    return (PyObject *)d;
+}
+
+PyObject *us_done_none_new(us_state *st)
+{
+    us_done *d = PyObject_New(us_done, st->DoneType);
+    if (d)
+        d->value = NULL;
+    return (PyObject *)d;
+}
+
+static PyObject *done_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PySendResult done_send(PyObject *self, PyObject *arg, PyObject **result)
+{
+    (void)arg;
+    us_done *d = (us_done *)self;
+    *result = Py_NewRef(d->value ? d->value : Py_None);
+    return PYGEN_RETURN;
+}
+
+static PyObject *done_next(PyObject *self)
+{
+    us_done *d = (us_done *)self;
+    if (d->value) {
+        PyObject *e = PyObject_CallOneArg(PyExc_StopIteration, d->value);
+        if (e) {
+            PyErr_SetObject(PyExc_StopIteration, e);
+            Py_DECREF(e);
+        }
+    }
+    return NULL; /* StopIteration(None) when no exception is set */
+}
+
+static void done_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(((us_done *)self)->value);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *done_send_method(PyObject *self, PyObject *arg)
+{
+    (void)arg;
+    return done_next(self);
+}
+
+static PyObject *done_throw(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *typ, *val = NULL, *tb = NULL;
+    if (!PyArg_ParseTuple(args, "O|OO:throw", &typ, &val, &tb))
+        return NULL;
+    if (PyExceptionInstance_Check(typ))
+        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    else
+        PyErr_SetObject(typ, val);
+    return NULL;
+}
+
+static PyObject *done_close(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef done_methods[] = {
+    {"send", done_send_method, METH_O, NULL},
+    {"throw", done_throw, METH_VARARGS, NULL},
+    {"close", done_close, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyType_Slot done_slots[] = {
+    {Py_tp_dealloc, done_dealloc},
+    {Py_am_await, done_await},
+    {Py_am_send, done_send},
+    {Py_tp_iter, done_await},
+    {Py_tp_iternext, done_next},
+    {Py_tp_methods, done_methods},
+    {Py_tp_doc, "An awaitable that is already complete (what receive() and send() return when nothing waits)."},
+    {0, NULL},
+};
+
+PyType_Spec us_done_spec = {
+    .name = "uringloop._core.Done",
+    .basicsize = sizeof(us_done),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = done_slots,
+};
+
+/* ---- the scope ---- */
+
+static PyObject *addr_tuple(const struct sockaddr_storage *ss)
+{
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        port = ntohs(a->sin_port);
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        port = ntohs(a->sin6_port);
+    } else {
+        Py_RETURN_NONE; /* Unix sockets: no (host, port), as uvicorn */
+    }
+    return Py_BuildValue("(si)", host, port);
+}
+
+static PyObject *conn_addr(us_httpconn *c, int peer)
+{
+    PyObject **slot = peer ? &c->client : &c->sockname;
+    if (!*slot) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        memset(&ss, 0, sizeof ss);
+        int rc =
+            peer ? getpeername(c->fd, (struct sockaddr *)&ss, &len) : getsockname(c->fd, (struct sockaddr *)&ss, &len);
+        *slot = rc == 0 ? addr_tuple(&ss) : Py_NewRef(Py_None);
+        if (!*slot)
+            return NULL;
+    }
+    return Py_NewRef(*slot);
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    c |= 0x20;
+    return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* root_path + the percent-decoded path, decoded as UTF-8 (invalid bytes
+ * replaced, as urllib.parse.unquote does). */
+static PyObject *decode_path(us_httpserver *srv, const char *p, size_t n)
+{
+    if (!memchr(p, '%', n) && PyUnicode_GET_LENGTH(srv->root_path) == 0)
+        return PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "replace");
+    char *buf = PyMem_Malloc(n ? n : 1);
+    if (!buf)
+        return PyErr_NoMemory();
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        int hi, lo;
+        if (p[i] == '%' && i + 2 < n + 0 && (hi = hexval(p[i + 1])) >= 0 && (lo = hexval(p[i + 2])) >= 0) {
+            buf[k++] = (char)(hi * 16 + lo);
+            i += 2;
+        } else {
+            buf[k++] = p[i];
+        }
+    }
+    PyObject *path = PyUnicode_DecodeUTF8(buf, (Py_ssize_t)k, "replace");
+    PyMem_Free(buf);
+    if (!path || PyUnicode_GET_LENGTH(srv->root_path) == 0)
+        return path;
+    PyObject *full = PyUnicode_Concat(srv->root_path, path);
+    Py_DECREF(path);
+    return full;
+}
+
+static PyObject *header_name(us_state *st, const char *p, uint32_t n)
+{
+    for (int i = 0; i < st->h_nnames; i++) {
+        PyObject *b = st->h_names[i];
+        if (PyBytes_GET_SIZE(b) == (Py_ssize_t)n && memcmp(PyBytes_AS_STRING(b), p, n) == 0)
+            return Py_NewRef(b);
+    }
+    return PyBytes_FromStringAndSize(p, n);
+}
+
+static PyObject *method_str(us_state *st, uint8_t m)
+{
+    if (m >= US_HTTP_NMETHODS)
+        return PyUnicode_FromString("UNKNOWN");
+    if (!st->h_methods[m]) {
+        st->h_methods[m] = PyUnicode_InternFromString(llhttp_method_name((llhttp_method_t)m));
+        if (!st->h_methods[m])
+            return NULL;
+    }
+    return Py_NewRef(st->h_methods[m]);
+}
+
+/* Puts `v` (a new reference, NULL on error) into the scope. */
+static int scope_put(PyObject *scope, PyObject *key, PyObject *v)
+{
+    if (!v)
+        return -1;
+    int rc = PyDict_SetItem(scope, key, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static PyObject *build_headers(us_state *st, uh_parser *p, const uh_request *req, int *forwarded)
+{
+    PyObject *list = PyList_New(req->nheaders);
+    if (!list)
+        return NULL;
+    for (uint32_t i = 0; i < req->nheaders; i++) {
+        const uh_header *h = &req->headers[i];
+        const char *name = uh_str(p, h->name);
+        if (h->name.len >= 11 && memcmp(name, "x-forwarded", 11) == 0)
+            *forwarded = 1;
+        const char *v = uh_str(p, h->value);
+        uint32_t vlen = h->value.len;
+        while (vlen && (v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
+            vlen--; /* llhttp keeps trailing whitespace */
+        PyObject *n = header_name(st, name, h->name.len);
+        PyObject *val = n ? PyBytes_FromStringAndSize(v, vlen) : NULL;
+        PyObject *t = val ? PyTuple_Pack(2, n, val) : NULL;
+        Py_XDECREF(n);
+        Py_XDECREF(val);
+        if (!t) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, t);
+    }
+    return list;
+}
+
+/* Splits a request target into path and query; an absolute-form target
+ * ("http://host/p?q") is reduced to its path and query, a fragment dropped. */
+static void split_target(const char *url, size_t ulen, const char **path, size_t *plen, const char **qs, size_t *qlen)
+{
+    if ((ulen > 7 && strncasecmp(url, "http://", 7) == 0) || (ulen > 8 && strncasecmp(url, "https://", 8) == 0)) {
+        const char *auth = (const char *)memchr(url, '/', ulen) + 2;
+        size_t rest = ulen - (size_t)(auth - url);
+        const char *start = auth;
+        while (start < auth + rest && *start != '/' && *start != '?')
+            start++;
+        ulen -= (size_t)(start - url);
+        url = start;
+    }
+    const char *frag = memchr(url, '#', ulen);
+    if (frag)
+        ulen = (size_t)(frag - url);
+    const char *q = memchr(url, '?', ulen);
+    *path = url;
+    *plen = q ? (size_t)(q - url) : ulen;
+    *qs = q ? q + 1 : "";
+    *qlen = q ? ulen - (size_t)(q + 1 - url) : 0;
+    if (*plen == 0) {
+        *path = "/";
+        *plen = 1;
+    }
+}
+
+static PyObject *build_scope(us_httpconn *c, uh_parser *p, const uh_request *req)
+{
+    us_httpserver *srv = c->srv;
+    us_state *st = srv->st;
+    const char *url, *qs;
+    size_t plen, qlen;
+    split_target(uh_str(p, req->url), req->url.len, &url, &plen, &qs, &qlen);
+
+    PyObject *scope = PyDict_Copy(st->h_scope_template);
+    if (!scope)
+        return NULL;
+    int forwarded = 0;
+    PyObject *raw = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(srv->root_path_b) + (Py_ssize_t)plen);
+    if (raw) {
+        memcpy(PyBytes_AS_STRING(raw), PyBytes_AS_STRING(srv->root_path_b), (size_t)PyBytes_GET_SIZE(srv->root_path_b));
+        memcpy(PyBytes_AS_STRING(raw) + PyBytes_GET_SIZE(srv->root_path_b), url, plen);
+    }
+    if (scope_put(scope, st->h_raw_path, raw) < 0 ||
+        scope_put(scope, st->h_asgi, PyDict_Copy(st->h_asgi_template)) < 0 ||
+        scope_put(scope, st->h_http_version, Py_NewRef(req->http_minor ? st->h_v11 : st->h_v10)) < 0 ||
+        scope_put(scope, st->h_method, method_str(st, req->method)) < 0 ||
+        scope_put(scope, st->h_path, decode_path(srv, url, plen)) < 0 ||
+        scope_put(scope, st->h_query_string, PyBytes_FromStringAndSize(qs, (Py_ssize_t)qlen)) < 0 ||
+        scope_put(scope, st->h_root_path, Py_NewRef(srv->root_path)) < 0 ||
+        scope_put(scope, st->h_headers, build_headers(st, p, req, &forwarded)) < 0 ||
+        scope_put(scope, st->h_client, conn_addr(c, 1)) < 0 || scope_put(scope, st->h_server, conn_addr(c, 0)) < 0 ||
+        scope_put(scope, st->h_state, PyDict_Copy(srv->state)) < 0 ||
+        scope_put(scope, st->h_extensions, PyDict_Copy(st->h_extensions_template)) < 0) {
+        Py_DECREF(scope);
+        return NULL;
+    }
+    if (forwarded && srv->proxy) {
+        PyObject *r = PyObject_CallOneArg(srv->proxy, scope);
+        if (!r) {
+            Py_DECREF(scope);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    return scope;
+}
+
+us_httpcycle *us_httpcycle_new(us_httpconn *c, uh_parser *p, const uh_request *req)
+{
+    us_httpserver *srv = c->srv;
+    us_httpcycle *cy = PyObject_GC_New(us_httpcycle, srv->st->HttpCycleType);
+    if (!cy)
+        return NULL;
+    memset((char *)cy + sizeof(PyObject), 0, sizeof *cy - sizeof(PyObject));
+    cy->srv = (us_httpserver *)Py_NewRef(srv);
+    cy->conn = (us_httpconn *)Py_NewRef(c);
+    cy->expected_len = -1;
+    cy->req_flags = req->flags;
+    cy->keep_alive = (req->flags & UH_REQ_KEEP_ALIVE) && !srv->draining;
+    cy->head_request = req->method == HTTP_HEAD;
+    cy->http10 = req->http_minor == 0;
+    cy->body_complete = !(req->flags & UH_REQ_HAS_BODY);
+    PyObject_GC_Track(cy);
+    cy->body = PyList_New(0);
+    cy->scope = cy->body ? build_scope(c, p, req) : NULL;
+    if (!cy->scope) {
+        Py_DECREF(cy);
+        return NULL;
+    }
+    return cy;
+}
+
+/* ---- writing the response ---- */
+
+static int emit_bytes(us_httpcycle *cy, const char *data, size_t len)
+{
+    PyObject *b = PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
+    if (!b)
+        return -1;
+    us_seg seg = {b, -1, 0, 0};
+    return us_httpconn_emit(cy->conn, cy, seg);
+}
+
+static int emit_obj(us_httpcycle *cy, PyObject *b)
+{
+    us_seg seg = {Py_NewRef(b), -1, 0, 0};
+    return us_httpconn_emit(cy->conn, cy, seg);
+}
+
+static int name_is(const char *n, Py_ssize_t len, const char *want)
+{
+    return (size_t)len == strlen(want) && strncasecmp(n, want, (size_t)len) == 0;
+}
+
+static int as_bytes(PyObject *o, const char **p, Py_ssize_t *n)
+{
+    if (PyBytes_Check(o)) {
+        *p = PyBytes_AS_STRING(o);
+        *n = PyBytes_GET_SIZE(o);
+        return 0;
+    }
+    if (PyByteArray_Check(o)) {
+        *p = PyByteArray_AS_STRING(o);
+        *n = PyByteArray_GET_SIZE(o);
+        return 0;
+    }
+    PyErr_Format(PyExc_TypeError, "ASGI header names and values must be bytes, got %.100s", Py_TYPE(o)->tp_name);
+    return -1;
+}
+
+/* Serializes the head into srv->scratch. `final_len` is the whole body's
+ * length when the first body message is also the last, else -1. */
+static int write_head(us_httpcycle *cy, int64_t final_len)
+{
+    us_httpserver *srv = cy->srv;
+    uh_buf *b = &srv->scratch;
+    b->len = 0;
+    if (uh_put_status_line(b, cy->status) < 0) {
+        PyErr_Format(PyExc_RuntimeError, "invalid HTTP status code %d", cy->status);
+        return -1;
+    }
+    int has_server = 0, has_date = 0, has_connection = 0;
+    if (cy->headers) {
+        PyObject *seq = PySequence_Fast(cy->headers, "ASGI response headers must be an iterable of pairs");
+        if (!seq)
+            return -1;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+            PyObject *ps = PySequence_Fast(pair, "ASGI response headers must be (name, value) pairs");
+            if (!ps || PySequence_Fast_GET_SIZE(ps) != 2) {
+                if (ps)
+                    PyErr_SetString(PyExc_TypeError, "ASGI response headers must be (name, value) pairs");
+                Py_XDECREF(ps);
+                Py_DECREF(seq);
+                return -1;
+            }
+            const char *n, *v;
+            Py_ssize_t nl, vl;
+            if (as_bytes(PySequence_Fast_GET_ITEM(ps, 0), &n, &nl) < 0 ||
+                as_bytes(PySequence_Fast_GET_ITEM(ps, 1), &v, &vl) < 0) {
+                Py_DECREF(ps);
+                Py_DECREF(seq);
+                return -1;
+            }
+            if (name_is(n, nl, "content-length")) {
+                char tmp[32];
+                size_t k = (size_t)vl < sizeof tmp - 1 ? (size_t)vl : sizeof tmp - 1;
+                memcpy(tmp, v, k);
+                tmp[k] = 0;
+                char *end;
+                long long cl = strtoll(tmp, &end, 10);
+                if (k == 0 || *end || cl < 0) {
+                    Py_DECREF(ps);
+                    Py_DECREF(seq);
+                    PyErr_SetString(PyExc_RuntimeError, "invalid Content-Length in the ASGI response headers");
+                    return -1;
+                }
+                cy->expected_len = cl;
+            } else if (name_is(n, nl, "transfer-encoding")) {
+                Py_DECREF(ps);
+                continue; /* the server frames the body itself */
+            } else if (name_is(n, nl, "connection")) {
+                has_connection = 1;
+                if (vl == 5 && strncasecmp(v, "close", 5) == 0)
+                    cy->keep_alive = 0;
+            } else if (name_is(n, nl, "server")) {
+                has_server = 1;
+            } else if (name_is(n, nl, "date")) {
+                has_date = 1;
+            }
+            int rc = uh_put_header(b, n, (size_t)nl, v, (size_t)vl);
+            Py_DECREF(ps);
+            if (rc < 0) {
+                Py_DECREF(seq);
+                PyErr_Format(PyExc_RuntimeError, "invalid ASGI response header %R", pair);
+                return -1;
+            }
+        }
+        Py_DECREF(seq);
+    }
+    if (!has_server && srv->extra_headers.len && uh_buf_append(b, srv->extra_headers.data, srv->extra_headers.len) < 0)
+        return -1;
+    (void)has_server;
+    if (srv->date_header && !has_date) {
+        size_t dl;
+        const char *d = uh_date_line(&srv->date, time(NULL), &dl);
+        if (uh_buf_append(b, d, dl) < 0)
+            return -1;
+    }
+    int body_allowed = !cy->head_request && uh_status_allows_body(cy->status);
+    if (uh_status_allows_body(cy->status) && cy->expected_len < 0) {
+        char tmp[64];
+        if (final_len >= 0) {
+            int k = snprintf(tmp, sizeof tmp, "content-length: %lld\r\n", (long long)final_len);
+            if (uh_buf_append(b, tmp, (size_t)k) < 0)
+                return -1;
+            if (body_allowed)
+                cy->expected_len = final_len;
+        } else if (body_allowed && !cy->http10) {
+            cy->chunked = 1;
+            if (uh_buf_append(b, "transfer-encoding: chunked\r\n", 28) < 0)
+                return -1;
+        } else if (body_allowed) {
+            cy->keep_alive = 0; /* HTTP/1.0 without a length: the close ends the body */
+        }
+    }
+    if (cy->srv->draining)
+        cy->keep_alive = 0;
+    if (!cy->keep_alive && !has_connection && uh_buf_append(b, "connection: close\r\n", 19) < 0)
+        return -1;
+    if (cy->keep_alive && cy->http10 && !has_connection && uh_buf_append(b, "connection: keep-alive\r\n", 24) < 0)
+        return -1;
+    if (uh_buf_append(b, "\r\n", 2) < 0)
+        return -1;
+    cy->head_written = 1;
+    Py_CLEAR(cy->headers);
+    return 0;
+}
+
+static void mark_complete(us_httpcycle *cy)
+{
+    cy->response_complete = 1;
+    if (cy->conn)
+        us_httpconn_cycle_done(cy->conn, cy);
+    us_httpcycle_wake(cy);
+}
+
+#define US_HTTP_COPY_MAX 16384 /* smaller bodies are copied next to the head */
+
+static int write_body(us_httpcycle *cy, PyObject *body, int more)
+{
+    us_httpserver *srv = cy->srv;
+    Py_buffer view;
+    if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    int64_t len = view.len;
+    int rc = -1;
+    int body_allowed = !cy->head_request && uh_status_allows_body(cy->status);
+    int fresh_head = !cy->head_written;
+    if (!cy->head_written && write_head(cy, more ? -1 : len) < 0)
+        goto out;
+    else if (!cy->head_written)
+        goto out;
+    if (body_allowed) {
+        cy->sent_len += len;
+        if (cy->expected_len >= 0 && cy->sent_len > cy->expected_len) {
+            PyErr_SetString(PyExc_RuntimeError, "Response content longer than Content-Length");
+            goto out;
+        }
+        if (!more && cy->expected_len >= 0 && cy->sent_len < cy->expected_len) {
+            PyErr_SetString(PyExc_RuntimeError, "Response content shorter than Content-Length");
+            goto out;
+        }
+    }
+    uh_buf *b = &srv->scratch; /* holds the head when it was just written */
+    if (!body_allowed || (len == 0 && !cy->chunked)) {
+        if (b->len && emit_bytes(cy, b->data, b->len) < 0)
+            goto out;
+    } else {
+        if (cy->chunked && len && uh_put_chunk_size(b, (size_t)len) < 0)
+            goto out;
+        int copy = len <= US_HTTP_COPY_MAX || !PyBytes_CheckExact(body);
+        if (copy && len) {
+            if (uh_buf_append(b, view.buf, (size_t)len) < 0)
+                goto out;
+        } else if (len) {
+            if (b->len && emit_bytes(cy, b->data, b->len) < 0)
+                goto out;
+            b->len = 0;
+            if (emit_obj(cy, body) < 0)
+                goto out;
+        }
+        if (cy->chunked && len && uh_buf_append(b, "\r\n", 2) < 0)
+            goto out;
+        if (cy->chunked && !more && uh_buf_append(b, "0\r\n\r\n", 5) < 0)
+            goto out;
+        if (b->len && emit_bytes(cy, b->data, b->len) < 0)
+            goto out;
+    }
+    rc = 0;
+out:
+    if (rc < 0 && fresh_head && srv->scratch.len)
+        cy->head_written = 0; /* the head never left the scratch buffer */
+    srv->scratch.len = 0;
+    PyBuffer_Release(&view);
+    if (rc == 0 && !more)
+        mark_complete(cy);
+    return rc;
+}
+
+/* http.response.pathsend: the file goes out with sendfile(2). */
+static int write_file(us_httpcycle *cy, PyObject *path)
+{
+    PyObject *fs = NULL;
+    if (!PyUnicode_FSConverter(path, &fs))
+        return -1;
+    int fd = open(PyBytes_AS_STRING(fs), O_RDONLY | O_CLOEXEC);
+    struct stat stbuf;
+    if (fd < 0 || fstat(fd, &stbuf) < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+        if (fd >= 0)
+            close(fd);
+        Py_DECREF(fs);
+        return -1;
+    }
+    Py_DECREF(fs);
+    int64_t size = stbuf.st_size;
+    int body_allowed = !cy->head_request && uh_status_allows_body(cy->status);
+    if (!cy->head_written && write_head(cy, cy->expected_len >= 0 ? -1 : size) < 0) {
+        close(fd);
+        cy->srv->scratch.len = 0;
+        return -1;
+    }
+    uh_buf *b = &cy->srv->scratch;
+    int rc = b->len ? emit_bytes(cy, b->data, b->len) : 0;
+    b->len = 0;
+    if (rc == 0 && body_allowed && cy->chunked) {
+        uh_put_chunk_size(b, (size_t)size);
+        rc = emit_bytes(cy, b->data, b->len);
+        b->len = 0;
+    }
+    if (rc == 0 && body_allowed && size) {
+        us_seg seg = {NULL, fd, 0, size};
+        rc = us_httpconn_emit(cy->conn, cy, seg);
+        fd = -1;
+    }
+    if (fd >= 0)
+        close(fd);
+    if (rc == 0 && body_allowed && cy->chunked)
+        rc = emit_bytes(cy, "\r\n0\r\n\r\n", 7);
+    if (rc == 0)
+        mark_complete(cy);
+    return rc;
+}
+
+PyObject *us_http_simple_response(us_httpserver *srv, int status, const char *text)
+{
+    uh_buf b = {0};
+    char tmp[160];
+    size_t tl = strlen(text);
+    int k = snprintf(tmp, sizeof tmp, "content-type: text/plain; charset=utf-8\r\ncontent-length: %zu\r\n", tl);
+    size_t dl = 0;
+    const char *d = srv->date_header ? uh_date_line(&srv->date, time(NULL), &dl) : "";
+    PyObject *r = NULL;
+    if (uh_put_status_line(&b, status) == 0 && uh_buf_append(&b, tmp, (size_t)k) == 0 &&
+        uh_buf_append(&b, srv->extra_headers.data ? srv->extra_headers.data : "", srv->extra_headers.len) == 0 &&
+        uh_buf_append(&b, d, dl) == 0 && uh_buf_append(&b, "connection: close\r\n\r\n", 21) == 0 &&
+        uh_buf_append(&b, text, tl) == 0)
+        r = PyBytes_FromStringAndSize(b.data, (Py_ssize_t)b.len);
+    else
+        PyErr_NoMemory();
+    uh_buf_free(&b);
+    return r;
+}
+
+/* Answers this request with a plain-text error and ends the connection
+ * after it. */
+int us_httpcycle_error_response(us_httpcycle *cy, int status, const char *text)
+{
+    cy->response_started = 1;
+    cy->keep_alive = 0;
+    cy->status = status;
+    if (cy->conn) {
+        PyObject *r = us_http_simple_response(cy->srv, status, text);
+        if (!r || emit_obj(cy, r) < 0) {
+            Py_XDECREF(r);
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    cy->head_written = 1;
+    mark_complete(cy);
+    return 0;
+}
+
+/* ---- receive ---- */
+
+static PyObject *make_message(us_state *st, PyObject *type)
+{
+    PyObject *m = PyDict_New();
+    if (m && PyDict_SetItem(m, st->h_type, type) < 0)
+        Py_CLEAR(m);
+    return m;
+}
+
+/* The next message for receive(), or NULL without an error when it has to
+ * wait. */
+static PyObject *next_message(us_httpcycle *cy)
+{
+    us_state *st = cy->srv->st;
+    Py_ssize_t nchunks = PyList_GET_SIZE(cy->body);
+    if (nchunks || (cy->body_complete && !cy->final_returned)) {
+        PyObject *body;
+        if (nchunks == 1)
+            body = Py_NewRef(PyList_GET_ITEM(cy->body, 0));
+        else if (nchunks == 0)
+            body = PyBytes_FromStringAndSize(NULL, 0);
+        else
+            body = _PyBytes_Join(st->h_empty_bytes, cy->body);
+        if (!body || PyList_SetSlice(cy->body, 0, nchunks, NULL) < 0) {
+            Py_XDECREF(body);
+            return NULL;
+        }
+        int more = !cy->body_complete;
+        if (!more)
+            cy->final_returned = 1;
+        if (cy->conn)
+            us_httpconn_body_consumed(cy->conn, PyBytes_GET_SIZE(body));
+        PyObject *m = make_message(st, st->h_t_request);
+        if (!m || PyDict_SetItem(m, st->h_body, body) < 0 ||
+            PyDict_SetItem(m, st->h_more_body, more ? Py_True : Py_False) < 0)
+            Py_CLEAR(m);
+        Py_DECREF(body);
+        return m;
+    }
+    if (cy->disconnected || (cy->final_returned && cy->response_complete))
+        return make_message(st, st->h_t_disconnect);
+    if (!cy->final_returned && (cy->req_flags & UH_REQ_EXPECT_CONTINUE) && !cy->continue_sent &&
+        !cy->response_started && cy->conn) {
+        cy->continue_sent = 1;
+        if (emit_bytes(cy, "HTTP/1.1 100 Continue\r\n\r\n", 25) < 0)
+            return NULL;
+    }
+    return NULL;
+}
+
+static int future_pending(PyObject *fut)
+{
+    PyObject *r = PyObject_CallMethod(fut, "done", NULL);
+    int done = r ? PyObject_IsTrue(r) : -1;
+    Py_XDECREF(r);
+    return done == 0;
+}
+
+static void resolve(PyObject **slot, PyObject *value)
+{
+    PyObject *fut = *slot;
+    *slot = NULL;
+    if (future_pending(fut)) {
+        PyObject *r = PyObject_CallMethod(fut, "set_result", "O", value);
+        Py_XDECREF(r);
+    }
+    Py_DECREF(fut);
+}
+
+static int can_write(us_httpcycle *cy)
+{
+    us_httpconn *c = cy->conn;
+    if (!c || c->dead || c->closed || cy->disconnected)
+        return 1;
+    if (us_httpconn_is_head(c, cy))
+        return c->wq.bytes <= US_HTTP_WRITE_HIGH;
+    return cy->out.bytes <= US_HTTP_WRITE_HIGH;
+}
+
+void us_httpcycle_wake(us_httpcycle *cy)
+{
+    if (cy->recv_waiter) {
+        PyObject *m = next_message(cy);
+        if (m) {
+            resolve(&cy->recv_waiter, m);
+            Py_DECREF(m);
+        }
+    }
+    if (cy->drain_waiter && can_write(cy))
+        resolve(&cy->drain_waiter, Py_None);
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable((PyObject *)cy);
+}
+
+void us_httpcycle_disconnect(us_httpcycle *cy)
+{
+    cy->disconnected = 1;
+    us_httpcycle_wake(cy);
+}
+
+static PyObject *new_future(us_httpcycle *cy)
+{
+    return PyObject_CallMethod((PyObject *)cy->srv->loop, "create_future", NULL);
+}
+
+static PyObject *cycle_receive(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    us_httpcycle *cy = (us_httpcycle *)self;
+    PyObject *m = next_message(cy);
+    if (m)
+        return done_new(cy->srv->st, m);
+    if (PyErr_Occurred())
+        return NULL;
+    if (cy->recv_waiter && future_pending(cy->recv_waiter))
+        return Py_NewRef(cy->recv_waiter);
+    Py_XSETREF(cy->recv_waiter, new_future(cy));
+    return Py_XNewRef(cy->recv_waiter);
+}
+
+/* ---- send ---- */
+
+static PyObject *msg_get(PyObject *msg, PyObject *key)
+{
+    if (PyDict_CheckExact(msg)) {
+        PyObject *v = PyDict_GetItemWithError(msg, key);
+        return Py_XNewRef(v);
+    }
+    PyObject *v = PyObject_GetItem(msg, key);
+    if (!v && PyErr_ExceptionMatches(PyExc_KeyError))
+        PyErr_Clear();
+    return v;
+}
+
+static PyObject *wrong_message(const char *fmt, PyObject *type)
+{
+    PyErr_Format(PyExc_RuntimeError, fmt, type);
+    return NULL;
+}
+
+static void access_log(us_httpcycle *cy)
+{
+    PyObject *hook = cy->srv->access_log;
+    if (!hook)
+        return;
+    PyObject *r = PyObject_CallFunction(hook, "Oi", cy->scope, cy->status);
+    if (!r)
+        PyErr_WriteUnraisable(hook);
+    Py_XDECREF(r);
+}
+
+static PyObject *send_start(us_httpcycle *cy, PyObject *msg, PyObject *type)
+{
+    us_state *st = cy->srv->st;
+    if (PyUnicode_Compare(type, st->h_t_start) != 0) {
+        if (PyErr_Occurred())
+            return NULL;
+        return wrong_message("Expected ASGI message 'http.response.start', but got '%U'.", type);
+    }
+    PyObject *status = msg_get(msg, st->h_status);
+    if (!status) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_KeyError, "http.response.start needs a 'status'");
+        return NULL;
+    }
+    long code = PyLong_AsLong(status);
+    Py_DECREF(status);
+    if (code == -1 && PyErr_Occurred())
+        return NULL;
+    if (code < 100 || code > 999) {
+        PyErr_Format(PyExc_RuntimeError, "invalid HTTP status code %ld", code);
+        return NULL;
+    }
+    PyObject *headers = msg_get(msg, st->h_headers);
+    if (!headers && PyErr_Occurred())
+        return NULL;
+    cy->status = (int)code;
+    Py_XSETREF(cy->headers, headers);
+    cy->response_started = 1;
+    access_log(cy);
+    return Py_NewRef(st->done_none);
+}
+
+static PyObject *cycle_send(PyObject *self, PyObject *msg)
+{
+    us_httpcycle *cy = (us_httpcycle *)self;
+    us_state *st = cy->srv->st;
+    PyObject *type = msg_get(msg, st->h_type);
+    if (!type) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_KeyError, "ASGI message without a 'type'");
+        return NULL;
+    }
+    if (!PyUnicode_Check(type)) {
+        Py_DECREF(type);
+        PyErr_SetString(PyExc_TypeError, "ASGI message 'type' must be a str");
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (!cy->response_started) {
+        result = send_start(cy, msg, type);
+        Py_DECREF(type);
+        return result;
+    }
+    if (cy->response_complete) {
+        Py_DECREF(type);
+        if (cy->rejected)
+            return Py_NewRef(st->done_none);
+        return wrong_message("Unexpected ASGI message '%U' sent, after response already completed.", type);
+    }
+    int rc;
+    if (PyUnicode_Compare(type, st->h_t_body) == 0) {
+        PyObject *body = msg_get(msg, st->h_body);
+        PyObject *more_o = body || !PyErr_Occurred() ? msg_get(msg, st->h_more_body) : NULL;
+        int more = more_o ? PyObject_IsTrue(more_o) : 0;
+        Py_XDECREF(more_o);
+        if (PyErr_Occurred() || more < 0)
+            rc = -1;
+        else if (!cy->conn) {
+            rc = 0; /* the connection is gone: the body goes nowhere */
+            if (!more)
+                mark_complete(cy);
+        } else
+            rc = write_body(cy, body ? body : st->h_empty_bytes, more);
+        Py_XDECREF(body);
+    } else if (PyUnicode_Compare(type, st->h_t_pathsend) == 0) {
+        PyObject *path = msg_get(msg, st->h_path);
+        if (!path) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_KeyError, "http.response.pathsend needs a 'path'");
+            rc = -1;
+        } else if (!cy->conn) {
+            rc = 0;
+            mark_complete(cy);
+        } else
+            rc = write_file(cy, path);
+        Py_XDECREF(path);
+    } else {
+        rc = -1;
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_RuntimeError, "Expected ASGI message 'http.response.body', but got '%U'.", type);
+    }
+    Py_DECREF(type);
+    if (rc < 0)
+        return NULL;
+    if (can_write(cy))
+        return Py_NewRef(st->done_none);
+    Py_XSETREF(cy->drain_waiter, new_future(cy));
+    return Py_XNewRef(cy->drain_waiter);
+}
+
+static PyMethodDef cycle_receive_def = {"receive", cycle_receive, METH_NOARGS, "ASGI receive()"};
+static PyMethodDef cycle_send_def = {"send", cycle_send, METH_O, "ASGI send(message)"};
+
+/* ---- the app's task ---- */
+
+/* The response cannot be completed: the connection ends (a client cannot
+ * tell a cut response from a complete one otherwise). */
+static void abandon(us_httpcycle *cy)
+{
+    if (cy->conn)
+        us_httpconn_abort(cy->conn);
+    cy->response_complete = 1;
+    us_httpcycle_wake(cy);
+}
+
+static void app_failed(us_httpcycle *cy, const char *message, PyObject *exc)
+{
+    us_http_log_error(cy->srv, message, exc);
+    if (!cy->head_written && !cy->response_complete) {
+        /* nothing reached the client yet: it can still get a clean 500 */
+        Py_CLEAR(cy->headers);
+        if (us_httpcycle_error_response(cy, 500, "Internal Server Error") < 0)
+            PyErr_WriteUnraisable((PyObject *)cy);
+    } else if (!cy->response_complete) {
+        abandon(cy);
+    }
+}
+
+int us_httpcycle_start(us_httpcycle *cy)
+{
+    us_httpserver *srv = cy->srv;
+    if (srv->limit_concurrency && (srv->nconns > srv->limit_concurrency || srv->ntasks >= srv->limit_concurrency)) {
+        cy->rejected = 1;
+        return us_httpcycle_error_response(cy, 503, "Service Unavailable");
+    }
+    PyObject *recv = PyCFunction_New(&cycle_receive_def, (PyObject *)cy);
+    PyObject *send = recv ? PyCFunction_New(&cycle_send_def, (PyObject *)cy) : NULL;
+    PyObject *coro = NULL, *task = NULL;
+    if (send) {
+        PyObject *args[3] = {cy->scope, recv, send};
+        coro = PyObject_Vectorcall(srv->app, args, 3, NULL);
+    }
+    Py_XDECREF(recv);
+    Py_XDECREF(send);
+    if (coro) {
+        PyObject *factory = PyObject_GetAttr((PyObject *)srv->loop, srv->s_task_factory);
+        if (factory == Py_None) {
+            PyObject *args[2] = {coro, (PyObject *)srv->loop};
+            task = PyObject_Vectorcall(srv->task_type, args, 1, srv->st->kw_loop);
+        } else if (factory) {
+            task = PyObject_CallMethod((PyObject *)srv->loop, "create_task", "O", coro);
+        }
+        Py_XDECREF(factory);
+        Py_DECREF(coro);
+    }
+    PyObject *r = task ? PyObject_CallMethod(task, "add_done_callback", "O", (PyObject *)cy) : NULL;
+    if (!r) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        if (ev && tb)
+            PyException_SetTraceback(ev, tb);
+        app_failed(cy, "Exception in ASGI application\n", ev);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        Py_XDECREF(task);
+        return -1;
+    }
+    Py_DECREF(r);
+    cy->task = task;
+    srv->ntasks++;
+    return 0;
+}
+
+/* The done callback of the app's task. */
+static PyObject *cycle_call(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)args;
+    (void)kw;
+    us_httpcycle *cy = (us_httpcycle *)self;
+    PyObject *task = cy->task;
+    if (!task)
+        Py_RETURN_NONE;
+    cy->task = NULL;
+    cy->task_done = 1;
+    cy->srv->ntasks--;
+    PyObject *cancelled = PyObject_CallMethod(task, "cancelled", NULL);
+    int was_cancelled = cancelled ? PyObject_IsTrue(cancelled) : -1;
+    Py_XDECREF(cancelled);
+    PyObject *exc = was_cancelled == 0 ? PyObject_CallMethod(task, "exception", NULL) : NULL;
+    Py_DECREF(task);
+    if (was_cancelled < 0 || (was_cancelled == 0 && !exc))
+        return NULL;
+    if (exc && exc != Py_None) {
+        app_failed(cy, "Exception in ASGI application\n", exc);
+    } else if (was_cancelled) {
+        if (!cy->response_complete)
+            abandon(cy);
+    } else if (!cy->response_started) {
+        if (!cy->disconnected)
+            app_failed(cy, "ASGI callable returned without starting response.", NULL);
+        else
+            abandon(cy);
+    } else if (!cy->response_complete) {
+        if (!cy->disconnected)
+            app_failed(cy, "ASGI callable returned without completing response.", NULL);
+        else
+            abandon(cy);
+    }
+    Py_XDECREF(exc);
+    Py_CLEAR(cy->recv_waiter);
+    Py_CLEAR(cy->drain_waiter);
+    Py_RETURN_NONE;
+}
+
+static int cycle_traverse(us_httpcycle *cy, visitproc visit, void *arg)
+{
+    Py_VISIT(cy->conn);
+    Py_VISIT(cy->scope);
+    Py_VISIT(cy->task);
+    Py_VISIT(cy->body);
+    Py_VISIT(cy->recv_waiter);
+    Py_VISIT(cy->drain_waiter);
+    Py_VISIT(cy->headers);
+    Py_VISIT(Py_TYPE(cy));
+    return 0;
+}
+
+static int cycle_clear(us_httpcycle *cy)
+{
+    Py_CLEAR(cy->conn);
+    Py_CLEAR(cy->scope);
+    Py_CLEAR(cy->task);
+    Py_CLEAR(cy->body);
+    Py_CLEAR(cy->recv_waiter);
+    Py_CLEAR(cy->drain_waiter);
+    Py_CLEAR(cy->headers);
+    return 0;
+}
+
+static void cycle_dealloc(us_httpcycle *cy)
+{
+    PyTypeObject *tp = Py_TYPE(cy);
+    PyObject_GC_UnTrack(cy);
+    cycle_clear(cy);
+    us_segq_clear(&cy->out);
+    Py_CLEAR(cy->srv);
+    tp->tp_free(cy);
+    Py_DECREF(tp);
+}
+
+static PyObject *cycle_repr(us_httpcycle *cy)
+{
+    return PyUnicode_FromFormat("<HttpCycle status=%d complete=%d>", cy->status, cy->response_complete);
+}
+
+static PyType_Slot cycle_slots[] = {
+    {Py_tp_dealloc, cycle_dealloc},
+    {Py_tp_traverse, cycle_traverse},
+    {Py_tp_clear, cycle_clear},
+    {Py_tp_call, cycle_call},
+    {Py_tp_repr, cycle_repr},
+    {Py_tp_doc, "One request/response cycle of an HttpServer (internal)."},
+    {0, NULL},
+};
+
+PyType_Spec us_httpcycle_spec = {
+    .name = "uringloop._core.HttpCycle",
+    .basicsize = sizeof(us_httpcycle),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = cycle_slots,
+};

@@ -1,0 +1,127 @@
+"""A raw ASGI app with one route per wire behaviour the tests check."""
+
+import asyncio
+import json
+import os
+
+
+async def read_body(receive):
+    body = b""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
+
+
+async def respond(send, status=200, body=b"", headers=None):
+    hdrs = [(b"content-type", b"text/plain")] + list(headers or [])
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _jsonable(v):
+    if isinstance(v, bytes):
+        return v.decode("latin-1")
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                scope["state"]["greeting"] = "hello from lifespan"
+                if os.environ.get("WIRE_FAIL_STARTUP"):
+                    await send({"type": "lifespan.startup.failed", "message": "startup refused by the test"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                marker = os.environ.get("WIRE_SHUTDOWN_MARKER")
+                if marker:
+                    with open(marker, "w") as f:
+                        f.write("shutdown ran")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    path = scope["path"]
+    if path == "/":
+        await respond(send, body=b"Hello, world!")
+    elif path == "/echo":
+        body = await read_body(receive)
+        await respond(send, body=body or b"")
+    elif path.startswith("/scope"):
+        s = {k: v for k, v in scope.items() if k not in ("state",)}
+        s["state"] = dict(scope["state"])
+        await respond(send, body=json.dumps(_jsonable(s)).encode(), headers=[(b"x-kind", b"scope")])
+    elif path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one,", b"two,", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    elif path == "/big":
+        n = int(scope["query_string"] or b"1048576")
+        await respond(send, body=b"x" * n)
+    elif path == "/big-stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(64):
+            await send({"type": "http.response.body", "body": b"y" * 65536, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    elif path == "/raise-before":
+        raise ValueError("boom before the response")
+    elif path == "/raise-after":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise ValueError("boom after the response started")
+    elif path == "/no-response":
+        return
+    elif path == "/incomplete":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+    elif path == "/wrong-order":
+        try:
+            await send({"type": "http.response.body", "body": b"too early"})
+        except RuntimeError as exc:
+            await respond(send, status=409, body=str(exc).encode())
+    elif path == "/twice":
+        await respond(send, body=b"once")
+        try:
+            await send({"type": "http.response.body", "body": b"again"})
+        except RuntimeError as exc:
+            print("TWICE:", exc, flush=True)
+    elif path == "/bad-header":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-evil", b"a\r\nset-cookie: x=1")]})
+        await send({"type": "http.response.body", "body": b"should not be sent"})
+    elif path == "/too-long":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3")]})
+        await send({"type": "http.response.body", "body": b"four"})
+    elif path == "/status":
+        code = int(scope["query_string"])
+        await send({"type": "http.response.start", "status": code, "headers": []})
+        await send({"type": "http.response.body", "body": b"" if code in (204, 304) else b"body"})
+    elif path == "/slow":
+        delay = float(scope["query_string"] or b"0.5")
+        await asyncio.sleep(delay)
+        await respond(send, body=b"slow done")
+    elif path == "/file":
+        name = scope["query_string"].decode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(os.path.getsize(name)).encode())]})
+        await send({"type": "http.response.pathsend", "path": name})
+    elif path == "/no-read":
+        await respond(send, body=b"not reading your body")
+    elif path == "/wait-disconnect":
+        msg = await receive()
+        while msg["type"] != "http.disconnect":
+            msg = await receive()
+        with open(scope["query_string"].decode(), "w") as f:
+            f.write("disconnected")
+    elif path == "/close":
+        await respond(send, body=b"bye", headers=[(b"connection", b"close")])
+    else:
+        await respond(send, status=404, body=b"not found: " + scope["raw_path"])

@@ -1,0 +1,266 @@
+"""Server options, lifespan, shutdown and the command line, each against a
+`uringserve` child process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from http_support import Reader, connect, free_port, get, request, serve, server_env, ROOT
+
+
+def run_cli(*args, env=None, timeout=20):
+    return subprocess.run([sys.executable, "-m", "uringserve", *args], capture_output=True, text=True,
+                          env=server_env(env), cwd=ROOT, timeout=timeout)
+
+
+def test_keep_alive_timeout_closes_idle_connections(tmp_path):
+    with serve("apps.wire_app:app", "--timeout-keep-alive", "1", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(get("/"))
+            rd = Reader(s)
+            assert rd.response().status == 200
+            t0 = time.monotonic()
+            assert rd.closed(timeout=5)
+            assert 0.5 < time.monotonic() - t0 < 4
+        assert srv.stop() == 0
+
+
+def test_slow_headers_are_cut_off(tmp_path):
+    with serve("apps.wire_app:app", "--timeout-request-header", "1", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finished
+            t0 = time.monotonic()
+            assert Reader(s).closed(timeout=5)
+            assert time.monotonic() - t0 < 4
+        assert request(srv.port, get("/")).status == 200
+        assert srv.stop() == 0
+
+
+def test_limit_concurrency_answers_503(tmp_path):
+    with serve("apps.wire_app:app", "--limit-concurrency", "1", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as slow:
+            slow.sendall(get("/slow?1"))
+            time.sleep(0.2)
+            r = request(srv.port, get("/"))
+            assert r.status == 503 and r.body == b"Service Unavailable"
+            assert Reader(slow).response().body == b"slow done"
+        assert request(srv.port, get("/")).status == 200
+        assert srv.stop() == 0
+
+
+def test_limit_max_requests_exits(tmp_path):
+    with serve("apps.wire_app:app", "--limit-max-requests", "3", tmp_path=str(tmp_path)) as srv:
+        for _ in range(3):
+            assert request(srv.port, get("/")).status == 200
+        assert srv.proc.wait(10) == 0
+        assert "Maximum request limit of 3 exceeded" in srv.log
+
+
+def test_headers_options(tmp_path):
+    with serve("apps.wire_app:app", "--header", "X-Extra: yes", "--no-server-header", "--no-date-header",
+               tmp_path=str(tmp_path)) as srv:
+        r = request(srv.port, get("/"))
+        assert r.header("x-extra") == "yes"
+        assert r.header("server") is None and r.header("date") is None
+        assert srv.stop() == 0
+
+
+def test_root_path(tmp_path):
+    with serve("apps.wire_app:app", "--root-path", "/api", tmp_path=str(tmp_path)) as srv:
+        scope = json.loads(request(srv.port, get("/scope?a")).body.decode()) if False else None
+        r = request(srv.port, get("/x"))
+        assert r.status == 404 and r.body == b"not found: /api/x"
+        assert srv.stop() == 0
+
+
+def test_proxy_headers_trusted_and_not(tmp_path):
+    fwd = b"GET /scope HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n"
+    with serve("apps.wire_app:app", tmp_path=str(tmp_path)) as srv:  # default: trust 127.0.0.1
+        scope = json.loads(request(srv.port, fwd).body)
+        assert scope["client"] == ["203.0.113.7", 0] and scope["scheme"] == "https"
+        assert srv.stop() == 0
+    with serve("apps.wire_app:app", "--forwarded-allow-ips", "10.0.0.0/8", tmp_path=str(tmp_path)) as srv:
+        scope = json.loads(request(srv.port, fwd).body)
+        assert scope["client"][0] == "127.0.0.1" and scope["scheme"] == "http"
+        assert srv.stop() == 0
+    with serve("apps.wire_app:app", "--no-proxy-headers", tmp_path=str(tmp_path)) as srv:
+        scope = json.loads(request(srv.port, fwd).body)
+        assert scope["client"][0] == "127.0.0.1"
+        assert srv.stop() == 0
+
+
+def test_unix_socket(tmp_path):
+    path = str(tmp_path / "srv.sock")
+    with serve("apps.wire_app:app", "--uds", path, tmp_path=str(tmp_path)) as srv:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o666"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            s.sendall(get("/scope"))
+            scope = json.loads(Reader(s).response().body)
+        assert scope["client"] is None and scope["server"] is None
+        assert srv.stop() == 0
+    assert not os.path.exists(path)
+
+
+def test_ipv6(tmp_path):
+    if not socket.has_ipv6:
+        pytest.fail("IPv6 is required on the test machines")
+    with serve("apps.wire_app:app", "--host", "::1", tmp_path=str(tmp_path)) as srv:
+        with socket.create_connection(("::1", srv.port)) as s:
+            s.sendall(get("/scope"))
+            scope = json.loads(Reader(s).response().body)
+        assert scope["server"] == ["::1", srv.port]
+        assert "http://[::1]:" in srv.log
+        assert srv.stop() == 0
+
+
+def test_fd_inherited(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "uringserve", "apps.wire_app:app", "--fd", str(sock.fileno())],
+                            pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT, env=server_env(),
+                            cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 10
+        while "running on" not in (tmp_path / "log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert request(port, get("/")).status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def test_env_variables_set_options(tmp_path):
+    port = free_port()
+    with serve("apps.wire_app:app", tmp_path=str(tmp_path), port=port,
+               env={"URINGSERVE_HEADERS": "X-From-Env: 1", "URINGSERVE_SERVER_HEADER": "false"}) as srv:
+        r = request(srv.port, get("/"))
+        assert r.header("x-from-env") == "1" and r.header("server") is None
+        assert srv.stop() == 0
+
+
+# ---- lifespan and shutdown ----
+
+def test_lifespan_state_and_shutdown(tmp_path):
+    marker = tmp_path / "shutdown"
+    with serve("apps.wire_app:app", "--lifespan", "on", tmp_path=str(tmp_path),
+               env={"WIRE_SHUTDOWN_MARKER": str(marker)}) as srv:
+        scope = json.loads(request(srv.port, get("/scope")).body)
+        assert scope["state"] == {"greeting": "hello from lifespan"}
+        assert srv.stop(signal.SIGINT) == 0
+    assert marker.read_text() == "shutdown ran"
+    assert "Application startup complete." in srv.log and "Application shutdown complete." in srv.log
+
+
+def test_lifespan_startup_failure_exits_3(tmp_path):
+    r = run_cli("apps.wire_app:app", "--port", str(free_port()), env={"WIRE_FAIL_STARTUP": "1"})
+    assert r.returncode == 3, r.stderr
+    assert "startup refused by the test" in r.stderr
+    assert "Application startup failed. Exiting." in r.stderr
+
+
+def test_lifespan_unsupported_app(tmp_path):
+    with serve("apps.plain_app:app", tmp_path=str(tmp_path)) as srv:
+        assert request(srv.port, get("/")).body == b"plain"
+        assert srv.stop() == 0
+    assert "ASGI 'lifespan' protocol appears unsupported." in srv.log
+    r = run_cli("apps.plain_app:app", "--port", str(free_port()), "--lifespan", "on")
+    assert r.returncode == 3 and "Application startup failed" in r.stderr
+
+
+def test_graceful_shutdown_lets_the_request_finish(tmp_path):
+    with serve("apps.wire_app:app", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(get("/slow?1"))
+            time.sleep(0.2)
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            with pytest.raises(OSError):  # no longer accepting
+                connect(srv.port).close()
+            r = Reader(s).response()
+            assert r.body == b"slow done" and r.header("connection") == "close"
+        assert srv.proc.wait(10) == 0
+
+
+def test_graceful_shutdown_timeout_cancels(tmp_path):
+    with serve("apps.wire_app:app", "--timeout-graceful-shutdown", "0.5", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(get("/slow?30"))
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            assert Reader(s).closed(timeout=10)
+            assert srv.proc.wait(10) == 0
+            assert time.monotonic() - t0 < 5
+        assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in srv.log
+
+
+# ---- the command line ----
+
+def test_cli_bad_option():
+    r = run_cli("apps.wire_app:app", "--no-such-option")
+    assert r.returncode == 2 and "unrecognized arguments: --no-such-option" in r.stderr
+
+
+def test_cli_missing_module_and_attribute():
+    r = run_cli("no_such_module_xyz:app", "--port", str(free_port()))
+    assert r.returncode == 1
+    assert 'Error loading ASGI app. Could not import module "no_such_module_xyz".' in r.stderr
+    r = run_cli("apps.wire_app:nope", "--port", str(free_port()))
+    assert r.returncode == 1
+    assert 'Attribute "nope" not found in module "apps.wire_app".' in r.stderr
+
+
+def test_cli_port_in_use():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run_cli("apps.wire_app:app", "--port", str(s.getsockname()[1]))
+    assert r.returncode == 1
+    assert "error while attempting to bind on address" in r.stderr and "address already in use" in r.stderr
+
+
+def test_cli_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("Running uringserve ")
+
+
+def test_factory_and_app_dir(tmp_path):
+    (tmp_path / "made.py").write_text(
+        "def create():\n"
+        "    async def app(scope, receive, send):\n"
+        "        if scope['type'] != 'http':\n            return\n"
+        "        await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "        await send({'type': 'http.response.body', 'body': b'made'})\n"
+        "    return app\n")
+    with serve("made:create", "--factory", "--app-dir", str(tmp_path), tmp_path=str(tmp_path)) as srv:
+        assert request(srv.port, get("/")).body == b"made"
+        assert srv.stop() == 0
+
+
+def test_embedding_api(tmp_path):
+    code = (
+        "import threading, urllib.request, uringserve, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from apps.plain_app import app\n"
+        "cfg = uringserve.Config(app, port=%d, lifespan='off', limit_max_requests=1)\n"
+        "srv = uringserve.Server(cfg)\n"
+        "t = threading.Timer(0.5, lambda: print(urllib.request.urlopen('http://127.0.0.1:%d/').read()))\n"
+        "t.start()\n"
+        "print('exit', srv.run())\n" % ((port := free_port()), port))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=server_env(), cwd=ROOT,
+                       timeout=20)
+    assert "b'plain'" in r.stdout and "exit 0" in r.stdout, r.stderr

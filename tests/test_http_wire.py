@@ -1,0 +1,344 @@
+"""The HTTP/1.1 server on the wire: raw sockets against `uringserve` running
+tests/apps/wire_app.py in a child process."""
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from http_support import Reader, connect, get, request, serve
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serve(tmp_path=str(tmp_path_factory.mktemp("wire"))) as srv:
+        yield srv
+        assert srv.stop() == 0, srv.log
+
+
+def alive(port):
+    r = request(port, get("/"))
+    assert r.status == 200 and r.body == b"Hello, world!"
+
+
+# ---- basics ----
+
+def test_hello_headers(server):
+    r = request(server.port, get("/"))
+    assert r.status == 200 and r.reason == "OK"
+    assert r.body == b"Hello, world!"
+    assert r.header("content-length") == "13"
+    assert r.header("server") == "uringserve"
+    assert r.header("date").endswith(" GMT")
+    assert r.header("content-type") == "text/plain"
+
+
+def test_keep_alive_many_requests_one_connection(server):
+    with connect(server.port) as s:
+        rd = Reader(s)
+        for i in range(50):
+            s.sendall(get(f"/echo?{i}"))
+            assert rd.response().status == 200
+        s.sendall(get("/"))
+        assert rd.response().body == b"Hello, world!"
+
+
+def test_pipelining_answers_in_order(server):
+    with connect(server.port) as s:
+        # a slow one first: the fast ones behind it must wait for it
+        reqs = [get("/slow?0.2")] + [get(f"/missing-{i}") for i in range(20)]
+        s.sendall(b"".join(reqs))
+        rd = Reader(s)
+        assert rd.response().body == b"slow done"
+        for i in range(20):
+            r = rd.response()
+            assert r.status == 404 and r.body == f"not found: /missing-{i}".encode()
+
+
+def test_pipelined_requests_with_bodies(server):
+    body = b"".join(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(p), p)
+                    for p in (b"first", b"", b"third" * 1000))
+    with connect(server.port) as s:
+        s.sendall(body + get("/"))
+        rd = Reader(s)
+        assert [rd.response().body for _ in range(4)] == [b"first", b"", b"third" * 1000, b"Hello, world!"]
+
+
+def test_http10_closes_and_keeps_alive_when_asked(server):
+    with connect(server.port) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        rd = Reader(s)
+        r = rd.response()
+        assert r.status == 200 and r.header("connection") == "close"
+        assert rd.closed()
+    with connect(server.port) as s:
+        s.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        rd = Reader(s)
+        assert rd.response().header("connection") == "keep-alive"
+        s.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert rd.response().status == 200
+
+
+def test_http10_streaming_response_is_close_delimited(server):
+    with connect(server.port) as s:
+        s.sendall(b"GET /stream HTTP/1.0\r\n\r\n")
+        r = Reader(s).response()
+        assert r.header("transfer-encoding") is None and r.body == b"one,two,three"
+
+
+def test_connection_close_request(server):
+    with connect(server.port) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + get("/"))
+        rd = Reader(s)
+        assert rd.response().header("connection") == "close"
+        assert rd.closed()
+        assert rd.buf == b""  # the pipelined request after close is not answered
+
+
+def test_app_connection_close_header(server):
+    with connect(server.port) as s:
+        s.sendall(get("/close"))
+        rd = Reader(s)
+        assert rd.response().body == b"bye"
+        assert rd.closed()
+
+
+# ---- bodies ----
+
+def test_chunked_request_body(server):
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\n\r\n")
+    assert request(server.port, raw).body == b"hello world"
+
+
+def test_chunked_response(server):
+    r = request(server.port, get("/stream"))
+    assert r.header("transfer-encoding") == "chunked" and r.header("content-length") is None
+    assert r.body == b"one,two,three"
+
+
+def test_large_body_both_ways(server):
+    payload = os.urandom(3 * 1024 * 1024)
+    with connect(server.port, timeout=20) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+        assert Reader(s).response().body == payload
+    assert request(server.port, get("/big?5000000")).body == b"x" * 5000000
+    assert request(server.port, get("/big-stream")).body == b"y" * 65536 * 64
+
+
+def test_slow_reader_gets_everything(server):
+    with connect(server.port, timeout=20) as s:
+        s.sendall(get("/big-stream"))
+        time.sleep(0.5)  # the server fills the socket and must wait for drain
+        assert Reader(s).response().body == b"y" * 65536 * 64
+
+
+def test_expect_100_continue_is_lazy(server):
+    with connect(server.port) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        rd = Reader(s)
+        r = rd.response()
+        assert r.status == 100
+        s.sendall(b"data")
+        assert rd.response().body == b"data"
+    with connect(server.port) as s:
+        # an app that answers without reading the body never gets a 100
+        s.sendall(b"POST /no-read HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        r = Reader(s).response()
+        assert r.status == 200 and r.body == b"not reading your body"
+
+
+def test_head_and_bodyless_statuses(server):
+    r = request(server.port, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", head_request=True)
+    assert r.status == 200 and r.header("content-length") == "13" and r.body == b""
+    for code in (204, 304):
+        with connect(server.port) as s:
+            s.sendall(get(f"/status?{code}") + get("/"))
+            rd = Reader(s)
+            r = rd.response()
+            assert r.status == code and r.header("content-length") is None
+            assert r.header("transfer-encoding") is None
+            assert rd.response().body == b"Hello, world!"  # nothing stray between the two
+
+
+def test_pathsend(server, tmp_path):
+    f = tmp_path / "file.bin"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    f.write_bytes(data)
+    with connect(server.port, timeout=20) as s:
+        s.sendall(get(f"/file?{f}") + get("/"))
+        rd = Reader(s)
+        assert rd.response().body == data
+        assert rd.response().body == b"Hello, world!"
+
+
+# ---- the scope ----
+
+def test_scope(server):
+    raw = (b"GET /scope/a%20b/c%C3%A9?x=1&y=%20 HTTP/1.1\r\nHost: example.com\r\nX-Dup: 1\r\n"
+           b"X-Dup: 2\r\nUser-Agent: t\r\n\r\n")
+    with connect(server.port) as s:
+        s.sendall(raw)
+        scope = json.loads(Reader(s).response().body)
+        local = s.getsockname()
+    assert scope["type"] == "http"
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
+    assert scope["http_version"] == "1.1" and scope["method"] == "GET" and scope["scheme"] == "http"
+    assert scope["path"] == "/scope/a b/cé"
+    assert scope["raw_path"] == "/scope/a%20b/c%C3%A9"
+    assert scope["query_string"] == "x=1&y=%20"
+    assert scope["root_path"] == ""
+    assert scope["headers"] == [["host", "example.com"], ["x-dup", "1"], ["x-dup", "2"], ["user-agent", "t"]]
+    assert scope["client"] == [local[0], local[1]]
+    assert scope["server"] == ["127.0.0.1", server.port]
+    assert scope["state"] == {"greeting": "hello from lifespan"}
+    assert scope["extensions"] == {"http.response.pathsend": {}}
+
+
+def test_absolute_form_target(server):
+    r = request(server.port, b"GET http://example.com/scope?z=9 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    scope = json.loads(r.body)
+    assert scope["path"] == "/scope" and scope["query_string"] == "z=9"
+
+
+# ---- malformed requests ----
+
+BAD_REQUESTS = {
+    "garbage": (b"\x00\x01\x02 nonsense\r\n\r\n", 400),
+    "bad method": (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "bad version": (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+    "missing host": (b"GET / HTTP/1.1\r\n\r\n", 400),
+    "two hosts": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "cl and te": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"0\r\n\r\n", 400),
+    "duplicate cl": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    "invalid cl": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\na", 400),
+    "negative cl": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    "te not chunked": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", 400),
+    "te chunked not last": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+    "te in http/1.0": (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "bad chunk size": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n", 400),
+    "header without colon": (b"GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n", 400),
+    "space before colon": (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    "bare lf in header": (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\nb\r\n\r\n", 400),
+    "long target": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "too many headers": (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120))
+                         + b"\r\n", 431),
+    "huge header": (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n", 431),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
+def test_malformed_request_gets_4xx_and_close(server, name):
+    raw, status = BAD_REQUESTS[name]
+    with connect(server.port) as s:
+        s.sendall(raw)
+        rd = Reader(s)
+        r = rd.response()
+        assert r.status == status, (name, r)
+        assert r.header("connection") == "close"
+        assert rd.closed()
+    alive(server.port)
+
+
+def test_error_after_good_pipelined_requests(server):
+    with connect(server.port) as s:
+        s.sendall(get("/slow?0.1") + get("/") + b"BROKEN\r\n\r\n")
+        rd = Reader(s)
+        assert rd.response().body == b"slow done"
+        assert rd.response().body == b"Hello, world!"
+        assert rd.response().status == 400
+        assert rd.closed()
+
+
+def test_random_garbage_never_kills_the_server(server):
+    import random
+
+    rnd = random.Random(1234)
+    for i in range(200):
+        junk = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 300)))
+        prefix = rnd.choice([b"", b"GET / HTTP/1.1\r\n", b"POST /echo HTTP/1.1\r\nHost: x\r\n"])
+        with connect(server.port) as s:
+            try:
+                s.sendall(prefix + junk)
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(2)
+                while s.recv(65536):
+                    pass
+            except (ConnectionResetError, BrokenPipeError, socket.timeout):
+                pass
+    alive(server.port)
+
+
+# ---- application errors ----
+
+def test_exception_before_response_is_500_and_logged(server):
+    r = request(server.port, get("/raise-before"))
+    assert r.status == 500 and r.body == b"Internal Server Error"
+    time.sleep(0.1)
+    assert "Exception in ASGI application" in server.log
+    assert "ValueError: boom before the response" in server.log
+    assert "Traceback" in server.log
+    alive(server.port)
+
+
+def test_exception_after_start_closes_connection(server):
+    with connect(server.port) as s:
+        s.sendall(get("/raise-after"))
+        rd = Reader(s)
+        assert rd.closed()
+        assert rd.buf.startswith(b"HTTP/1.1 200 OK") and rd.buf.endswith(b"partial")
+    assert "boom after the response started" in server.log
+    alive(server.port)
+
+
+def test_no_response_is_500(server):
+    r = request(server.port, get("/no-response"))
+    assert r.status == 500
+    time.sleep(0.1)
+    assert "ASGI callable returned without starting response." in server.log
+
+
+def test_incomplete_response_closes(server):
+    with connect(server.port) as s:
+        s.sendall(get("/incomplete"))
+        rd = Reader(s)
+        assert rd.closed()
+    time.sleep(0.1)
+    assert "ASGI callable returned without completing response." in server.log
+
+
+def test_messages_in_wrong_order_raise_in_the_app(server):
+    r = request(server.port, get("/wrong-order"))
+    assert r.status == 409
+    assert r.body == b"Expected ASGI message 'http.response.start', but got 'http.response.body'."
+    assert request(server.port, get("/twice")).body == b"once"
+    time.sleep(0.1)
+    assert "TWICE: Unexpected ASGI message 'http.response.body' sent, after response already completed." \
+        in server.log
+
+
+def test_header_injection_is_refused(server):
+    r = request(server.port, get("/bad-header"))
+    assert r.status == 500
+    assert r.header("set-cookie") is None and b"should not" not in r.body
+
+
+def test_body_longer_than_content_length(server):
+    r = request(server.port, get("/too-long"))
+    assert r.status == 500
+    time.sleep(0.1)
+    assert "Response content longer than Content-Length" in server.log
+
+
+def test_disconnect_reaches_the_app(server, tmp_path):
+    marker = tmp_path / "disc"
+    with connect(server.port) as s:
+        s.sendall(get(f"/wait-disconnect?{marker}"))
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.read_text() == "disconnected"
