@@ -8,7 +8,7 @@ bash scripts/setup.sh
 
 log() { printf '\n==> %s\n' "$*"; }
 PY=.venv/bin/python
-C_SOURCES=$(git ls-files 'loop/*.[ch]' 'http/*.[ch]' 'server/*.[ch]' 'tests/c/*.[ch]' 'bench/*.c' 2>/dev/null || true)
+C_SOURCES=$(git ls-files 'loop/*.[ch]' 'http/*.[ch]' 'server/*.[ch]' 'tests/c/*.[ch]' 'tests/fuzz/*.c' 'bench/*.c' 2>/dev/null || true)
 
 log "clang-format --dry-run --Werror (C sources)"
 clang-format --dry-run --Werror $C_SOURCES
@@ -17,6 +17,13 @@ log "C engine tests (ctest, -Werror)"
 cmake -S . -B build/ctest -G Ninja -DURING_BUILD_TESTS=ON -DURING_BUILD_MODULE=OFF -DURING_WERROR=ON >/dev/null
 ninja -C build/ctest >/dev/null
 (cd build/ctest && ctest --output-on-failure)
+
+log "libFuzzer: the http/ codec for ${FUZZ_SECONDS:-60} s (clang, ASan+UBSan)"
+cmake -S . -B build/fuzz -G Ninja -DCMAKE_C_COMPILER=clang -DURING_FUZZ=ON -DURING_BUILD_MODULE=OFF >/dev/null
+ninja -C build/fuzz fuzz_http >/dev/null
+rm -rf build/fuzz/corpus && mkdir -p build/fuzz/corpus
+build/fuzz/fuzz_http -max_total_time="${FUZZ_SECONDS:-60}" -max_len=4096 -print_final_stats=1 \
+    build/fuzz/corpus tests/fuzz/seeds 2>&1 | tail -4
 
 log "Python tests (pytest; installed package)"
 $PY -m pytest -q -p no:cacheprovider tests e2e

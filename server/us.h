@@ -46,7 +46,8 @@ typedef struct us_state {
 
     /* the HTTP server (us_http.c, us_http_cycle.c) */
     PyTypeObject *HttpServerType, *HttpConnType, *HttpCycleType, *DoneType;
-    PyObject *done_none; /* the Done that yields None */
+    PyObject *done_none;          /* the Done that yields None */
+    PyObject *ClientDisconnected; /* OSError raised by send() after the client left */
     PyObject *h_scope_template, *h_asgi_template, *h_extensions_template;
     PyObject *h_type, *h_asgi, *h_http_version, *h_method, *h_scheme, *h_path, *h_raw_path;
     PyObject *h_query_string, *h_root_path, *h_headers, *h_client, *h_server, *h_state, *h_extensions;

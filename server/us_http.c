@@ -1133,6 +1133,11 @@ int us_http_module_init(PyObject *m, us_state *st)
         return -1;
     if (!(st->done_none = us_done_none_new(st)))
         return -1;
+    st->ClientDisconnected =
+        PyErr_NewExceptionWithDoc("uringloop.ClientDisconnected",
+                                  "send() was called after the client closed the connection.", PyExc_OSError, NULL);
+    if (!st->ClientDisconnected || PyModule_AddObjectRef(m, "ClientDisconnected", st->ClientDisconnected) < 0)
+        return -1;
 #define S(field, text)                                                                                                 \
     if (!(st->field = http_str(text)))                                                                                 \
         return -1;
@@ -1163,7 +1168,7 @@ int us_http_module_init(PyObject *m, us_state *st)
 #undef S
     if (!(st->h_empty_bytes = PyBytes_FromStringAndSize(NULL, 0)))
         return -1;
-    st->h_asgi_template = Py_BuildValue("{s:s,s:s}", "version", "3.0", "spec_version", "2.3");
+    st->h_asgi_template = Py_BuildValue("{s:s,s:s}", "version", "3.0", "spec_version", "2.4");
     st->h_extensions_template = Py_BuildValue("{s:{}}", "http.response.pathsend");
     /* every key in scope order, so that a copy never resizes */
     st->h_scope_template =
@@ -1211,6 +1216,7 @@ void us_http_module_clear(us_state *st)
     Py_CLEAR(st->HttpConnType);
     Py_CLEAR(st->HttpCycleType);
     Py_CLEAR(st->done_none);
+    Py_CLEAR(st->ClientDisconnected);
     Py_CLEAR(st->DoneType);
     Py_CLEAR(st->h_scope_template);
     Py_CLEAR(st->h_asgi_template);

@@ -739,12 +739,20 @@ static int can_write(us_httpcycle *cy)
 
 void us_httpcycle_wake(us_httpcycle *cy)
 {
-    if (cy->recv_waiter) {
-        PyObject *m = next_message(cy);
-        if (m) {
-            resolve(&cy->recv_waiter, m);
+    /* receive() calls waiting, oldest first (concurrent calls are rare but
+     * legal): each gets its own message */
+    while (cy->recv_waiter && PyList_GET_SIZE(cy->recv_waiter)) {
+        PyObject *fut = PyList_GET_ITEM(cy->recv_waiter, 0);
+        if (future_pending(fut)) {
+            PyObject *m = next_message(cy);
+            if (!m)
+                break;
+            PyObject *r = PyObject_CallMethod(fut, "set_result", "O", m);
+            Py_XDECREF(r);
             Py_DECREF(m);
         }
+        if (PySequence_DelItem(cy->recv_waiter, 0) < 0)
+            break;
     }
     if (cy->drain_waiter && can_write(cy))
         resolve(&cy->drain_waiter, Py_None);
@@ -772,10 +780,14 @@ static PyObject *cycle_receive(PyObject *self, PyObject *unused)
         return done_new(cy->srv->st, m);
     if (PyErr_Occurred())
         return NULL;
-    if (cy->recv_waiter && future_pending(cy->recv_waiter))
-        return Py_NewRef(cy->recv_waiter);
-    Py_XSETREF(cy->recv_waiter, new_future(cy));
-    return Py_XNewRef(cy->recv_waiter);
+    if (!cy->recv_waiter && !(cy->recv_waiter = PyList_New(0)))
+        return NULL;
+    PyObject *fut = new_future(cy);
+    if (!fut || PyList_Append(cy->recv_waiter, fut) < 0) {
+        Py_XDECREF(fut);
+        return NULL;
+    }
+    return fut;
 }
 
 /* ---- send ---- */
@@ -867,6 +879,12 @@ static PyObject *cycle_send(PyObject *self, PyObject *msg)
         if (cy->rejected)
             return Py_NewRef(st->done_none);
         return wrong_message("Unexpected ASGI message '%U' sent, after response already completed.", type);
+    }
+    if (cy->disconnected && !cy->rejected) {
+        /* ASGI 2.4: send() on a closed connection raises an OSError */
+        Py_DECREF(type);
+        PyErr_SetString(st->ClientDisconnected, "the client closed the connection");
+        return NULL;
     }
     int rc;
     if (PyUnicode_Compare(type, st->h_t_body) == 0) {
@@ -984,6 +1002,17 @@ int us_httpcycle_start(us_httpcycle *cy)
     return 0;
 }
 
+/* OSError (our ClientDisconnected) or a framework's translation of it,
+ * such as Starlette's ClientDisconnect. */
+static int client_gone_error(PyObject *exc)
+{
+    if (PyObject_TypeCheck(exc, (PyTypeObject *)PyExc_OSError))
+        return 1;
+    const char *name = Py_TYPE(exc)->tp_name;
+    const char *dot = strrchr(name, '.');
+    return strcmp(dot ? dot + 1 : name, "ClientDisconnect") == 0;
+}
+
 /* The done callback of the app's task. */
 static PyObject *cycle_call(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -1003,7 +1032,9 @@ static PyObject *cycle_call(PyObject *self, PyObject *args, PyObject *kw)
     Py_DECREF(task);
     if (was_cancelled < 0 || (was_cancelled == 0 && !exc))
         return NULL;
-    if (exc && exc != Py_None) {
+    if (exc && exc != Py_None && cy->disconnected && client_gone_error(exc)) {
+        abandon(cy); /* the client left: not an application error */
+    } else if (exc && exc != Py_None) {
         app_failed(cy, "Exception in ASGI application\n", exc);
     } else if (was_cancelled) {
         if (!cy->response_complete)
@@ -1063,7 +1094,10 @@ static void cycle_dealloc(us_httpcycle *cy)
 
 static PyObject *cycle_repr(us_httpcycle *cy)
 {
-    return PyUnicode_FromFormat("<HttpCycle status=%d complete=%d>", cy->status, cy->response_complete);
+    return PyUnicode_FromFormat("<HttpCycle status=%d started=%d complete=%d body_complete=%d final_returned=%d "
+                                "disconnected=%d conn=%d>",
+                                cy->status, cy->response_started, cy->response_complete, cy->body_complete,
+                                cy->final_returned, cy->disconnected, cy->conn != NULL);
 }
 
 static PyType_Slot cycle_slots[] = {

@@ -184,7 +184,7 @@ def test_scope(server):
         scope = json.loads(Reader(s).response().body)
         local = s.getsockname()
     assert scope["type"] == "http"
-    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
     assert scope["http_version"] == "1.1" and scope["method"] == "GET" and scope["scheme"] == "http"
     assert scope["path"] == "/scope/a b/cé"
     assert scope["raw_path"] == "/scope/a%20b/c%C3%A9"
@@ -341,4 +341,4 @@ def test_disconnect_reaches_the_app(server, tmp_path):
     deadline = time.monotonic() + 5
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert marker.read_text() == "disconnected"
+    assert marker.read_text() == "disconnected ClientDisconnected"

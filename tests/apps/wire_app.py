@@ -119,8 +119,13 @@ async def app(scope, receive, send):
         msg = await receive()
         while msg["type"] != "http.disconnect":
             msg = await receive()
+        try:
+            await respond(send, body=b"too late")
+            outcome = "send accepted"
+        except OSError as exc:  # ASGI 2.4: send() after a disconnect raises OSError
+            outcome = type(exc).__name__
         with open(scope["query_string"].decode(), "w") as f:
-            f.write("disconnected")
+            f.write("disconnected " + outcome)
     elif path == "/close":
         await respond(send, body=b"bye", headers=[(b"connection", b"close")])
     else:
