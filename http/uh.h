@@ -130,6 +130,8 @@ int uh_header_value_valid(const char *s, size_t n); /* no CR, LF or NUL */
 int uh_put_status_line(uh_buf *b, int status);
 /* "name: value\r\n" after validating both; -1 when invalid (nothing written). */
 int uh_put_header(uh_buf *b, const char *name, size_t nlen, const char *value, size_t vlen);
+/* "content-length: N\r\n" */
+int uh_put_content_length(uh_buf *b, uint64_t n);
 /* The size line of a chunk: "1a2b\r\n". */
 int uh_put_chunk_size(uh_buf *b, size_t n);
 

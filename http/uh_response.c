@@ -237,11 +237,38 @@ int uh_put_header(uh_buf *b, const char *name, size_t nlen, const char *value, s
     return 0;
 }
 
+/* Digits of n in `base`, written backwards from `end`; returns the start. */
+static char *uh_format_uint(char *end, uint64_t n, unsigned base)
+{
+    static const char digits[] = "0123456789abcdef";
+    do {
+        *--end = digits[n % base];
+        n /= base;
+    } while (n);
+    return end;
+}
+
+int uh_put_content_length(uh_buf *b, uint64_t n)
+{
+    char tmp[48];
+    char *end = tmp + sizeof tmp;
+    *--end = '\n';
+    *--end = '\r';
+    char *start = uh_format_uint(end, n, 10);
+    static const char name[] = "content-length: ";
+    start -= sizeof name - 1;
+    memcpy(start, name, sizeof name - 1);
+    return uh_buf_append(b, start, (size_t)(tmp + sizeof tmp - start));
+}
+
 int uh_put_chunk_size(uh_buf *b, size_t n)
 {
     char tmp[24];
-    int k = snprintf(tmp, sizeof tmp, "%zx\r\n", n);
-    return uh_buf_append(b, tmp, (size_t)k);
+    char *end = tmp + sizeof tmp;
+    *--end = '\n';
+    *--end = '\r';
+    char *start = uh_format_uint(end, n, 16);
+    return uh_buf_append(b, start, (size_t)(tmp + sizeof tmp - start));
 }
 
 const char *uh_date_line(uh_date_cache *c, time_t now, size_t *len)

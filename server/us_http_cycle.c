@@ -473,10 +473,8 @@ static int write_head(us_httpcycle *cy, int64_t final_len)
     }
     int body_allowed = !cy->head_request && uh_status_allows_body(cy->status);
     if (uh_status_allows_body(cy->status) && cy->expected_len < 0) {
-        char tmp[64];
         if (final_len >= 0) {
-            int k = snprintf(tmp, sizeof tmp, "content-length: %lld\r\n", (long long)final_len);
-            if (uh_buf_append(b, tmp, (size_t)k) < 0)
+            if (uh_put_content_length(b, (uint64_t)final_len) < 0)
                 return -1;
             if (body_allowed)
                 cy->expected_len = final_len;
@@ -982,7 +980,7 @@ int us_httpcycle_start(us_httpcycle *cy)
         Py_XDECREF(factory);
         Py_DECREF(coro);
     }
-    PyObject *r = task ? PyObject_CallMethod(task, "add_done_callback", "O", (PyObject *)cy) : NULL;
+    PyObject *r = task ? PyObject_CallMethodOneArg(task, srv->st->s_add_done_callback, (PyObject *)cy) : NULL;
     if (!r) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
@@ -1025,10 +1023,10 @@ static PyObject *cycle_call(PyObject *self, PyObject *args, PyObject *kw)
     cy->task = NULL;
     cy->task_done = 1;
     cy->srv->ntasks--;
-    PyObject *cancelled = PyObject_CallMethod(task, "cancelled", NULL);
+    PyObject *cancelled = PyObject_CallMethodNoArgs(task, cy->srv->st->s_cancelled);
     int was_cancelled = cancelled ? PyObject_IsTrue(cancelled) : -1;
     Py_XDECREF(cancelled);
-    PyObject *exc = was_cancelled == 0 ? PyObject_CallMethod(task, "exception", NULL) : NULL;
+    PyObject *exc = was_cancelled == 0 ? PyObject_CallMethodNoArgs(task, cy->srv->st->s_exception) : NULL;
     Py_DECREF(task);
     if (was_cancelled < 0 || (was_cancelled == 0 && !exc))
         return NULL;

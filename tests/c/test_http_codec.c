@@ -160,7 +160,11 @@ static void test_response_pieces(void)
     CHECK(uh_put_header(&b, "x", 1, "a\r\nb", 4) < 0);
     CHECK(uh_put_header(&b, "x", 1, "a\0b", 3) < 0);
     CHECK(uh_put_chunk_size(&b, 0x1a2b) == 0);
-    const char *want = "HTTP/1.1 200 OK\r\nHTTP/1.1 599 \r\ncontent-type: text/plain\r\n1a2b\r\n";
+    CHECK(uh_put_chunk_size(&b, 0) == 0);
+    CHECK(uh_put_content_length(&b, 0) == 0);
+    CHECK(uh_put_content_length(&b, 18446744073709551615ULL) == 0);
+    const char *want = "HTTP/1.1 200 OK\r\nHTTP/1.1 599 \r\ncontent-type: text/plain\r\n1a2b\r\n0\r\n"
+                       "content-length: 0\r\ncontent-length: 18446744073709551615\r\n";
     CHECK(b.len == strlen(want) && memcmp(b.data, want, b.len) == 0);
     uh_buf_free(&b);
     CHECK(uh_status_allows_body(200) && !uh_status_allows_body(204) && !uh_status_allows_body(304) &&
