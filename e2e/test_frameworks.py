@@ -162,3 +162,15 @@ def test_graceful_shutdown_with_request_in_flight(tmp_path):
         assert srv.proc.wait(10) == 0
     assert marker.read_text() == "lifespan shutdown"
     assert "Waiting for connections to close" in srv.log
+
+
+def test_bundled_example_app(tmp_path):
+    """What scripts/run-example.sh starts."""
+    examples = os.path.join(os.path.dirname(E2E), "examples")
+    with serve("app:app", "--app-dir", examples, tmp_path=str(tmp_path)) as srv:
+        with httpx.Client(base_url=base(srv)) as c:
+            assert c.get("/").json() == {"hello": "from uringserve"}
+            assert c.get("/items/3", params={"q": "x"}).json() == {"item_id": 3, "q": "x"}
+            assert c.post("/items", json={"name": "pen", "price": 2}).json() == {
+                "created": {"name": "pen", "price": 2.0}}
+        assert srv.stop(signal.SIGINT) == 0

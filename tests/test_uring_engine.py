@@ -262,3 +262,15 @@ def test_install_and_run_helpers():
     """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Loop", "Loop", "Loop"]
+
+
+def test_uringserve_where_io_uring_is_refused(no_uring):
+    """Docker's default seccomp profile: one clear line, exit 1, no traceback."""
+    from http_support import ROOT, free_port, server_env
+
+    env = server_env({"NO_URING_ERRNO": "1"})
+    r = subprocess.run([no_uring, sys.executable, "-m", "uringserve", "apps.wire_app:app", "--port",
+                        str(free_port())], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "io_uring is not available" in r.stderr and "seccomp" in r.stderr
+    assert "Traceback" not in r.stderr

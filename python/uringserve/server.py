@@ -2,6 +2,7 @@
 gracefully. ``run(app, **options)`` is the one-call entry point."""
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -55,6 +56,12 @@ class Server:
         self.sockets = []
         self.exit_code = 0
         self.lifespan = None
+        self.inherited_sockets = False
+        # hooks for process managers (the supervisor, the gunicorn worker)
+        self.access_hook = None  # callable(scope, status) replacing the access log
+        self.on_started = None  # called once serving
+        self.on_tick = None  # called about once a second (heartbeats)
+        self.extra_signals = {}  # signal -> callable, installed on the loop
 
     # -- entry points --
 
@@ -115,6 +122,7 @@ class Server:
     async def startup(self, app, sockets=None):
         config = self.config
         loop = asyncio.get_running_loop()
+        self.inherited_sockets = bool(sockets)
         try:
             self.sockets = config.bind_sockets(sockets)
         except OSError as exc:
@@ -125,7 +133,10 @@ class Server:
         proxy = None
         if config.proxy_headers:
             proxy = ProxyHeaders(config.forwarded_allow_ips).apply
-        access = _access_hook() if config.access_log and access_logger.isEnabledFor(logging.INFO) else None
+        if self.access_hook is not None:
+            access = self.access_hook
+        else:
+            access = _access_hook() if config.access_log and access_logger.isEnabledFor(logging.INFO) else None
         self.core = HttpServer(
             loop, app, _log_error,
             access_log=access,
@@ -145,8 +156,14 @@ class Server:
         self.core.state = self.lifespan.state
         for sock in self.sockets:
             self.core.listen(sock)
+        # What exists now (the app, its modules, the framework) lives as long
+        # as the server: keep it out of the cyclic GC's traversals, which
+        # otherwise grow with the app's size on every collection.
+        gc.freeze()
         self._log_started(sockets is not None)
         self.started = True
+        if self.on_started is not None:
+            self.on_started()
         return True
 
     def _log_started(self, inherited):
@@ -170,6 +187,8 @@ class Server:
             ticks += 1
             if ticks % 10 == 0:
                 self.core.tick()
+                if self.on_tick is not None:
+                    self.on_tick()
             if max_requests is not None and self.core.stats["requests"] >= max_requests:
                 logger.warning("Maximum request limit of %d exceeded. Terminating process.", max_requests)
                 self.should_exit = True
@@ -179,7 +198,7 @@ class Server:
         core = self.core
         core.stop_accepting()
         for sock in self.sockets:
-            if self.config.uds and sock.family == socket.AF_UNIX:
+            if self.config.uds and sock.family == socket.AF_UNIX and not self.inherited_sockets:
                 try:
                     os.unlink(self.config.uds)
                 except OSError:
@@ -214,9 +233,11 @@ class Server:
 
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in HANDLED_SIGNALS:
+        handlers = {sig: (lambda sig=sig: self.handle_exit(sig)) for sig in HANDLED_SIGNALS}
+        handlers.update(self.extra_signals)
+        for sig, fn in handlers.items():
             try:
-                loop.add_signal_handler(sig, self.handle_exit, sig)
+                loop.add_signal_handler(sig, fn)
             except (NotImplementedError, RuntimeError):
                 pass
 

@@ -1,0 +1,208 @@
+"""``--workers N``: a parent that binds once and forks N workers.
+
+Each worker is a `Server` with its own uringloop loop and io_uring ring,
+created after the fork. The parent replaces a worker that dies, stops all of
+them gracefully on SIGTERM/SIGINT, replaces them one by one on SIGHUP (a new
+worker is serving before an old one is told to stop, so no connection is
+refused), and adds or removes one on SIGTTIN/SIGTTOU. With ``--reuse-port``
+every worker binds its own SO_REUSEPORT socket instead of sharing one.
+"""
+
+import logging
+import os
+import select
+import signal
+import time
+
+from .config import AppLoadError
+from .server import Server
+
+logger = logging.getLogger("uringserve.error")
+
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+
+
+class Supervisor:
+    def __init__(self, config):
+        self.config = config
+        self.target = config.workers
+        self.workers = {}  # pid -> ready-pipe read fd (None once ready)
+        self.retiring = set()  # pids told to stop
+        self.signals = []
+        self.sockets = None
+        self.failures = []
+
+    # -- the parent --
+
+    def run(self):
+        config = self.config
+        try:
+            config.load()  # fail fast, in the parent, on an app that cannot load
+        except AppLoadError as exc:
+            logger.error("Error loading ASGI app. %s", exc)
+            return 1
+        if not config.reuse_port:
+            try:
+                self.sockets = config.bind_sockets()
+            except OSError as exc:
+                logger.error("[Errno %s] error while attempting to bind on address %r: %s", exc.errno,
+                             config.uds or (config.host, config.port), (exc.strerror or str(exc)).lower())
+                return 1
+        logger.info("Started parent process [%d]", os.getpid())
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        for sig in HANDLED:
+            signal.signal(sig, self._on_signal)
+        try:
+            for _ in range(self.target):
+                self.spawn()
+            return self.loop(wake_r)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig in HANDLED:
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(wake_r)
+            os.close(wake_w)
+            for sock in self.sockets or ():
+                sock.close()
+
+    def _on_signal(self, sig, frame):
+        self.signals.append(sig)
+
+    def loop(self, wake_r):
+        while True:
+            select.select([wake_r] + self._pending_ready(), [], [], 1.0)
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            self._collect_ready()
+            self.reap()
+            while self.signals:
+                sig = self.signals.pop(0)
+                if sig in (signal.SIGINT, signal.SIGTERM):
+                    return self.stop(sig)
+                if sig == signal.SIGHUP:
+                    self.reload()
+                elif sig == signal.SIGTTIN:
+                    self.target += 1
+                    logger.info("SIGTTIN: adding a worker (%d)", self.target)
+                    self.spawn()
+                elif sig == signal.SIGTTOU and self.target > 1:
+                    self.target -= 1
+                    pid = max(p for p in self.workers if p not in self.retiring)
+                    logger.info("SIGTTOU: removing worker [%d] (%d left)", pid, self.target)
+                    self.retire(pid)
+            if len(self.failures) >= 5 and self.failures[-1] - self.failures[-5] < 10:
+                logger.error("Workers keep failing at startup; stopping.")
+                self.stop(signal.SIGTERM)
+                return 1
+
+    def spawn(self):
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            code = 1
+            try:
+                code = self.child(ready_w)
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        self.workers[pid] = ready_r
+        return pid
+
+    def _pending_ready(self):
+        return [fd for fd in self.workers.values() if fd is not None]
+
+    def _collect_ready(self, timeout=0):
+        fds = self._pending_ready()
+        if not fds:
+            return
+        readable, _, _ = select.select(fds, [], [], timeout)
+        for pid, fd in list(self.workers.items()):
+            if fd in readable:
+                os.read(fd, 1)
+                os.close(fd)
+                self.workers[pid] = None
+                logger.info("Worker [%d] is serving", pid)
+
+    def wait_ready(self, pid, timeout=30):
+        deadline = time.monotonic() + timeout
+        while self.workers.get(pid) is not None and time.monotonic() < deadline:
+            self._collect_ready(0.1)
+            self.reap()
+        return pid in self.workers and self.workers[pid] is None
+
+    def retire(self, pid):
+        self.retiring.add(pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            fd = self.workers.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
+                self.failures.append(time.monotonic())
+            code = os.waitstatus_to_exitcode(status)
+            if pid in self.retiring:
+                self.retiring.discard(pid)
+                logger.info("Worker [%d] stopped (exit code %d)", pid, code)
+                continue
+            reason = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            logger.warning("Worker [%d] died (%s); starting a new one", pid, reason)
+            if len([p for p in self.workers if p not in self.retiring]) < self.target:
+                self.spawn()
+
+    def reload(self):
+        logger.info("SIGHUP: replacing %d worker(s) one by one", len(self.workers))
+        for old in [p for p in self.workers if p not in self.retiring]:
+            new = self.spawn()
+            if not self.wait_ready(new):
+                logger.error("The new worker [%d] did not start; keeping [%d]", new, old)
+                continue
+            self.retire(old)
+
+    def stop(self, sig):
+        logger.info("Stopping parent process [%d]", os.getpid())
+        for pid in list(self.workers):
+            self.retire(pid)
+        grace = self.config.timeout_graceful_shutdown
+        deadline = time.monotonic() + (float(grace) + 5 if grace is not None else 60)
+        while self.workers and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        for pid in list(self.workers):
+            logger.warning("Worker [%d] did not stop in time; killing it", pid)
+            os.kill(pid, signal.SIGKILL)
+        while self.workers:
+            pid, _ = os.waitpid(-1, 0)
+            fd = self.workers.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
+        return 0
+
+    # -- a worker --
+
+    def child(self, ready_w):
+        for sig in HANDLED:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        server = Server(self.config)
+
+        def started():
+            os.write(ready_w, b"1")
+            os.close(ready_w)
+
+        server.on_started = started
+        return server.run(sockets=self.sockets)
