@@ -111,8 +111,8 @@ def parse_duration(text):
     return value * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
 
 
-def wrk(port, scenario, duration, connections):
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+def wrk(port, scenario, duration, connections, pin=True):
+    cmd = (["taskset", "-c", "1"] if pin else []) + ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if scenario.get("lua"):
         cmd += ["-s", os.path.join(BENCH, scenario["lua"])]
     cmd.append(f"http://127.0.0.1:{port}{scenario['path']}")

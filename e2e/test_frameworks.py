@@ -2,13 +2,15 @@
 
 import asyncio
 import os
+import sys
 import signal
 import time
 
 import httpx
 import pytest
 
-from http_support import serve
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from http_support import serve  # noqa: E402
 
 E2E = os.path.dirname(os.path.abspath(__file__))
 

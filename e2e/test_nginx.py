@@ -3,6 +3,7 @@ in front of uringserve over a Unix socket: the app sees the client address
 and scheme from X-Forwarded-*, and a direct client cannot spoof them."""
 
 import os
+import sys
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from http_support import free_port, serve
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from http_support import free_port, serve  # noqa: E402
 
 E2E = os.path.dirname(os.path.abspath(__file__))
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from http_support import ROOT, Reader, free_port, get, server_env
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from http_support import ROOT, Reader, free_port, get, server_env  # noqa: E402
 
 E2E = os.path.dirname(os.path.abspath(__file__))
 APP = "webapps.fastapi_app:app"
