@@ -264,3 +264,30 @@ def test_workers_cannot_bind(tmp_path):
     r = subprocess.run([sys.executable, "-m", "uringserve", APP, "--app-dir", E2E, "--uds", "/nonexistent/dir/x.sock"],
                        capture_output=True, text=True, env=server_env(), cwd=ROOT, timeout=60)
     assert r.returncode == 1 and "No such file or directory".lower() in r.stderr.lower()
+
+
+def test_reuse_port_and_ttin_ttou(tmp_path):
+    port = free_port()
+    log = tmp_path / "log"
+    proc = start("uringserve", port, str(log), extra=("--reuse-port",))
+    try:
+        with Load(port, threads=4) as load:
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTTIN)
+            deadline = time.monotonic() + 20
+            while len(children(proc.pid)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(children(proc.pid)) == 3
+            proc.send_signal(signal.SIGTTOU)
+            deadline = time.monotonic() + 20
+            while len(children(proc.pid)) > 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(children(proc.pid)) == 2
+            time.sleep(0.3)
+        assert load.failures == [] and load.ok > 50
+        text = log.read_text()
+        assert "SIGTTIN: adding a worker (3)" in text and "SIGTTOU: removing worker" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert no_orphans(port) == []

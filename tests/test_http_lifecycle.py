@@ -264,3 +264,37 @@ def test_embedding_api(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=server_env(), cwd=ROOT,
                        timeout=20)
     assert "b'plain'" in r.stdout and "exit 0" in r.stdout, r.stderr
+
+
+def test_log_config_file_and_access_log_format(tmp_path):
+    cfg = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"access": {"()": "uringserve.logging.AccessFormatter",
+                                  "fmt": "ACCESS %(client_addr)s %(request_line)s %(status_code)s"},
+                       "plain": {"format": "PLAIN %(levelname)s %(message)s"}},
+        "handlers": {"access": {"class": "logging.StreamHandler", "formatter": "access",
+                                "stream": "ext://sys.stdout"},
+                     "plain": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        "loggers": {"uringserve": {"handlers": ["plain"], "level": "INFO", "propagate": False},
+                    "uringserve.access": {"handlers": ["access"], "level": "INFO", "propagate": False}},
+    }
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(cfg))
+    with serve("apps.wire_app:app", "--log-config", str(path), tmp_path=str(tmp_path)) as srv:
+        assert request(srv.port, get("/scope?x=1")).status == 200
+        assert srv.stop() == 0
+    assert "PLAIN INFO Uringserve running on" in srv.log
+    assert "ACCESS 127.0.0.1:" in srv.log and "GET /scope?x=1 HTTP/1.1 200 OK" in srv.log
+    r = run_cli("apps.wire_app:app", "--log-config", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_request_limits_options(tmp_path):
+    with serve("apps.wire_app:app", "--limit-request-line", "20", "--limit-request-fields", "3",
+               tmp_path=str(tmp_path)) as srv:
+        assert request(srv.port, get("/" + "a" * 30)).status == 414
+        many = b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n"
+        assert request(srv.port, many).status == 431
+        assert request(srv.port, get("/")).status == 200
+        assert srv.stop() == 0
