@@ -115,6 +115,8 @@ static int conn_on_body(void *ud, const char *at, size_t len)
     if (!cy || cy->rejected || cy->disconnected)
         return 0;
     PyObject *b = PyBytes_FromStringAndSize(at, (Py_ssize_t)len);
+    if (b && !cy->body && !(cy->body = PyList_New(0)))
+        Py_CLEAR(b);
     if (!b || PyList_Append(cy->body, b) < 0) {
         Py_XDECREF(b);
         PyErr_Clear();

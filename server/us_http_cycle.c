@@ -249,6 +249,8 @@ static PyObject *build_headers(us_state *st, uh_parser *p, const uh_request *req
         PyObject *n = header_name(st, name, h->name.len);
         PyObject *val = n ? PyBytes_FromStringAndSize(v, vlen) : NULL;
         PyObject *t = val ? PyTuple_Pack(2, n, val) : NULL;
+        if (t)
+            PyObject_GC_UnTrack(t); /* two bytes objects: no cycle can go through it */
         Py_XDECREF(n);
         Py_XDECREF(val);
         if (!t) {
@@ -345,8 +347,7 @@ us_httpcycle *us_httpcycle_new(us_httpconn *c, uh_parser *p, const uh_request *r
     cy->http10 = req->http_minor == 0;
     cy->body_complete = !(req->flags & UH_REQ_HAS_BODY);
     PyObject_GC_Track(cy);
-    cy->body = PyList_New(0);
-    cy->scope = cy->body ? build_scope(c, p, req) : NULL;
+    cy->scope = build_scope(c, p, req); /* cy->body: made when a body chunk arrives */
     if (!cy->scope) {
         Py_DECREF(cy);
         return NULL;
@@ -670,7 +671,7 @@ static PyObject *make_message(us_state *st, PyObject *type)
 static PyObject *next_message(us_httpcycle *cy)
 {
     us_state *st = cy->srv->st;
-    Py_ssize_t nchunks = PyList_GET_SIZE(cy->body);
+    Py_ssize_t nchunks = cy->body ? PyList_GET_SIZE(cy->body) : 0;
     if (nchunks || (cy->body_complete && !cy->final_returned)) {
         PyObject *body;
         if (nchunks == 1)
@@ -679,7 +680,7 @@ static PyObject *next_message(us_httpcycle *cy)
             body = PyBytes_FromStringAndSize(NULL, 0);
         else
             body = _PyBytes_Join(st->h_empty_bytes, cy->body);
-        if (!body || PyList_SetSlice(cy->body, 0, nchunks, NULL) < 0) {
+        if (!body || (nchunks && PyList_SetSlice(cy->body, 0, nchunks, NULL) < 0)) {
             Py_XDECREF(body);
             return NULL;
         }
