@@ -239,6 +239,9 @@ def main():
     p.add_argument("--n", type=int, default=0)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--kinds", default="protocol,streams,sockets", help="matrix rows to run (comma-separated)")
+    p.add_argument("--sizes", default="1,10,100", help="matrix message sizes in KiB")
+    p.add_argument("--conns", default="1,10,100", help="matrix connection counts")
     p.add_argument("--kind", default="sockets", choices=("sockets", "streams", "protocol"))
     p.add_argument("--matrix", action="store_true",
                    help="the echo matrix: {protocol, streams, sockets} x {1, 10, 100} KiB x {1, 10, 100} connections")
@@ -250,7 +253,9 @@ def main():
 
     loops = args.loops.split(",")
     if args.matrix:
-        return run_matrix(loops, 2 if args.quick else 3, args.out.replace("loop.json", "echo_matrix.json"))
+        return run_matrix(loops, 2 if args.quick else 3, args.out.replace("loop.json", "echo_matrix.json"),
+                          args.kinds.split(","), [int(x) for x in args.sizes.split(",")],
+                          [int(x) for x in args.conns.split(",")])
     repeats = 2 if args.quick else 5
     seconds = 2 if args.quick else 5
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": sys.version.split()[0],
@@ -279,12 +284,13 @@ def main():
     print_table(results, loops)
 
 
-def run_matrix(loops, seconds, out):
+def run_matrix(loops, seconds, out, kinds=("protocol", "streams", "sockets"), sizes_kib=(1, 10, 100),
+               conn_counts=(1, 10, 100)):
     client = build_client()
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds, "cells": []}
-    for kind in ("protocol", "streams", "sockets"):
-        for size in (1024, 10 * 1024, 100 * 1024):
-            for conns in (1, 10, 100):
+    for kind in kinds:
+        for size in (k * 1024 for k in sizes_kib):
+            for conns in conn_counts:
                 cell = {"kind": kind, "size": size, "conns": conns}
                 for name in loops:
                     cell[name] = run_echo(name, conns, size, seconds, client, kind)

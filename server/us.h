@@ -88,6 +88,7 @@ typedef struct us_loop {
     /* provided buffers for the streams' multishot recv, made on first use */
     ue_bufring recv_pool;
     int recv_pool_ready;
+    unsigned recv_pool_gen; /* bumped whenever the pool is made anew */
 
     Py_ssize_t sockops_inflight;
     char stopping, closed, debug, running, closing;

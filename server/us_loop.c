@@ -487,6 +487,7 @@ ue_bufring *us_loop_recv_pool(us_loop *loop)
             return NULL;
         }
         loop->recv_pool_ready = 1;
+        loop->recv_pool_gen++;
     }
     return &loop->recv_pool;
 }

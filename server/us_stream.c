@@ -63,6 +63,14 @@ typedef struct us_stream {
 
     /* inbound: received, not yet handed to the protocol */
     PyObject *inbound; /* list of bytes */
+    /* provided buffers received this iteration, copied out together at
+     * delivery into one bytes object of the exact size (one copy, one
+     * allocation, however many completions a message took) */
+#define US_HELD_MAX 8
+    uint16_t held_bid[US_HELD_MAX];
+    int32_t held_len[US_HELD_MAX];
+    int nheld;
+    unsigned held_gen;
     PyObject *in_error;
     char in_eof;
 
@@ -125,6 +133,8 @@ static void stream_settle_empty_waiter(us_stream *s, int failed)
         PyErr_WriteUnraisable((PyObject *)s);
 }
 
+static void stream_release_held(us_stream *s, int keep);
+
 /* asyncio's _force_close: drop queued writes, stop everything, and call
  * connection_lost(exc) once the ops have finished. */
 static void stream_force_close(us_stream *s, PyObject *exc)
@@ -138,6 +148,7 @@ static void stream_force_close(us_stream *s, PyObject *exc)
     }
     s->wq_off = 0;
     s->wbuf = 0;
+    stream_release_held(s, 0);
     s->closing = 1;
     s->conn_lost++;
     s->lost_pending = 1;
@@ -261,14 +272,61 @@ static int stream_merge_inbound(us_stream *s, const char *data, int32_t n)
     return 1;
 }
 
+/* Returns the held buffers to the ring, after copying them into one bytes
+ * object appended to inbound when `keep`. */
+static void stream_release_held(us_stream *s, int keep)
+{
+    us_loop *loop = s->loop;
+    if (!s->nheld)
+        return;
+    int valid = loop && loop->recv_pool_ready && loop->recv_pool_gen == s->held_gen;
+    if (valid && keep) {
+        Py_ssize_t total = 0;
+        for (int i = 0; i < s->nheld; i++)
+            total += s->held_len[i];
+        PyObject *data = PyBytes_FromStringAndSize(NULL, total);
+        if (data) {
+            char *p = PyBytes_AS_STRING(data);
+            for (int i = 0; i < s->nheld; i++) {
+                memcpy(p, ue_bufring_buf(&loop->recv_pool, s->held_bid[i]), (size_t)s->held_len[i]);
+                p += s->held_len[i];
+            }
+        }
+        if (!data || PyList_Append(s->inbound, data) < 0) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            Py_XSETREF(s->in_error, ev);
+            Py_XDECREF(et);
+            Py_XDECREF(tb);
+        }
+        Py_XDECREF(data);
+    }
+    if (valid)
+        for (int i = 0; i < s->nheld; i++)
+            ue_bufring_recycle(&loop->recv_pool, s->held_bid[i]);
+    s->nheld = 0;
+}
+
 static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 {
     (void)ue;
     us_stream *s = US_CONTAINER(op, us_stream, recv_op);
     us_loop *loop = s->loop;
-    if (res > 0 && (flags & IORING_CQE_F_BUFFER)) {
+    if (res > 0 && (flags & IORING_CQE_F_BUFFER) && !s->closing && !PyList_GET_SIZE(s->inbound) &&
+        (s->nheld == 0 || s->held_gen == loop->recv_pool_gen)) {
+        /* held until delivery, later this iteration */
+        if (s->nheld == US_HELD_MAX)
+            stream_release_held(s, 1);
+        s->held_gen = loop->recv_pool_gen;
+        s->held_bid[s->nheld] = ue_cqe_bid(flags);
+        s->held_len[s->nheld] = res;
+        s->nheld++;
+        stream_schedule_ready(s);
+    } else if (res > 0 && (flags & IORING_CQE_F_BUFFER)) {
         ue_bufring *pool = &loop->recv_pool;
         uint16_t bid = ue_cqe_bid(flags);
+        stream_release_held(s, !s->closing);
         if (!s->closing && stream_merge_inbound(s, ue_bufring_buf(pool, bid), res)) {
             stream_schedule_ready(s);
         } else if (!s->closing) {
@@ -364,6 +422,7 @@ static int stream_feed_buffered(us_stream *s, PyObject *data)
  * Returns -1 only when SystemExit/KeyboardInterrupt must propagate. */
 static int stream_deliver(us_stream *s)
 {
+    stream_release_held(s, 1);
     while (PyList_GET_SIZE(s->inbound) && !s->read_paused && !s->closing) {
         PyObject *data = Py_NewRef(PyList_GET_ITEM(s->inbound, 0));
         if (PySequence_DelItem(s->inbound, 0) < 0) {
@@ -457,6 +516,8 @@ int us_stream_run(PyObject *o)
 {
     us_stream *s = (us_stream *)o;
     s->queued_ready = 0;
+    if (s->closing || !s->protocol)
+        stream_release_held(s, 0); /* nothing more reaches the protocol */
     if (s->lost_done)
         return 0;
     if (s->lost_ready)
@@ -1020,6 +1081,7 @@ static int stream_traverse(us_stream *s, visitproc visit, void *arg)
 
 static int stream_clear(us_stream *s)
 {
+    stream_release_held(s, 0);
     /* Reached only with no op in flight: each holds a reference. */
     Py_CLEAR(s->sock);
     Py_CLEAR(s->protocol);
