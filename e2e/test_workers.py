@@ -291,3 +291,31 @@ def test_reuse_port_and_ttin_ttou(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     assert no_orphans(port) == []
+
+
+def test_gunicorn_max_requests_and_heartbeat(tmp_path):
+    """max_requests recycles a worker without losing a request; a worker busy
+    for longer than gunicorn's --timeout is not killed (it heartbeats)."""
+    port = free_port()
+    log = tmp_path / "log"
+    proc = start("gunicorn", port, str(log), extra=("--max-requests", "40", "--timeout", "2"))
+    try:
+        first = set(children(proc.pid))
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as slow:
+            slow.sendall(get("/slow?seconds=4"))
+            with Load(port, threads=2) as load:
+                deadline = time.monotonic() + 20
+                while not (set(children(proc.pid)) - first) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.5)
+            r = Reader(slow).response()
+            assert r.status == 200 and r.body == b'{"slept":4.0}'
+        assert set(children(proc.pid)) - first, "no worker was recycled after max_requests"
+        assert load.failures == [], load.failures
+        text = log.read_text()
+        assert "WORKER TIMEOUT" not in text
+        assert "Maximum request limit of" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert no_orphans(port) == []

@@ -209,10 +209,15 @@ class Server:
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         if core.stats["connections"] and not self.force_exit:
             logger.info("Waiting for connections to close. (CTRL+C to force quit)")
+        last_tick = 0.0
         while core.stats["connections"] and not self.force_exit:
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            core.tick()
+            if time.monotonic() - last_tick >= 1.0:
+                last_tick = time.monotonic()
+                core.tick()
+                if self.on_tick is not None:
+                    self.on_tick()  # still alive: a supervisor's heartbeat must not lapse while draining
             await asyncio.sleep(0.05)
         if core.stats["tasks"] or core.stats["connections"]:
             n = core.cancel_all()
