@@ -45,14 +45,14 @@ typedef struct us_state {
     PyObject *kw_loop; /* ("loop",) */
 
     /* the HTTP server (us_http.c, us_http_cycle.c) */
-    PyTypeObject *HttpServerType, *HttpConnType, *HttpCycleType, *DoneType;
+    PyTypeObject *HttpServerType, *HttpConnType, *HttpCycleType, *DoneType, *AppRunnerType;
+    PyObject *CancelledError;     /* asyncio.CancelledError */
     PyObject *done_none;          /* the Done that yields None */
     PyObject *ClientDisconnected; /* OSError raised by send() after the client left */
     PyObject *h_scope_template, *h_asgi_template, *h_extensions_template;
     PyObject *h_type, *h_asgi, *h_http_version, *h_method, *h_scheme, *h_path, *h_raw_path;
     PyObject *h_query_string, *h_root_path, *h_headers, *h_client, *h_server, *h_state, *h_extensions;
     PyObject *h_v10, *h_v11, *h_body, *h_more_body, *h_status, *h_empty_bytes;
-    PyObject *s_add_done_callback, *s_cancelled;
     PyObject *h_t_request, *h_t_disconnect, *h_t_start, *h_t_body, *h_t_pathsend;
 #define US_HTTP_NMETHODS 64
     PyObject *h_methods[US_HTTP_NMETHODS]; /* interned, made on first use */

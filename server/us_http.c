@@ -262,15 +262,6 @@ void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy)
         conn_parse_pending(c);
 }
 
-/* Ends the connection at once (a response that cannot be completed). */
-void us_httpconn_abort(us_httpconn *c)
-{
-    Py_INCREF(c);
-    c->dead = 1;
-    conn_close(c);
-    Py_DECREF(c);
-}
-
 void us_httpconn_body_consumed(us_httpconn *c, Py_ssize_t n)
 {
     c->body_buffered -= n;
@@ -1131,7 +1122,13 @@ int us_http_module_init(PyObject *m, us_state *st)
     st->HttpConnType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &us_httpconn_spec, NULL);
     st->HttpCycleType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &us_httpcycle_spec, NULL);
     st->DoneType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &us_done_spec, NULL);
-    if (!st->HttpConnType || !st->HttpCycleType || !st->DoneType)
+    st->AppRunnerType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &us_runner_spec, NULL);
+    if (!st->HttpConnType || !st->HttpCycleType || !st->DoneType || !st->AppRunnerType)
+        return -1;
+    PyObject *aexc = PyImport_ImportModule("asyncio.exceptions");
+    st->CancelledError = aexc ? PyObject_GetAttrString(aexc, "CancelledError") : NULL;
+    Py_XDECREF(aexc);
+    if (!st->CancelledError)
         return -1;
     if (!(st->done_none = us_done_none_new(st)))
         return -1;
@@ -1162,8 +1159,6 @@ int us_http_module_init(PyObject *m, us_state *st)
     S(h_body, "body")
     S(h_more_body, "more_body")
     S(h_status, "status")
-    S(s_add_done_callback, "add_done_callback")
-    S(s_cancelled, "cancelled")
     S(h_t_request, "http.request")
     S(h_t_disconnect, "http.disconnect")
     S(h_t_start, "http.response.start")
@@ -1222,6 +1217,8 @@ void us_http_module_clear(us_state *st)
     Py_CLEAR(st->done_none);
     Py_CLEAR(st->ClientDisconnected);
     Py_CLEAR(st->DoneType);
+    Py_CLEAR(st->AppRunnerType);
+    Py_CLEAR(st->CancelledError);
     Py_CLEAR(st->h_scope_template);
     Py_CLEAR(st->h_asgi_template);
     Py_CLEAR(st->h_extensions_template);

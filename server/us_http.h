@@ -120,12 +120,11 @@ void us_httpconn_flush(PyObject *conn);
 int us_httpconn_emit(us_httpconn *c, us_httpcycle *cy, us_seg seg);
 void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy);
 void us_httpconn_body_consumed(us_httpconn *c, Py_ssize_t n);
-void us_httpconn_abort(us_httpconn *c);
 int us_httpconn_is_head(const us_httpconn *c, const us_httpcycle *cy);
 void us_http_log_error(us_httpserver *srv, const char *message, PyObject *exc);
 
 /* us_http_cycle.c */
-extern PyType_Spec us_httpcycle_spec, us_done_spec;
+extern PyType_Spec us_httpcycle_spec, us_done_spec, us_runner_spec;
 us_httpcycle *us_httpcycle_new(us_httpconn *c, uh_parser *p, const uh_request *req);
 int us_httpcycle_start(us_httpcycle *cy);
 void us_httpcycle_wake(us_httpcycle *cy);

@@ -2,9 +2,10 @@
  * HttpCycle: one request and its response, as the ASGI app sees them. The
  * scope is built in C from the parser's arena; receive() and send() return
  * an already-completed awaitable (Done) unless they really have to wait, in
- * which case they return a loop Future. The cycle itself is the done
- * callback of the app's Task: it reports failures (500 before the response
- * started, a closed connection after) and frees the task.
+ * which case they return a loop Future. The app runs in an asyncio Task
+ * around an AppRunner, which settles the cycle the moment the app's
+ * awaitable ends: failures are reported (500 before the response head
+ * left, a closed connection after) without a done callback.
  */
 #include "us_http.h"
 
@@ -935,10 +936,12 @@ static PyMethodDef cycle_send_def = {"send", cycle_send, METH_O, "ASGI send(mess
  * tell a cut response from a complete one otherwise). */
 static void abandon(us_httpcycle *cy)
 {
-    if (cy->conn)
-        us_httpconn_abort(cy->conn);
-    cy->response_complete = 1;
-    us_httpcycle_wake(cy);
+    if (cy->response_complete)
+        return;
+    /* what the app sent still goes out, in its turn; then the connection
+     * closes and the requests pipelined after this one are dropped */
+    cy->keep_alive = 0;
+    mark_complete(cy);
 }
 
 static void app_failed(us_httpcycle *cy, const char *message, PyObject *exc)
@@ -952,6 +955,216 @@ static void app_failed(us_httpcycle *cy, const char *message, PyObject *exc)
     } else if (!cy->response_complete) {
         abandon(cy);
     }
+}
+
+static void cycle_finished(us_httpcycle *cy, PyObject *exc, int cancelled);
+
+/* ---- AppRunner: the app's coroutine as the Task runs it ----
+ *
+ * The Task runs an AppRunner that forwards every send/throw to the app's
+ * coroutine and, when that finishes, settles the cycle right there: no done
+ * callback, no extra ready-queue round. An exception from the app is
+ * handled (logged, 500 or close) and the Task itself ends normally, so
+ * asyncio never reports it a second time; cancellation, SystemExit and
+ * KeyboardInterrupt propagate as they would from the coroutine. */
+
+typedef struct {
+    PyObject_HEAD us_httpcycle *cy; /* NULL once settled */
+    PyObject *coro;
+} us_runner;
+
+static int is_passthrough(us_state *st)
+{
+    return PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) || PyErr_ExceptionMatches(PyExc_SystemExit) ||
+           PyErr_ExceptionMatches(PyExc_GeneratorExit) || PyErr_ExceptionMatches(st->CancelledError);
+}
+
+/* The app's coroutine ended with `status`; settles the cycle. Returns the
+ * status the Task should see. */
+static PySendResult runner_settle(us_runner *r, PySendResult status, PyObject **result)
+{
+    us_httpcycle *cy = r->cy;
+    r->cy = NULL;
+    if (!cy)
+        return status;
+    Py_CLEAR(cy->task);
+    if (status == PYGEN_RETURN) {
+        cycle_finished(cy, NULL, 0);
+    } else if (is_passthrough(cy->srv->st)) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        cycle_finished(cy, NULL, 1);
+        PyErr_Restore(et, ev, tb);
+    } else {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        if (ev && tb)
+            PyException_SetTraceback(ev, tb);
+        cycle_finished(cy, ev ? ev : Py_None, 0);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        *result = Py_NewRef(Py_None);
+        status = PYGEN_RETURN;
+    }
+    Py_DECREF(cy);
+    return status;
+}
+
+static PySendResult runner_am_send(PyObject *self, PyObject *arg, PyObject **result)
+{
+    us_runner *r = (us_runner *)self;
+    PySendResult st = PyIter_Send(r->coro, arg, result);
+    if (st == PYGEN_NEXT)
+        return st;
+    if (st == PYGEN_RETURN) {
+        Py_DECREF(*result);
+        *result = Py_NewRef(Py_None);
+    }
+    return runner_settle(r, st, result);
+}
+
+/* Python-level send/throw: the generator protocol (StopIteration ends it). */
+static PyObject *runner_result(us_runner *r, PySendResult st, PyObject *result)
+{
+    if (st == PYGEN_NEXT)
+        return result;
+    st = runner_settle(r, st, &result);
+    if (st == PYGEN_RETURN) {
+        PyErr_SetNone(PyExc_StopIteration);
+        Py_XDECREF(result);
+    }
+    return NULL;
+}
+
+static PyObject *runner_send(PyObject *self, PyObject *arg)
+{
+    PyObject *result = NULL;
+    PySendResult st = runner_am_send(self, arg, &result);
+    if (st == PYGEN_NEXT)
+        return result;
+    if (st == PYGEN_RETURN) {
+        Py_DECREF(result);
+        PyErr_SetNone(PyExc_StopIteration);
+    }
+    return NULL;
+}
+
+static PyObject *runner_throw(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    us_runner *r = (us_runner *)self;
+    PyObject *meth = PyObject_GetAttrString(r->coro, "throw");
+    PyObject *result = meth ? PyObject_Vectorcall(meth, args, (size_t)nargs, NULL) : NULL;
+    Py_XDECREF(meth);
+    if (result)
+        return result;
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        PyErr_Clear();
+        return runner_result(r, PYGEN_RETURN, Py_NewRef(Py_None));
+    }
+    return runner_result(r, PYGEN_ERROR, NULL);
+}
+
+static PyObject *runner_close(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    us_runner *r = (us_runner *)self;
+    PyObject *res = PyObject_CallMethod(r->coro, "close", NULL);
+    if (r->cy) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        us_httpcycle *cy = r->cy;
+        r->cy = NULL;
+        Py_CLEAR(cy->task);
+        cycle_finished(cy, NULL, 1);
+        Py_DECREF(cy);
+        PyErr_Restore(et, ev, tb);
+    }
+    return res;
+}
+
+static PyObject *runner_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *runner_next(PyObject *self)
+{
+    return runner_send(self, Py_None);
+}
+
+static PyObject *runner_repr(us_runner *r)
+{
+    return PyUnicode_FromFormat("<uringserve app %R>", r->coro);
+}
+
+static int runner_traverse(us_runner *r, visitproc visit, void *arg)
+{
+    Py_VISIT(r->cy);
+    Py_VISIT(r->coro);
+    Py_VISIT(Py_TYPE(r));
+    return 0;
+}
+
+static int runner_clear(us_runner *r)
+{
+    Py_CLEAR(r->cy);
+    Py_CLEAR(r->coro);
+    return 0;
+}
+
+static void runner_dealloc(us_runner *r)
+{
+    PyTypeObject *tp = Py_TYPE(r);
+    PyObject_GC_UnTrack(r);
+    if (r->cy) {
+        /* never finished (the loop went away): the cycle still counts it */
+        r->cy->srv->ntasks--;
+        r->cy->task_done = 1;
+    }
+    runner_clear(r);
+    tp->tp_free(r);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef runner_methods[] = {
+    {"send", runner_send, METH_O, NULL},
+    {"throw", (PyCFunction)(void (*)(void))runner_throw, METH_FASTCALL, NULL},
+    {"close", runner_close, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyType_Slot runner_slots[] = {
+    {Py_tp_dealloc, runner_dealloc},
+    {Py_tp_traverse, runner_traverse},
+    {Py_tp_clear, runner_clear},
+    {Py_tp_repr, runner_repr},
+    {Py_am_await, runner_await},
+    {Py_am_send, runner_am_send},
+    {Py_tp_iter, runner_await},
+    {Py_tp_iternext, runner_next},
+    {Py_tp_methods, runner_methods},
+    {Py_tp_doc, "The app's coroutine as uringserve's Task runs it (internal)."},
+    {0, NULL},
+};
+
+PyType_Spec us_runner_spec = {
+    .name = "uringloop._core.AppRunner",
+    .basicsize = sizeof(us_runner),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = runner_slots,
+};
+
+static PyObject *runner_new(us_httpcycle *cy, PyObject *coro)
+{
+    us_runner *r = PyObject_GC_New(us_runner, cy->srv->st->AppRunnerType);
+    if (!r)
+        return NULL;
+    r->cy = (us_httpcycle *)Py_NewRef(cy);
+    r->coro = Py_NewRef(coro);
+    PyObject_GC_Track(r);
+    return (PyObject *)r;
 }
 
 int us_httpcycle_start(us_httpcycle *cy)
@@ -970,6 +1183,16 @@ int us_httpcycle_start(us_httpcycle *cy)
     }
     Py_XDECREF(recv);
     Py_XDECREF(send);
+    if (coro && !PyCoro_CheckExact(coro)) {
+        /* any awaitable: run the iterator its __await__ returns */
+        PyAsyncMethods *am = Py_TYPE(coro)->tp_as_async;
+        PyObject *it = am && am->am_await ? am->am_await(coro) : NULL;
+        if (!it && !PyErr_Occurred())
+            PyErr_Format(PyExc_TypeError, "the ASGI application returned %R, which is not awaitable", coro);
+        Py_SETREF(coro, it);
+    }
+    if (coro)
+        Py_SETREF(coro, runner_new(cy, coro));
     if (coro) {
         PyObject *factory = PyObject_GetAttr((PyObject *)srv->loop, srv->s_task_factory);
         if (factory == Py_None) {
@@ -979,10 +1202,14 @@ int us_httpcycle_start(us_httpcycle *cy)
             task = PyObject_CallMethod((PyObject *)srv->loop, "create_task", "O", coro);
         }
         Py_XDECREF(factory);
+        if (!task) {
+            /* the runner never ran: the cycle is settled below */
+            us_runner *runner = (us_runner *)coro;
+            Py_CLEAR(runner->cy);
+        }
         Py_DECREF(coro);
     }
-    PyObject *r = task ? PyObject_CallMethodOneArg(task, srv->st->s_add_done_callback, (PyObject *)cy) : NULL;
-    if (!r) {
+    if (!task) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
         PyErr_NormalizeException(&et, &ev, &tb);
@@ -992,10 +1219,8 @@ int us_httpcycle_start(us_httpcycle *cy)
         Py_XDECREF(et);
         Py_XDECREF(ev);
         Py_XDECREF(tb);
-        Py_XDECREF(task);
         return -1;
     }
-    Py_DECREF(r);
     cy->task = task;
     srv->ntasks++;
     return 0;
@@ -1012,30 +1237,17 @@ static int client_gone_error(PyObject *exc)
     return strcmp(dot ? dot + 1 : name, "ClientDisconnect") == 0;
 }
 
-/* The done callback of the app's task. */
-static PyObject *cycle_call(PyObject *self, PyObject *args, PyObject *kw)
+/* The app is done: `exc` is what it raised (NULL when it returned), or it
+ * was cancelled. Reports failures and frees what the run held. */
+static void cycle_finished(us_httpcycle *cy, PyObject *exc, int cancelled)
 {
-    (void)args;
-    (void)kw;
-    us_httpcycle *cy = (us_httpcycle *)self;
-    PyObject *task = cy->task;
-    if (!task)
-        Py_RETURN_NONE;
-    cy->task = NULL;
     cy->task_done = 1;
     cy->srv->ntasks--;
-    PyObject *cancelled = PyObject_CallMethodNoArgs(task, cy->srv->st->s_cancelled);
-    int was_cancelled = cancelled ? PyObject_IsTrue(cancelled) : -1;
-    Py_XDECREF(cancelled);
-    PyObject *exc = was_cancelled == 0 ? PyObject_CallMethodNoArgs(task, cy->srv->st->s_exception) : NULL;
-    Py_DECREF(task);
-    if (was_cancelled < 0 || (was_cancelled == 0 && !exc))
-        return NULL;
-    if (exc && exc != Py_None && cy->disconnected && client_gone_error(exc)) {
+    if (exc && cy->disconnected && client_gone_error(exc)) {
         abandon(cy); /* the client left: not an application error */
-    } else if (exc && exc != Py_None) {
+    } else if (exc) {
         app_failed(cy, "Exception in ASGI application\n", exc);
-    } else if (was_cancelled) {
+    } else if (cancelled) {
         if (!cy->response_complete)
             abandon(cy);
     } else if (!cy->response_started) {
@@ -1049,10 +1261,8 @@ static PyObject *cycle_call(PyObject *self, PyObject *args, PyObject *kw)
         else
             abandon(cy);
     }
-    Py_XDECREF(exc);
     Py_CLEAR(cy->recv_waiter);
     Py_CLEAR(cy->drain_waiter);
-    Py_RETURN_NONE;
 }
 
 static int cycle_traverse(us_httpcycle *cy, visitproc visit, void *arg)
@@ -1103,7 +1313,6 @@ static PyType_Slot cycle_slots[] = {
     {Py_tp_dealloc, cycle_dealloc},
     {Py_tp_traverse, cycle_traverse},
     {Py_tp_clear, cycle_clear},
-    {Py_tp_call, cycle_call},
     {Py_tp_repr, cycle_repr},
     {Py_tp_doc, "One request/response cycle of an HttpServer (internal)."},
     {0, NULL},

@@ -342,3 +342,17 @@ def test_disconnect_reaches_the_app(server, tmp_path):
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert marker.read_text() == "disconnected ClientDisconnected"
+
+
+def test_app_runs_in_a_real_task(server):
+    assert request(server.port, get("/current-task")).body == b"Task True"
+
+
+def test_non_coroutine_awaitable_app(tmp_path):
+    with serve("apps.awaitable_app:app", "--lifespan", "off", tmp_path=str(tmp_path)) as srv:
+        assert request(srv.port, get("/")).body == b"task=Task"
+        r = request(srv.port, get("/fail"))
+        assert r.status == 500
+        assert request(srv.port, get("/")).status == 200
+        assert srv.stop() == 0
+    assert "KeyError: 'from a non-coroutine awaitable'" in srv.log

@@ -126,6 +126,9 @@ async def app(scope, receive, send):
             outcome = type(exc).__name__
         with open(scope["query_string"].decode(), "w") as f:
             f.write("disconnected " + outcome)
+    elif path == "/current-task":
+        task = asyncio.current_task()
+        await respond(send, body=f"{type(task).__name__} {task is not None and not task.done()}".encode())
     elif path == "/close":
         await respond(send, body=b"bye", headers=[(b"connection", b"close")])
     else:
