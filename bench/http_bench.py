@@ -38,6 +38,13 @@ def server_cmd(name, app, port):
     if name in ("uvicorn-httptools", "uvicorn-h11"):
         return [PY, "-m", "uvicorn", app, "--port", str(port), "--loop", "uvloop", "--http",
                 name.split("-")[1], "--no-access-log", "--log-level", "warning", "--app-dir", BENCH]
+    if name == "c-responder":  # the floor: no Python, answers every request with hello (hello scenario only)
+        exe = os.path.join(ROOT, "build", "c_responder")
+        src = os.path.join(BENCH, "c_responder.c")
+        if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+            os.makedirs(os.path.dirname(exe), exist_ok=True)
+            subprocess.run(["cc", "-O2", "-o", exe, src, "-luring"], check=True)
+        return [exe, str(port)]
     if name == "hypercorn":
         return [PY, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{port}", "--worker-class", "uvloop",
                 "--log-level", "warning"]
