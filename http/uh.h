@@ -62,6 +62,9 @@ typedef struct uh_parser uh_parser;
  * status the callback stored in p->error_status (500 when it stored none). */
 #define UH_CB_PAUSE 1
 #define UH_CB_ERROR (-1)
+/* on_head only: the request upgrades the connection (a WebSocket); the
+ * feed stops after its head with UH_FEED_UPGRADE. */
+#define UH_CB_UPGRADE 2
 
 typedef struct uh_callbacks {
     int (*on_head)(void *ud, uh_parser *p, const uh_request *req);
@@ -82,17 +85,19 @@ struct uh_parser {
     uint8_t last; /* 0 nothing, 1 url, 2 header field, 3 header value */
     uint8_t in_head;
     uint8_t host_count;
+    uint8_t upgraded; /* on_head took the upgrade */
     uh_request req;
     int error_status;         /* HTTP status to answer an error with */
     const char *error_reason; /* static text */
 };
 
-enum uh_feed_result { UH_FEED_OK = 0, UH_FEED_PAUSED = 1, UH_FEED_ERROR = 2 };
+enum uh_feed_result { UH_FEED_OK = 0, UH_FEED_PAUSED = 1, UH_FEED_ERROR = 2, UH_FEED_UPGRADE = 3 };
 
 int uh_parser_init(uh_parser *p, const uh_limits *limits, const uh_callbacks *cb, void *ud);
 void uh_parser_free(uh_parser *p);
 /* Parses `len` bytes. *consumed says how many were used: all of them unless
- * the result is UH_FEED_PAUSED (feed the rest after uh_parser_resume()) or
+ * the result is UH_FEED_PAUSED (feed the rest after uh_parser_resume()),
+ * UH_FEED_UPGRADE (the rest belongs to the upgraded protocol) or
  * UH_FEED_ERROR (p->error_status and p->error_reason say why). */
 enum uh_feed_result uh_parser_feed(uh_parser *p, const char *data, size_t len, size_t *consumed);
 void uh_parser_resume(uh_parser *p);

@@ -66,6 +66,7 @@ static int uh_on_message_begin(llhttp_t *ll)
     p->last = 0;
     p->in_head = 1;
     p->host_count = 0;
+    p->upgraded = 0;
     memset(&p->req, 0, sizeof p->req);
     p->req.content_length = -1;
     return 0;
@@ -194,8 +195,10 @@ static int uh_on_headers_complete(llhttp_t *ll)
         r->flags |= UH_REQ_UPGRADE;
     if (!(r->flags & UH_REQ_HAS_BODY))
         r->flags &= (uint16_t)~UH_REQ_EXPECT_CONTINUE;
-    if (p->cb->on_head(p->ud, p, r) < 0)
+    int rc = p->cb->on_head(p->ud, p, r);
+    if (rc < 0)
         return p->error_status ? -1 : uh_fail(p, 500, "request setup failed");
+    p->upgraded = rc == UH_CB_UPGRADE && (r->flags & UH_REQ_UPGRADE);
     return 0;
 }
 
@@ -285,9 +288,11 @@ enum uh_feed_result uh_parser_feed(uh_parser *p, const char *data, size_t len, s
     *consumed = pos && pos >= data && pos <= data + len ? (size_t)(pos - data) : len;
     if (e == HPE_PAUSED)
         return UH_FEED_PAUSED;
+    if (e == HPE_PAUSED_UPGRADE && p->upgraded)
+        return UH_FEED_UPGRADE;
     if (e == HPE_PAUSED_UPGRADE) {
-        /* Upgrade is not offered: the request is answered as plain HTTP and
-         * the bytes after it are parsed as the next request. */
+        /* Upgrade not taken: the request is answered as plain HTTP and the
+         * bytes after it are parsed as the next request. */
         llhttp_resume_after_upgrade(&p->ll);
         size_t more = 0;
         enum uh_feed_result r = uh_parser_feed(p, data + *consumed, len - *consumed, &more);

@@ -88,9 +88,34 @@ static void conn_close(us_httpconn *c);
 static void conn_maybe_free(us_httpconn *c);
 static void conn_parse_pending(us_httpconn *c);
 
+/* Upgrade: websocket on a connection with nothing else in flight. */
+static int conn_is_websocket(us_httpconn *c, uh_parser *p, const uh_request *req)
+{
+    if (!c->srv->websocket || !(req->flags & UH_REQ_UPGRADE) || c->ncycles || req->method != HTTP_GET)
+        return 0;
+    for (uint32_t i = 0; i < req->nheaders; i++) {
+        const uh_header *h = &req->headers[i];
+        if (h->name.len == 7 && memcmp(uh_str(p, h->name), "upgrade", 7) == 0 && h->value.len >= 9 &&
+            strncasecmp(uh_str(p, h->value), "websocket", 9) == 0)
+            return 1;
+    }
+    return 0;
+}
+
 static int conn_on_head(void *ud, uh_parser *p, const uh_request *req)
 {
     us_httpconn *c = ud;
+    if (conn_is_websocket(c, p, req)) {
+        Py_XSETREF(c->ws_scope, us_http_build_scope(c, p, req));
+        if (c->ws_scope) {
+            c->deadline = 0;
+            c->srv->requests++;
+            return UH_CB_UPGRADE;
+        }
+        PyErr_Clear();
+        p->error_status = 500;
+        return -1;
+    }
     us_httpcycle *cy = us_httpcycle_new(c, p, req);
     if (!cy) {
         us_http_log_error(c->srv, "Exception while building the ASGI scope", NULL);
@@ -148,7 +173,7 @@ static const uh_callbacks conn_callbacks = {conn_on_head, conn_on_body, conn_on_
 static int conn_arm_recv(us_httpconn *c)
 {
     us_loop *loop = c->srv->loop;
-    if (ue_op_busy(&c->recv_op) || c->read_paused || c->eof || c->closed)
+    if (ue_op_busy(&c->recv_op) || c->read_paused || c->eof || c->closed || c->upgrading)
         return 0;
     ue_bufring *pool = us_loop_recv_pool(loop);
     if (!pool)
@@ -302,11 +327,62 @@ static void conn_parse_error(us_httpconn *c)
     conn_schedule_flush(c);
 }
 
+/* A WebSocket upgrade: once the recv is cancelled and the responses before
+ * it are sent, the socket (a dup of it) goes to the Python handler with the
+ * bytes already read past the request head. */
+static void conn_try_handover(us_httpconn *c)
+{
+    if (!c->upgrading || c->closed || ue_op_busy(&c->recv_op) || ue_op_busy(&c->send_op) || c->wq.len || c->ncycles)
+        return;
+    c->upgrading = 0;
+    us_httpserver *srv = c->srv;
+    int fd = fcntl(c->fd, F_DUPFD_CLOEXEC, 0);
+    PyObject *rest = PyBytes_FromStringAndSize(c->pending.data ? c->pending.data + c->pending_off : "",
+                                               (Py_ssize_t)(c->pending.len - c->pending_off));
+    PyObject *r = fd >= 0 && rest ? PyObject_CallFunction(srv->websocket, "iOO", fd, c->ws_scope, rest) : NULL;
+    if (!r) {
+        PyErr_WriteUnraisable(srv->websocket);
+        if (fd >= 0)
+            close(fd);
+    }
+    Py_XDECREF(r);
+    Py_XDECREF(rest);
+    Py_CLEAR(c->ws_scope);
+    c->pending.len = c->pending_off = 0;
+    Py_INCREF(c);
+    c->dead = 1; /* the socket lives on in the handler's dup: no shutdown, no linger */
+    conn_close(c);
+    Py_DECREF(c);
+}
+
+static void conn_start_upgrade(us_httpconn *c, const char *rest, size_t n)
+{
+    uh_buf kept = {0};
+    if (n && uh_buf_append(&kept, rest, n) < 0) {
+        c->dead = 1;
+        return;
+    }
+    uh_buf_free(&c->pending); /* `rest` may point into it */
+    c->pending = kept;
+    c->pending_off = 0;
+    c->parse_paused = 0;
+    c->upgrading = 1;
+    c->no_more = 1;
+    if (ue_op_busy(&c->recv_op))
+        ue_op_cancel(&c->srv->loop->ue, &c->recv_op);
+    else
+        conn_try_handover(c);
+}
+
 /* Feeds input to the parser; what a pause leaves unparsed is kept. */
 static void conn_feed(us_httpconn *c, const char *data, size_t len, int from_pending)
 {
     size_t used = 0;
     enum uh_feed_result r = uh_parser_feed(&c->parser, data, len, &used);
+    if (r == UH_FEED_UPGRADE) {
+        conn_start_upgrade(c, data + used, len - used);
+        return;
+    }
     if (r == UH_FEED_ERROR) {
         conn_parse_error(c);
     } else if (r == UH_FEED_PAUSED && !c->no_more) {
@@ -358,6 +434,13 @@ static void conn_parse_pending(us_httpconn *c)
 
 static void conn_input(us_httpconn *c, const char *data, size_t len)
 {
+    if (c->upgrading) {
+        if (uh_buf_append(&c->pending, data, len) < 0) {
+            c->upgrading = 0;
+            c->dead = 1;
+        }
+        return;
+    }
     if (c->no_more || c->lingering || c->closed)
         return; /* nothing more is read from this client */
     if (c->parse_paused) {
@@ -400,6 +483,7 @@ static void conn_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         loop->sockops_inflight--;
         if (!c->closed && conn_arm_recv(c) < 0)
             PyErr_WriteUnraisable((PyObject *)c);
+        conn_try_handover(c);
         if (c->close_after)
             conn_schedule_flush(c);
         conn_maybe_free(c);
@@ -567,6 +651,7 @@ static void conn_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     }
     if (PyErr_Occurred())
         PyErr_WriteUnraisable((PyObject *)c);
+    conn_try_handover(c);
     conn_maybe_free(c);
     Py_DECREF(c);
 }
@@ -663,6 +748,7 @@ static void conn_dealloc(us_httpconn *c)
     uh_buf_free(&c->pending);
     Py_CLEAR(c->client);
     Py_CLEAR(c->sockname);
+    Py_CLEAR(c->ws_scope);
     if (c->fd >= 0)
         close(c->fd);
     Py_CLEAR(c->srv);
@@ -916,15 +1002,16 @@ static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
                              "header_timeout",
                              "limit_concurrency",
                              "limits",
+                             "websocket",
                              NULL};
     PyObject *loop, *app, *log_error, *access_log = Py_None, *proxy = Py_None, *root_path = NULL, *headers = NULL;
-    PyObject *limits = NULL;
+    PyObject *limits = NULL, *websocket = Py_None;
     int date_header = 1;
     double keepalive = 5.0, header_timeout = 30.0;
     Py_ssize_t limit_concurrency = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$OOUOpddnO!:HttpServer", kwlist, &loop, &app, &log_error,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$OOUOpddnO!O:HttpServer", kwlist, &loop, &app, &log_error,
                                      &access_log, &proxy, &root_path, &headers, &date_header, &keepalive,
-                                     &header_timeout, &limit_concurrency, &PyDict_Type, &limits))
+                                     &header_timeout, &limit_concurrency, &PyDict_Type, &limits, &websocket))
         return -1;
     if (!PyObject_TypeCheck(loop, srv->st->LoopCoreType)) {
         PyErr_SetString(PyExc_TypeError, "HttpServer needs a uringloop loop");
@@ -935,6 +1022,7 @@ static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
     Py_XSETREF(srv->log_error, Py_NewRef(log_error));
     Py_XSETREF(srv->access_log, access_log == Py_None ? NULL : Py_NewRef(access_log));
     Py_XSETREF(srv->proxy, proxy == Py_None ? NULL : Py_NewRef(proxy));
+    Py_XSETREF(srv->websocket, websocket == Py_None ? NULL : Py_NewRef(websocket));
     Py_XSETREF(srv->root_path, root_path ? Py_NewRef(root_path) : PyUnicode_FromString(""));
     Py_XSETREF(srv->root_path_b, PyUnicode_AsUTF8String(srv->root_path));
     if (!srv->root_path_b)
@@ -1005,6 +1093,7 @@ static int server_traverse(us_httpserver *srv, visitproc visit, void *arg)
     Py_VISIT(srv->log_error);
     Py_VISIT(srv->access_log);
     Py_VISIT(srv->proxy);
+    Py_VISIT(srv->websocket);
     Py_VISIT(srv->state);
     for (int i = 0; i < srv->nlisteners; i++)
         Py_VISIT(srv->listeners[i]->sock);
@@ -1018,6 +1107,7 @@ static int server_clear(us_httpserver *srv)
     Py_CLEAR(srv->log_error);
     Py_CLEAR(srv->access_log);
     Py_CLEAR(srv->proxy);
+    Py_CLEAR(srv->websocket);
     Py_CLEAR(srv->state);
     return 0;
 }

@@ -53,6 +53,7 @@ struct us_httpserver {
     PyObject *log_error;   /* callable(message, exc or None) */
     PyObject *access_log;  /* callable(scope, status) or None */
     PyObject *proxy;       /* callable(scope) or None: applies X-Forwarded-* */
+    PyObject *websocket;   /* callable(fd, scope, leftover) taking upgraded connections, or NULL */
     PyObject *state;       /* lifespan state: copied into every scope */
     PyObject *root_path;   /* str */
     PyObject *root_path_b; /* bytes */
@@ -93,8 +94,9 @@ struct us_httpconn {
     PyObject *client, *sockname; /* scope tuples, made on first use */
     double deadline;             /* keep-alive, header or linger deadline; 0: none */
     char in_list, parse_paused, no_more, read_paused, eof, dead, closing;
-    char queued_flush, lingering, closed, close_after;
-    PyObject *tail; /* an error response sent after the cycles, then close */
+    char queued_flush, lingering, closed, close_after, upgrading;
+    PyObject *ws_scope; /* the upgrade request's scope, until handed over */
+    PyObject *tail;     /* an error response sent after the cycles, then close */
 };
 
 struct us_httpcycle {
@@ -126,6 +128,7 @@ void us_http_log_error(us_httpserver *srv, const char *message, PyObject *exc);
 /* us_http_cycle.c */
 extern PyType_Spec us_httpcycle_spec, us_done_spec, us_runner_spec;
 us_httpcycle *us_httpcycle_new(us_httpconn *c, uh_parser *p, const uh_request *req);
+PyObject *us_http_build_scope(us_httpconn *c, uh_parser *p, const uh_request *req);
 int us_httpcycle_start(us_httpcycle *cy);
 void us_httpcycle_wake(us_httpcycle *cy);
 void us_httpcycle_disconnect(us_httpcycle *cy);

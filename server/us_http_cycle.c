@@ -290,7 +290,7 @@ static void split_target(const char *url, size_t ulen, const char **path, size_t
     }
 }
 
-static PyObject *build_scope(us_httpconn *c, uh_parser *p, const uh_request *req)
+PyObject *us_http_build_scope(us_httpconn *c, uh_parser *p, const uh_request *req)
 {
     us_httpserver *srv = c->srv;
     us_state *st = srv->st;
@@ -348,7 +348,7 @@ us_httpcycle *us_httpcycle_new(us_httpconn *c, uh_parser *p, const uh_request *r
     cy->http10 = req->http_minor == 0;
     cy->body_complete = !(req->flags & UH_REQ_HAS_BODY);
     PyObject_GC_Track(cy);
-    cy->scope = build_scope(c, p, req); /* cy->body: made when a body chunk arrives */
+    cy->scope = us_http_build_scope(c, p, req); /* cy->body: made when a body chunk arrives */
     if (!cy->scope) {
         Py_DECREF(cy);
         return NULL;

@@ -57,6 +57,7 @@ class Server:
         self.exit_code = 0
         self.lifespan = None
         self.inherited_sockets = False
+        self.websockets = None
         # hooks for process managers (the supervisor, the gunicorn worker)
         self.access_hook = None  # callable(scope, status) replacing the access log
         self.on_started = None  # called once serving
@@ -137,8 +138,16 @@ class Server:
             access = self.access_hook
         else:
             access = _access_hook() if config.access_log and access_logger.isEnabledFor(logging.INFO) else None
+        try:
+            from .websocket import WebSocketHandler
+
+            self.websockets = WebSocketHandler(loop, app, access)
+        except ImportError:  # the websockets package is missing: upgrades are answered as plain HTTP
+            logger.warning("WebSockets are off: the 'websockets' package is not installed.")
+            self.websockets = None
         self.core = HttpServer(
             loop, app, _log_error,
+            websocket=self.websockets,
             access_log=access,
             proxy=proxy,
             root_path=config.root_path,
@@ -206,6 +215,8 @@ class Server:
             sock.close()
         core.drain()
         timeout = self.config.timeout_graceful_shutdown
+        if self.websockets is not None and self.websockets.sessions:
+            await self.websockets.shutdown(5.0 if timeout is None else float(timeout))
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         if core.stats["connections"] and not self.force_exit:
             logger.info("Waiting for connections to close. (CTRL+C to force quit)")

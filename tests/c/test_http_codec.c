@@ -182,6 +182,39 @@ static void test_date_cache(void)
     CHECK(again == line);
 }
 
+static int head_upgrade(void *ud, uh_parser *p, const uh_request *req)
+{
+    (void)p;
+    (void)req;
+    ((rec *)ud)->heads++;
+    return UH_CB_UPGRADE;
+}
+
+static void test_upgrade_stops_after_head(void)
+{
+    static const uh_callbacks up = {head_upgrade, on_body, on_complete};
+    const char *m = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x85"
+                    "frame";
+    size_t head = strlen(m) - strlen("\x81\x85"
+                                     "frame");
+    rec r = {0};
+    uh_parser p;
+    uh_parser_init(&p, NULL, &up, &r);
+    size_t used = 0;
+    CHECK(uh_parser_feed(&p, m, strlen(m), &used) == UH_FEED_UPGRADE);
+    CHECK(used == head && r.heads == 1);
+    uh_parser_free(&p);
+    /* the same request when the upgrade is not taken: answered as HTTP, the
+     * next bytes parsed as the next request */
+    rec r2 = {0};
+    uh_parser_init(&p, NULL, &cbs, &r2);
+    const char *two = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                      "GET /b HTTP/1.1\r\nHost: x\r\n\r\n";
+    CHECK(uh_parser_feed(&p, two, strlen(two), &used) == UH_FEED_OK);
+    CHECK(r2.heads == 2 && strcmp(r2.url, "/b") == 0);
+    uh_parser_free(&p);
+}
+
 int main(void)
 {
     RUN(test_parse_every_split);
@@ -190,5 +223,6 @@ int main(void)
     RUN(test_expect_and_keepalive_flags);
     RUN(test_response_pieces);
     RUN(test_date_cache);
+    RUN(test_upgrade_stops_after_head);
     return TEST_EXIT();
 }

@@ -1,0 +1,98 @@
+"""WebSockets through uringserve: a Starlette app driven by the
+`websockets` client over real sockets."""
+
+import asyncio
+import os
+import sys
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from http_support import serve  # noqa: E402
+
+E2E = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def ws_server(tmp_path_factory):
+    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path_factory.mktemp("ws"))) as srv:
+        yield srv
+        assert srv.stop() == 0, srv.log
+
+
+def test_echo_text_binary_large_and_fragmented(ws_server):
+    async def go():
+        async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/ws", max_size=None) as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "echo:hello"
+            await ws.send(b"\x01\x02\x03")
+            assert await ws.recv() == b"\x03\x02\x01"
+            big = "x" * (3 * 1024 * 1024)
+            await ws.send(big)
+            assert await ws.recv() == "echo:" + big
+            await ws.send(["frag", "mented"])  # a fragmented message
+            assert await ws.recv() == "echo:fragmented"
+            pong = await ws.ping()
+            await asyncio.wait_for(pong, 5)
+    asyncio.run(go())
+
+
+def test_many_concurrent_sessions(ws_server):
+    async def one(i):
+        async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/ws") as ws:
+            for j in range(20):
+                await ws.send(f"{i}-{j}")
+                assert await ws.recv() == f"echo:{i}-{j}"
+    async def go():
+        await asyncio.gather(*[one(i) for i in range(100)])
+    asyncio.run(go())
+
+
+def test_subprotocol_scope_and_close_codes(ws_server):
+    async def go():
+        async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/ws", subprotocols=["chat.v2"]) as ws:
+            assert ws.subprotocol == "chat.v2"
+            await ws.send("close-me")
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd.code == 4001 and info.value.rcvd.reason == "asked to"
+        async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/info?a=1") as ws:
+            import json
+            assert json.loads(await ws.recv()) == {"path": "/info", "scheme": "ws", "query": "a=1",
+                                                   "type": "websocket"}
+        with pytest.raises(InvalidStatus) as refused:
+            async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/refuse"):
+                pass
+        assert refused.value.response.status_code == 403
+    asyncio.run(go())
+
+
+def test_http_on_the_same_server_and_client_abort(ws_server):
+    async def go():
+        ws = await websockets.connect(f"ws://127.0.0.1:{ws_server.port}/ws")
+        await ws.send("x")
+        assert await ws.recv() == "echo:x"
+        ws.transport.abort()  # no close frame: the app sees a disconnect
+        await asyncio.sleep(0.2)
+    asyncio.run(go())
+    assert httpx.get(f"http://127.0.0.1:{ws_server.port}/").text == "http still works"
+    assert "Exception in ASGI application" not in ws_server.log
+
+
+def test_shutdown_closes_open_websockets_with_1012(tmp_path):
+    import signal
+
+    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
+        async def go():
+            async with websockets.connect(f"ws://127.0.0.1:{srv.port}/ws") as ws:
+                await ws.send("a")
+                assert await ws.recv() == "echo:a"
+                srv.proc.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as info:
+                    await asyncio.wait_for(ws.recv(), 10)
+                assert info.value.rcvd.code == 1012
+        asyncio.run(go())
+        assert srv.proc.wait(15) == 0, srv.log

@@ -1,0 +1,247 @@
+"""WebSockets: the ASGI ``websocket`` scope over a uringloop transport.
+
+The C server parses the upgrade request and, once nothing else is in flight
+on that connection, hands its socket here with the scope it built. Frames
+are handled by the sans-I/O protocol of the ``websockets`` package (RFC 6455
+framing, masking, fragmentation, ping/pong, the close handshake) on top of
+uringloop's C stream transport; this module maps them onto ASGI messages.
+"""
+
+import asyncio
+import logging
+import socket
+
+from websockets.frames import Opcode
+from websockets.server import ServerProtocol
+
+logger = logging.getLogger("uringserve.error")
+
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class ClientDisconnected(OSError):
+    """send() on a WebSocket the client has closed (ASGI 2.4)."""
+
+
+class WebSocketHandler:
+    """Called by the C server with (fd, scope, bytes read past the head)."""
+
+    def __init__(self, loop, app, access_hook=None):
+        self.loop = loop
+        self.app = app
+        self.access_hook = access_hook
+        self.sessions = set()
+
+    def __call__(self, fd, scope, leftover):
+        sock = socket.socket(fileno=fd)
+        session = WebSocketSession(self, scope, sock, leftover)
+        self.sessions.add(session)
+        session.task = self.loop.create_task(session.run())
+
+    async def shutdown(self, timeout):
+        """Close every session with 1012 (service restart), wait up to `timeout`."""
+        sessions = list(self.sessions)
+        for s in sessions:
+            s.server_close(1012)
+        tasks = [s.task for s in sessions if s.task is not None and not s.task.done()]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
+
+
+class WebSocketSession(asyncio.Protocol):
+    def __init__(self, handler, scope, sock, leftover):
+        self.handler = handler
+        self.sock = sock
+        self.leftover = leftover
+        self.scope = self._websocket_scope(scope)
+        self.proto = ServerProtocol(max_size=MAX_MESSAGE)
+        self.transport = None
+        self.request = None
+        self.messages = asyncio.Queue()
+        self.connect_sent = False
+        self.accepted = False
+        self.closed = False
+        self.response_sent = False
+        self.task = None
+        self.fragments = None
+        self.fragment_text = False
+
+    @staticmethod
+    def _websocket_scope(scope):
+        scope = dict(scope)
+        scope["type"] = "websocket"
+        scope["scheme"] = "wss" if scope.get("scheme") == "https" else "ws"
+        scope.pop("method", None)
+        protocols = []
+        for name, value in scope["headers"]:
+            if name == b"sec-websocket-protocol":
+                protocols += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
+        scope["subprotocols"] = protocols
+        scope["extensions"] = {"websocket.http.response": {}}
+        return scope
+
+    def _raw_request(self):
+        scope = self.scope
+        target = scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        lines = [f"GET {target} HTTP/1.1"]
+        lines += [f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in scope["headers"]]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    # -- running the app --
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport, _ = await loop.connect_accepted_socket(lambda: self, self.sock)
+            self.proto.receive_data(self._raw_request())
+            events = self.proto.events_received()
+            self.request = events[0] if events else None
+            if self.request is None:
+                raise RuntimeError("unparsable WebSocket handshake")
+            if self.leftover:
+                self.data_received(self.leftover)
+            try:
+                await self.handler.app(self.scope, self.receive, self.send)
+            except BaseException as exc:
+                if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                    raise
+                if not (self.closed and isinstance(exc, OSError)):
+                    logger.error("Exception in ASGI application", exc_info=(type(exc), exc, exc.__traceback__))
+                if not self.response_sent:
+                    self._reject(500, "Internal Server Error")
+                else:
+                    self.server_close(1011)
+                return
+            if not self.response_sent:
+                self._reject(403, "")  # the app neither accepted nor closed: refused
+            elif not self.closed:
+                self.server_close(1000)
+        finally:
+            self.handler.sessions.discard(self)
+            if self.transport is not None and not self.proto.close_expected() and not self.closed:
+                self.transport.close()
+
+    async def receive(self):
+        if not self.connect_sent:
+            self.connect_sent = True
+            return {"type": "websocket.connect"}
+        return await self.messages.get()
+
+    async def send(self, message):
+        kind = message["type"]
+        if not self.response_sent:
+            if kind == "websocket.accept":
+                response = self.proto.accept(self.request)
+                sub = message.get("subprotocol")
+                if sub:
+                    response.headers["Sec-WebSocket-Protocol"] = sub
+                for name, value in message.get("headers") or []:
+                    response.headers[name.decode("latin-1")] = value.decode("latin-1")
+                self.proto.send_response(response)
+                self.response_sent = self.accepted = True
+                self._log(101)
+                self._flush()
+            elif kind == "websocket.close":
+                self._reject(403, "")
+            else:
+                raise RuntimeError(f"Expected ASGI message 'websocket.accept' or 'websocket.close', but got {kind!r}.")
+            return
+        if self.closed:
+            raise ClientDisconnected("the WebSocket is closed")
+        if kind == "websocket.send":
+            if message.get("bytes") is not None:
+                self.proto.send_binary(message["bytes"])
+            elif message.get("text") is not None:
+                self.proto.send_text(message["text"].encode())
+            else:
+                raise RuntimeError("websocket.send needs 'bytes' or 'text'")
+            self._flush()
+        elif kind == "websocket.close":
+            self.server_close(message.get("code") or 1000, message.get("reason") or "")
+        else:
+            raise RuntimeError(f"Unexpected ASGI message {kind!r} on an accepted WebSocket.")
+
+    # -- helpers --
+
+    def _log(self, status):
+        if self.handler.access_hook is not None:
+            scope = dict(self.scope, method="GET", http_version="1.1")
+            self.handler.access_hook(scope, status)
+
+    def _reject(self, status, text):
+        if self.response_sent:
+            return
+        self.response_sent = True
+        self.closed = True
+        response = self.proto.reject(status, text)
+        self.proto.send_response(response)
+        self._log(status)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _flush(self):
+        if self.transport is None:
+            return
+        for data in self.proto.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+
+    def server_close(self, code, reason=""):
+        if self.closed or not self.accepted:
+            if not self.response_sent:
+                self._reject(503 if code == 1012 else 403, "")
+            return
+        self.closed = True
+        self.proto.send_close(code, reason)
+        self._flush()
+
+    # -- asyncio.Protocol --
+
+    def data_received(self, data):
+        self.proto.receive_data(data)
+        for frame in self.proto.events_received():
+            self._on_frame(frame)
+        self._flush()
+        if self.proto.close_expected() and self.transport is not None:
+            self.transport.close()
+
+    def _on_frame(self, frame):
+        op = frame.opcode
+        if op in (Opcode.TEXT, Opcode.BINARY):
+            if frame.fin:
+                self._deliver(op == Opcode.TEXT, frame.data)
+            else:
+                self.fragments, self.fragment_text = [frame.data], op == Opcode.TEXT
+        elif op == Opcode.CONT and self.fragments is not None:
+            self.fragments.append(frame.data)
+            if frame.fin:
+                data, self.fragments = b"".join(self.fragments), None
+                self._deliver(self.fragment_text, data)
+        elif op == Opcode.CLOSE:
+            self.closed = True
+
+    def _deliver(self, text, data):
+        if text:
+            self.messages.put_nowait({"type": "websocket.receive", "text": data.decode()})
+        else:
+            self.messages.put_nowait({"type": "websocket.receive", "bytes": data})
+
+    def eof_received(self):
+        self.proto.receive_eof()
+        self._flush()
+        return False
+
+    def connection_lost(self, exc):
+        self.closed = True
+        code = self.proto.close_code or 1006
+        self.messages.put_nowait({"type": "websocket.disconnect", "code": code,
+                                  "reason": self.proto.close_reason or ""})
