@@ -71,6 +71,13 @@ def no_orphans(port):
     return left
 
 
+def stop_cleanly(proc, port, log):
+    """SIGTERM, exit 0, and no process left behind."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, log.read_text()
+    assert no_orphans(port) == []
+
+
 class Load:
     """Threads doing keep-alive GETs. A request that fails on a reused
     connection before any byte of its response is retried once on a new
@@ -186,9 +193,7 @@ def test_killed_worker_is_replaced(kind, tmp_path):
         assert len(load.failures) <= len(load.threads), load.failures
         assert load.ok > 100
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-    assert no_orphans(port) == []
+        stop_cleanly(proc, port, log)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -212,9 +217,7 @@ def test_sighup_reload_loses_nothing(kind, tmp_path):
         assert load.failures == [], load.failures
         assert load.ok > 100
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-    assert no_orphans(port) == []
+        stop_cleanly(proc, port, log)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -288,9 +291,7 @@ def test_reuse_port_and_ttin_ttou(tmp_path):
         text = log.read_text()
         assert "SIGTTIN: adding a worker (3)" in text and "SIGTTOU: removing worker" in text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-    assert no_orphans(port) == []
+        stop_cleanly(proc, port, log)
 
 
 def test_gunicorn_max_requests_and_heartbeat(tmp_path):
@@ -316,6 +317,4 @@ def test_gunicorn_max_requests_and_heartbeat(tmp_path):
         assert "WORKER TIMEOUT" not in text
         assert "Maximum request limit of" in text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-    assert no_orphans(port) == []
+        stop_cleanly(proc, port, log)

@@ -272,6 +272,18 @@ static int stream_merge_inbound(us_stream *s, const char *data, int32_t n)
     return 1;
 }
 
+/* Out of memory while taking data in: the connection ends with that error
+ * once what came before it is delivered. */
+static void stream_fail_reading(us_stream *s)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    Py_XSETREF(s->in_error, ev);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+}
+
 /* Returns the held buffers to the ring, after copying them into one bytes
  * object appended to inbound when `keep`. */
 static void stream_release_held(us_stream *s, int keep)
@@ -292,14 +304,8 @@ static void stream_release_held(us_stream *s, int keep)
                 p += s->held_len[i];
             }
         }
-        if (!data || PyList_Append(s->inbound, data) < 0) {
-            PyObject *et, *ev, *tb;
-            PyErr_Fetch(&et, &ev, &tb);
-            PyErr_NormalizeException(&et, &ev, &tb);
-            Py_XSETREF(s->in_error, ev);
-            Py_XDECREF(et);
-            Py_XDECREF(tb);
-        }
+        if (!data || PyList_Append(s->inbound, data) < 0)
+            stream_fail_reading(s);
         Py_XDECREF(data);
     }
     if (valid)
@@ -331,15 +337,8 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
             stream_schedule_ready(s);
         } else if (!s->closing) {
             PyObject *data = PyBytes_FromStringAndSize(ue_bufring_buf(pool, bid), res);
-            if (!data || PyList_Append(s->inbound, data) < 0) {
-                /* out of memory: end the connection with that error */
-                PyObject *et, *ev, *tb;
-                PyErr_Fetch(&et, &ev, &tb);
-                PyErr_NormalizeException(&et, &ev, &tb);
-                Py_XSETREF(s->in_error, ev);
-                Py_XDECREF(et);
-                Py_XDECREF(tb);
-            }
+            if (!data || PyList_Append(s->inbound, data) < 0)
+                stream_fail_reading(s);
             Py_XDECREF(data);
             stream_schedule_ready(s);
         }
