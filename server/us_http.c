@@ -221,9 +221,8 @@ int us_httpconn_emit(us_httpconn *c, us_httpcycle *cy, us_seg seg)
     return 0;
 }
 
-static void conn_release_cycle(us_httpconn *c, us_httpcycle *cy)
+static void conn_release_cycle(us_httpcycle *cy)
 {
-    (void)c;
     Py_CLEAR(cy->conn);
     Py_DECREF(cy);
 }
@@ -241,14 +240,14 @@ void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy)
         c->ncycles--;
         if (c->parsing == done)
             c->parsing = NULL; /* answered before its body was read: drop the rest */
-        conn_release_cycle(c, done);
+        conn_release_cycle(done);
         if (last) {
             /* "connection: close" went out: requests after it get no answer */
             c->close_after = 1;
             while (c->ncycles) {
                 us_httpcycle *rest = c->cycles[--c->ncycles];
                 us_httpcycle_disconnect(rest);
-                conn_release_cycle(c, rest);
+                conn_release_cycle(rest);
             }
             c->parsing = NULL;
             Py_CLEAR(c->tail);
@@ -685,7 +684,7 @@ static void conn_close(us_httpconn *c)
     c->deadline = 0;
     for (int i = 0; i < c->ncycles; i++) {
         us_httpcycle_disconnect(c->cycles[i]);
-        conn_release_cycle(c, c->cycles[i]);
+        conn_release_cycle(c->cycles[i]);
     }
     c->ncycles = 0;
     c->parsing = NULL;
@@ -732,7 +731,7 @@ static int conn_traverse(us_httpconn *c, visitproc visit, void *arg)
 static int conn_clear(us_httpconn *c)
 {
     for (int i = 0; i < c->ncycles; i++)
-        conn_release_cycle(c, c->cycles[i]);
+        conn_release_cycle(c->cycles[i]);
     c->ncycles = 0;
     Py_CLEAR(c->tail);
     return 0;

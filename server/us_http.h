@@ -113,7 +113,7 @@ struct us_httpcycle {
     uint16_t req_flags;
     char body_complete, final_returned, response_started, head_written;
     char response_complete, chunked, head_request, keep_alive, http10;
-    char continue_sent, disconnected, task_done, rejected;
+    char continue_sent, disconnected, rejected;
 };
 
 /* us_http.c */

@@ -185,7 +185,7 @@ static PyObject *decode_path(us_httpserver *srv, const char *p, size_t n)
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         int hi, lo;
-        if (p[i] == '%' && i + 2 < n + 0 && (hi = hexval(p[i + 1])) >= 0 && (lo = hexval(p[i + 2])) >= 0) {
+        if (p[i] == '%' && i + 2 < n && (hi = hexval(p[i + 1])) >= 0 && (lo = hexval(p[i + 2])) >= 0) {
             buf[k++] = (char)(hi * 16 + lo);
             i += 2;
         } else {
@@ -466,7 +466,6 @@ static int write_head(us_httpcycle *cy, int64_t final_len)
     }
     if (!has_server && srv->extra_headers.len && uh_buf_append(b, srv->extra_headers.data, srv->extra_headers.len) < 0)
         return -1;
-    (void)has_server;
     if (srv->date_header && !has_date) {
         size_t dl;
         const char *d = uh_date_line(&srv->date, time(NULL), &dl);
@@ -1121,7 +1120,6 @@ static void runner_dealloc(us_runner *r)
     if (r->cy) {
         /* never finished (the loop went away): the cycle still counts it */
         r->cy->srv->ntasks--;
-        r->cy->task_done = 1;
     }
     runner_clear(r);
     tp->tp_free(r);
@@ -1241,7 +1239,6 @@ static int client_gone_error(PyObject *exc)
  * was cancelled. Reports failures and frees what the run held. */
 static void cycle_finished(us_httpcycle *cy, PyObject *exc, int cancelled)
 {
-    cy->task_done = 1;
     cy->srv->ntasks--;
     if (exc && cy->disconnected && client_gone_error(exc)) {
         abandon(cy); /* the client left: not an application error */

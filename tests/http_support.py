@@ -51,7 +51,7 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def serve(app="apps.wire_app:app", *args, env=None, port=None, tmp_path=None, wait=True, uds=None):
+def serve(app="apps.wire_app:app", *args, env=None, port=None, tmp_path=None, wait=True):
     port = port or free_port()
     log_path = os.path.join(tmp_path or "/tmp", f"uringserve-{port}-{time.monotonic_ns()}.log")
     cmd = [sys.executable, "-m", "uringserve", app, "--port", str(port), *args]
@@ -61,7 +61,7 @@ def serve(app="apps.wire_app:app", *args, env=None, port=None, tmp_path=None, wa
     srv = ServerProcess(proc, port, log_path)
     try:
         if wait:
-            wait_ready(srv, uds)
+            wait_ready(srv)
         yield srv
     finally:
         if proc.poll() is None:
@@ -69,7 +69,7 @@ def serve(app="apps.wire_app:app", *args, env=None, port=None, tmp_path=None, wa
         proc.wait()
 
 
-def wait_ready(srv, uds=None, timeout=15):
+def wait_ready(srv, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if srv.proc.poll() is not None:

@@ -73,7 +73,6 @@ def test_headers_options(tmp_path):
 
 def test_root_path(tmp_path):
     with serve("apps.wire_app:app", "--root-path", "/api", tmp_path=str(tmp_path)) as srv:
-        scope = json.loads(request(srv.port, get("/scope?a")).body.decode()) if False else None
         r = request(srv.port, get("/x"))
         assert r.status == 404 and r.body == b"not found: /api/x"
         assert srv.stop() == 0

@@ -153,7 +153,7 @@ class Supervisor:
             fd = self.workers.pop(pid, None)
             if fd is not None:
                 os.close(fd)
-                self.failures.append(time.monotonic())
+                self.failures = self.failures[-4:] + [time.monotonic()]  # the last five startup failures
             code = os.waitstatus_to_exitcode(status)
             if pid in self.retiring:
                 self.retiring.discard(pid)
