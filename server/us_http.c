@@ -1040,6 +1040,7 @@ static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
         set_limit(limits, "max_head_size", &srv->limits.max_head_size) < 0)
         return -1;
     srv->extra_headers.len = 0;
+    srv->server_line.len = 0;
     if (headers) {
         PyObject *seq = PySequence_Fast(headers, "headers must be a sequence of (name, value) pairs");
         if (!seq)
@@ -1051,7 +1052,8 @@ static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
                 Py_DECREF(seq);
                 return -1;
             }
-            if (uh_put_header(&srv->extra_headers, name, (size_t)nlen, value, (size_t)vlen) < 0) {
+            uh_buf *dst = nlen == 6 && strncasecmp(name, "server", 6) == 0 ? &srv->server_line : &srv->extra_headers;
+            if (uh_put_header(dst, name, (size_t)nlen, value, (size_t)vlen) < 0) {
                 Py_DECREF(seq);
                 PyErr_Format(PyExc_ValueError, "invalid header %R", PySequence_Fast_GET_ITEM(seq, i));
                 return -1;
@@ -1122,6 +1124,7 @@ static void server_dealloc(us_httpserver *srv)
     }
     PyMem_Free(srv->listeners);
     uh_buf_free(&srv->extra_headers);
+    uh_buf_free(&srv->server_line);
     uh_buf_free(&srv->scratch);
     Py_CLEAR(srv->loop);
     Py_CLEAR(srv->root_path);

@@ -59,7 +59,8 @@ struct us_httpserver {
     PyObject *root_path_b; /* bytes */
     PyObject *task_type;   /* asyncio.Task */
     PyObject *s_task_factory;
-    uh_buf extra_headers; /* server header and --header lines, serialized */
+    uh_buf server_line;   /* "server: ...\r\n", left out when the app sends its own */
+    uh_buf extra_headers; /* --header lines, serialized */
     int date_header;
     uh_limits limits;
     double keepalive_timeout, header_timeout;

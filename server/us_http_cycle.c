@@ -464,7 +464,9 @@ static int write_head(us_httpcycle *cy, int64_t final_len)
         }
         Py_DECREF(seq);
     }
-    if (!has_server && srv->extra_headers.len && uh_buf_append(b, srv->extra_headers.data, srv->extra_headers.len) < 0)
+    if (!has_server && srv->server_line.len && uh_buf_append(b, srv->server_line.data, srv->server_line.len) < 0)
+        return -1;
+    if (srv->extra_headers.len && uh_buf_append(b, srv->extra_headers.data, srv->extra_headers.len) < 0)
         return -1;
     if (srv->date_header && !has_date) {
         size_t dl;
@@ -626,6 +628,7 @@ PyObject *us_http_simple_response(us_httpserver *srv, int status, const char *te
     const char *d = srv->date_header ? uh_date_line(&srv->date, time(NULL), &dl) : "";
     PyObject *r = NULL;
     if (uh_put_status_line(&b, status) == 0 && uh_buf_append(&b, tmp, (size_t)k) == 0 &&
+        uh_buf_append(&b, srv->server_line.data ? srv->server_line.data : "", srv->server_line.len) == 0 &&
         uh_buf_append(&b, srv->extra_headers.data ? srv->extra_headers.data : "", srv->extra_headers.len) == 0 &&
         uh_buf_append(&b, d, dl) == 0 && uh_buf_append(&b, "connection: close\r\n\r\n", 21) == 0 &&
         uh_buf_append(&b, text, tl) == 0)

@@ -69,6 +69,11 @@ def test_headers_options(tmp_path):
         assert r.header("x-extra") == "yes"
         assert r.header("server") is None and r.header("date") is None
         assert srv.stop() == 0
+    with serve("apps.wire_app:app", "--header", "X-Extra: yes", tmp_path=str(tmp_path)) as srv:
+        r = request(srv.port, get("/own-server"))  # the app's own server header replaces ours only
+        assert [v for n, v in r.headers if n == "server"] == ["custom/1"] and r.header("x-extra") == "yes"
+        assert request(srv.port, get("/")).header("server") == "uringserve"
+        assert srv.stop() == 0
 
 
 def test_root_path(tmp_path):

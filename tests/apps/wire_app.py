@@ -129,6 +129,8 @@ async def app(scope, receive, send):
     elif path == "/current-task":
         task = asyncio.current_task()
         await respond(send, body=f"{type(task).__name__} {task is not None and not task.done()}".encode())
+    elif path == "/own-server":
+        await respond(send, body=b"mine", headers=[(b"server", b"custom/1")])
     elif path == "/close":
         await respond(send, body=b"bye", headers=[(b"connection", b"close")])
     else:
