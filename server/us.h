@@ -27,6 +27,7 @@ typedef struct us_state {
     PyTypeObject *StreamType;
     PyTypeObject *AcceptorType;
     PyObject *UnavailableError; /* uringloop.IOUringUnavailableError */
+    PyObject *AddressFallback;  /* _core.AddressFallback: an address the C ops cannot encode */
 
     /* asyncio helpers used on slow paths */
     PyObject *format_callback_source; /* asyncio.format_helpers._format_callback_source */

@@ -150,6 +150,12 @@ static int us_module_exec(PyObject *m)
         "io_uring cannot be used in this process (seccomp, sysctl or kernel version).", PyExc_OSError, NULL);
     if (!st->UnavailableError || PyModule_AddObjectRef(m, "IOUringUnavailableError", st->UnavailableError) < 0)
         return -1;
+    /* internal: the Python side then takes asyncio's readiness path */
+    st->AddressFallback = PyErr_NewExceptionWithDoc("uringloop._core.AddressFallback",
+                                                    "The address cannot be handed to an io_uring operation as it is.",
+                                                    PyExc_Exception, NULL);
+    if (!st->AddressFallback || PyModule_AddObjectRef(m, "AddressFallback", st->AddressFallback) < 0)
+        return -1;
 
     PyObject *fh = PyImport_ImportModule("asyncio.format_helpers");
     if (!fh)
@@ -193,6 +199,7 @@ static int us_module_exec(PyObject *m)
     X(StreamType)                                                                                                      \
     X(AcceptorType)                                                                                                    \
     X(UnavailableError)                                                                                                \
+    X(AddressFallback)                                                                                                 \
     X(format_callback_source)                                                                                          \
     X(extract_stack)                                                                                                   \
     X(handle_repr)                                                                                                     \

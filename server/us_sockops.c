@@ -520,7 +520,7 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
         }
         int r = sockaddr_from_py(family, a, &s->addr, &s->addrlen);
         if (r == -2)
-            PyErr_Format(PyExc_NotImplementedError, "uringloop: address %R is not numeric for family %d", a, family);
+            PyErr_Format(s->loop->st->AddressFallback, "uringloop: address %R is not numeric for family %d", a, family);
         return r < 0 ? -1 : 0;
     }
     default:

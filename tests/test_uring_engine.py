@@ -274,3 +274,23 @@ def test_uringserve_where_io_uring_is_refused(no_uring):
     assert r.returncode == 1, r.stderr
     assert "io_uring is not available" in r.stderr and "seccomp" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_address_the_ring_cannot_take_falls_back():
+    """A non-numeric address is refused by the C operation with the internal
+    AddressFallback; the public sock_* call then takes asyncio's path."""
+    from uringloop import _core, _loop as uloop
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            rx.bind(("127.0.0.1", 0))
+            tx.setblocking(False)
+            with pytest.raises(_core.AddressFallback):
+                await loop._sock_op(uloop._SENDTO, tx, b"x", ("localhost", rx.getsockname()[1]))
+            # the public call still delivers
+            assert await loop.sock_sendto(tx, b"hello", ("127.0.0.1", rx.getsockname()[1])) == 5
+            assert rx.recv(16) == b"hello"
+
+    uringloop.run(main())

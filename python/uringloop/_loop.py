@@ -359,7 +359,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         if sock.family in _NATIVE_ADDR_FAMILIES:
             try:
                 return await self._sock_op(_SENDTO, sock, data, address)
-            except NotImplementedError:
+            except _core.AddressFallback:
                 pass
         while True:
             try:
@@ -373,7 +373,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         if sock.family in _NATIVE_ADDR_FAMILIES:
             try:
                 return await self._sock_op(_CONNECT, sock, address)
-            except NotImplementedError:
+            except _core.AddressFallback:
                 pass
             except OSError as exc:
                 raise OSError(exc.errno, f"Connect call failed {address}") from None
