@@ -12,6 +12,8 @@
  * each completion is copied into a bytes object and its buffer recycled in
  * the same batch; the transport then joins the ready queue and hands what
  * arrived to the protocol there, as asyncio's reader callbacks do.
+ * Large messages switch a socket to bulk mode (see US_BULK_ENTER): readiness
+ * from an io_uring poll, and recv() into the bytes object at delivery.
  * pause_reading() cancels the recv (bytes that complete before the cancel are
  * kept and delivered after resume_reading()).
  *
@@ -73,6 +75,9 @@ typedef struct us_stream {
     unsigned held_gen;
     PyObject *in_error;
     char in_eof;
+    /* bulk mode (see US_BULK_ENTER): readiness, then recv at delivery */
+    char bulk;
+    char bulk_ready; /* the socket polled readable and was not read since */
 
     /* outbound */
     PyObject **wq;
@@ -218,14 +223,82 @@ static PyObject *oserror_from_res(int32_t res)
 
 /* ---- reading ---- */
 
+static void stream_fail_reading(us_stream *s);
+static int stream_arm_recv(us_stream *s);
 static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
 static void stream_hangup_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
+
+/*
+ * Bulk mode. The shared provided-buffer ring suits many connections with
+ * small messages: no memory per idle socket, no SQE per read. Large messages
+ * pay for it: the kernel copies a whole batch of them into the ring's cold
+ * buffers (256 of 64 KiB, a 16 MiB cycle through the cache) before the
+ * first is handed to its protocol, and each is then copied again into a
+ * bytes object. So once one read brings US_BULK_ENTER bytes or more, the
+ * multishot recv is cancelled and the socket is read the readiness way:
+ * an io_uring poll says it is readable, and the transport reads it when its
+ * turn to deliver comes, with recv() straight into the bytes object it
+ * hands over (one copy, into memory the allocator has just handed back
+ * warm, then processed while still in cache). A read of less than
+ * US_BULK_EXIT returns the socket to the ring.
+ */
+#define US_BULK_ENTER (32 * 1024)
+#define US_BULK_EXIT (4 * 1024)
+/* under glibc's initial mmap threshold (128 KiB), so that the buffer comes
+ * from the heap and shrinking it to what was read is a split, not mremap */
+#define US_BULK_READ (120 * 1024)
+
+static void stream_bulk_poll_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
+{
+    (void)ue;
+    (void)flags;
+    us_stream *s = US_CONTAINER(op, us_stream, recv_op);
+    s->loop->sockops_inflight--;
+    if (res >= 0 && !s->closing) {
+        s->bulk_ready = 1;
+        stream_schedule_ready(s);
+    } else if (res < 0 && res != -ECANCELED && !s->closing) {
+        Py_XSETREF(s->in_error, oserror_from_res(res));
+        stream_schedule_ready(s);
+    }
+    stream_check_lost(s);
+    Py_DECREF(s); /* the in-flight reference */
+}
+
+/* Reads what a readable socket in bulk mode holds, at delivery. */
+static void stream_bulk_read(us_stream *s)
+{
+    s->bulk_ready = 0;
+    PyObject *data = PyBytes_FromStringAndSize(NULL, US_BULK_READ);
+    if (!data) {
+        stream_fail_reading(s);
+        return;
+    }
+    ssize_t n = recv(s->fd, PyBytes_AS_STRING(data), US_BULK_READ, MSG_DONTWAIT);
+    if (n > 0) {
+        if (n < US_BULK_READ && _PyBytes_Resize(&data, n) < 0)
+            stream_fail_reading(s); /* data is gone with the failure */
+        else if (PyList_Append(s->inbound, data) < 0)
+            stream_fail_reading(s);
+        if (n < US_BULK_EXIT)
+            s->bulk = 0; /* small messages again: back to the shared ring */
+    } else if (n == 0) {
+        s->in_eof = 1;
+    } else if (errno != EAGAIN && errno != EINTR) {
+        Py_XSETREF(s->in_error, oserror_from_res(-errno));
+    }
+    Py_XDECREF(data);
+    if (stream_arm_recv(s) < 0)
+        PyErr_WriteUnraisable((PyObject *)s);
+}
 
 static int stream_arm_recv(us_stream *s)
 {
     us_loop *loop = s->loop;
     if (ue_op_busy(&s->recv_op) || s->read_paused || s->closing || s->in_eof || s->in_error)
         return 0;
+    if (s->bulk && s->bulk_ready)
+        return 0; /* read at delivery */
     ue_bufring *pool = s->kind == US_STREAM_WRITE_PIPE ? NULL : us_loop_recv_pool(loop);
     if (!pool && s->kind != US_STREAM_WRITE_PIPE)
         return -1;
@@ -233,6 +306,13 @@ static int stream_arm_recv(us_stream *s)
     if (!sqe) {
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
         return -1;
+    }
+    if (s->bulk) {
+        io_uring_prep_poll_add(sqe, s->fd, POLLIN);
+        ue_op_arm(&loop->ue, &s->recv_op, sqe, stream_bulk_poll_cb);
+        loop->sockops_inflight++;
+        Py_INCREF(s);
+        return 0;
     }
     if (s->kind == US_STREAM_SOCKET) {
         ue_prep_recv_multishot(sqe, s->fd, pool);
@@ -352,6 +432,11 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         Py_XSETREF(s->in_error, oserror_from_res(res));
         stream_schedule_ready(s);
     }
+    if (res >= US_BULK_ENTER && s->kind == US_STREAM_SOCKET && !s->bulk) {
+        s->bulk = 1; /* the poll armed below, once this recv has ended */
+        if (flags & IORING_CQE_F_MORE)
+            ue_op_cancel(ue, op);
+    }
     if (flags & IORING_CQE_F_MORE)
         return;
     loop->sockops_inflight--;
@@ -422,6 +507,8 @@ static int stream_feed_buffered(us_stream *s, PyObject *data)
 static int stream_deliver(us_stream *s)
 {
     stream_release_held(s, 1);
+    if (s->bulk_ready && !s->read_paused && !s->closing)
+        stream_bulk_read(s);
     while (PyList_GET_SIZE(s->inbound) && !s->read_paused && !s->closing) {
         PyObject *data = Py_NewRef(PyList_GET_ITEM(s->inbound, 0));
         if (PySequence_DelItem(s->inbound, 0) < 0) {
@@ -894,7 +981,7 @@ static PyObject *stream_resume_reading(us_stream *s, PyObject *unused)
     if (s->closing || !s->read_paused)
         Py_RETURN_NONE;
     s->read_paused = 0;
-    if (PyList_GET_SIZE(s->inbound) || s->in_eof == 1 || s->in_error)
+    if (PyList_GET_SIZE(s->inbound) || s->in_eof == 1 || s->in_error || s->bulk_ready)
         stream_schedule_ready(s); /* what arrived before the pause took effect */
     if (stream_arm_recv(s) < 0)
         return NULL;

@@ -195,6 +195,55 @@ def test_pause_reading_loses_nothing(loop):
     run(loop, main())
 
 
+def test_large_and_small_messages_keep_order_across_pauses(loop):
+    # Large reads move a uringloop socket from the shared buffer ring to
+    # reads at delivery, small ones move it back: every switch, with pauses
+    # in between, must keep the bytes whole and in order, up to EOF.
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        sent = bytearray()
+        sizes = [200_000, 7, 70_000, 10_000, 1, 150_000, 3_000, 300_000, 20]
+        for i, size in enumerate(sizes):
+            msg = bytes([i + 65]) * size
+            if i % 3 == 1:
+                tr.pause_reading()
+                before = len(pr.data)
+                peer.sendall(msg)
+                sent += msg
+                await asyncio.sleep(0.02)
+                assert len(pr.data) == before  # nothing delivered while paused
+                tr.resume_reading()
+            else:  # off the loop: more than the socket buffers hold
+                await loop.run_in_executor(None, peer.sendall, msg)
+                sent += msg
+            while len(pr.data) < len(sent):
+                await asyncio.sleep(0.001)
+            assert bytes(pr.data) == bytes(sent)
+        await loop.run_in_executor(None, peer.sendall, b"Z" * 100_000)
+        peer.shutdown(socket.SHUT_WR)
+        await pr.lost
+        assert bytes(pr.data) == bytes(sent) + b"Z" * 100_000
+        assert pr.events == ["made", "eof", ("lost", None)]
+        peer.close()
+
+    run(loop, main())
+
+
+def test_peer_reset_after_large_messages(loop):
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        peer.sendall(b"x" * 100_000)
+        while len(pr.data) < 100_000:
+            await asyncio.sleep(0.001)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()  # RST
+        exc = await asyncio.wait_for(pr.lost, 5)
+        assert isinstance(exc, ConnectionResetError)
+        assert pr.events == ["made", ("lost", "ConnectionResetError")]
+
+    run(loop, main())
+
+
 def test_half_close_both_ways(loop):
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
