@@ -2,6 +2,7 @@
 strace -c -f over a fixed load, for each loop side by side.
 
     python bench/syscalls.py [--kind protocol] [--conns 10] [--size 1024]
+    python bench/syscalls.py --matrix [--loops uvloop,uringloop]   # every echo-matrix cell
 """
 
 import argparse
@@ -39,6 +40,19 @@ def count(loop_name, kind, conns, size, seconds, client):
     return rts, sum(calls.values()), calls
 
 
+def matrix(loops, seconds, client):
+    print("| server | msg | conns | " + " | ".join(f"{n} syscalls/rt" for n in loops) + " |")
+    print("|---|---|---|" + "---|" * len(loops))
+    for kind in ("protocol", "streams", "sockets"):
+        for size in (1024, 10240, 102400):
+            for conns in (1, 10, 100):
+                cells = []
+                for name in loops:
+                    rts, total, _ = count(name, kind, conns, size, seconds, client)
+                    cells.append(f"{total / rts:.2f}")
+                print(f"| {kind} | {size // 1024} KiB | {conns} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kind", default="protocol", choices=("sockets", "streams", "protocol"))
@@ -46,8 +60,12 @@ def main():
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--loops", default="asyncio,uvloop,rloop,uringloop")
+    p.add_argument("--matrix", action="store_true",
+                   help="syscalls per round trip in every cell of the echo matrix (kinds x 1/10/100 KiB x 1/10/100 conns)")
     args = p.parse_args()
     client = loop_bench.build_client()
+    if args.matrix:
+        return matrix(args.loops.split(","), args.seconds, client)
     print(f"| loop | round trips | syscalls | syscalls per round trip | top calls |  ({args.kind}, "
           f"{args.conns} conns, {args.size} B)")
     print("|---|---|---|---|---|")

@@ -115,6 +115,46 @@ def test_add_reader_on_closed_fd_raises(loop):
         loop.add_reader(-1, print)
 
 
+def test_io_completes_while_callbacks_keep_the_loop_busy(loop):
+    # A task that yields with sleep(0) keeps the ready queue from ever being
+    # empty, so the loop never blocks; I/O must still be polled each turn.
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+
+    async def main():
+        spins = 0
+        got = loop.create_task(loop.sock_recv(a, 100))
+        await asyncio.sleep(0)
+        b.send(b"while busy")
+        while not got.done() and spins < 100_000:
+            spins += 1
+            await asyncio.sleep(0)
+        assert got.done(), "the receive never completed while the loop stayed busy"
+        assert got.result() == b"while busy"
+        received = []
+
+        class Collect(asyncio.Protocol):
+            def data_received(self, data):
+                received.append(data)
+
+        transport, _ = await loop.create_connection(Collect, sock=b)
+        a.send(b"to the transport")
+        spins = 0
+        while not received and spins < 100_000:
+            spins += 1
+            await asyncio.sleep(0)
+        assert received == [b"to the transport"]
+        transport.close()
+        await asyncio.sleep(0)
+
+    try:
+        run(loop, main())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_sock_tcp_client_server(loop):
     async def main():
         listener = socket.socket()

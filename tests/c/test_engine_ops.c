@@ -89,6 +89,30 @@ static void test_recv_completes_once(void)
     close_pair_and_loop(sv, &l);
 }
 
+/* A loop whose ready queue never empties only ever polls (zero-timeout
+ * waits); with DEFER_TASKRUN completions are posted only when it enters, so
+ * each poll must enter: a completion is seen by polling alone. */
+static void test_polling_alone_sees_completions(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    open_pair(sv);
+    probe_op p = {0};
+    arm_recv(&l, &p, sv[0]);
+    ue_wait(&l, 0); /* submits the recv */
+    ue_dispatch(&l);
+    CHECK(!l.unsubmitted && p.cqes == 0);
+    REQUIRE(write(sv[1], "pong", 4) == 4);
+    double deadline = ue_now() + 2.0;
+    while (!p.finals && ue_now() < deadline) {
+        ue_wait(&l, 0);
+        ue_dispatch(&l);
+    }
+    CHECK(p.finals == 1 && p.last_res == 4 && memcmp(p.buf, "pong", 4) == 0);
+    close_pair_and_loop(sv, &l);
+}
+
 static void test_cancel_pending_recv(void)
 {
     ue_loop l;
@@ -276,6 +300,7 @@ static void test_fork_gets_fresh_ring(void)
 int main(void)
 {
     RUN(test_recv_completes_once);
+    RUN(test_polling_alone_sees_completions);
     RUN(test_cancel_pending_recv);
     RUN(test_cancel_races_completion);
     RUN(test_multishot_until_cancel);
