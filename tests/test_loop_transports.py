@@ -488,6 +488,35 @@ def test_tls_server_client_and_start_tls(loop):
     run(loop, main())
 
 
+def test_tls_large_and_small_records_both_ways(loop):
+    # TLS over a socket whose reads switch between the buffer ring and
+    # bulk reads: megabytes, then a few bytes, then megabytes again.
+    server_ctx, client_ctx = _tls_contexts()
+
+    async def handle(reader, writer):
+        while size := int((await reader.readline()) or b"0"):
+            writer.write(await reader.readexactly(size))
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+        r, w = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1],
+                                             ssl=client_ctx, server_hostname="localhost")
+        for size in (3_000_000, 5, 200_000, 1, 1_500_000):
+            payload = os.urandom(size)
+            w.write(b"%d\n" % size + payload)
+            assert await r.readexactly(size) == payload
+        w.write(b"0\n")
+        assert await r.read() == b""
+        w.close()
+        await w.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
 def test_loop_sendfile_over_transport(loop):
     data = os.urandom(2_000_000)
 
