@@ -185,10 +185,6 @@ def cpu_times(pid):
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def cpu_seconds(pid):
-    return sum(cpu_times(pid))
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

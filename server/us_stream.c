@@ -299,31 +299,28 @@ static int stream_arm_recv(us_stream *s)
         return 0;
     if (s->bulk && s->bulk_ready)
         return 0; /* read at delivery */
-    ue_bufring *pool = s->kind == US_STREAM_WRITE_PIPE ? NULL : us_loop_recv_pool(loop);
-    if (!pool && s->kind != US_STREAM_WRITE_PIPE)
+    /* bulk-mode sockets and write pipes poll; the rest read from the ring */
+    int polls = s->bulk || s->kind == US_STREAM_WRITE_PIPE;
+    ue_bufring *pool = polls ? NULL : us_loop_recv_pool(loop);
+    if (!polls && !pool)
         return -1;
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe) {
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
         return -1;
     }
-    if (s->bulk) {
+    ue_op_cb cb = stream_recv_cb;
+    if (polls) {
         io_uring_prep_poll_add(sqe, s->fd, POLLIN);
-        ue_op_arm(&loop->ue, &s->recv_op, sqe, stream_bulk_poll_cb);
-        loop->sockops_inflight++;
-        Py_INCREF(s);
-        return 0;
-    }
-    if (s->kind == US_STREAM_SOCKET) {
+        cb = s->bulk ? stream_bulk_poll_cb : stream_hangup_cb;
+    } else if (s->kind == US_STREAM_SOCKET) {
         ue_prep_recv_multishot(sqe, s->fd, pool);
-    } else if (s->kind == US_STREAM_READ_PIPE) {
+    } else {
         io_uring_prep_read(sqe, s->fd, NULL, pool->buf_size, (uint64_t)-1);
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = pool->bgid;
-    } else {
-        io_uring_prep_poll_add(sqe, s->fd, POLLIN);
     }
-    ue_op_arm(&loop->ue, &s->recv_op, sqe, s->kind == US_STREAM_WRITE_PIPE ? stream_hangup_cb : stream_recv_cb);
+    ue_op_arm(&loop->ue, &s->recv_op, sqe, cb);
     loop->sockops_inflight++;
     Py_INCREF(s);
     return 0;
