@@ -112,6 +112,16 @@ static inline int ue_op_busy(const ue_op *op)
     return op->state != UE_OP_IDLE;
 }
 
+/* The byte count of one read/recv/send/write SQE. sqe->len is 32 bits, and
+ * the kernel moves at most MAX_RW_COUNT (INT_MAX rounded down to a page) per
+ * call anyway; a larger buffer is clamped and the caller resumes after the
+ * short transfer, as it does after any short send. */
+#define UE_MAX_IO_LEN 0x7ffff000u
+static inline unsigned ue_io_len(size_t n)
+{
+    return n > UE_MAX_IO_LEN ? UE_MAX_IO_LEN : (unsigned)n;
+}
+
 /* One iteration's kernel work: submit what is queued and wait for at least
  * one CQE or `timeout` seconds (<0: forever, 0: do not block). Returns 0,
  * -EINTR when a signal interrupted the wait, or another -errno.

@@ -544,7 +544,7 @@ static int conn_submit_send(us_httpconn *c)
     if (!sqe)
         return -EBUSY;
     if (n == 1) {
-        io_uring_prep_send(sqe, c->fd, c->iov[0].iov_base, c->iov[0].iov_len, MSG_NOSIGNAL);
+        io_uring_prep_send(sqe, c->fd, c->iov[0].iov_base, ue_io_len(c->iov[0].iov_len), MSG_NOSIGNAL);
     } else {
         memset(&c->msg, 0, sizeof c->msg);
         c->msg.msg_iov = c->iov;

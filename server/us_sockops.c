@@ -411,10 +411,10 @@ static int sockop_prep(us_sockop *s, struct io_uring_sqe *sqe)
 {
     switch (s->kind) {
     case US_SK_RECV:
-        io_uring_prep_recv(sqe, s->fd, PyBytes_AS_STRING(s->obj), s->len, 0);
+        io_uring_prep_recv(sqe, s->fd, PyBytes_AS_STRING(s->obj), ue_io_len(s->len), 0);
         break;
     case US_SK_RECV_INTO:
-        io_uring_prep_recv(sqe, s->fd, s->view.buf, s->len, 0);
+        io_uring_prep_recv(sqe, s->fd, s->view.buf, ue_io_len(s->len), 0);
         break;
     case US_SK_RECVFROM:
     case US_SK_RECVFROM_INTO:
@@ -428,7 +428,7 @@ static int sockop_prep(us_sockop *s, struct io_uring_sqe *sqe)
         io_uring_prep_recvmsg(sqe, s->fd, &s->msg, 0);
         break;
     case US_SK_SENDALL:
-        io_uring_prep_send(sqe, s->fd, (const char *)s->view.buf + s->done, s->len - s->done, MSG_NOSIGNAL);
+        io_uring_prep_send(sqe, s->fd, (const char *)s->view.buf + s->done, ue_io_len(s->len - s->done), MSG_NOSIGNAL);
         break;
     case US_SK_SENDTO:
         s->iov.iov_base = s->view.buf;

@@ -696,17 +696,23 @@ static int stream_fill_iov(us_stream *s)
 static void stream_arm_send(us_stream *s)
 {
     us_loop *loop = s->loop;
-    stream_fill_iov(s);
+    int n = stream_fill_iov(s);
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe) {
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
         PyErr_WriteUnraisable((PyObject *)s);
         return;
     }
-    if (s->kind == US_STREAM_SOCKET)
+    /* One chunk (the common case) goes as a plain send/write: the kernel
+     * then skips copying in and checking a msghdr and an iovec array. */
+    if (s->kind == US_STREAM_SOCKET && n == 1)
+        io_uring_prep_send(sqe, s->fd, s->iov[0].iov_base, ue_io_len(s->iov[0].iov_len), MSG_NOSIGNAL);
+    else if (s->kind == US_STREAM_SOCKET)
         io_uring_prep_sendmsg(sqe, s->fd, &s->msg, MSG_NOSIGNAL);
+    else if (n == 1)
+        io_uring_prep_write(sqe, s->fd, s->iov[0].iov_base, ue_io_len(s->iov[0].iov_len), (uint64_t)-1);
     else
-        io_uring_prep_writev(sqe, s->fd, s->msg.msg_iov, (unsigned)s->msg.msg_iovlen, (uint64_t)-1);
+        io_uring_prep_writev(sqe, s->fd, s->msg.msg_iov, (unsigned)n, (uint64_t)-1);
     ue_op_arm(&loop->ue, &s->send_op, sqe, stream_send_cb);
     loop->sockops_inflight++;
     Py_INCREF(s);

@@ -221,6 +221,37 @@ def test_sock_sendall_large_and_partial(loop):
     run(loop, main(), timeout=30)
 
 
+def test_sock_sendall_over_4gib_sends_every_byte():
+    """A buffer of 4 GiB + 10 bytes: an SQE's length field is 32 bits, so an
+    unclamped length went out as 10 bytes and sendall reported success."""
+    import mmap
+    import subprocess
+
+    import uringloop
+
+    size = (1 << 32) + 10
+    payload = mmap.mmap(-1, size)  # untouched pages: reads come from the zero page
+
+    async def main():
+        a, b = tcp_pair()
+        b.setblocking(True)
+        sink = subprocess.Popen(["dd", "of=/dev/null", "bs=4M"], stdin=b, stderr=subprocess.PIPE, text=True)
+        b.close()
+        try:
+            await asyncio.get_running_loop().sock_sendall(a, payload)
+        finally:
+            a.close()
+            report = sink.communicate(timeout=60)[1]
+        assert report.splitlines()[-1].startswith(f"{size} bytes"), report
+
+    lp = uringloop.new_event_loop()
+    try:
+        run(lp, main(), timeout=120)
+    finally:
+        lp.close()
+        payload.close()
+
+
 def test_sock_udp_sendto_recvfrom(loop):
     async def main():
         a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
