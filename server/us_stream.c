@@ -19,8 +19,9 @@
  *
  * Writing never blocks: write() queues the object (bytes are shared, other
  * buffers copied once), and at the start of the next iteration everything a
- * socket queued goes out in one sendmsg with an iovec; one send in flight per
- * socket, short sends resumed where the kernel stopped.
+ * socket queued goes out in one send (a sendmsg with an iovec when there are
+ * several chunks); one send in flight per socket, short sends resumed where
+ * the kernel stopped.
  *
  * Closing cancels the socket's ops and waits for their final CQEs before the
  * socket is closed and connection_lost() runs (exactly once), so the peer
@@ -244,8 +245,9 @@ static void stream_hangup_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags
  */
 #define US_BULK_ENTER (32 * 1024)
 #define US_BULK_EXIT (4 * 1024)
-/* under glibc's initial mmap threshold (128 KiB), so that the buffer comes
- * from the heap and shrinking it to what was read is a split, not mremap */
+/* under glibc's initial mmap threshold (128 KiB; the module raises it at
+ * import), so that the buffer comes from the heap and shrinking it to what
+ * was read is a split, not mremap */
 #define US_BULK_READ (120 * 1024)
 
 static void stream_bulk_poll_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
