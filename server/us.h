@@ -36,6 +36,7 @@ typedef struct us_state {
     /* hooks installed by python/uringloop at import */
     PyObject *handle_repr; /* callable(handle) -> str */
     PyObject *sock_future; /* Future subclass whose cancel() cancels the op */
+    PyObject *future_type; /* asyncio.futures.Future, for create_future() */
 
     /* interned strings */
     PyObject *s_call_exception_handler, *s_message, *s_exception, *s_handle;

@@ -707,6 +707,23 @@ static PyObject *loop_uring_info(us_loop *self, PyObject *unused)
                          self->ue.sq_size, "cq_entries", self->ue.cq_size, "timers", (Py_ssize_t)self->ue.heap_len);
 }
 
+/* BaseEventLoop.create_future() and get_debug(), in C: every await on a
+ * stream, a lock or a queue creates a future, and creating one asks the
+ * loop for get_debug(); as Python methods they were two calls per round
+ * trip of a streams echo. */
+static PyObject *loop_create_future(us_loop *self, PyObject *unused)
+{
+    (void)unused;
+    PyObject *args[1] = {(PyObject *)self};
+    return PyObject_Vectorcall(self->st->future_type, args, 0, self->st->kw_loop);
+}
+
+static PyObject *loop_get_debug(us_loop *self, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(self->debug);
+}
+
 /* ---- attributes shared with asyncio.BaseEventLoop ---- */
 
 #define US_FLAG_GETSET(name)                                                                                           \
@@ -750,6 +767,8 @@ static PyMethodDef loop_methods[] = {
     {"call_later", (PyCFunction)(void (*)(void))loop_call_later, METH_FASTCALL | METH_KEYWORDS, NULL},
     {"call_at", (PyCFunction)(void (*)(void))loop_call_at, METH_FASTCALL | METH_KEYWORDS, NULL},
     {"time", (PyCFunction)loop_time, METH_NOARGS, NULL},
+    {"create_future", (PyCFunction)loop_create_future, METH_NOARGS, NULL},
+    {"get_debug", (PyCFunction)loop_get_debug, METH_NOARGS, NULL},
     {"_write_to_self", (PyCFunction)loop_write_to_self, METH_NOARGS, NULL},
     {"_run_once", (PyCFunction)loop_run_once_method, METH_NOARGS, NULL},
     {"_run_forever_inner", (PyCFunction)loop_run_forever_inner, METH_NOARGS, NULL},

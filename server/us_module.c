@@ -180,6 +180,14 @@ static int us_module_exec(PyObject *m)
     if (!st->AddressFallback || PyModule_AddObjectRef(m, "AddressFallback", st->AddressFallback) < 0)
         return -1;
 
+    PyObject *futures = PyImport_ImportModule("asyncio.futures");
+    if (!futures)
+        return -1;
+    st->future_type = PyObject_GetAttrString(futures, "Future");
+    Py_DECREF(futures);
+    if (!st->future_type)
+        return -1;
+
     PyObject *fh = PyImport_ImportModule("asyncio.format_helpers");
     if (!fh)
         return -1;
@@ -227,6 +235,7 @@ static int us_module_exec(PyObject *m)
     X(extract_stack)                                                                                                   \
     X(handle_repr)                                                                                                     \
     X(sock_future)                                                                                                     \
+    X(future_type)                                                                                                     \
     X(kw_loop)
 
 static int us_module_traverse(PyObject *m, visitproc visit, void *arg)

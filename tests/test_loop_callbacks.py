@@ -279,6 +279,20 @@ def test_futures_tasks_and_task_factory(loop):
     loop.set_task_factory(None)
 
 
+def test_create_future_and_get_debug(loop):
+    fut = loop.create_future()
+    assert isinstance(fut, asyncio.Future) and type(fut) is asyncio.Future
+    assert fut.get_loop() is loop and not fut.done()
+    assert loop.get_debug() is False and fut._source_traceback is None
+    loop.set_debug(True)
+    assert loop.get_debug() is True
+    # in debug mode a future records where it was created
+    assert loop.create_future()._source_traceback
+    loop.set_debug(False)
+    assert loop.get_debug() is False
+    fut.cancel()
+
+
 def test_run_in_executor_and_default_executor(loop):
     import concurrent.futures
 
