@@ -108,13 +108,6 @@ static int conn_on_head(void *ud, uh_parser *p, const uh_request *req)
     us_httpconn *c = ud;
     c->used = 1;
     if (conn_is_websocket(c, p, req)) {
-        if (c->srv->draining) {
-            /* a connection kept through the drain for its first request
-             * (server_drain): no new WebSocket session while shutting down */
-            p->error_status = 503;
-            p->error_reason = "Server is shutting down.";
-            return -1;
-        }
         Py_XSETREF(c->ws_scope, us_http_build_scope(c, p, req));
         if (c->ws_scope) {
             c->deadline = 0;
