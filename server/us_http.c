@@ -87,7 +87,6 @@ static void conn_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
 static void conn_close(us_httpconn *c);
 static void conn_maybe_free(us_httpconn *c);
 static void conn_parse_pending(us_httpconn *c);
-static void conn_drain(us_httpconn *c);
 
 /* Upgrade: websocket on a connection with nothing else in flight. */
 static int conn_is_websocket(us_httpconn *c, uh_parser *p, const uh_request *req)
@@ -106,7 +105,6 @@ static int conn_is_websocket(us_httpconn *c, uh_parser *p, const uh_request *req
 static int conn_on_head(void *ud, uh_parser *p, const uh_request *req)
 {
     us_httpconn *c = ud;
-    c->used = 1;
     if (conn_is_websocket(c, p, req)) {
         Py_XSETREF(c->ws_scope, us_http_build_scope(c, p, req));
         if (c->ws_scope) {
@@ -798,8 +796,6 @@ static void server_new_conn(us_httpserver *srv, int fd)
         PyErr_WriteUnraisable((PyObject *)c);
         c->dead = 1;
         conn_close(c);
-    } else if (srv->draining) {
-        conn_drain(c); /* accepted before the cancel took effect */
     }
 }
 
@@ -826,11 +822,7 @@ static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     us_listener *l = US_CONTAINER(op, us_listener, op);
     us_httpserver *srv = l->srv;
     if (res >= 0) {
-        /* A connection the kernel accepted before the cancel took effect is
-         * served like any other (during a drain: its first request, with
-         * Connection: close); closing it would fail a client that did
-         * nothing wrong. Only after cancel_all() is it too late. */
-        if (!srv->cancelled)
+        if (l->active && !srv->draining)
             server_new_conn(srv, res);
         else
             close(res);
@@ -890,33 +882,8 @@ static PyObject *server_stop_accepting(us_httpserver *srv, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Graceful shutdown: busy connections close after their current response
- * (sent with Connection: close); idle keep-alive connections close now
- * (a client retries a request that fails on a reused connection before
- * any byte of the response). A connection that has not brought its first
- * request yet is different: its client has no reason to retry, and the
- * request is usually already on its way. It keeps reading for up to
- * US_HTTP_DRAIN_GRACE seconds and its request is served with Connection:
- * close; server_tick() closes it if nothing came. */
-#define US_HTTP_DRAIN_GRACE 1.0
-static void conn_drain(us_httpconn *c)
-{
-    if (c->closed)
-        return;
-    if (!c->used && !c->ncycles) {
-        double grace = ue_now() + US_HTTP_DRAIN_GRACE;
-        if (!c->deadline || c->deadline > grace)
-            c->deadline = grace;
-        return;
-    }
-    c->no_more = 1;
-    if (!c->ncycles) {
-        Py_INCREF(c);
-        conn_close(c);
-        Py_DECREF(c);
-    }
-}
-
+/* Graceful shutdown: idle connections close now, busy ones after their
+ * current response (sent with Connection: close). */
 static PyObject *server_drain(us_httpserver *srv, PyObject *unused)
 {
     (void)unused;
@@ -924,7 +891,12 @@ static PyObject *server_drain(us_httpserver *srv, PyObject *unused)
     us_httpconn *c = srv->conns;
     while (c) {
         us_httpconn *next = c->next;
-        conn_drain(c);
+        c->no_more = 1;
+        if (!c->ncycles && !c->closed) {
+            Py_INCREF(c);
+            conn_close(c);
+            Py_DECREF(c);
+        }
         c = next;
     }
     Py_RETURN_NONE;
@@ -935,7 +907,6 @@ static PyObject *server_cancel_all(us_httpserver *srv, PyObject *unused)
 {
     (void)unused;
     srv->draining = 1;
-    srv->cancelled = 1;
     int cancelled = 0;
     for (us_httpconn *c = srv->conns; c; c = c->next) {
         for (int i = 0; i < c->ncycles; i++) {
