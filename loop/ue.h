@@ -17,6 +17,7 @@
 #include <liburing.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 
 /* Constants newer than liburing 2.3, detected at run time before use. */
@@ -184,6 +185,10 @@ static inline uint16_t ue_cqe_bid(uint32_t cqe_flags)
  * without F_MORE ends it, and the owner re-arms. */
 void ue_prep_recv_multishot(struct io_uring_sqe *sqe, int fd, const ue_bufring *b);
 void ue_prep_accept_multishot(struct io_uring_sqe *sqe, int fd);
+/* Sends iov[0..n): one buffer as a plain SEND (the kernel then skips
+ * importing a msghdr and an iovec array), several as a SENDMSG over `msg`.
+ * `msg` and `iov` must stay valid until the CQE. */
+void ue_prep_send_iov(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, struct iovec *iov, int n, int flags);
 
 /* Is an opcode supported by the running kernel? */
 int ue_probe_op(ue_loop *l, int opcode);

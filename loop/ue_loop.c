@@ -354,3 +354,15 @@ void ue_prep_accept_multishot(struct io_uring_sqe *sqe, int fd)
 {
     io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 }
+
+void ue_prep_send_iov(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, struct iovec *iov, int n, int flags)
+{
+    if (n == 1) {
+        io_uring_prep_send(sqe, fd, iov[0].iov_base, ue_io_len(iov[0].iov_len), flags);
+        return;
+    }
+    memset(msg, 0, sizeof *msg);
+    msg->msg_iov = iov;
+    msg->msg_iovlen = (size_t)n;
+    io_uring_prep_sendmsg(sqe, fd, msg, (unsigned)flags);
+}

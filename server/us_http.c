@@ -543,14 +543,7 @@ static int conn_submit_send(us_httpconn *c)
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe)
         return -EBUSY;
-    if (n == 1) {
-        io_uring_prep_send(sqe, c->fd, c->iov[0].iov_base, ue_io_len(c->iov[0].iov_len), MSG_NOSIGNAL);
-    } else {
-        memset(&c->msg, 0, sizeof c->msg);
-        c->msg.msg_iov = c->iov;
-        c->msg.msg_iovlen = (size_t)n;
-        io_uring_prep_sendmsg(sqe, c->fd, &c->msg, MSG_NOSIGNAL);
-    }
+    ue_prep_send_iov(sqe, c->fd, &c->msg, c->iov, n, MSG_NOSIGNAL);
     c->sent_iov = n;
     ue_op_arm(&loop->ue, &c->send_op, sqe, conn_send_cb);
     loop->sockops_inflight++;

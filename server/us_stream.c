@@ -705,13 +705,9 @@ static void stream_arm_send(us_stream *s)
         PyErr_WriteUnraisable((PyObject *)s);
         return;
     }
-    /* One chunk (the common case) goes as a plain send/write: the kernel
-     * then skips copying in and checking a msghdr and an iovec array. */
-    if (s->kind == US_STREAM_SOCKET && n == 1)
-        io_uring_prep_send(sqe, s->fd, s->iov[0].iov_base, ue_io_len(s->iov[0].iov_len), MSG_NOSIGNAL);
-    else if (s->kind == US_STREAM_SOCKET)
-        io_uring_prep_sendmsg(sqe, s->fd, &s->msg, MSG_NOSIGNAL);
-    else if (n == 1)
+    if (s->kind == US_STREAM_SOCKET)
+        ue_prep_send_iov(sqe, s->fd, &s->msg, s->iov, n, MSG_NOSIGNAL);
+    else if (n == 1) /* as a plain write, for the same reason */
         io_uring_prep_write(sqe, s->fd, s->iov[0].iov_base, ue_io_len(s->iov[0].iov_len), (uint64_t)-1);
     else
         io_uring_prep_writev(sqe, s->fd, s->msg.msg_iov, (unsigned)n, (uint64_t)-1);
