@@ -96,3 +96,25 @@ def test_shutdown_closes_open_websockets_with_1012(tmp_path):
                 assert info.value.rcvd.code == 1012
         asyncio.run(go())
         assert srv.proc.wait(15) == 0, srv.log
+
+
+def test_upgrade_during_shutdown_is_refused_with_503(tmp_path):
+    """A connection accepted before the drain is kept for its first request
+    (see server_drain); if that request is a WebSocket upgrade, the answer is
+    503, not a session that would outlive the server."""
+    import signal
+    import socket
+    import time
+
+    from http_support import Reader
+
+    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            time.sleep(0.2)  # accepted
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)  # the drain has run
+            s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            r = Reader(s).response()
+            assert r.status == 503 and r.header("connection") == "close"
+        assert srv.proc.wait(15) == 0, srv.log

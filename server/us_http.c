@@ -87,6 +87,7 @@ static void conn_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
 static void conn_close(us_httpconn *c);
 static void conn_maybe_free(us_httpconn *c);
 static void conn_parse_pending(us_httpconn *c);
+static void conn_drain(us_httpconn *c);
 
 /* Upgrade: websocket on a connection with nothing else in flight. */
 static int conn_is_websocket(us_httpconn *c, uh_parser *p, const uh_request *req)
@@ -105,7 +106,15 @@ static int conn_is_websocket(us_httpconn *c, uh_parser *p, const uh_request *req
 static int conn_on_head(void *ud, uh_parser *p, const uh_request *req)
 {
     us_httpconn *c = ud;
+    c->used = 1;
     if (conn_is_websocket(c, p, req)) {
+        if (c->srv->draining) {
+            /* a connection kept through the drain for its first request
+             * (server_drain): no new WebSocket session while shutting down */
+            p->error_status = 503;
+            p->error_reason = "Server is shutting down.";
+            return -1;
+        }
         Py_XSETREF(c->ws_scope, us_http_build_scope(c, p, req));
         if (c->ws_scope) {
             c->deadline = 0;
@@ -789,6 +798,8 @@ static void server_new_conn(us_httpserver *srv, int fd)
         PyErr_WriteUnraisable((PyObject *)c);
         c->dead = 1;
         conn_close(c);
+    } else if (srv->draining) {
+        conn_drain(c); /* accepted before the cancel took effect */
     }
 }
 
@@ -809,13 +820,47 @@ static int listener_arm(us_listener *l)
     return 0;
 }
 
+/* The accept of a stopped listener has ended. Accepts waiting on a
+ * listening socket are exclusive waiters: a new connection wakes only one,
+ * and when that one was ours and our cancel won the race, the connection
+ * stays in the backlog while every other process sharing the socket (the
+ * --workers or gunicorn siblings) sleeps on until some later connection
+ * arrives: with closed-loop clients, never. Now that our waiter is off the
+ * queue, the backlog is taken here and served like a late accept; what
+ * arrives after this wakes the siblings. Then our descriptor is closed. */
+#define US_HTTP_BACKLOG_TAKE_MAX 4096
+static void listener_take_backlog(us_listener *l)
+{
+    us_httpserver *srv = l->srv;
+    if (l->fd < 0)
+        return;
+    for (int i = 0; i < US_HTTP_BACKLOG_TAKE_MAX; i++) {
+        int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC); /* the listener is non-blocking */
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            break; /* EAGAIN: the backlog is empty */
+        }
+        if (srv->cancelled)
+            close(fd);
+        else
+            server_new_conn(srv, fd);
+    }
+    close(l->fd);
+    l->fd = -1;
+}
+
 static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 {
     (void)ue;
     us_listener *l = US_CONTAINER(op, us_listener, op);
     us_httpserver *srv = l->srv;
     if (res >= 0) {
-        if (l->active && !srv->draining)
+        /* A connection the kernel accepted before the cancel took effect is
+         * served like any other (during a drain: its first request, with
+         * Connection: close); closing it would fail a client that did
+         * nothing wrong. Only after cancel_all() is it too late. */
+        if (!srv->cancelled)
             server_new_conn(srv, res);
         else
             close(res);
@@ -825,6 +870,8 @@ static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     }
     if (!(flags & IORING_CQE_F_MORE) && l->active && !srv->draining && listener_arm(l) < 0)
         PyErr_WriteUnraisable((PyObject *)srv);
+    if (!(flags & IORING_CQE_F_MORE) && !l->active)
+        listener_take_backlog(l);
     if (!(flags & IORING_CQE_F_MORE))
         Py_DECREF(srv);
 }
@@ -851,7 +898,18 @@ static PyObject *server_listen(us_httpserver *srv, PyObject *sock)
         return PyErr_NoMemory();
     l->srv = srv;
     l->sock = Py_NewRef(sock);
-    l->fd = fd;
+    /* Our own descriptor, closed once the accept has ended (see
+     * listener_take_backlog), so that the caller may close the socket right
+     * after stop_accepting(). Non-blocking, as asyncio makes a listener. */
+    l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (l->fd < 0 || fcntl(l->fd, F_SETFL, fcntl(l->fd, F_GETFL) | O_NONBLOCK) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        if (l->fd >= 0)
+            close(l->fd);
+        Py_DECREF(l->sock);
+        PyMem_Free(l);
+        return NULL;
+    }
     l->active = 1;
     srv->listeners[srv->nlisteners++] = l;
     if (!srv->loop->ue_ready) {
@@ -869,14 +927,41 @@ static PyObject *server_stop_accepting(us_httpserver *srv, PyObject *unused)
     for (int i = 0; i < srv->nlisteners; i++) {
         us_listener *l = srv->listeners[i];
         l->active = 0;
-        if (srv->loop->ue_ready && ue_op_busy(&l->op))
+        if (!ue_op_busy(&l->op))
+            listener_take_backlog(l); /* no accept to end: take it now */
+        else if (srv->loop->ue_ready)
             ue_op_cancel(&srv->loop->ue, &l->op);
     }
     Py_RETURN_NONE;
 }
 
-/* Graceful shutdown: idle connections close now, busy ones after their
- * current response (sent with Connection: close). */
+/* Graceful shutdown: busy connections close after their current response
+ * (sent with Connection: close); idle keep-alive connections close now
+ * (a client retries a request that fails on a reused connection before
+ * any byte of the response). A connection that has not brought its first
+ * request yet is different: its client has no reason to retry, and the
+ * request is usually already on its way. It keeps reading for up to
+ * US_HTTP_DRAIN_GRACE seconds and its request is served with Connection:
+ * close; server_tick() closes it if nothing came. */
+#define US_HTTP_DRAIN_GRACE 1.0
+static void conn_drain(us_httpconn *c)
+{
+    if (c->closed)
+        return;
+    if (!c->used && !c->ncycles) {
+        double grace = ue_now() + US_HTTP_DRAIN_GRACE;
+        if (!c->deadline || c->deadline > grace)
+            c->deadline = grace;
+        return;
+    }
+    c->no_more = 1;
+    if (!c->ncycles) {
+        Py_INCREF(c);
+        conn_close(c);
+        Py_DECREF(c);
+    }
+}
+
 static PyObject *server_drain(us_httpserver *srv, PyObject *unused)
 {
     (void)unused;
@@ -884,12 +969,7 @@ static PyObject *server_drain(us_httpserver *srv, PyObject *unused)
     us_httpconn *c = srv->conns;
     while (c) {
         us_httpconn *next = c->next;
-        c->no_more = 1;
-        if (!c->ncycles && !c->closed) {
-            Py_INCREF(c);
-            conn_close(c);
-            Py_DECREF(c);
-        }
+        conn_drain(c);
         c = next;
     }
     Py_RETURN_NONE;
@@ -900,6 +980,7 @@ static PyObject *server_cancel_all(us_httpserver *srv, PyObject *unused)
 {
     (void)unused;
     srv->draining = 1;
+    srv->cancelled = 1;
     int cancelled = 0;
     for (us_httpconn *c = srv->conns; c; c = c->next) {
         for (int i = 0; i < c->ncycles; i++) {
@@ -1113,6 +1194,8 @@ static void server_dealloc(us_httpserver *srv)
     server_clear(srv);
     for (int i = 0; i < srv->nlisteners; i++) {
         Py_XDECREF(srv->listeners[i]->sock);
+        if (srv->listeners[i]->fd >= 0)
+            close(srv->listeners[i]->fd);
         PyMem_Free(srv->listeners[i]);
     }
     PyMem_Free(srv->listeners);

@@ -71,6 +71,7 @@ struct us_httpserver {
     Py_ssize_t nconns, ntasks;
     unsigned long long requests;
     char draining;
+    char cancelled; /* cancel_all() ran: late accepts are closed */
     uh_date_cache date;
     uh_buf scratch; /* response heads are built here */
 };
@@ -96,6 +97,7 @@ struct us_httpconn {
     double deadline;             /* keep-alive, header or linger deadline; 0: none */
     char in_list, parse_paused, no_more, read_paused, eof, dead, closing;
     char queued_flush, lingering, closed, close_after, upgrading;
+    char used;          /* a request head has arrived (see server_drain) */
     PyObject *ws_scope; /* the upgrade request's scope, until handed over */
     PyObject *tail;     /* an error response sent after the cycles, then close */
 };

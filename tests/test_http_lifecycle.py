@@ -199,6 +199,27 @@ def test_graceful_shutdown_lets_the_request_finish(tmp_path):
         assert srv.proc.wait(10) == 0
 
 
+def test_graceful_shutdown_serves_a_new_connections_first_request(tmp_path):
+    """Idle keep-alive connections close at once (their clients retry), but a
+    connection that has not brought its first request yet gets it served,
+    with Connection: close; one that never sends closes after a grace."""
+    with serve("apps.wire_app:app", tmp_path=str(tmp_path)) as srv:
+        reused, fresh, silent = connect(srv.port), connect(srv.port), connect(srv.port)
+        with reused, fresh, silent:
+            reused.sendall(get("/"))
+            assert Reader(reused).response().status == 200
+            time.sleep(0.2)  # all three accepted
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)  # the drain has run
+            assert Reader(reused).closed(timeout=5)
+            fresh.sendall(get("/"))
+            r = Reader(fresh).response()
+            assert r.status == 200 and r.header("connection") == "close"
+            assert Reader(fresh).closed(timeout=5)
+            assert Reader(silent).closed(timeout=10)
+            assert srv.proc.wait(10) == 0
+
+
 def test_graceful_shutdown_timeout_cancels(tmp_path):
     with serve("apps.wire_app:app", "--timeout-graceful-shutdown", "0.5", tmp_path=str(tmp_path)) as srv:
         with connect(srv.port) as s:
