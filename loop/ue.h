@@ -108,6 +108,12 @@ struct io_uring_sqe *ue_sqe(ue_loop *l);
 void ue_op_arm(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb cb);
 /* Requests cancellation of an in-flight op; the op's final CQE still comes. */
 int ue_op_cancel(ue_loop *l, ue_op *op);
+/* Cancels an in-flight op and returns once the kernel has let go of it,
+ * the op's file reference included; its final CQE is left in the CQ for
+ * ue_dispatch(). For a listening socket about to be closed: the close then
+ * stops the listening at once without touching the socket itself, which
+ * other processes may share. Submits what is queued first. */
+int ue_op_cancel_sync(ue_loop *l, ue_op *op);
 static inline int ue_op_busy(const ue_op *op)
 {
     return op->state != UE_OP_IDLE;

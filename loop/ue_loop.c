@@ -184,6 +184,35 @@ int ue_op_cancel(ue_loop *l, ue_op *op)
     return 0;
 }
 
+int ue_op_cancel_sync(ue_loop *l, ue_op *op)
+{
+    if (op->state == UE_OP_IDLE)
+        return 0;
+    if (l->unsubmitted) {
+        int ret = ue_submit(l); /* the op must be in the kernel to be found */
+        if (ret < 0)
+            return ret;
+    }
+    struct io_uring_sync_cancel_reg reg;
+    memset(&reg, 0, sizeof reg);
+    reg.addr = ue__encode(op);
+    reg.fd = -1;
+    reg.timeout.tv_sec = 1; /* an accept or a poll goes at once; this is a bound */
+    int ret = io_uring_register_sync_cancel(&l->ring, &reg);
+    if (ret == 0 || ret == -ENOENT || ret == -EALREADY) {
+        op->state = UE_OP_CANCELING; /* its final CQE comes with the enter below */
+    } else if (op->state == UE_OP_INFLIGHT && (ret = ue_op_cancel(l, op)) < 0) {
+        return ret; /* before 6.0 (-EINVAL) or timed out: the usual cancel */
+    }
+    /* The cancelled request completes (and drops its file) in task work,
+     * which a DEFER_TASKRUN ring runs only when we enter for events: enter
+     * once now, without waiting. */
+    ret = io_uring_submit_and_get_events(&l->ring);
+    if (ret >= 0)
+        l->unsubmitted = 0;
+    return ret < 0 ? ret : 0;
+}
+
 int ue_submit(ue_loop *l)
 {
     if (!l->unsubmitted)

@@ -107,8 +107,8 @@ static PyObject *acceptor_cancel(us_acceptor *a, PyObject *unused)
 {
     (void)unused;
     a->active = 0;
-    if (a->loop->ue_ready)
-        ue_op_cancel(&a->loop->ue, &a->op);
+    if (a->loop->ue_ready && ue_op_cancel_sync(&a->loop->ue, &a->op) < 0)
+        ue_op_cancel(&a->loop->ue, &a->op); /* the CQE still comes; only the file lingers */
     Py_RETURN_NONE;
 }
 

@@ -835,7 +835,7 @@ static void listener_take_backlog(us_listener *l)
     if (l->fd < 0)
         return;
     for (int i = 0; i < US_HTTP_BACKLOG_TAKE_MAX; i++) {
-        int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC); /* the listener is non-blocking */
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); /* as the multishot accept */
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;

@@ -394,6 +394,36 @@ def test_server_closed_with_clients_attached(loop):
     run(loop, main())
 
 
+def test_closing_a_server_leaves_a_shared_listening_socket_listening(loop):
+    """A listening socket shared with another holder (a sibling worker
+    process, as with uvicorn --workers) keeps listening for it when this
+    loop's server on it closes: closing stops our accepts, not the socket."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    addr = lsock.getsockname()
+    sibling = lsock.dup()
+
+    async def main():
+        server = await loop.create_server(lambda: Recorder(loop), sock=lsock)
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *addr)
+        tr.close()
+        await pr.lost
+        server.close()
+        await server.wait_closed()
+
+    try:
+        run(loop, main())
+        with socket.create_connection(addr, timeout=5) as c:
+            sibling.settimeout(5)
+            conn, _ = sibling.accept()
+            with conn:
+                c.sendall(b"x")
+                assert conn.recv(1) == b"x"
+    finally:
+        sibling.close()
+
+
 def test_streams_api_and_many_connections(loop):
     async def handle(reader, writer):
         while data := await reader.read(65536):

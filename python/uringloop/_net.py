@@ -267,13 +267,9 @@ class NetworkMixin:
     def _stop_serving(self, sock):
         acceptor = self._acceptors.pop(sock, None)
         if acceptor is not None:
-            acceptor.cancel()
-        # The cancelled accept may hold the socket for one more iteration;
-        # shutting it down stops it listening now (connects are refused).
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+            acceptor.cancel()  # returns once the kernel has let go of the socket
+        # No shutdown(): the socket may be shared with other processes (as
+        # with uvicorn --workers), which must go on listening on it.
         sock.close()
 
     # ---- Unix sockets (asyncio.unix_events semantics) ----

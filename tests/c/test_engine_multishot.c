@@ -200,10 +200,41 @@ static void test_multishot_accept(void)
     ue_loop_close(&l);
 }
 
+/* After ue_op_cancel_sync() the kernel holds no reference to the listening
+ * socket: closing it stops the listening at once (connects are refused),
+ * and the op's final CQE still comes. */
+static void test_cancel_sync_lets_go_of_the_socket(void)
+{
+    ue_loop l;
+    REQUIRE(ue_loop_init(&l, 64, 256) == 0);
+    REQUIRE(ue_loop_start(&l) == 0);
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof a;
+    REQUIRE(bind(ls, (struct sockaddr *)&a, sizeof a) == 0 && listen(ls, 16) == 0);
+    getsockname(ls, (struct sockaddr *)&a, &alen);
+    accept_probe p;
+    memset(&p, 0, sizeof p);
+    struct io_uring_sqe *sqe = ue_sqe(&l);
+    ue_prep_accept_multishot(sqe, ls);
+    ue_op_arm(&l, &p.op, sqe, accept_cb);
+    CHECK(ue_wait(&l, 0) == 0); /* submitted: the accept waits on the socket */
+    CHECK(ue_op_cancel_sync(&l, &p.op) == 0);
+    close(ls);
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(connect(c, (struct sockaddr *)&a, sizeof a) < 0 && errno == ECONNREFUSED);
+    close(c);
+    pump(&l, &p.finals, 1);
+    CHECK(p.finals == 1 && p.n == 0 && l.inflight == 0);
+    CHECK(ue_op_cancel_sync(&l, &p.op) == 0); /* idle: nothing to do */
+    ue_loop_close(&l);
+}
+
 int main(void)
 {
     RUN(test_multishot_recv_streams_through_small_buffers);
     RUN(test_empty_pool_ends_multishot_with_enobufs);
     RUN(test_multishot_accept);
+    RUN(test_cancel_sync_lets_go_of_the_socket);
     return TEST_EXIT();
 }
