@@ -10,11 +10,13 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 
 EVENTS = []
-FILE = os.path.join(tempfile.gettempdir(), f"uringserve-e2e-{os.getpid()}.bin")
+FILE = None  # per worker process: set by lifespan (workers fork after the import)
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app):
+    global FILE
+    FILE = os.path.join(tempfile.gettempdir(), f"uringserve-e2e-{os.getpid()}.bin")
     with open(FILE, "wb") as f:
         f.write(bytes(range(256)) * 4096)
     yield {"db": "connected", "started": True}
