@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 log() { printf '==> %s\n' "$*"; }
 
 APT_PACKAGES=(build-essential pkg-config cmake ninja-build liburing-dev node-llhttp
-              python3 python3-dev python3-venv strace wrk clang clang-format util-linux nginx)
+              python3 python3-dev python3-venv strace wrk clang clang-format util-linux nginx
+              libclang-rt-dev)  # libclang-rt-dev: the libFuzzer and sanitizer runtimes for clang
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
