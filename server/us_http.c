@@ -814,10 +814,35 @@ static int listener_arm(us_listener *l)
         PyErr_SetString(PyExc_RuntimeError, "uringserve: the io_uring submission queue is full");
         return -1;
     }
-    ue_prep_accept_multishot(sqe, l->fd);
+    if (l->shared)
+        io_uring_prep_poll_multishot(sqe, l->fd, POLLIN);
+    else
+        ue_prep_accept_multishot(sqe, l->fd);
     ue_op_arm(&l->srv->loop->ue, &l->op, sqe, listener_cb);
     Py_INCREF(l->srv);
     return 0;
+}
+
+#define US_HTTP_ACCEPT_MAX 4096 /* per call: a bound, the backlog is smaller */
+
+/* Accepts until the backlog is empty; returns 1 if it stopped at the bound
+ * with connections possibly left. */
+static int listener_accept_all(us_listener *l)
+{
+    us_httpserver *srv = l->srv;
+    for (int i = 0; i < US_HTTP_ACCEPT_MAX; i++) {
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); /* as the multishot accept */
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            return 0; /* EAGAIN: empty (or a sibling was faster); EMFILE: next wake-up */
+        }
+        if (srv->cancelled)
+            close(fd);
+        else
+            server_new_conn(srv, fd);
+    }
+    return 1;
 }
 
 /* The accept of a stopped listener has ended. Accepts waiting on a
@@ -828,26 +853,25 @@ static int listener_arm(us_listener *l)
  * arrives: with closed-loop clients, never. Now that our waiter is off the
  * queue, the backlog is taken here and served like a late accept; what
  * arrives after this wakes the siblings. Then our descriptor is closed. */
-#define US_HTTP_BACKLOG_TAKE_MAX 4096
 static void listener_take_backlog(us_listener *l)
 {
-    us_httpserver *srv = l->srv;
     if (l->fd < 0)
         return;
-    for (int i = 0; i < US_HTTP_BACKLOG_TAKE_MAX; i++) {
-        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); /* as the multishot accept */
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            break; /* EAGAIN: the backlog is empty */
-        }
-        if (srv->cancelled)
-            close(fd);
-        else
-            server_new_conn(srv, fd);
-    }
+    listener_accept_all(l);
     close(l->fd);
     l->fd = -1;
+}
+
+/* A shared listener is readable: accept what is there. Every process on
+ * the socket was woken (a poll is not an exclusive waiter); the least busy
+ * one gets there first and the others find the backlog empty, which is how
+ * epoll-based workers share a socket. */
+static void listener_ready(us_listener *l)
+{
+    if (!l->active || l->srv->draining || l->fd < 0)
+        return;
+    if (listener_accept_all(l) && ue_op_busy(&l->op))
+        ue_op_cancel(&l->srv->loop->ue, &l->op); /* re-armed at its end: a new poll sees what is left */
 }
 
 static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
@@ -855,7 +879,10 @@ static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     (void)ue;
     us_listener *l = US_CONTAINER(op, us_listener, op);
     us_httpserver *srv = l->srv;
-    if (res >= 0) {
+    if (l->shared) {
+        if (res > 0)
+            listener_ready(l);
+    } else if (res >= 0) {
         /* A connection the kernel accepted before the cancel took effect is
          * served like any other (during a drain: its first request, with
          * Connection: close); closing it would fail a client that did
@@ -878,8 +905,13 @@ static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 
 /* ---- the server object ---- */
 
-static PyObject *server_listen(us_httpserver *srv, PyObject *sock)
+static PyObject *server_listen(us_httpserver *srv, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"sock", "shared", NULL};
+    PyObject *sock;
+    int shared = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|p:listen", kwlist, &sock, &shared))
+        return NULL;
     PyObject *fdobj = PyObject_CallMethod(sock, "fileno", NULL);
     if (!fdobj)
         return NULL;
@@ -911,6 +943,7 @@ static PyObject *server_listen(us_httpserver *srv, PyObject *sock)
         return NULL;
     }
     l->active = 1;
+    l->shared = (char)shared;
     srv->listeners[srv->nlisteners++] = l;
     if (!srv->loop->ue_ready) {
         PyErr_SetString(PyExc_RuntimeError, "uringserve: listen() needs a running uringloop");
@@ -1238,7 +1271,10 @@ static PyObject *server_get_accepting(us_httpserver *srv, void *closure)
 }
 
 static PyMethodDef server_methods[] = {
-    {"listen", (PyCFunction)server_listen, METH_O, "Accept connections on a listening socket (multishot accept)."},
+    {"listen", (PyCFunction)(void (*)(void))server_listen, METH_VARARGS | METH_KEYWORDS,
+     "listen(sock, shared=False): accept connections on a listening socket. Alone on it: one multishot accept. "
+     "shared=True (other processes accept on it too): a multishot poll and accept4(), so that every process is "
+     "woken and the least busy one takes the connection (the kernel wakes only one accept per connection)."},
     {"stop_accepting", (PyCFunction)server_stop_accepting, METH_NOARGS, "Cancel every accept."},
     {"drain", (PyCFunction)server_drain, METH_NOARGS,
      "Close idle connections now and the others after their current response."},

@@ -42,8 +42,9 @@ typedef struct us_listener {
     ue_op op;
     us_httpserver *srv;
     PyObject *sock;
-    int fd;
+    int fd; /* our duplicate of the socket, -1 once closed */
     char active;
+    char shared; /* other processes accept on this socket: poll + accept4 */
 } us_listener;
 
 struct us_httpserver {

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -218,6 +219,32 @@ def test_graceful_shutdown_serves_a_new_connections_first_request(tmp_path):
             assert Reader(fresh).closed(timeout=5)
             assert Reader(silent).closed(timeout=10)
             assert srv.proc.wait(10) == 0
+
+
+def test_workers_share_the_socket_by_busyness(tmp_path):
+    """--workers share one listening socket. While one worker's loop is busy,
+    new connections go to an idle one. (An io_uring accept is an exclusive
+    waiter: the kernel wakes one per connection, always the same one, so
+    before the fix one worker took every connection and the other idled.)"""
+    with serve("apps.wire_app:app", "--workers", "2", tmp_path=str(tmp_path)) as srv:
+        deadline = time.monotonic() + 15
+        while srv.log.count("is serving") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pids, threads = [], []
+
+        def one():
+            with connect(srv.port) as s:
+                s.sendall(get("/block-pid?0.4"))
+                pids.append(Reader(s).response().body)
+
+        for _ in range(2):
+            threads.append(threading.Thread(target=one))
+            threads[-1].start()
+            time.sleep(0.1)  # the first is being served, its worker blocked
+        for t in threads:
+            t.join(10)
+        assert len(pids) == 2 and pids[0] != pids[1], pids
+        assert srv.stop() == 0
 
 
 def test_graceful_shutdown_timeout_cancels(tmp_path):

@@ -164,7 +164,10 @@ class Server:
         )
         self.core.state = self.lifespan.state
         for sock in self.sockets:
-            self.core.listen(sock)
+            # Sockets handed in (--workers, gunicorn) are shared with sibling
+            # processes: accept through a poll so that each connection wakes
+            # every worker and the least busy takes it (see ARCHITECTURE.md).
+            self.core.listen(sock, shared=self.inherited_sockets)
         # What exists now (the app, its modules, the framework) lives as long
         # as the server: keep it out of the cyclic GC's traversals, which
         # otherwise grow with the app's size on every collection.

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import time
 
 
 async def read_body(receive):
@@ -104,6 +105,9 @@ async def app(scope, receive, send):
         code = int(scope["query_string"])
         await send({"type": "http.response.start", "status": code, "headers": []})
         await send({"type": "http.response.body", "body": b"" if code in (204, 304) else b"body"})
+    elif path == "/block-pid":  # blocks the worker's loop, then says which worker it was
+        time.sleep(float(scope["query_string"] or b"0.3"))
+        await respond(send, body=str(os.getpid()).encode())
     elif path == "/slow":
         delay = float(scope["query_string"] or b"0.5")
         await asyncio.sleep(delay)
