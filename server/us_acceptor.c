@@ -1,5 +1,6 @@
 /*
- * Acceptor: one multishot ACCEPT per listening socket (asyncio's
+ * Acceptor: one multishot ACCEPT per listening socket, or for a socket
+ * other processes may share a multishot POLL_ADD + accept4() (asyncio's
  * _start_serving). Accepted descriptors are collected during the CQE batch
  * and handed to a Python callback from the ready queue, so the protocol
  * factory and connection_made run where asyncio runs them. Resource errors
@@ -9,6 +10,7 @@
 #include "us.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <unistd.h>
 
 typedef struct {
@@ -20,6 +22,7 @@ typedef struct {
     int *pending;
     int npending, cap;
     char active, queued, stalled;
+    char shared; /* other processes accept on this socket: poll + accept4 */
 } us_acceptor;
 
 static void acceptor_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
@@ -31,7 +34,10 @@ static int acceptor_arm(us_acceptor *a)
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
         return -1;
     }
-    ue_prep_accept_multishot(sqe, a->fd);
+    if (a->shared)
+        io_uring_prep_poll_multishot(sqe, a->fd, POLLIN);
+    else
+        ue_prep_accept_multishot(sqe, a->fd);
     ue_op_arm(&a->loop->ue, &a->op, sqe, acceptor_cb);
     Py_INCREF(a);
     return 0;
@@ -56,12 +62,52 @@ static int acceptor_push(us_acceptor *a, int value)
     return 0;
 }
 
+static int is_resource_error(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+#define US_ACCEPT_MAX 4096 /* per wake-up: a bound, the backlog is smaller */
+
+/* A shared listening socket is readable. Every process polling it was
+ * woken (a poll is not an exclusive waiter, an accept is: the kernel would
+ * hand each connection to the first accept in the queue, busy or not); the
+ * least busy gets there first and the others find the backlog empty, as
+ * with epoll. Accepts until EAGAIN, as asyncio accepts a batch. */
+static void acceptor_accept_ready(us_acceptor *a)
+{
+    for (int i = 0; i < US_ACCEPT_MAX; i++) {
+        int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            if (acceptor_push(a, fd) < 0) {
+                close(fd);
+                PyErr_WriteUnraisable((PyObject *)a);
+                return;
+            }
+            continue;
+        }
+        if (errno == EINTR || errno == ECONNABORTED)
+            continue;
+        if (is_resource_error(errno)) {
+            a->stalled = 1; /* resume() re-arms, once the poll has ended */
+            ue_op_cancel(&a->loop->ue, &a->op);
+            if (acceptor_push(a, -errno) < 0)
+                PyErr_WriteUnraisable((PyObject *)a);
+        }
+        return; /* EAGAIN: empty, or a sibling was faster */
+    }
+    ue_op_cancel(&a->loop->ue, &a->op); /* re-armed at its end: a new poll sees what is left */
+}
+
 static void acceptor_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 {
     (void)ue;
     us_acceptor *a = US_CONTAINER(op, us_acceptor, op);
-    int resource = res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM;
-    if (res >= 0) {
+    int resource = res < 0 && is_resource_error(-res);
+    if (a->shared) {
+        if (res > 0 && a->active && !a->stalled && !a->loop->closing)
+            acceptor_accept_ready(a);
+    } else if (res >= 0) {
         if (!a->active || a->loop->closing || acceptor_push(a, res) < 0)
             close(res);
     } else if (resource && a->active) {
@@ -121,13 +167,17 @@ static PyObject *acceptor_resume(us_acceptor *a, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* loop._acceptor_new(sock, callback) */
+/* loop._acceptor_new(sock, callback[, shared]): shared when other
+ * processes may accept on the socket (it came in through sock=). */
 PyObject *us_acceptor_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "_acceptor_new(sock, callback)");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_acceptor_new(sock, callback[, shared])");
         return NULL;
     }
+    int shared = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (shared < 0)
+        return NULL;
     if (us_loop_check_open(loop) < 0)
         return NULL;
     int fd = PyObject_AsFileDescriptor(args[0]);
@@ -142,6 +192,7 @@ PyObject *us_acceptor_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     a->callback = Py_NewRef(args[1]);
     a->fd = fd;
     a->active = 1;
+    a->shared = (char)shared;
     PyObject_GC_Track(a);
     if (acceptor_arm(a) < 0) {
         Py_DECREF(a);

@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import tempfile
+import time
 
 import pytest
 
@@ -422,6 +423,141 @@ def test_closing_a_server_leaves_a_shared_listening_socket_listening(loop):
                 assert conn.recv(1) == b"x"
     finally:
         sibling.close()
+
+
+SHARED_SOCKET_WORKER = r"""
+import asyncio, os, socket, sys, time
+import uringloop
+kind, fd = sys.argv[1], int(sys.argv[2])
+loop = uringloop.new_event_loop() if kind == "uringloop" else asyncio.SelectorEventLoop()
+
+class BlockThenSayPid(asyncio.Protocol):
+    def connection_made(self, tr):
+        self.tr = tr
+    def data_received(self, data):
+        time.sleep(0.4)  # a slow handler: this process's loop is blocked
+        self.tr.write(str(os.getpid()).encode())
+        self.tr.close()
+
+async def main():
+    await loop.create_server(BlockThenSayPid, sock=socket.socket(fileno=fd))
+    print("ready", flush=True)
+    await asyncio.sleep(30)
+
+loop.run_until_complete(main())
+"""
+
+
+def test_processes_sharing_a_socket_share_its_connections(loop_kind):
+    """Two processes serve one listening socket (create_server(sock=), as
+    uvicorn --workers does). While one is blocked in a handler, the next
+    connection goes to the other, as it does with asyncio's loop."""
+    import subprocess
+    import sys
+    import threading
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    addr = lsock.getsockname()
+    workers = [subprocess.Popen([sys.executable, "-c", SHARED_SOCKET_WORKER, loop_kind, str(lsock.fileno())],
+                                pass_fds=[lsock.fileno()], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for w in workers:
+            assert w.stdout.readline().strip() == "ready"
+        pids = []
+
+        def one():
+            with socket.create_connection(addr, timeout=10) as c:
+                c.sendall(b"x")
+                pids.append(c.recv(100))
+
+        threads = []
+        for _ in range(2):
+            threads.append(threading.Thread(target=one))
+            threads[-1].start()
+            time.sleep(0.1)  # the first is being served, its process blocked
+        for t in threads:
+            t.join(10)
+        assert len(pids) == 2 and pids[0] != pids[1], pids
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+            w.stdout.close()
+        lsock.close()
+
+
+OUT_OF_FDS_SERVER = r"""
+import asyncio, os, resource, socket, sys
+import uringloop
+kind, how = sys.argv[1], sys.argv[2]
+loop = uringloop.new_event_loop() if kind == "uringloop" else asyncio.SelectorEventLoop()
+errors, made = [], []
+loop.set_exception_handler(lambda lp, ctx: errors.append(ctx["message"]))
+
+class Count(asyncio.Protocol):
+    def connection_made(self, tr):
+        made.append(tr)
+
+async def main():
+    # lowered before the server starts: io_uring's accept takes the limit
+    # when it is armed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+    if how == "sock":
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)
+        srv = await loop.create_server(Count, sock=lsock)
+    else:
+        srv = await loop.create_server(Count, "127.0.0.1", 0)
+    addr = srv.sockets[0].getsockname()
+    clients = [socket.socket() for _ in range(3)]
+    hog = []
+    try:
+        while True:
+            hog.append(os.dup(0))
+    except OSError:
+        pass
+    for c in clients:
+        c.setblocking(False)
+        try:
+            c.connect(addr)
+        except BlockingIOError:
+            pass
+    for _ in range(100):
+        if errors:
+            break
+        await asyncio.sleep(0.01)
+    during = len(made)
+    for fd in hog:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for _ in range(500):
+        if len(made) == 3:
+            break
+        await asyncio.sleep(0.01)
+    print(errors[:1], during, len(made), flush=True)
+
+loop.run_until_complete(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["sock", "host"])
+def test_out_of_descriptors_pauses_accepting_then_resumes(loop_kind, how):
+    """EMFILE on accept: the exception handler hears of it, accepting pauses
+    (the connections wait in the backlog) and resumes a second later, as in
+    asyncio; for a socket from sock= (polled) and one the loop bound."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", OUT_OF_FDS_SERVER, loop_kind, how], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("] ")[0] + "]" == "['socket.accept() out of system resource']", r.stdout
+    during, after = map(int, r.stdout.split("] ")[1].split())
+    assert during < 3 and after == 3, r.stdout
 
 
 def test_streams_api_and_many_connections(loop):

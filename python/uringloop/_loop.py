@@ -83,6 +83,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         self._sock_stashes = weakref.WeakKeyDictionary()
         self._transports = weakref.WeakValueDictionary()
         self._acceptors = {}
+        self._shared_sockets = weakref.WeakSet()  # listening sockets that came in through sock=
         self._child_pidfds = {}
 
     def __repr__(self):

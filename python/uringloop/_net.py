@@ -227,7 +227,7 @@ class NetworkMixin:
                 protocol_factory, conn, {"peername": peer}, sslcontext, server,
                 ssl_handshake_timeout, ssl_shutdown_timeout))
 
-        acceptor = self._acceptor_new(sock, on_accept)
+        acceptor = self._acceptor_new(sock, on_accept, sock in self._shared_sockets)
         self._acceptors[sock] = acceptor
 
     async def _accept_connection2(self, protocol_factory, conn, extra, sslcontext=None, server=None,
@@ -308,6 +308,14 @@ class NetworkMixin:
             sock, protocol_factory, ssl, server_hostname,
             ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
 
+    async def create_server(self, protocol_factory, host=None, port=None, *, sock=None, **kwargs):
+        if sock is not None:
+            # A socket handed in may be shared with other processes (uvicorn
+            # --workers binds once and forks): its acceptor polls instead of
+            # holding the kernel's single exclusive accept wake-up.
+            self._shared_sockets.add(sock)
+        return await super().create_server(protocol_factory, host, port, sock=sock, **kwargs)
+
     async def create_unix_server(self, protocol_factory, path=None, *, sock=None, backlog=100, ssl=None,
                                  ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
                                  start_serving=True):
@@ -345,6 +353,7 @@ class NetworkMixin:
                 raise ValueError("path was not specified, and no sock specified")
             if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
                 raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
+            self._shared_sockets.add(sock)
         sock.setblocking(False)
         server = base_events.Server(self, [sock], protocol_factory, ssl, backlog,
                                     ssl_handshake_timeout, ssl_shutdown_timeout)
