@@ -16,7 +16,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from http_bench import BENCH, PY, free_port, tree_cpu, tree_pids, wait_port, wrk  # noqa: E402
+from http_bench import BENCH, PY, TICK, free_port, tree_cpu, tree_pids, wait_port, wrk  # noqa: E402
+
+
+def cpu_by_pid(root):
+    out = {}
+    for p in tree_pids(root):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / TICK
+        except OSError:
+            pass
+    return out
 
 BIN = os.path.dirname(PY)
 APP = "apps.raw:app"
@@ -57,10 +69,13 @@ def run(name, duration, connections):
         time.sleep(1.0)  # every worker up
         scenario = {"path": "/"}
         wrk(port, scenario, 1, connections, pin=False)
-        cpu0 = tree_cpu(proc.pid)
+        cpu0, by0 = tree_cpu(proc.pid), cpu_by_pid(proc.pid)
         res = wrk(port, scenario, duration, connections, pin=False)
-        cpu1 = tree_cpu(proc.pid)
+        cpu1, by1 = tree_cpu(proc.pid), cpu_by_pid(proc.pid)
         res["cpu_us_per_req"] = (cpu1 - cpu0) / max(res["requests"], 1) * 1e6
+        # how evenly the load spread: the busiest process's share of the CPU
+        used = {p: by1[p] - by0.get(p, 0.0) for p in by1}
+        res["busiest_share"] = max(used.values()) / max(sum(used.values()), 1e-9)
         res["processes"] = len(tree_pids(proc.pid))
         return res
     finally:
@@ -86,14 +101,15 @@ def main():
             print(f"{name:26s} FAILED: {exc}", flush=True)
             continue
         r = results[name]
-        print(f"{name:26s} {r['rps']:>10,.0f} req/s  {r['cpu_us_per_req']:6.2f} µs/req  p99 {r['p99_ms']:.2f} ms",
-              flush=True)
+        print(f"{name:26s} {r['rps']:>10,.0f} req/s  {r['cpu_us_per_req']:6.2f} µs/req  p99 {r['p99_ms']:.2f} ms  "
+              f"busiest process {r['busiest_share']:.0%} of the CPU", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=1)
-    print("\n| server | requests/s | CPU µs/req | p99 ms |\n|---|---|---|---|")
+    print("\n| server | requests/s | CPU µs/req | p99 ms | busiest process's CPU share |\n|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['rps']:,.0f} | {r['cpu_us_per_req']:.2f} | {r['p99_ms']:.2f} |")
+        print(f"| {name} | {r['rps']:,.0f} | {r['cpu_us_per_req']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['busiest_share']:.0%} |")
 
 
 if __name__ == "__main__":

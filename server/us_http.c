@@ -823,14 +823,15 @@ static int listener_arm(us_listener *l)
     return 0;
 }
 
-#define US_HTTP_ACCEPT_MAX 4096 /* per call: a bound, the backlog is smaller */
+#define US_HTTP_ACCEPT_MAX 4096 /* a bound: the backlog is smaller */
+#define US_HTTP_ACCEPT_BATCH 16 /* per wake-up of a shared listener */
 
-/* Accepts until the backlog is empty; returns 1 if it stopped at the bound
+/* Accepts until the backlog is empty; returns 1 if it stopped at `max`
  * with connections possibly left. */
-static int listener_accept_all(us_listener *l)
+static int listener_accept_all(us_listener *l, int max)
 {
     us_httpserver *srv = l->srv;
-    for (int i = 0; i < US_HTTP_ACCEPT_MAX; i++) {
+    for (int i = 0; i < max; i++) {
         int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); /* as the multishot accept */
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
@@ -857,7 +858,7 @@ static void listener_take_backlog(us_listener *l)
 {
     if (l->fd < 0)
         return;
-    listener_accept_all(l);
+    listener_accept_all(l, US_HTTP_ACCEPT_MAX);
     close(l->fd);
     l->fd = -1;
 }
@@ -865,13 +866,16 @@ static void listener_take_backlog(us_listener *l)
 /* A shared listener is readable: accept what is there. Every process on
  * the socket was woken (a poll is not an exclusive waiter); the least busy
  * one gets there first and the others find the backlog empty, which is how
- * epoll-based workers share a socket. */
+ * epoll-based workers share a socket. A burst is taken a batch per loop
+ * iteration, so that one worker does not take it all while the others are
+ * still waking up: past the batch, the poll is ended and re-armed, and a
+ * new poll sees what is left at once. */
 static void listener_ready(us_listener *l)
 {
     if (!l->active || l->srv->draining || l->fd < 0)
         return;
-    if (listener_accept_all(l) && ue_op_busy(&l->op))
-        ue_op_cancel(&l->srv->loop->ue, &l->op); /* re-armed at its end: a new poll sees what is left */
+    if (listener_accept_all(l, US_HTTP_ACCEPT_BATCH) && ue_op_busy(&l->op))
+        ue_op_cancel(&l->srv->loop->ue, &l->op);
 }
 
 static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
