@@ -165,21 +165,32 @@ static void accept_cb(ue_loop *l, ue_op *op, int32_t res, uint32_t flags)
         p->finals++;
 }
 
+/* A loopback listener (its address in *a) with a multishot accept armed
+ * on it; returns the listening socket. */
+static int listen_and_accept(ue_loop *l, accept_probe *p, struct sockaddr_in *a)
+{
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    memset(a, 0, sizeof *a);
+    a->sin_family = AF_INET;
+    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t alen = sizeof *a;
+    REQUIRE(bind(ls, (struct sockaddr *)a, sizeof *a) == 0 && listen(ls, 16) == 0);
+    getsockname(ls, (struct sockaddr *)a, &alen);
+    memset(p, 0, sizeof *p);
+    struct io_uring_sqe *sqe = ue_sqe(l);
+    ue_prep_accept_multishot(sqe, ls);
+    ue_op_arm(l, &p->op, sqe, accept_cb);
+    return ls;
+}
+
 static void test_multishot_accept(void)
 {
     ue_loop l;
     REQUIRE(ue_loop_init(&l, 64, 256) == 0);
     REQUIRE(ue_loop_start(&l) == 0);
-    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t alen = sizeof a;
-    REQUIRE(bind(ls, (struct sockaddr *)&a, sizeof a) == 0 && listen(ls, 16) == 0);
-    getsockname(ls, (struct sockaddr *)&a, &alen);
+    struct sockaddr_in a;
     accept_probe p;
-    memset(&p, 0, sizeof p);
-    struct io_uring_sqe *sqe = ue_sqe(&l);
-    ue_prep_accept_multishot(sqe, ls);
-    ue_op_arm(&l, &p.op, sqe, accept_cb);
+    int ls = listen_and_accept(&l, &p, &a);
     int clients[5];
     for (int i = 0; i < 5; i++) {
         clients[i] = socket(AF_INET, SOCK_STREAM, 0);
@@ -208,16 +219,9 @@ static void test_cancel_sync_lets_go_of_the_socket(void)
     ue_loop l;
     REQUIRE(ue_loop_init(&l, 64, 256) == 0);
     REQUIRE(ue_loop_start(&l) == 0);
-    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t alen = sizeof a;
-    REQUIRE(bind(ls, (struct sockaddr *)&a, sizeof a) == 0 && listen(ls, 16) == 0);
-    getsockname(ls, (struct sockaddr *)&a, &alen);
+    struct sockaddr_in a;
     accept_probe p;
-    memset(&p, 0, sizeof p);
-    struct io_uring_sqe *sqe = ue_sqe(&l);
-    ue_prep_accept_multishot(sqe, ls);
-    ue_op_arm(&l, &p.op, sqe, accept_cb);
+    int ls = listen_and_accept(&l, &p, &a);
     CHECK(ue_wait(&l, 0) == 0); /* submitted: the accept waits on the socket */
     CHECK(ue_op_cancel_sync(&l, &p.op) == 0);
     close(ls);
