@@ -853,12 +853,15 @@ static int listener_accept_all(us_listener *l, int max)
  * --workers or gunicorn siblings) sleeps on until some later connection
  * arrives: with closed-loop clients, never. Now that our waiter is off the
  * queue, the backlog is taken here and served like a late accept; what
- * arrives after this wakes the siblings. Then our descriptor is closed. */
+ * arrives after this wakes the siblings. Then our descriptor is closed.
+ * (A server that knows the socket is shared polls it instead, see
+ * listener_ready(); this is for one whose siblings it was not told of.) */
 static void listener_take_backlog(us_listener *l)
 {
     if (l->fd < 0)
         return;
-    listener_accept_all(l, US_HTTP_ACCEPT_MAX);
+    if (!l->shared) /* a shared listener polls: the siblings were woken too */
+        listener_accept_all(l, US_HTTP_ACCEPT_MAX);
     close(l->fd);
     l->fd = -1;
 }
