@@ -1,6 +1,6 @@
 """Multi-process servers on the raw ASGI hello, one run: uringserve
 --workers 2, gunicorn with 2 UringWorkers, uvicorn --workers 2 (httptools,
-uvloop), granian --workers 2 and gunicorn's own ASGI worker (-k asgi, 2
+uvloop; and on uringloop, as a drop-in), granian --workers 2 and gunicorn's own ASGI worker (-k asgi, 2
 workers). Nothing is pinned (two workers on two cores share them with wrk);
 reported: requests/s and server CPU µs per request (the whole process tree).
 
@@ -44,6 +44,9 @@ def cmd(name, port):
     if name == "uvicorn --workers 2":
         return [PY, "-m", "uvicorn", APP, "--port", str(port), "--workers", "2", "--loop", "uvloop", "--http",
                 "httptools", "--no-access-log", "--log-level", "warning", "--app-dir", BENCH]
+    if name == "uvicorn --workers 2 (uringloop)":
+        return [PY, "-m", "uvicorn", APP, "--port", str(port), "--workers", "2", "--loop", "uringloop:new_event_loop",
+                "--http", "httptools", "--no-access-log", "--log-level", "warning", "--app-dir", BENCH]
     if name == "granian --workers 2":
         return [os.path.join(BIN, "granian"), "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", "2", "--runtime-mode", "st", "--loop", "uvloop", "--no-ws", "--log-level", "warning",
@@ -54,8 +57,8 @@ def cmd(name, port):
     raise ValueError(name)
 
 
-SERVERS = ["uringserve --workers 2", "gunicorn + UringWorker", "uvicorn --workers 2", "granian --workers 2",
-           "gunicorn -k asgi"]
+SERVERS = ["uringserve --workers 2", "gunicorn + UringWorker", "uvicorn --workers 2",
+           "uvicorn --workers 2 (uringloop)", "granian --workers 2", "gunicorn -k asgi"]
 
 
 def run(name, duration, connections):
@@ -92,16 +95,17 @@ def main():
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=128)
     ap.add_argument("--out", default=os.path.join(BENCH, "results", "workers.json"))
+    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, from: " + ", ".join(SERVERS))
     args = ap.parse_args()
     results = {}
-    for name in SERVERS:
+    for name in args.servers.split(","):
         try:
             results[name] = run(name, args.duration, args.connections)
         except Exception as exc:  # a peer that fails is reported, not fatal
-            print(f"{name:26s} FAILED: {exc}", flush=True)
+            print(f"{name:32s} FAILED: {exc}", flush=True)
             continue
         r = results[name]
-        print(f"{name:26s} {r['rps']:>10,.0f} req/s  {r['cpu_us_per_req']:6.2f} µs/req  p99 {r['p99_ms']:.2f} ms  "
+        print(f"{name:32s} {r['rps']:>10,.0f} req/s  {r['cpu_us_per_req']:6.2f} µs/req  p99 {r['p99_ms']:.2f} ms  "
               f"busiest process {r['busiest_share']:.0%} of the CPU", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

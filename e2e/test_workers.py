@@ -1,7 +1,8 @@
 """Process models under load: gunicorn with 2 UringWorkers, and
 `uringserve --workers 2`, each serving the FastAPI app: 10,000 keep-alive
 requests, a worker killed with SIGKILL, a SIGHUP reload, a SIGTERM with a
-slow request in flight; no orphan processes afterwards."""
+slow request in flight; no orphan processes afterwards. And uvicorn --workers 2
+with uringloop as its loop."""
 
 import os
 import signal
@@ -316,5 +317,40 @@ def test_gunicorn_max_requests_and_heartbeat(tmp_path):
         text = log.read_text()
         assert "WORKER TIMEOUT" not in text
         assert "Maximum request limit of" in text
+    finally:
+        stop_cleanly(proc, port, log)
+
+
+def test_uvicorn_workers_on_uringloop_share_the_socket(tmp_path):
+    """uringloop as a drop-in under uvicorn --workers 2 (uvicorn binds once and
+    forks; each worker calls create_server(sock=)). While one worker is
+    blocked in a handler, the next connection is served by the other."""
+    port = free_port()
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "apps.wire_app:app", "--app-dir",
+                                 os.path.join(ROOT, "tests"), "--port", str(port), "--workers", "2", "--loop",
+                                 "uringloop:new_event_loop", "--http", "httptools"], stdout=out,
+                                stderr=subprocess.STDOUT, env=server_env(), cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while log.read_text().count("Application startup complete") < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        pids = []
+
+        def one():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(get("/block-pid?0.4"))
+                pids.append(Reader(s).response().body)
+
+        threads = []
+        for _ in range(2):
+            threads.append(threading.Thread(target=one))
+            threads[-1].start()
+            time.sleep(0.1)  # the first is being served, its worker blocked
+        for t in threads:
+            t.join(10)
+        assert len(pids) == 2 and pids[0] != pids[1], (pids, log.read_text())
     finally:
         stop_cleanly(proc, port, log)
