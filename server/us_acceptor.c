@@ -86,12 +86,13 @@ static void acceptor_accept_ready(us_acceptor *a)
             }
             continue;
         }
-        if (errno == EINTR || errno == ECONNABORTED)
+        int err = errno;
+        if (err == EINTR || err == ECONNABORTED)
             continue;
-        if (is_resource_error(errno)) {
+        if (is_resource_error(err)) {
             a->stalled = 1; /* resume() re-arms, once the poll has ended */
             ue_op_cancel(&a->loop->ue, &a->op);
-            if (acceptor_push(a, -errno) < 0)
+            if (acceptor_push(a, -err) < 0)
                 PyErr_WriteUnraisable((PyObject *)a);
         }
         return; /* EAGAIN: empty, or a sibling was faster */
