@@ -191,6 +191,16 @@ static inline uint16_t ue_cqe_bid(uint32_t cqe_flags)
  * without F_MORE ends it, and the owner re-arms. */
 void ue_prep_recv_multishot(struct io_uring_sqe *sqe, int fd, const ue_bufring *b);
 void ue_prep_accept_multishot(struct io_uring_sqe *sqe, int fd);
+/* Waits for connections on a listening socket. Alone on it: a multishot
+ * ACCEPT (each CQE's res is a new non-blocking fd). Shared with other
+ * processes: a multishot POLL_ADD (res is the poll mask) and ue_accept()
+ * in the callback. An accept is an exclusive waiter (the kernel wakes one
+ * per connection, the first in the queue, busy or not); a poll is not, so
+ * every process wakes and the least busy one accepts, as with epoll. */
+void ue_prep_listen(struct io_uring_sqe *sqe, int fd, int shared);
+/* accept4() of a non-blocking, close-on-exec socket, retried on EINTR and
+ * ECONNABORTED: the new fd, or -errno (-EAGAIN: nothing is waiting). */
+int ue_accept(int fd);
 /* Sends iov[0..n): one buffer as a plain SEND (the kernel then skips
  * importing a msghdr and an iovec array), several as a SENDMSG over `msg`.
  * `msg` and `iov` must stay valid until the CQE. */

@@ -384,6 +384,25 @@ void ue_prep_accept_multishot(struct io_uring_sqe *sqe, int fd)
     io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 }
 
+void ue_prep_listen(struct io_uring_sqe *sqe, int fd, int shared)
+{
+    if (shared)
+        io_uring_prep_poll_multishot(sqe, fd, POLLIN);
+    else
+        ue_prep_accept_multishot(sqe, fd);
+}
+
+int ue_accept(int fd)
+{
+    for (;;) {
+        int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); /* as the multishot accept */
+        if (c >= 0)
+            return c;
+        if (errno != EINTR && errno != ECONNABORTED)
+            return -errno;
+    }
+}
+
 void ue_prep_send_iov(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, struct iovec *iov, int n, int flags)
 {
     if (n == 1) {

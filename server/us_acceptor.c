@@ -10,7 +10,6 @@
 #include "us.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <unistd.h>
 
 typedef struct {
@@ -34,10 +33,7 @@ static int acceptor_arm(us_acceptor *a)
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
         return -1;
     }
-    if (a->shared)
-        io_uring_prep_poll_multishot(sqe, a->fd, POLLIN);
-    else
-        ue_prep_accept_multishot(sqe, a->fd);
+    ue_prep_listen(sqe, a->fd, a->shared);
     ue_op_arm(&a->loop->ue, &a->op, sqe, acceptor_cb);
     Py_INCREF(a);
     return 0;
@@ -77,7 +73,7 @@ static int is_resource_error(int err)
 static void acceptor_accept_ready(us_acceptor *a)
 {
     for (int i = 0; i < US_ACCEPT_MAX; i++) {
-        int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int fd = ue_accept(a->fd);
         if (fd >= 0) {
             if (acceptor_push(a, fd) < 0) {
                 close(fd);
@@ -86,9 +82,7 @@ static void acceptor_accept_ready(us_acceptor *a)
             }
             continue;
         }
-        int err = errno;
-        if (err == EINTR || err == ECONNABORTED)
-            continue;
+        int err = -fd;
         if (is_resource_error(err)) {
             a->stalled = 1; /* resume() re-arms, once the poll has ended */
             ue_op_cancel(&a->loop->ue, &a->op);

@@ -814,10 +814,7 @@ static int listener_arm(us_listener *l)
         PyErr_SetString(PyExc_RuntimeError, "uringserve: the io_uring submission queue is full");
         return -1;
     }
-    if (l->shared)
-        io_uring_prep_poll_multishot(sqe, l->fd, POLLIN);
-    else
-        ue_prep_accept_multishot(sqe, l->fd);
+    ue_prep_listen(sqe, l->fd, l->shared);
     ue_op_arm(&l->srv->loop->ue, &l->op, sqe, listener_cb);
     Py_INCREF(l->srv);
     return 0;
@@ -832,12 +829,9 @@ static int listener_accept_all(us_listener *l, int max)
 {
     us_httpserver *srv = l->srv;
     for (int i = 0; i < max; i++) {
-        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); /* as the multishot accept */
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
+        int fd = ue_accept(l->fd);
+        if (fd < 0)
             return 0; /* EAGAIN: empty (or a sibling was faster); EMFILE: next wake-up */
-        }
         if (srv->cancelled)
             close(fd);
         else
