@@ -15,7 +15,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from http_support import ROOT, Reader, free_port, get, server_env  # noqa: E402
+from http_support import ROOT, Reader, free_port, get, pids_while_one_is_blocked, server_env  # noqa: E402
 
 E2E = os.path.dirname(os.path.abspath(__file__))
 APP = "webapps.fastapi_app:app"
@@ -337,20 +337,7 @@ def test_uvicorn_workers_on_uringloop_share_the_socket(tmp_path):
         while log.read_text().count("Application startup complete") < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()
             time.sleep(0.05)
-        pids = []
-
-        def one():
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(get("/block-pid?0.4"))
-                pids.append(Reader(s).response().body)
-
-        threads = []
-        for _ in range(2):
-            threads.append(threading.Thread(target=one))
-            threads[-1].start()
-            time.sleep(0.1)  # the first is being served, its worker blocked
-        for t in threads:
-            t.join(10)
+        pids = pids_while_one_is_blocked(port)
         assert len(pids) == 2 and pids[0] != pids[1], (pids, log.read_text())
     finally:
         stop_cleanly(proc, port, log)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,3 +184,32 @@ def request(port, raw, head_request=False):
 
 def get(path="/", host="x"):
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+def pids_while_one_is_blocked(port, request=None, n=2, gap=0.1):
+    """n connections to 127.0.0.1:port, started `gap` s apart, each sending
+    `request` (default: GET /block-pid?0.4, a handler that blocks its
+    worker, then answers with its pid) and reading the reply. Returns the
+    pids in the order the replies came; with workers that share the
+    socket by busyness, the first reply's worker was blocked when the
+    second connection came, so the two differ."""
+
+    pids = []
+
+    def one():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            if request is None:
+                s.sendall(get("/block-pid?0.4"))
+                pids.append(Reader(s).response().body)
+            else:
+                s.sendall(request)
+                pids.append(s.recv(100))
+
+    threads = []
+    for _ in range(n):
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+        time.sleep(gap)  # the first is being served, its worker blocked
+    for t in threads:
+        t.join(10)
+    return pids

@@ -7,12 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from http_support import Reader, connect, free_port, get, request, serve, server_env, ROOT
+from http_support import Reader, connect, free_port, get, pids_while_one_is_blocked, request, serve, server_env, ROOT
 
 
 def run_cli(*args, env=None, timeout=20):
@@ -230,19 +229,7 @@ def test_workers_share_the_socket_by_busyness(tmp_path):
         deadline = time.monotonic() + 15
         while srv.log.count("is serving") < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        pids, threads = [], []
-
-        def one():
-            with connect(srv.port) as s:
-                s.sendall(get("/block-pid?0.4"))
-                pids.append(Reader(s).response().body)
-
-        for _ in range(2):
-            threads.append(threading.Thread(target=one))
-            threads[-1].start()
-            time.sleep(0.1)  # the first is being served, its worker blocked
-        for t in threads:
-            t.join(10)
+        pids = pids_while_one_is_blocked(srv.port)
         assert len(pids) == 2 and pids[0] != pids[1], pids
         assert srv.stop() == 0
 

@@ -9,11 +9,11 @@ import os
 import socket
 import ssl
 import tempfile
-import time
 
 import pytest
 
 from conftest import run
+from http_support import pids_while_one_is_blocked
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
@@ -454,7 +454,6 @@ def test_processes_sharing_a_socket_share_its_connections(loop_kind):
     connection goes to the other, as it does with asyncio's loop."""
     import subprocess
     import sys
-    import threading
 
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
@@ -465,20 +464,7 @@ def test_processes_sharing_a_socket_share_its_connections(loop_kind):
     try:
         for w in workers:
             assert w.stdout.readline().strip() == "ready"
-        pids = []
-
-        def one():
-            with socket.create_connection(addr, timeout=10) as c:
-                c.sendall(b"x")
-                pids.append(c.recv(100))
-
-        threads = []
-        for _ in range(2):
-            threads.append(threading.Thread(target=one))
-            threads[-1].start()
-            time.sleep(0.1)  # the first is being served, its process blocked
-        for t in threads:
-            t.join(10)
+        pids = pids_while_one_is_blocked(addr[1], request=b"x")
         assert len(pids) == 2 and pids[0] != pids[1], pids
     finally:
         for w in workers:
