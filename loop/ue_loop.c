@@ -45,7 +45,8 @@ static int ue__setup_ring(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
         unsigned flags;
         enum ue_mode mode;
     } attempts[] = {
-        {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED,
+        {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL |
+             IORING_SETUP_R_DISABLED,
          UE_MODE_DEFER_TASKRUN},
         {IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED, UE_MODE_COOP_TASKRUN},
         {IORING_SETUP_R_DISABLED, UE_MODE_PLAIN},
@@ -223,6 +224,21 @@ int ue_submit(ue_loop *l)
     return ret;
 }
 
+/* Whether an enter that does not wait could bring anything: SQEs to
+ * submit, or completions the kernel has queued. With TASKRUN_FLAG the
+ * kernel sets IORING_SQ_TASKRUN when it queues deferred completion work, so
+ * the flag and the CQ tell us what such an enter would find; skipping it
+ * saves the syscall of every iteration that only runs callbacks. */
+static int ue__kernel_has_news(ue_loop *l)
+{
+    if (l->unsubmitted || io_uring_sq_ready(&l->ring) || io_uring_cq_ready(&l->ring))
+        return 1;
+    if (!(l->ring.flags & IORING_SETUP_TASKRUN_FLAG))
+        return 1;
+    unsigned flags = IO_URING_READ_ONCE(*l->ring.sq.kflags);
+    return (flags & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0;
+}
+
 void ue_wait_prepare(ue_loop *l, double timeout)
 {
     if (timeout != 0)
@@ -234,6 +250,8 @@ int ue_wait(ue_loop *l, double timeout)
     struct io_uring_cqe *cqe;
     int ret;
     if (timeout == 0) {
+        if (!ue__kernel_has_news(l))
+            return 0;
         /* With DEFER_TASKRUN completions are only posted when we enter with
          * GETEVENTS; a plain peek would see nothing. */
         ret = io_uring_submit_and_get_events(&l->ring);

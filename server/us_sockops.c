@@ -218,7 +218,15 @@ static void sockop_dealloc(us_sockop *s)
 static PyObject *sockop_cancel(us_sockop *s, PyObject *unused)
 {
     (void)unused;
-    if (s->loop && s->loop->ue_ready && ue_op_cancel(&s->loop->ue, &s->op) < 0) {
+    if (!s->loop || !s->loop->ue_ready)
+        Py_RETURN_NONE;
+    /* A connect whose poll has fired but whose retry has not run yet is
+     * past an async cancel's reach, and the retry calls connect() again: on
+     * a socket a later sock_connect() is already using. Cancelled
+     * synchronously, the op is over (cancelled or completed) on return. */
+    if (s->kind == US_SK_CONNECT && ue_op_cancel_sync(&s->loop->ue, &s->op) == 0)
+        Py_RETURN_NONE;
+    if (ue_op_cancel(&s->loop->ue, &s->op) < 0) {
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
         return NULL;
     }
