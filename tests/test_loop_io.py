@@ -402,6 +402,40 @@ def test_cancelled_sock_accept_loses_no_connection(loop):
     run(loop, main())
 
 
+def test_cancelled_sock_connect_does_not_connect_later(loop):
+    """A connect cancelled while refused must not retry behind our back: the
+    next sock_connect after listen() connects, or is refused once, and never
+    finds the socket connected by the cancelled attempt (EISCONN)."""
+
+    async def main():
+        listener = socket.socket()
+        sock = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        addr = listener.getsockname()
+        sock.setblocking(False)
+        task = asyncio.ensure_future(loop.sock_connect(sock, addr))
+        await asyncio.sleep(0)
+        task.cancel()
+        listener.listen()
+        outcomes = []
+        for _ in range(3):
+            try:
+                await loop.sock_connect(sock, addr)
+            except OSError as exc:
+                outcomes.append(exc.errno)
+            else:
+                outcomes.append("connected")
+                break
+        assert outcomes in (["connected"], [errno.ECONNREFUSED, "connected"]), outcomes
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        conn, _ = listener.accept()
+        for s in (listener, sock, conn):
+            s.close()
+
+    run(loop, main())
+
+
 def test_sock_sendfile(loop):
     data = os.urandom(300_000)
 
