@@ -13,7 +13,8 @@
  * the same batch; the transport then joins the ready queue and hands what
  * arrived to the protocol there, as asyncio's reader callbacks do.
  * Large messages switch a socket to bulk mode (see US_BULK_ENTER): readiness
- * from an io_uring poll, and recv() into the bytes object at delivery.
+ * from a multishot io_uring poll, and recv() into the bytes object at
+ * delivery.
  * pause_reading() cancels the recv (bytes that complete before the cancel are
  * kept and delivered after resume_reading()).
  *
@@ -237,7 +238,9 @@ static void stream_hangup_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags
  * first is handed to its protocol, and each is then copied again into a
  * bytes object. So once one read brings US_BULK_ENTER bytes or more, the
  * multishot recv is cancelled and the socket is read the readiness way:
- * an io_uring poll says it is readable, and the transport reads it when its
+ * a multishot io_uring poll says it is readable (armed once, so a message
+ * costs no SQE and an iteration with nothing else to submit no syscall),
+ * and the transport reads it when its
  * turn to deliver comes, with recv() straight into the bytes object it
  * hands over (one copy, into memory the allocator has just handed back
  * warm, then processed while still in cache). A read of less than
@@ -250,12 +253,14 @@ static void stream_hangup_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags
  * was read is a split, not mremap */
 #define US_BULK_READ (120 * 1024)
 
+/* A bulk-mode socket keeps one multishot poll armed: each time data
+ * arrives it marks the socket readable, and nothing is re-armed per
+ * message (an iteration with nothing else to submit then makes no
+ * syscall). */
 static void stream_bulk_poll_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 {
     (void)ue;
-    (void)flags;
     us_stream *s = US_CONTAINER(op, us_stream, recv_op);
-    s->loop->sockops_inflight--;
     if (res >= 0 && !s->closing) {
         s->bulk_ready = 1;
         stream_schedule_ready(s);
@@ -263,6 +268,12 @@ static void stream_bulk_poll_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t fl
         Py_XSETREF(s->in_error, oserror_from_res(res));
         stream_schedule_ready(s);
     }
+    if (flags & IORING_CQE_F_MORE)
+        return;
+    s->loop->sockops_inflight--;
+    /* Cancelled on leaving bulk mode, or ended by the kernel: read on. */
+    if (stream_arm_recv(s) < 0)
+        PyErr_WriteUnraisable((PyObject *)s);
     stream_check_lost(s);
     Py_DECREF(s); /* the in-flight reference */
 }
@@ -282,7 +293,10 @@ static void stream_bulk_read(us_stream *s)
             stream_fail_reading(s); /* data is gone with the failure */
         else if (PyList_Append(s->inbound, data) < 0)
             stream_fail_reading(s);
-        if (n < US_BULK_EXIT)
+        if (n == US_BULK_READ) {
+            s->bulk_ready = 1; /* maybe more: the poll fires on arrivals only */
+            stream_schedule_ready(s);
+        } else if (n < US_BULK_EXIT)
             s->bulk = 0; /* small messages again: back to the shared ring */
     } else if (n == 0) {
         s->in_eof = 1;
@@ -290,8 +304,12 @@ static void stream_bulk_read(us_stream *s)
         Py_XSETREF(s->in_error, oserror_from_res(-errno));
     }
     Py_XDECREF(data);
-    if (stream_arm_recv(s) < 0)
+    if (!s->bulk || s->in_eof || s->in_error) {
+        if (ue_op_busy(&s->recv_op))
+            ue_op_cancel(&s->loop->ue, &s->recv_op); /* its last CQE re-arms */
+    } else if (stream_arm_recv(s) < 0) {
         PyErr_WriteUnraisable((PyObject *)s);
+    }
 }
 
 static int stream_arm_recv(us_stream *s)
@@ -299,8 +317,6 @@ static int stream_arm_recv(us_stream *s)
     us_loop *loop = s->loop;
     if (ue_op_busy(&s->recv_op) || s->read_paused || s->closing || s->in_eof || s->in_error)
         return 0;
-    if (s->bulk && s->bulk_ready)
-        return 0; /* read at delivery */
     /* bulk-mode sockets and write pipes poll; the rest read from the ring */
     int polls = s->bulk || s->kind == US_STREAM_WRITE_PIPE;
     ue_bufring *pool = polls ? NULL : us_loop_recv_pool(loop);
@@ -312,9 +328,12 @@ static int stream_arm_recv(us_stream *s)
         return -1;
     }
     ue_op_cb cb = stream_recv_cb;
-    if (polls) {
+    if (s->bulk) {
+        io_uring_prep_poll_multishot(sqe, s->fd, POLLIN);
+        cb = stream_bulk_poll_cb;
+    } else if (polls) {
         io_uring_prep_poll_add(sqe, s->fd, POLLIN);
-        cb = s->bulk ? stream_bulk_poll_cb : stream_hangup_cb;
+        cb = stream_hangup_cb;
     } else if (s->kind == US_STREAM_SOCKET) {
         ue_prep_recv_multishot(sqe, s->fd, pool);
     } else {

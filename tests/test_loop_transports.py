@@ -230,6 +230,31 @@ def test_large_and_small_messages_keep_order_across_pauses(loop):
     run(loop, main())
 
 
+def test_large_reads_take_everything_the_socket_holds(loop):
+    # On uringloop a socket in bulk mode learns of data from a poll that
+    # fires when data arrives; a read takes at most 120 KiB, so what stays
+    # in the socket after it must be read without waiting for more to come.
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        await loop.run_in_executor(None, peer.sendall, b"a" * 200_000)  # bulk mode
+        while len(pr.data) < 200_000:
+            await asyncio.sleep(0.001)
+        tr.pause_reading()
+        await loop.run_in_executor(None, peer.sendall, b"b" * 300_000)  # all queued
+        await asyncio.sleep(0.02)
+        tr.resume_reading()  # and nothing more arrives from now on
+        for _ in range(2000):
+            if len(pr.data) == 500_000:
+                break
+            await asyncio.sleep(0.001)
+        assert bytes(pr.data) == b"a" * 200_000 + b"b" * 300_000
+        tr.close()
+        await pr.lost
+        peer.close()
+
+    run(loop, main())
+
+
 def test_peer_reset_after_large_messages(loop):
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
