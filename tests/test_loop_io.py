@@ -436,6 +436,20 @@ def test_cancelled_sock_connect_does_not_connect_later(loop):
     run(loop, main())
 
 
+def test_sock_sendall_to_a_reset_peer_raises(loop):
+    async def main():
+        a, b = tcp_pair()
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        b.close()  # RST
+        await asyncio.sleep(0.05)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            for _ in range(3):
+                await loop.sock_sendall(a, b"x" * 1000)
+        a.close()
+
+    run(loop, main())
+
+
 def test_sock_sendfile(loop):
     data = os.urandom(300_000)
 
