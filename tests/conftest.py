@@ -57,6 +57,12 @@ def run(loop, coro, timeout=10):
     return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
+def close_with_reset(sock):
+    """Closes sock so that the peer gets an RST (SO_LINGER with a zero timeout)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
 def tcp_pair():
     """A connected pair of non-blocking TCP sockets on loopback."""
     with socket.socket() as listener:

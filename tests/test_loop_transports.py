@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from conftest import run
+from conftest import close_with_reset, run
 from http_support import pids_while_one_is_blocked
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -261,8 +261,7 @@ def test_peer_reset_after_large_messages(loop):
         peer.sendall(b"x" * 100_000)
         while len(pr.data) < 100_000:
             await asyncio.sleep(0.001)
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        peer.close()  # RST
+        close_with_reset(peer)
         exc = await asyncio.wait_for(pr.lost, 5)
         assert isinstance(exc, ConnectionResetError)
         assert pr.events == ["made", ("lost", "ConnectionResetError")]
@@ -382,8 +381,7 @@ def test_close_inside_data_received(loop):
 def test_peer_reset_mid_write(loop):
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        peer.close()  # RST
+        close_with_reset(peer)
         for _ in range(50):
             tr.write(b"y" * 65536)
             await asyncio.sleep(0.001)
