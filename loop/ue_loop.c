@@ -48,6 +48,9 @@ static int ue__setup_ring(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
         {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL |
              IORING_SETUP_R_DISABLED,
          UE_MODE_DEFER_TASKRUN},
+        /* without the flag only zero waits lose their shortcut (ue_wait) */
+        {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED,
+         UE_MODE_DEFER_TASKRUN},
         {IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_R_DISABLED, UE_MODE_COOP_TASKRUN},
         {IORING_SETUP_R_DISABLED, UE_MODE_PLAIN},
         {0, UE_MODE_PLAIN},

@@ -113,6 +113,18 @@ static void test_polling_alone_sees_completions(void)
     close_pair_and_loop(sv, &l);
 }
 
+/* Kernels with DEFER_TASKRUN (6.1+) also take TASKRUN_FLAG: if the first
+ * setup attempt failed and a fallback was used, zero waits would lose their
+ * shortcut without anyone noticing. */
+static void test_defer_taskrun_ring_has_the_taskrun_flag(void)
+{
+    ue_loop l;
+    setup(&l);
+    if (l.mode == UE_MODE_DEFER_TASKRUN)
+        CHECK(l.ring.flags & IORING_SETUP_TASKRUN_FLAG);
+    ue_loop_close(&l);
+}
+
 static void test_cancel_pending_recv(void)
 {
     ue_loop l;
@@ -301,6 +313,7 @@ int main(void)
 {
     RUN(test_recv_completes_once);
     RUN(test_polling_alone_sees_completions);
+    RUN(test_defer_taskrun_ring_has_the_taskrun_flag);
     RUN(test_cancel_pending_recv);
     RUN(test_cancel_races_completion);
     RUN(test_multishot_until_cancel);
