@@ -23,6 +23,12 @@ typedef struct {
     int nheld;
 } recv_probe;
 
+static void start_loop(ue_loop *l)
+{
+    REQUIRE(ue_loop_init(l, 64, 256) == 0);
+    REQUIRE(ue_loop_start(l) == 0);
+}
+
 static void recv_cb(ue_loop *l, ue_op *op, int32_t res, uint32_t flags)
 {
     (void)l;
@@ -67,8 +73,7 @@ static void arm_recv(ue_loop *l, recv_probe *p, int fd)
 static void test_multishot_recv_streams_through_small_buffers(void)
 {
     ue_loop l;
-    REQUIRE(ue_loop_init(&l, 64, 256) == 0);
-    REQUIRE(ue_loop_start(&l) == 0);
+    start_loop(&l);
     if (!ue_probe_op(&l, IORING_OP_PROVIDE_BUFFERS)) {
         ue_loop_close(&l);
         return;
@@ -109,8 +114,7 @@ static void test_multishot_recv_streams_through_small_buffers(void)
 static void test_empty_pool_ends_multishot_with_enobufs(void)
 {
     ue_loop l;
-    REQUIRE(ue_loop_init(&l, 64, 256) == 0);
-    REQUIRE(ue_loop_start(&l) == 0);
+    start_loop(&l);
     ue_bufring pool;
     REQUIRE(ue_bufring_init(&l, &pool, 2, 2, 8) == 0);
     int sv[2];
@@ -186,8 +190,7 @@ static int listen_and_accept(ue_loop *l, accept_probe *p, struct sockaddr_in *a)
 static void test_multishot_accept(void)
 {
     ue_loop l;
-    REQUIRE(ue_loop_init(&l, 64, 256) == 0);
-    REQUIRE(ue_loop_start(&l) == 0);
+    start_loop(&l);
     struct sockaddr_in a;
     accept_probe p;
     int ls = listen_and_accept(&l, &p, &a);
@@ -217,8 +220,7 @@ static void test_multishot_accept(void)
 static void test_cancel_sync_lets_go_of_the_socket(void)
 {
     ue_loop l;
-    REQUIRE(ue_loop_init(&l, 64, 256) == 0);
-    REQUIRE(ue_loop_start(&l) == 0);
+    start_loop(&l);
     struct sockaddr_in a;
     accept_probe p;
     int ls = listen_and_accept(&l, &p, &a);
