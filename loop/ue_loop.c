@@ -234,7 +234,7 @@ int ue_submit(ue_loop *l)
  * saves the syscall of every iteration that only runs callbacks. */
 static int ue__kernel_has_news(ue_loop *l)
 {
-    if (l->unsubmitted || io_uring_sq_ready(&l->ring) || io_uring_cq_ready(&l->ring))
+    if (io_uring_sq_ready(&l->ring) || io_uring_cq_ready(&l->ring)) /* SQEs to submit, CQEs to reap */
         return 1;
     if (!(l->ring.flags & IORING_SETUP_TASKRUN_FLAG))
         return 1;
