@@ -482,6 +482,8 @@ static void conn_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         conn_input(c, ue_bufring_buf(&loop->recv_pool, bid), (size_t)res);
         ue_bufring_recycle(&loop->recv_pool, bid);
     } else if (res == 0 || (res < 0 && res != -ECANCELED && res != -ENOBUFS)) {
+        if (flags & IORING_CQE_F_BUFFER) /* not for a socket at EOF today, but ours if so */
+            ue_bufring_recycle(&loop->recv_pool, ue_cqe_bid(flags));
         if (!c->eof)
             conn_input_ended(c);
     }

@@ -442,6 +442,10 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         }
         ue_bufring_recycle(pool, bid);
     } else if (res == 0) {
+        /* A pipe READ that finds EOF still takes a buffer (the CQE says
+         * which); a socket recv does not. */
+        if (flags & IORING_CQE_F_BUFFER)
+            ue_bufring_recycle(&loop->recv_pool, ue_cqe_bid(flags));
         if (!s->closing) {
             s->in_eof = 1;
             stream_schedule_ready(s);

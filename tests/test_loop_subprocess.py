@@ -136,3 +136,25 @@ def test_write_pipe_sees_reader_go_away(loop):
         assert wtr.is_closing()
 
     run(loop, main())
+
+
+def test_pipe_eofs_do_not_use_up_read_buffers(loop):
+    """A READ that finds a pipe at EOF still takes a buffer from the loop's
+    provided-buffer pool (the CQE names it), unlike a socket recv. Each pipe
+    EOF leaked one, and once the pool's 256 were gone no pipe was read again
+    (every READ failed with ENOBUFS and was re-armed: a busy loop)."""
+    async def one(i):
+        r, w = os.pipe()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                     os.fdopen(r, "rb", 0))
+        os.write(w, b"%d" % i)
+        os.close(w)
+        assert await reader.read() == b"%d" % i
+        transport.close()
+
+    async def main():
+        for i in range(600):
+            await one(i)
+
+    run(loop, main(), timeout=30)
