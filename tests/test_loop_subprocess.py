@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -136,6 +137,37 @@ def test_write_pipe_sees_reader_go_away(loop):
         assert wtr.is_closing()
 
     run(loop, main())
+
+
+def _wait_until_exited(pid):
+    """Blocks (the loop does not run) until `pid` is a zombie or gone."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} still runs")
+
+
+def test_exit_status_kept_when_popen_reaps_first(loop, caplog):
+    """kill() on a child that has just exited: Popen.send_signal() polls
+    first and so reaps the child before the loop sees it exit. wait() must
+    still give the child's own exit status (it gave 255 and logged "Unknown
+    child process")."""
+    async def main():
+        for _ in range(3):
+            p = await asyncio.create_subprocess_exec(PY, "-c", "import sys; sys.exit(7)")
+            _wait_until_exited(p.pid)
+            p.kill()
+            assert await p.wait() == 7
+            assert p.returncode == 7
+
+    run(loop, main())
+    assert "Unknown child process" not in caplog.text
 
 
 def test_pipe_eofs_do_not_use_up_read_buffers(loop):

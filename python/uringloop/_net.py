@@ -21,6 +21,9 @@ from asyncio.log import logger
 # kinds of _core.StreamTransport (server/us_stream.c)
 _READ_PIPE, _WRITE_PIPE = 1, 2
 
+# what _reap() returns for a child whose status someone else collected
+_REAPED_ELSEWHERE = object()
+
 
 def _socket_extra(sock, extra):
     info = dict(extra) if extra else {}
@@ -170,23 +173,43 @@ class NetworkMixin:
     def _child_exited(self, pid, pidfd, transp):
         if pidfd is not None:
             self._remove_reader(pidfd)
-            os.close(pidfd)
             self._child_pidfds.pop(pid, None)
         try:
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            wpid = None
-        if wpid == 0:  # not yet (cannot happen once the pidfd is readable): look again
+            returncode = self._reap(pid, pidfd)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        if returncode is None:  # not yet (cannot happen once the pidfd is readable): look again
             self._watch_child(pid, transp)
             return
-        if wpid is None:
-            logger.warning("Unknown child process pid %d, will report returncode 255", pid)
-            returncode = 255
-        else:
-            returncode = os.waitstatus_to_exitcode(status)
-            if self._debug:
-                logger.debug("process %s exited with returncode %s", pid, returncode)
+        if returncode is _REAPED_ELSEWHERE:
+            # Popen.send_signal() and poll() reap with waitpid() themselves:
+            # process.kill() on a child that has just exited takes its status
+            # before the loop sees the pidfd; Popen keeps it.
+            proc = transp._proc
+            returncode = proc.returncode if proc is not None else None
+            if returncode is None:
+                logger.warning("Unknown child process pid %d, will report returncode 255", pid)
+                returncode = 255
+        elif self._debug:
+            logger.debug("process %s exited with returncode %s", pid, returncode)
         transp._process_exited(returncode)
+
+    @staticmethod
+    def _reap(pid, pidfd):
+        """The exit code of an exited child (None if it still runs), or
+        _REAPED_ELSEWHERE. Through the pidfd where there is one, so that a
+        pid reused after someone else reaped the child is never touched."""
+        try:
+            if pidfd is None:
+                wpid, status = os.waitpid(pid, os.WNOHANG)
+                return os.waitstatus_to_exitcode(status) if wpid else None
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            return _REAPED_ELSEWHERE
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
     def _close_child_pidfds(self):
         for pidfd in self._child_pidfds.values():
