@@ -80,6 +80,7 @@ typedef struct us_stream {
     /* bulk mode (see US_BULK_ENTER): readiness, then recv at delivery */
     char bulk;
     char bulk_ready; /* the socket polled readable and was not read since */
+    char bulk_hup;   /* the poll saw the peer's EOF (or an error): read to the end */
 
     /* outbound */
     PyObject **wq;
@@ -256,12 +257,16 @@ static void stream_hangup_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags
 /* A bulk-mode socket keeps one multishot poll armed: each time data
  * arrives it marks the socket readable, and nothing is re-armed per
  * message (an iteration with nothing else to submit then makes no
- * syscall). */
+ * syscall). The poll is edge-triggered: data and the peer's FIN that arrive
+ * together give one completion, whose mask says RDHUP; the reads that
+ * follow then go on until recv() finds the end (see stream_bulk_read). */
 static void stream_bulk_poll_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 {
     (void)ue;
     us_stream *s = US_CONTAINER(op, us_stream, recv_op);
     if (res >= 0 && !s->closing) {
+        if (res & (POLLRDHUP | POLLHUP | POLLERR))
+            s->bulk_hup = 1;
         s->bulk_ready = 1;
         stream_schedule_ready(s);
     } else if (res < 0 && res != -ECANCELED && !s->closing) {
@@ -293,8 +298,10 @@ static void stream_bulk_read(us_stream *s)
             stream_fail_reading(s); /* data is gone with the failure */
         else if (PyList_Append(s->inbound, data) < 0)
             stream_fail_reading(s);
-        if (n == US_BULK_READ) {
-            s->bulk_ready = 1; /* maybe more: the poll fires on arrivals only */
+        if (n == US_BULK_READ || s->bulk_hup) {
+            /* maybe more, or the EOF behind this data: the poll fires on
+             * arrivals only */
+            s->bulk_ready = 1;
             stream_schedule_ready(s);
         } else if (n < US_BULK_EXIT)
             s->bulk = 0; /* small messages again: back to the shared ring */
@@ -329,7 +336,7 @@ static int stream_arm_recv(us_stream *s)
     }
     ue_op_cb cb = stream_recv_cb;
     if (s->bulk) {
-        io_uring_prep_poll_multishot(sqe, s->fd, POLLIN);
+        io_uring_prep_poll_multishot(sqe, s->fd, POLLIN | POLLRDHUP);
         cb = stream_bulk_poll_cb;
     } else if (polls) {
         io_uring_prep_poll_add(sqe, s->fd, POLLIN);

@@ -255,6 +255,26 @@ def test_large_reads_take_everything_the_socket_holds(loop):
     run(loop, main())
 
 
+def test_eof_right_behind_large_data_is_seen(loop):
+    # On uringloop a socket in bulk mode learns of data from an
+    # edge-triggered poll: data and a FIN that both arrive before the loop
+    # looks again give one completion, and the EOF must still be found once
+    # the data is read (eof_received never came, and the peer waited).
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        await loop.run_in_executor(None, peer.sendall, b"a" * 200_000)  # bulk mode
+        while len(pr.data) < 200_000:
+            await asyncio.sleep(0.001)
+        peer.sendall(b"b" * 50_000)  # both before the loop runs again
+        peer.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(pr.eof, 5)
+        assert bytes(pr.data) == b"a" * 200_000 + b"b" * 50_000
+        await pr.lost
+        peer.close()
+
+    run(loop, main())
+
+
 def test_peer_reset_after_large_messages(loop):
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
