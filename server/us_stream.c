@@ -95,7 +95,8 @@ typedef struct us_stream {
     PyObject *lost_exc;
     PyObject *empty_waiter; /* loop.sendfile(): resolved when writes drain */
     char buffered, closing, read_paused, protocol_paused;
-    char eof_requested, eof_sent, queued_ready, queued_flush;
+    char eof_requested, eof_sent, queued_flush;
+    int queued_ready; /* entries of this stream in the ready queue (at most 2) */
     char lost_pending, lost_ready, lost_done;
     PyObject *weakreflist;
     PyObject *dict; /* instance attributes: tests and tools patch transports */
@@ -103,20 +104,31 @@ typedef struct us_stream {
 
 /* ---- scheduling helpers ---- */
 
-static void stream_schedule_ready(us_stream *s)
+static void stream_push_ready(us_stream *s)
 {
-    if (s->queued_ready)
-        return;
-    s->queued_ready = 1;
-    if (us_ready_push(s->loop, Py_NewRef(s)) < 0)
+    s->queued_ready++;
+    if (us_ready_push(s->loop, Py_NewRef(s)) < 0) {
+        s->queued_ready--;
         PyErr_WriteUnraisable((PyObject *)s);
+    }
 }
 
+static void stream_schedule_ready(us_stream *s)
+{
+    if (!s->queued_ready)
+        stream_push_ready(s);
+}
+
+/* connection_lost() gets an entry of its own at the end of the ready queue,
+ * as asyncio's call_soon() gives it: an entry queued earlier (a bulk read
+ * queues the next one before its protocol runs) would call it before
+ * callbacks scheduled in between, such as the wake-up of a task that
+ * data_received() resolved (StreamReader then misses the exception). */
 static void stream_check_lost(us_stream *s)
 {
     if (s->lost_pending && !s->lost_ready && !ue_op_busy(&s->recv_op) && !ue_op_busy(&s->send_op)) {
         s->lost_ready = 1;
-        stream_schedule_ready(s);
+        stream_push_ready(s);
     }
 }
 
@@ -630,13 +642,13 @@ static int stream_call_connection_lost(us_stream *s)
 int us_stream_run(PyObject *o)
 {
     us_stream *s = (us_stream *)o;
-    s->queued_ready = 0;
+    s->queued_ready--;
     if (s->closing || !s->protocol)
         stream_release_held(s, 0); /* nothing more reaches the protocol */
     if (s->lost_done)
         return 0;
-    if (s->lost_ready)
-        return stream_call_connection_lost(s);
+    if (s->lost_ready) /* from its own entry, the last one queued */
+        return s->queued_ready ? 0 : stream_call_connection_lost(s);
     if (!s->protocol)
         return 0;
     return stream_deliver(s);

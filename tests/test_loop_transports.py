@@ -275,6 +275,41 @@ def test_eof_right_behind_large_data_is_seen(loop):
     run(loop, main())
 
 
+def test_connection_lost_runs_after_callbacks_scheduled_before_it(loop):
+    # asyncio schedules connection_lost() with call_soon(), after every
+    # callback scheduled before the transport was lost. StreamReader relies
+    # on it: a task woken by data_received() must run before
+    # connection_lost(exc) sets the reader's exception, or its readexactly()
+    # waits forever (seen in a stress run). On uringloop a socket in bulk
+    # mode whose read filled its 120 KiB buffer queues itself for the next
+    # read before its protocol runs; connection_lost() must not run from
+    # that earlier place in the queue.
+    class Aborter(Recorder):
+        def data_received(self, data):
+            super().data_received(data)
+            if len(self.data) > 200_000 and not self.transport.is_closing():
+                loop.call_soon(self.events.append, "scheduled before abort")
+                self.transport.abort()
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Aborter(loop))
+        await loop.run_in_executor(None, peer.sendall, b"a" * 100_000)  # bulk mode
+        while len(pr.data) < 100_000:
+            await asyncio.sleep(0.001)
+        tr.pause_reading()
+        sending = loop.run_in_executor(None, peer.sendall, b"b" * 300_000)
+        await asyncio.sleep(0.05)
+        tr.resume_reading()  # a full 120 KiB read, with more waiting behind it
+        await asyncio.wait_for(pr.lost, 5)
+        assert pr.events == ["made", "scheduled before abort", ("lost", None)]
+        try:
+            await sending
+        except OSError:
+            pass
+        peer.close()
+
+    run(loop, main())
+
 def test_peer_reset_after_large_messages(loop):
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
