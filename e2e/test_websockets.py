@@ -3,7 +3,9 @@
 
 import asyncio
 import os
+import socket
 import sys
+import time
 
 import httpx
 import pytest
@@ -81,6 +83,68 @@ def test_http_on_the_same_server_and_client_abort(ws_server):
     assert httpx.get(f"http://127.0.0.1:{ws_server.port}/").text == "http still works"
     assert "Exception in ASGI application" not in ws_server.log
 
+
+
+def _flood_state(port):
+    return httpx.get(f"http://127.0.0.1:{port}/flood-count").json()
+
+
+def test_a_client_that_does_not_read_holds_the_sender_back(ws_server):
+    """The app sends 2000 messages of 64 KiB to a client that reads none:
+    send() must wait once the transport is above its high-water mark (it
+    queued all 125 MiB before). The client then half-closes without a close
+    frame: the waiting send() ends with a disconnect (ClientDisconnected,
+    an OSError, which Starlette turns into WebSocketDisconnect), not with
+    an exception from the frame protocol."""
+    port = ws_server.port
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    time.sleep(1.0)  # the app sends as much as it is let
+    state = _flood_state(port)
+    assert state["state"] == "sending" and state["sent"] < 400, state
+    s.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + 5
+    while _flood_state(port)["state"] == "sending" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _flood_state(port)["state"] == "disconnected"
+    s.close()
+    assert "Exception in ASGI application" not in ws_server.log
+
+
+def test_messages_the_app_does_not_take_stop_the_reading(ws_server):
+    """The app takes no message for a while: the server stops reading the
+    socket after a few (it read them all into memory before), so the
+    client's sends wait; once the app reads again, every message arrives."""
+    port = ws_server.port
+
+    async def go():
+        async with websockets.connect(f"ws://127.0.0.1:{port}/hold", max_size=None) as ws:
+            sent = 0
+
+            async def send_all():
+                nonlocal sent
+                for _ in range(300):
+                    await ws.send(b"h" * 65536)
+                    sent += 1
+            sender = asyncio.create_task(send_all())
+            await asyncio.sleep(1.0)
+            assert sent < 250, sent  # 300 x 64 KiB; the kernel's buffers hold some
+            async with httpx.AsyncClient() as client:
+                await client.get(f"http://127.0.0.1:{port}/hold-release")
+            await asyncio.wait_for(sender, 10)
+            for _ in range(200):
+                async with httpx.AsyncClient() as client:
+                    held = (await client.get(f"http://127.0.0.1:{port}/hold-release")).json()
+                if held["received"] == 300:
+                    break
+                await asyncio.sleep(0.05)
+            assert held == {"received": 300, "bytes": 300 * 65536}
+    asyncio.run(go())
 
 def test_shutdown_closes_open_websockets_with_1012(tmp_path):
     import signal

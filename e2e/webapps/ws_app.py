@@ -1,7 +1,10 @@
-"""Starlette WebSocket endpoints: echo, subprotocols, close codes, refusal."""
+"""Starlette WebSocket endpoints: echo, subprotocols, close codes, refusal,
+and flow control both ways."""
+
+import asyncio
 
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -24,6 +27,50 @@ async def echo(ws: WebSocket):
         return
 
 
+FLOOD = {"sent": 0, "state": "idle"}
+
+
+async def flood(ws: WebSocket):
+    """Sends 64 KiB messages as fast as the server lets it, and says how far
+    it got (/flood-count): a client that does not read must hold it back."""
+    await ws.accept()
+    FLOOD.update(sent=0, state="sending")
+    try:
+        for _ in range(2000):
+            await ws.send_bytes(b"f" * 65536)
+            FLOOD["sent"] += 1
+        FLOOD["state"] = "all sent"
+    except WebSocketDisconnect:
+        FLOOD["state"] = "disconnected"
+
+
+async def flood_count(request):
+    return JSONResponse(FLOOD)
+
+
+HOLD = {"received": 0, "bytes": 0}
+HOLD_RELEASE = asyncio.Event()
+
+
+async def hold(ws: WebSocket):
+    """Takes no message until /hold-release, then counts them all."""
+    await ws.accept()
+    HOLD.update(received=0, bytes=0)
+    await HOLD_RELEASE.wait()
+    try:
+        while True:
+            data = await ws.receive_bytes()
+            HOLD["received"] += 1
+            HOLD["bytes"] += len(data)
+    except WebSocketDisconnect:
+        pass
+
+
+async def hold_release(request):
+    HOLD_RELEASE.set()
+    return JSONResponse(HOLD)
+
+
 async def refuse(ws: WebSocket):
     await ws.close(code=1008)
 
@@ -42,6 +89,10 @@ async def plain(request):
 app = Starlette(routes=[
     WebSocketRoute("/ws", echo),
     WebSocketRoute("/refuse", refuse),
+    WebSocketRoute("/flood", flood),
+    Route("/flood-count", flood_count),
+    WebSocketRoute("/hold", hold),
+    Route("/hold-release", hold_release),
     WebSocketRoute("/info", info),
     Route("/", plain),
 ])

@@ -11,12 +11,20 @@ import asyncio
 import logging
 import socket
 
+from websockets.exceptions import InvalidState
 from websockets.frames import Opcode
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 logger = logging.getLogger("uringserve.error")
 
 MAX_MESSAGE = 16 * 1024 * 1024
+# received messages the app has not taken yet: above this, the socket is
+# no longer read (the client's sends then wait on TCP), as the websockets
+# package's max_queue does
+MAX_QUEUE = 16
+# seconds a closing connection may take to send what is queued
+CLOSE_TIMEOUT = 10
 
 
 class ClientDisconnected(OSError):
@@ -69,6 +77,9 @@ class WebSocketSession(asyncio.Protocol):
         self.task = None
         self.fragments = None
         self.fragment_text = False
+        self.read_paused = False
+        self.write_paused = False
+        self.drain_waiter = None
 
     @staticmethod
     def _websocket_scope(scope):
@@ -131,7 +142,11 @@ class WebSocketSession(asyncio.Protocol):
         if not self.connect_sent:
             self.connect_sent = True
             return {"type": "websocket.connect"}
-        return await self.messages.get()
+        message = await self.messages.get()
+        if self.read_paused and self.messages.qsize() <= MAX_QUEUE // 4 and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
 
     async def send(self, message):
         kind = message["type"]
@@ -152,16 +167,23 @@ class WebSocketSession(asyncio.Protocol):
             else:
                 raise RuntimeError(f"Expected ASGI message 'websocket.accept' or 'websocket.close', but got {kind!r}.")
             return
-        if self.closed:
+        # the client may have gone (its FIN reached the protocol) before
+        # connection_lost() told us: either way it is ClientDisconnected
+        if self.closed or self.proto.state is State.CLOSED:
             raise ClientDisconnected("the WebSocket is closed")
         if kind == "websocket.send":
-            if message.get("bytes") is not None:
-                self.proto.send_binary(message["bytes"])
-            elif message.get("text") is not None:
-                self.proto.send_text(message["text"].encode())
-            else:
-                raise RuntimeError("websocket.send needs 'bytes' or 'text'")
+            try:
+                if message.get("bytes") is not None:
+                    self.proto.send_binary(message["bytes"])
+                elif message.get("text") is not None:
+                    self.proto.send_text(message["text"].encode())
+                else:
+                    raise RuntimeError("websocket.send needs 'bytes' or 'text'")
+            except InvalidState:
+                raise ClientDisconnected("the WebSocket is closing") from None
             self._flush()
+            if self.write_paused:
+                await self._drain()
         elif kind == "websocket.close":
             self.server_close(message.get("code") or 1000, message.get("reason") or "")
         else:
@@ -204,7 +226,33 @@ class WebSocketSession(asyncio.Protocol):
         self.proto.send_close(code, reason)
         self._flush()
 
+    async def _drain(self):
+        """Waits while the transport holds more than its high-water mark:
+        an app sending faster than the client reads is held here instead of
+        queueing without bound."""
+        while self.write_paused:
+            self.drain_waiter = self.handler.loop.create_future()
+            try:
+                await self.drain_waiter
+            finally:
+                self.drain_waiter = None
+
+    def _wake_drain(self, exc=None):
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
     # -- asyncio.Protocol --
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        self._wake_drain()
 
     def data_received(self, data):
         self.proto.receive_data(data)
@@ -234,14 +282,30 @@ class WebSocketSession(asyncio.Protocol):
             self.messages.put_nowait({"type": "websocket.receive", "text": data.decode()})
         else:
             self.messages.put_nowait({"type": "websocket.receive", "bytes": data})
+        if self.messages.qsize() >= MAX_QUEUE and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def eof_received(self):
         self.proto.receive_eof()
         self._flush()
+        # The client is gone as far as the WebSocket goes: an app waiting to
+        # send learns it now. The transport closes once what is queued is
+        # out; a client that half-closed and never reads gets a reset after
+        # CLOSE_TIMEOUT instead of holding the connection.
+        self.write_paused = False
+        self._wake_drain(ClientDisconnected("the WebSocket is closed"))
+        self.handler.loop.call_later(CLOSE_TIMEOUT, self._abort_if_open)
         return False
+
+    def _abort_if_open(self):
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
 
     def connection_lost(self, exc):
         self.closed = True
+        self.write_paused = False
+        self._wake_drain(ClientDisconnected("the WebSocket is closed"))
         code = self.proto.close_code or 1006
         self.messages.put_nowait({"type": "websocket.disconnect", "code": code,
                                   "reason": self.proto.close_reason or ""})
