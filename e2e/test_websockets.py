@@ -116,6 +116,44 @@ def test_a_client_that_does_not_read_holds_the_sender_back(ws_server):
     assert "Exception in ASGI application" not in ws_server.log
 
 
+
+def _server_fd_open(pid, server_port, client_port):
+    """Whether the server process still has a descriptor on its side of this
+    TCP connection (a socket it has closed may linger in the kernel, with
+    inode 0, until the client reads or times out; that is no fd of ours)."""
+    with open("/proc/net/tcp") as f:
+        inodes = {line.split()[9] for line in f.readlines()[1:]
+                  if int(line.split()[1].split(":")[1], 16) == server_port
+                  and int(line.split()[2].split(":")[1], 16) == client_port}
+    links = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return any(f"socket:[{inode}]" in links for inode in inodes - {"0"})
+
+
+def test_a_half_closed_client_that_never_reads_is_reset(ws_server):
+    """Closing waits for what the transport has queued to go out; a client
+    that half-closes and then reads nothing would hold the connection and
+    that memory for good. The server aborts it after 10 s (CLOSE_TIMEOUT)."""
+    port, pid = ws_server.port, ws_server.proc.pid
+    s = socket.create_connection(("127.0.0.1", port))
+    client_port = s.getsockname()[1]
+    s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    time.sleep(0.5)
+    s.shutdown(socket.SHUT_WR)
+    time.sleep(1.0)
+    assert _flood_state(port)["state"] == "disconnected"
+    assert _server_fd_open(pid, port, client_port)  # its queue cannot reach us
+    deadline = time.monotonic() + 15
+    while _server_fd_open(pid, port, client_port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _server_fd_open(pid, port, client_port)
+    s.close()
+
 def test_messages_the_app_does_not_take_stop_the_reading(ws_server):
     """The app takes no message for a while: the server stops reading the
     socket after a few (it read them all into memory before), so the

@@ -79,6 +79,7 @@ class WebSocketSession(asyncio.Protocol):
         self.fragment_text = False
         self.read_paused = False
         self.write_paused = False
+        self.lost = False  # connection_lost() came
         self.drain_waiter = None
 
     @staticmethod
@@ -299,11 +300,11 @@ class WebSocketSession(asyncio.Protocol):
         return False
 
     def _abort_if_open(self):
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.lost:
             self.transport.abort()
 
     def connection_lost(self, exc):
-        self.closed = True
+        self.closed = self.lost = True
         self.write_paused = False
         self._wake_drain(ClientDisconnected("the WebSocket is closed"))
         code = self.proto.close_code or 1006
