@@ -477,3 +477,45 @@ def test_sock_op_on_closed_socket(loop):
         b.close()
 
     run(loop, main())
+
+
+def test_sock_send_to_a_full_unix_datagram_peer_waits_and_keeps_the_data(loop):
+    # A Unix datagram socket whose peer is full: an io_uring send copies the
+    # data out of the request before failing with EAGAIN, and the kernel's
+    # retry then sent an empty datagram (sock_sendall and sock_sendto
+    # returned success). Both must wait for room and send the datagram whole.
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "srv")
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            srv.bind(path)
+            srv.setblocking(False)
+            cli = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            cli.connect(path)
+            cli.setblocking(False)
+            filled = 0
+            while True:
+                try:
+                    cli.send(b"fill")
+                    filled += 1
+                except BlockingIOError:
+                    break
+            sendall = asyncio.ensure_future(loop.sock_sendall(cli, b"via sock_sendall"))
+            await asyncio.sleep(0.05)
+            assert not sendall.done()  # the peer is full
+            got = [srv.recv(100)]
+            await asyncio.wait_for(sendall, 5)
+            sendto = asyncio.ensure_future(loop.sock_sendto(cli, b"via sock_sendto", path))
+            await asyncio.sleep(0.05)
+            got.append(srv.recv(100))
+            assert await asyncio.wait_for(sendto, 5) == len(b"via sock_sendto")
+            while True:
+                try:
+                    got.append(srv.recv(100))
+                except BlockingIOError:
+                    break
+            assert got == [b"fill"] * filled + [b"via sock_sendall", b"via sock_sendto"]
+            cli.close()
+            srv.close()
+
+    run(loop, main())

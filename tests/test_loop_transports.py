@@ -853,6 +853,92 @@ def test_udp_error_received_for_refused_port(loop):
     run(loop, main())
 
 
+
+def _full_unix_dgram_peer(path):
+    """A Unix datagram socket bound at `path` that reads nothing, and another
+    socket connected to it that has filled its queue."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(path)
+    srv.setblocking(False)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    other.connect(path)
+    other.setblocking(False)
+    while True:
+        try:
+            other.send(b"o")
+        except BlockingIOError:
+            return srv, other
+
+
+async def _drain_dgrams(sock):
+    """Reads until nothing more comes for 50 ms (the transport may send
+    whenever a datagram leaves the queue)."""
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(100))
+        except BlockingIOError:
+            await asyncio.sleep(0.05)
+            try:
+                got.append(sock.recv(100))
+            except BlockingIOError:
+                return got
+
+
+def test_unix_datagram_to_a_full_peer_waits_and_is_not_lost(loop):
+    # uringloop queues the datagram to an io_uring send, which polls the
+    # socket once: when the room the poll saw is taken again before the
+    # retry (another sender), the op ends with EAGAIN. That is no error for
+    # the protocol (asyncio keeps the datagram buffered); it was reported to
+    # error_received() and the datagram dropped.
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "srv")
+            srv, other = _full_unix_dgram_peer(path)
+            tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), remote_addr=path,
+                                                         family=socket.AF_UNIX)
+            tr.sendto(b"mine")  # the peer is full: it waits in the transport
+            await asyncio.sleep(0.05)
+            assert tr.get_write_buffer_size() == 4
+            srv.recv(100)  # room for one...
+            other.send(b"o")  # ...taken before the loop looks
+            await asyncio.sleep(0.05)
+            got = await _drain_dgrams(srv)
+            assert got.count(b"mine") == 1 and pr.errors == []
+            assert tr.get_write_buffer_size() == 0
+            tr.close()
+            await pr.lost
+            other.close()
+            srv.close()
+
+    run(loop, main())
+
+
+def test_datagram_abort_with_a_send_waiting(loop):
+    # abort() drops the buffer; the send op waiting on the full peer must
+    # end with it (it completed later and popped the empty buffer:
+    # IndexError in the exception handler, and the datagram went out after
+    # abort()).
+    async def main():
+        calls = []
+        loop.set_exception_handler(lambda lp, ctx: calls.append(ctx))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "srv")
+            srv, other = _full_unix_dgram_peer(path)
+            tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), remote_addr=path,
+                                                         family=socket.AF_UNIX)
+            tr.sendto(b"mine")
+            await asyncio.sleep(0.05)
+            tr.abort()
+            assert await pr.lost is None
+            got = await _drain_dgrams(srv)
+            assert b"mine" not in got
+            assert calls == []
+            other.close()
+            srv.close()
+
+    run(loop, main())
+
 def test_unix_datagram_endpoint(loop):
     async def main():
         with tempfile.TemporaryDirectory() as d:

@@ -4,7 +4,11 @@ Reading keeps one io_uring RECVMSG in flight (``_core`` sock op) and hands
 each datagram to ``datagram_received``; pause_reading() cancels it (a
 datagram that completes before the cancel is stashed by the core and
 delivered first on resume). ``sendto`` tries the kernel at once, as asyncio
-does, and queues to io_uring SENDMSG ops only when the socket is full.
+does; when the socket is full the datagram is buffered and the loop's writer
+watch (an io_uring poll) says when to try again, as in asyncio's selector
+transport. Not an io_uring send: a Unix datagram socket whose peer is full
+copies the data out of the request before it fails with EAGAIN, and the
+kernel's retry of the request then sends an empty datagram (seen on 6.18).
 Semantics follow asyncio's selector datagram transport.
 """
 
@@ -14,7 +18,7 @@ import socket
 from asyncio import exceptions, transports, trsock
 from asyncio.log import logger
 
-_RECVFROM, _SENDTO = 2, 5  # _core sock op codes (server/us_sockops.c)
+_RECVFROM = 2  # _core sock op code (server/us_sockops.c)
 _MAX_DATAGRAM = 256 * 1024
 
 
@@ -41,7 +45,7 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         self._paused = False
         self._closing = False
         self._conn_lost = 0
-        self._sending = False
+        self._writing = False  # the writer watch is armed
 
     def __repr__(self):
         state = "closed" if self._sock is None else "closing" if self._closing else "open"
@@ -120,12 +124,9 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
                 logger.warning("socket.send() raised exception.")
             self._conn_lost += 1
             return
-        if not self._buffer and not self._sending:
+        if not self._buffer:
             try:
-                if self._extra["peername"]:
-                    self._sock.send(data)
-                else:
-                    self._sock.sendto(data, addr)
+                self._send(data, addr)
                 return
             except (BlockingIOError, InterruptedError):
                 pass
@@ -139,37 +140,46 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
                 return
         self._buffer.append((bytes(data), addr))
         self._buffer_size += len(data)
+        if not self._writing:
+            self._writing = True
+            self._loop._add_writer(self._sock_fd, self._on_writable)
         self._maybe_pause_protocol()
-        self._send_next()
 
-    def _send_next(self):
-        if self._sending or not self._buffer or self._sock is None:
-            return
-        data, addr = self._buffer[0]
-        self._sending = True
-        if addr is None:
-            fut = self._loop._sock_op(4, self._sock, data)  # sendall on a connected socket
+    def _send(self, data, addr):
+        if self._extra["peername"]:
+            self._sock.send(data)
         else:
-            fut = self._loop._sock_op(_SENDTO, self._sock, data, addr)
-        fut.add_done_callback(self._on_sent)
+            self._sock.sendto(data, addr)
 
-    def _on_sent(self, fut):
-        self._sending = False
-        data, _ = self._buffer.popleft()
-        self._buffer_size -= len(data)
-        if not fut.cancelled():
-            exc = fut.exception()
-            if isinstance(exc, OSError):
+    def _on_writable(self):
+        while self._buffer:
+            data, addr = self._buffer.popleft()
+            self._buffer_size -= len(data)
+            try:
+                self._send(data, addr)
+            except (BlockingIOError, InterruptedError):
+                self._buffer.appendleft((data, addr))  # still full: wait again
+                self._buffer_size += len(data)
+                break
+            except OSError as exc:
                 self._protocol.error_received(exc)
-            elif exc is not None:
+                return
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
                 self._fatal_error(exc, "Fatal write error on datagram transport")
                 return
         self._maybe_resume_protocol()
-        if self._buffer:
-            self._send_next()
-        elif self._closing and not self._conn_lost:
-            self._conn_lost += 1
-            self._loop.call_soon(self._call_connection_lost, None)
+        if not self._buffer:
+            self._stop_writing()
+            if self._closing and not self._conn_lost:
+                self._conn_lost += 1
+                self._loop.call_soon(self._call_connection_lost, None)
+
+    def _stop_writing(self):
+        if self._writing:
+            self._writing = False
+            self._loop._remove_writer(self._sock_fd)
 
     # ---- closing ----
 
@@ -183,7 +193,7 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         if self._reading is not None:
             self._reading.cancel()
             self._reading = None
-        if not self._buffer and not self._sending:
+        if not self._buffer:
             self._conn_lost += 1
             self._loop.call_soon(self._call_connection_lost, None)
 
@@ -205,6 +215,7 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         if self._reading is not None:
             self._reading.cancel()
             self._reading = None
+        self._stop_writing()
         self._conn_lost += 1
         self._loop.call_soon(self._call_connection_lost, exc)
 

@@ -38,6 +38,11 @@ _STASH_GROUP = {
 _NATIVE_ADDR_FAMILIES = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
 
 
+def _unix_datagrams(sock):
+    """AF_UNIX SOCK_DGRAM or SOCK_SEQPACKET: see _sock_send_by_poll."""
+    return sock.family == socket.AF_UNIX and sock.type != socket.SOCK_STREAM
+
+
 class _SockFuture(asyncio.Future):
     """The future of one io_uring socket operation: cancelling it cancels the op."""
 
@@ -345,7 +350,21 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
 
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
+        if _unix_datagrams(sock):
+            return await self._sock_send_by_poll(sock, sock.send, data)
         return await self._sock_op(_SENDALL, sock, data)
+
+    async def _sock_send_by_poll(self, sock, send, *args):
+        """One datagram: try, and wait for the socket to be writable when it
+        is full. For Unix datagram sockets, whose full peer makes an io_uring
+        send fail after it has copied the data out of the request; the
+        kernel's retry then sends an empty datagram (seen on 6.18)."""
+        while True:
+            try:
+                send(*args)
+                return None
+            except (BlockingIOError, InterruptedError):
+                await self._sock_wait_writable(sock)
 
     async def _sock_resolve(self, sock, address):
         if sock.family == socket.AF_INET or (base_events._HAS_IPv6 and sock.family == socket.AF_INET6):
@@ -357,7 +376,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
     async def sock_sendto(self, sock, data, address):
         self._check_sock(sock)
         address = await self._sock_resolve(sock, address)
-        if sock.family in _NATIVE_ADDR_FAMILIES:
+        if sock.family in _NATIVE_ADDR_FAMILIES and not _unix_datagrams(sock):
             try:
                 return await self._sock_op(_SENDTO, sock, data, address)
             except _core.AddressFallback:
