@@ -63,6 +63,24 @@ def close_with_reset(sock):
     sock.close()
 
 
+def full_unix_dgram_peer(path):
+    """A non-blocking Unix datagram socket bound at `path` that reads
+    nothing, and another connected to it that has filled its queue with
+    b"o" datagrams: (peer, sender, how many)."""
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(path)
+    peer.setblocking(False)
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.connect(path)
+    sender.setblocking(False)
+    filled = 0
+    while True:
+        try:
+            sender.send(b"o")
+            filled += 1
+        except BlockingIOError:
+            return peer, sender, filled
+
 def tcp_pair():
     """A connected pair of non-blocking TCP sockets on loopback."""
     with socket.socket() as listener:

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from conftest import close_with_reset, run
+from conftest import close_with_reset, full_unix_dgram_peer, run
 from http_support import pids_while_one_is_blocked
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -854,22 +854,6 @@ def test_udp_error_received_for_refused_port(loop):
 
 
 
-def _full_unix_dgram_peer(path):
-    """A Unix datagram socket bound at `path` that reads nothing, and another
-    socket connected to it that has filled its queue."""
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    srv.bind(path)
-    srv.setblocking(False)
-    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    other.connect(path)
-    other.setblocking(False)
-    while True:
-        try:
-            other.send(b"o")
-        except BlockingIOError:
-            return srv, other
-
-
 async def _drain_dgrams(sock):
     """Reads until nothing more comes for 50 ms (the transport may send
     whenever a datagram leaves the queue)."""
@@ -894,7 +878,7 @@ def test_unix_datagram_to_a_full_peer_waits_and_is_not_lost(loop):
     async def main():
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "srv")
-            srv, other = _full_unix_dgram_peer(path)
+            srv, other, _ = full_unix_dgram_peer(path)
             tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), remote_addr=path,
                                                          family=socket.AF_UNIX)
             tr.sendto(b"mine")  # the peer is full: it waits in the transport
@@ -924,7 +908,7 @@ def test_datagram_abort_with_a_send_waiting(loop):
         loop.set_exception_handler(lambda lp, ctx: calls.append(ctx))
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "srv")
-            srv, other = _full_unix_dgram_peer(path)
+            srv, other, _ = full_unix_dgram_peer(path)
             tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), remote_addr=path,
                                                          family=socket.AF_UNIX)
             tr.sendto(b"mine")
