@@ -23,6 +23,8 @@ _READ_PIPE, _WRITE_PIPE = 1, 2
 
 # what _reap() returns for a child whose status someone else collected
 _REAPED_ELSEWHERE = object()
+# absent from a Python built against headers older than Linux 5.4
+_P_PIDFD = getattr(os, "P_PIDFD", None)
 
 
 def _socket_extra(sock, extra):
@@ -201,10 +203,10 @@ class NetworkMixin:
         _REAPED_ELSEWHERE. Through the pidfd where there is one, so that a
         pid reused after someone else reaped the child is never touched."""
         try:
-            if pidfd is None:
+            if pidfd is None or _P_PIDFD is None:
                 wpid, status = os.waitpid(pid, os.WNOHANG)
                 return os.waitstatus_to_exitcode(status) if wpid else None
-            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+            info = os.waitid(_P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:
             return _REAPED_ELSEWHERE
         if info is None:
