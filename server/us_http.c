@@ -182,8 +182,8 @@ static const uh_callbacks conn_callbacks = {conn_on_head, conn_on_body, conn_on_
 static int conn_arm_recv(us_httpconn *c)
 {
     us_loop *loop = c->srv->loop;
-    if (ue_op_busy(&c->recv_op) || c->read_paused || c->eof || c->closed || c->upgrading)
-        return 0;
+    if (ue_op_busy(&c->recv_op) || c->read_paused || c->eof || c->closed || c->upgrading || loop->closing)
+        return 0; /* loop->closing: see stream_arm_recv */
     ue_bufring *pool = us_loop_recv_pool(loop);
     if (!pool)
         return -1;
@@ -811,6 +811,8 @@ static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
 
 static int listener_arm(us_listener *l)
 {
+    if (l->srv->loop->closing)
+        return 0; /* see stream_arm_recv */
     struct io_uring_sqe *sqe = ue_sqe(&l->srv->loop->ue);
     if (!sqe) {
         PyErr_SetString(PyExc_RuntimeError, "uringserve: the io_uring submission queue is full");

@@ -334,7 +334,9 @@ static void stream_bulk_read(us_stream *s)
 static int stream_arm_recv(us_stream *s)
 {
     us_loop *loop = s->loop;
-    if (ue_op_busy(&s->recv_op) || s->read_paused || s->closing || s->in_eof || s->in_error)
+    /* loop->closing: the loop's close cancels every op, and a final CQE
+     * must not arm a new one behind that cancel */
+    if (ue_op_busy(&s->recv_op) || s->read_paused || s->closing || s->in_eof || s->in_error || loop->closing)
         return 0;
     /* bulk-mode sockets and write pipes poll; the rest read from the ring */
     int polls = s->bulk || s->kind == US_STREAM_WRITE_PIPE;
@@ -740,6 +742,8 @@ static int stream_fill_iov(us_stream *s)
 static void stream_arm_send(us_stream *s)
 {
     us_loop *loop = s->loop;
+    if (loop->closing)
+        return; /* see stream_arm_recv */
     int n = stream_fill_iov(s);
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe) {

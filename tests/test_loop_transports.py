@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import tempfile
+import time
 
 import pytest
 
@@ -938,3 +939,20 @@ def test_unix_datagram_endpoint(loop):
             srv_tr.close()
 
     run(loop, main())
+
+
+def test_closing_the_loop_with_connections_left_open(loop):
+    # A program that ends with connections still open: loop.close() cancels
+    # their ops. On uringloop the final completions armed new reads behind
+    # that cancel, so close() waited out its 1 s limit and the transports,
+    # with their sockets, were never freed.
+    async def main():
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        return server, [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+
+    kept = run(loop, main())
+    started = time.monotonic()
+    loop.close()
+    assert time.monotonic() - started < 0.5
+    del kept  # left to the garbage collector, as asyncio leaves them: no_fd_leak checks

@@ -142,6 +142,9 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         self._close_core()
         self._close_child_pidfds()
         self._close_self_pipe()
+        # The servers' listening sockets are theirs to close; a closed loop
+        # only stops referring to them, as asyncio's closed selector does.
+        self._acceptors.clear()
 
     def _uring_slow_callback(self, item, dt):
         if dt >= self.slow_callback_duration:
