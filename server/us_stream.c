@@ -960,6 +960,10 @@ static PyObject *stream_close(us_stream *s, PyObject *unused)
     if (s->closing)
         Py_RETURN_NONE;
     s->closing = 1;
+    /* On a closed loop asyncio's close() fails in call_soon(); nothing may
+     * be queued there (it would keep the transport and its socket alive) */
+    if (us_loop_check_open(s->loop) < 0)
+        return NULL;
     if (s->loop->ue_ready)
         ue_op_cancel(&s->loop->ue, &s->recv_op);
     if (!s->wq_len && !ue_op_busy(&s->send_op)) {
@@ -973,6 +977,10 @@ static PyObject *stream_close(us_stream *s, PyObject *unused)
 static PyObject *stream_abort(us_stream *s, PyObject *unused)
 {
     (void)unused;
+    if (!s->conn_lost && us_loop_check_open(s->loop) < 0) { /* as close() */
+        s->closing = 1;
+        return NULL;
+    }
     stream_force_close(s, Py_None);
     Py_RETURN_NONE;
 }

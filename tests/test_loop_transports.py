@@ -955,4 +955,10 @@ def test_closing_the_loop_with_connections_left_open(loop):
     started = time.monotonic()
     loop.close()
     assert time.monotonic() - started < 0.5
+    # closing one afterwards fails as on asyncio (call_soon on a closed
+    # loop), and queues nothing that would keep it alive
+    with pytest.raises(RuntimeError, match="closed"):
+        kept[1][0][1].close()
+    with pytest.raises(RuntimeError, match="closed"):
+        kept[1][1][1].transport.abort()
     del kept  # left to the garbage collector, as asyncio leaves them: no_fd_leak checks
