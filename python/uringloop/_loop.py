@@ -354,18 +354,20 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
     async def sock_sendall(self, sock, data):
         self._check_sock(sock)
         if _unix_datagrams(sock):
-            return await self._sock_send_by_poll(sock, sock.send, data)
+            await self._sock_send_by_poll(sock, "send", data)
+            return None
         return await self._sock_op(_SENDALL, sock, data)
 
-    async def _sock_send_by_poll(self, sock, send, *args):
-        """One datagram: try, and wait for the socket to be writable when it
-        is full. For Unix datagram sockets, whose full peer makes an io_uring
-        send fail after it has copied the data out of the request; the
-        kernel's retry then sends an empty datagram (seen on 6.18)."""
+    async def _sock_send_by_poll(self, sock, method, *args):
+        """sock.<method>(*args), waiting for the socket to be writable while
+        it is full; returns what the method returned (looked up on every try,
+        as asyncio does: CPython's test_sendto_blocking swaps it meanwhile). For addresses io_uring cannot take,
+        and for Unix datagram sockets, whose full peer makes an io_uring send
+        fail after it has copied the data out of the request; the kernel's
+        retry then sends an empty datagram (seen on 6.18)."""
         while True:
             try:
-                send(*args)
-                return None
+                return getattr(sock, method)(*args)
             except (BlockingIOError, InterruptedError):
                 await self._sock_wait_writable(sock)
 
@@ -384,11 +386,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
                 return await self._sock_op(_SENDTO, sock, data, address)
             except _core.AddressFallback:
                 pass
-        while True:
-            try:
-                return sock.sendto(data, address)
-            except (BlockingIOError, InterruptedError):
-                await self._sock_wait_writable(sock)
+        return await self._sock_send_by_poll(sock, "sendto", data, address)
 
     async def sock_connect(self, sock, address):
         self._check_sock(sock)
