@@ -20,6 +20,7 @@ from asyncio.log import logger
 
 _RECVFROM = 2  # _core sock op code (server/us_sockops.c)
 _MAX_DATAGRAM = 256 * 1024
+_FULL, _FAILED = object(), object()  # outcomes of DatagramTransport._try_send
 
 
 class DatagramTransport(transports._FlowControlMixin, transports.DatagramTransport):
@@ -124,20 +125,8 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
                 logger.warning("socket.send() raised exception.")
             self._conn_lost += 1
             return
-        if not self._buffer:
-            try:
-                self._send(data, addr)
-                return
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                self._protocol.error_received(exc)
-                return
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._fatal_error(exc, "Fatal write error on datagram transport")
-                return
+        if not self._buffer and self._try_send(data, addr) is not _FULL:
+            return
         self._buffer.append((bytes(data), addr))
         self._buffer_size += len(data)
         if not self._writing:
@@ -145,29 +134,36 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
             self._loop._add_writer(self._sock_fd, self._on_writable)
         self._maybe_pause_protocol()
 
-    def _send(self, data, addr):
-        if self._extra["peername"]:
-            self._sock.send(data)
-        else:
-            self._sock.sendto(data, addr)
+    def _try_send(self, data, addr):
+        """Sends one datagram: None when sent, _FULL when the socket refused
+        it for now, _FAILED when it is dropped (error_received() was told,
+        or the transport failed)."""
+        try:
+            if self._extra["peername"]:
+                self._sock.send(data)
+            else:
+                self._sock.sendto(data, addr)
+            return None
+        except (BlockingIOError, InterruptedError):
+            return _FULL
+        except OSError as exc:
+            self._protocol.error_received(exc)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal write error on datagram transport")
+        return _FAILED
 
     def _on_writable(self):
         while self._buffer:
             data, addr = self._buffer.popleft()
             self._buffer_size -= len(data)
-            try:
-                self._send(data, addr)
-            except (BlockingIOError, InterruptedError):
+            result = self._try_send(data, addr)
+            if result is _FULL:
                 self._buffer.appendleft((data, addr))  # still full: wait again
                 self._buffer_size += len(data)
                 break
-            except OSError as exc:
-                self._protocol.error_received(exc)
-                return
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._fatal_error(exc, "Fatal write error on datagram transport")
+            if result is _FAILED:
                 return
         self._maybe_resume_protocol()
         if not self._buffer:
