@@ -105,6 +105,11 @@ static int uh_on_header_field(llhttp_t *ll, const char *at, size_t len)
     uh_header *h = &p->headers[p->nheaders - 1];
     if (h->name.len + len > p->limits.max_field_size)
         return uh_fail(p, 431, "Request header field too large");
+    /* llhttp 8 passes "Name : value" on with the space in the name unless
+     * the name is one it knows; RFC 9112 section 5.1 requires a 400, as a
+     * proxy in front may read that field differently (smuggling). */
+    if (memchr(at, ' ', len) || memchr(at, '\t', len))
+        return uh_fail(p, 400, "Whitespace in a header field name");
     return uh_arena_append(p, &h->name, at, len, 1);
 }
 
@@ -157,6 +162,8 @@ static int uh_check_framing(uh_parser *p)
         return uh_fail(p, 400, "Transfer-Encoding must end in chunked");
     if (has_te && ll->http_major == 1 && ll->http_minor == 0)
         return uh_fail(p, 400, "Transfer-Encoding in an HTTP/1.0 request");
+    if (ll->http_major != 1)
+        return uh_fail(p, 505, "HTTP version not supported");
     if (ll->http_minor >= 1 && p->host_count != 1)
         return uh_fail(p, 400, p->host_count ? "More than one Host header" : "Missing Host header");
     if (p->host_count > 1)

@@ -222,6 +222,11 @@ BAD_REQUESTS = {
     "bad chunk size": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n", 400),
     "header without colon": (b"GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n", 400),
     "space before colon": (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    # llhttp 8 lets these through with the space in the name
+    "space before colon, unknown header": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A : b\r\n\r\n", 400),
+    "tab before colon": (b"GET / HTTP/1.1\r\nHost: x\r\nX-A\t: b\r\n\r\n", 400),
+    "http/2.0 request line": (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    "http/0.9 request line": (b"GET /\r\n\r\n", 505),
     "bare lf in header": (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\nb\r\n\r\n", 400),
     "long target": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     "too many headers": (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120))
