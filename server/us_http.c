@@ -947,6 +947,12 @@ static PyObject *server_listen(us_httpserver *srv, PyObject *args, PyObject *kw)
         PyMem_Free(l);
         return NULL;
     }
+    if (!srv->context && !(srv->context = PyContext_CopyCurrent())) {
+        close(l->fd);
+        Py_DECREF(l->sock);
+        PyMem_Free(l);
+        return NULL;
+    }
     l->active = 1;
     l->shared = (char)shared;
     srv->listeners[srv->nlisteners++] = l;
@@ -1208,6 +1214,7 @@ static int server_traverse(us_httpserver *srv, visitproc visit, void *arg)
     Py_VISIT(srv->proxy);
     Py_VISIT(srv->websocket);
     Py_VISIT(srv->state);
+    Py_VISIT(srv->context);
     for (int i = 0; i < srv->nlisteners; i++)
         Py_VISIT(srv->listeners[i]->sock);
     Py_VISIT(Py_TYPE(srv));
@@ -1222,6 +1229,7 @@ static int server_clear(us_httpserver *srv)
     Py_CLEAR(srv->proxy);
     Py_CLEAR(srv->websocket);
     Py_CLEAR(srv->state);
+    Py_CLEAR(srv->context);
     return 0;
 }
 

@@ -59,6 +59,7 @@ struct us_httpserver {
     PyObject *root_path;   /* str */
     PyObject *root_path_b; /* bytes */
     PyObject *task_type;   /* asyncio.Task */
+    PyObject *context;     /* copied at the first listen(): each app Task starts from a copy */
     PyObject *s_task_factory;
     uh_buf server_line;   /* "server: ...\r\n", left out when the app sends its own */
     uh_buf extra_headers; /* --header lines, serialized */

@@ -1195,7 +1195,12 @@ int us_httpcycle_start(us_httpcycle *cy)
     if (coro)
         Py_SETREF(coro, runner_new(cy, coro));
     if (coro) {
-        PyObject *factory = PyObject_GetAttr((PyObject *)srv->loop, srv->s_task_factory);
+        /* The Task copies the current context: the server's, as an asyncio
+         * server's protocol creates its tasks in the context it started in. */
+        int entered = 0; /* 1: entered, -1: could not enter */
+        if (srv->context)
+            entered = PyContext_Enter(srv->context) < 0 ? -1 : 1;
+        PyObject *factory = entered < 0 ? NULL : PyObject_GetAttr((PyObject *)srv->loop, srv->s_task_factory);
         if (factory == Py_None) {
             PyObject *args[2] = {coro, (PyObject *)srv->loop};
             task = PyObject_Vectorcall(srv->task_type, args, 1, srv->st->kw_loop);
@@ -1203,6 +1208,13 @@ int us_httpcycle_start(us_httpcycle *cy)
             task = PyObject_CallMethod((PyObject *)srv->loop, "create_task", "O", coro);
         }
         Py_XDECREF(factory);
+        if (entered == 1) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            if (PyContext_Exit(srv->context) < 0) /* a task factory left a context entered */
+                PyErr_WriteUnraisable((PyObject *)srv);
+            PyErr_Restore(et, ev, tb);
+        }
         if (!task) {
             /* the runner never ran: the cycle is settled below */
             us_runner *runner = (us_runner *)coro;

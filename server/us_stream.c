@@ -98,9 +98,40 @@ typedef struct us_stream {
     char eof_requested, eof_sent, queued_flush;
     int queued_ready; /* entries of this stream in the ready queue (at most 2) */
     char lost_pending, lost_ready, lost_done;
+    PyObject *context; /* see stream_enter_context() */
+    char in_context;
     PyObject *weakreflist;
     PyObject *dict; /* instance attributes: tests and tools patch transports */
 } us_stream;
+
+/* The protocol's callbacks from the loop (data_received, eof_received,
+ * get_buffer/buffer_updated, resume_writing, connection_lost) run in a copy
+ * of the context the transport was made in: asyncio's reader and writer
+ * handles capture it that way, so a contextvar set before
+ * create_connection() or create_server() is seen there (uvloop does the
+ * same). Returns 1 if entered (undo with stream_exit_context), 0 if already
+ * in it, -1 on error. */
+static int stream_enter_context(us_stream *s)
+{
+    if (s->in_context)
+        return 0;
+    if (PyContext_Enter(s->context) < 0)
+        return -1;
+    s->in_context = 1;
+    return 1;
+}
+
+static void stream_exit_context(us_stream *s, int entered)
+{
+    if (entered != 1)
+        return;
+    s->in_context = 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (PyContext_Exit(s->context) < 0) /* a callback left a context of its own entered */
+        PyErr_WriteUnraisable((PyObject *)s);
+    PyErr_Restore(et, ev, tb);
+}
 
 /* ---- scheduling helpers ---- */
 
@@ -641,19 +672,29 @@ static int stream_call_connection_lost(us_stream *s)
     return rc;
 }
 
+static int stream_run_in_context(us_stream *s)
+{
+    if (s->lost_ready) /* from its own entry, the last one queued */
+        return s->queued_ready ? 0 : stream_call_connection_lost(s);
+    if (!s->protocol)
+        return 0;
+    return stream_deliver(s);
+}
+
 int us_stream_run(PyObject *o)
 {
     us_stream *s = (us_stream *)o;
     s->queued_ready--;
     if (s->closing || !s->protocol)
         stream_release_held(s, 0); /* nothing more reaches the protocol */
-    if (s->lost_done)
+    if (s->lost_done || (!s->lost_ready && !s->protocol))
         return 0;
-    if (s->lost_ready) /* from its own entry, the last one queued */
-        return s->queued_ready ? 0 : stream_call_connection_lost(s);
-    if (!s->protocol)
-        return 0;
-    return stream_deliver(s);
+    int entered = stream_enter_context(s);
+    if (entered < 0)
+        return us_report_exception(s->loop, NULL, NULL);
+    int rc = stream_run_in_context(s);
+    stream_exit_context(s, entered);
+    return rc;
 }
 
 /* ---- writing ---- */
@@ -707,7 +748,13 @@ static void stream_maybe_resume_protocol(us_stream *s)
         return;
     s->protocol_paused = 0;
     Py_XSETREF(s->paused_obj, Py_NewRef(Py_False));
+    int entered = stream_enter_context(s);
+    if (entered < 0) {
+        PyErr_WriteUnraisable((PyObject *)s);
+        return;
+    }
     stream_flow_callback(s, "resume_writing", 0);
+    stream_exit_context(s, entered);
 }
 
 static void stream_shutdown_write(us_stream *s)
@@ -1190,8 +1237,9 @@ PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
     s->server = Py_NewRef(args[3]);
     s->paused_obj = Py_NewRef(Py_False);
     s->inbound = PyList_New(0);
+    s->context = PyContext_CopyCurrent();
     PyObject_GC_Track(s);
-    if (!s->inbound || stream_set_limits(s, 64 * 1024, 16 * 1024) < 0) {
+    if (!s->inbound || !s->context || stream_set_limits(s, 64 * 1024, 16 * 1024) < 0) {
         Py_DECREF(s);
         return NULL;
     }
@@ -1215,6 +1263,7 @@ static int stream_traverse(us_stream *s, visitproc visit, void *arg)
     Py_VISIT(s->high_water_obj);
     Py_VISIT(s->low_water_obj);
     Py_VISIT(s->paused_obj);
+    Py_VISIT(s->context);
     for (int i = 0; i < s->wq_len; i++)
         Py_VISIT(s->wq[(s->wq_head + i) % s->wq_cap]);
     return 0;
@@ -1236,6 +1285,7 @@ static int stream_clear(us_stream *s)
     Py_CLEAR(s->high_water_obj);
     Py_CLEAR(s->low_water_obj);
     Py_CLEAR(s->paused_obj);
+    Py_CLEAR(s->context);
     while (s->wq_len) {
         Py_DECREF(s->wq[s->wq_head]);
         s->wq_head = (s->wq_head + 1) % s->wq_cap;

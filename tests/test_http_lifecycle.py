@@ -307,6 +307,34 @@ def test_embedding_api(tmp_path):
     assert "b'plain'" in r.stdout and "exit 0" in r.stdout, r.stderr
 
 
+def test_app_tasks_start_from_the_context_serve_ran_in(tmp_path):
+    # As under uvicorn on asyncio: a contextvar set before serve() is seen by
+    # every request, and what one request sets stays in its own copy.
+    code = (
+        "import asyncio, contextvars, urllib.request, uringloop, uringserve\n"
+        "cvar = contextvars.ContextVar('cvar', default='unset')\n"
+        "async def app(scope, receive, send):\n"
+        "    seen = cvar.get()\n"
+        "    cvar.set('set by a request')\n"
+        "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+        "    await send({'type': 'http.response.body', 'body': seen.encode()})\n"
+        "cfg = uringserve.Config(app, port=%d, lifespan='off', limit_max_requests=2)\n"
+        "srv = uringserve.Server(cfg)\n"
+        "def fetch():\n"
+        "    return [urllib.request.urlopen('http://127.0.0.1:%d/').read() for _ in range(2)]\n"
+        "async def main():\n"
+        "    cvar.set('set before serve')\n"
+        "    serving = asyncio.ensure_future(srv.serve())\n"
+        "    while not srv.started:\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    print(await asyncio.get_running_loop().run_in_executor(None, fetch))\n"
+        "    await serving\n"
+        "uringloop.run(main())\n" % ((port := free_port()), port))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=server_env(), cwd=ROOT,
+                       timeout=20)
+    assert "[b'set before serve', b'set before serve']" in r.stdout, (r.stdout, r.stderr)
+
+
 def test_log_config_file_and_access_log_format(tmp_path):
     cfg = {
         "version": 1,

@@ -5,6 +5,7 @@ connections, and faults (resets, writes after close, servers closed with
 clients attached), with file descriptors counted before and after."""
 
 import asyncio
+import contextvars
 import os
 import socket
 import ssl
@@ -94,6 +95,117 @@ def test_echo_protocol_roundtrip_and_callbacks_once(loop):
         await server.wait_closed()
 
     run(loop, main())
+
+
+_cvar = contextvars.ContextVar("uringloop_test_cvar", default="outer")
+
+
+class _ContextNotes:
+    """Records the context variable each protocol callback sees."""
+
+    def __init__(self, loop, reply=b""):
+        self.seen = {"factory": _cvar.get()}
+        self.reply = reply
+        self.lost = loop.create_future()
+
+    def _note(self, name):
+        self.seen.setdefault(name, _cvar.get())
+
+    def _send_reply(self):
+        if self.reply:
+            self.transport.set_write_buffer_limits(high=1, low=0)
+            self.transport.write(self.reply)  # pauses; resumes when it drains
+            self.reply = b""
+
+    def connection_made(self, transport):
+        self._note("connection_made")
+        self.transport = transport
+
+    def pause_writing(self):
+        self._note("pause_writing")
+
+    def resume_writing(self):
+        self._note("resume_writing")
+
+    def eof_received(self):
+        self._note("eof_received")
+
+    def connection_lost(self, exc):
+        self._note("connection_lost")
+        self.lost.set_result(None)
+
+
+class ContextRecorder(_ContextNotes, asyncio.BufferedProtocol):
+    def get_buffer(self, sizehint):
+        self._note("get_buffer")
+        return bytearray(65536)
+
+    def buffer_updated(self, nbytes):
+        self._note("buffer_updated")
+        self._send_reply()
+
+
+class ContextRecorderPlain(_ContextNotes, asyncio.Protocol):
+    def data_received(self, data):
+        self._note("data_received")
+        self._send_reply()
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["BufferedProtocol", "Protocol"])
+def test_protocol_callbacks_run_in_the_context_that_made_the_transport(loop, buffered):
+    # asyncio's reader and writer handles copy the context current when the
+    # server starts serving or the connection is made; uringloop's C
+    # transports ran every callback in the loop's own context ("outer").
+    cls = ContextRecorder if buffered else ContextRecorderPlain
+    servers = []
+
+    def server_factory():
+        servers.append(cls(loop, reply=b"r" * (4 << 20)))
+        return servers[-1]
+
+    async def client(addr):
+        _cvar.set("client")
+        tr, pr = await loop.create_connection(lambda: cls(loop), *addr)
+        _cvar.set("client, later")
+        tr.write(b"hello")
+        tr.write_eof()
+        await pr.lost
+        return pr
+
+    async def main():
+        _cvar.set("server")
+        server = await loop.create_server(server_factory, "127.0.0.1", 0)
+        _cvar.set("main, later")
+        pr = await loop.create_task(client(server.sockets[0].getsockname()))
+        await servers[0].lost
+        server.close()
+        await server.wait_closed()
+        return pr
+
+    client_pr = run(loop, main())
+    data_cb = "buffer_updated" if buffered else "data_received"
+    assert {k: v for k, v in client_pr.seen.items() if k != "get_buffer"} == dict.fromkeys(
+        ["factory", "connection_made", data_cb, "eof_received", "connection_lost"], "client")
+    # pause_writing() runs inside write(), here called from the data callback
+    expected = ["factory", "connection_made", data_cb, "pause_writing", "resume_writing", "eof_received",
+                "connection_lost"] + (["get_buffer"] if buffered else [])
+    assert servers[0].seen == dict.fromkeys(expected, "server")
+
+
+def test_pipe_callbacks_run_in_the_context_that_connected_the_pipe(loop):
+    async def main():
+        _cvar.set("pipe")
+        rfd, wfd = os.pipe()
+        tr, pr = await loop.connect_read_pipe(lambda: ContextRecorderPlain(loop), os.fdopen(rfd, "rb", 0))
+        _cvar.set("later")
+        os.write(wfd, b"data")
+        os.close(wfd)
+        await pr.lost
+        return pr
+
+    pr = run(loop, main())
+    assert pr.seen == dict.fromkeys(["factory", "connection_made", "data_received", "eof_received",
+                                     "connection_lost"], "pipe")
 
 
 def test_buffered_protocol(loop):

@@ -9,6 +9,7 @@ happy eyeballs, ``Server`` objects and TLS (asyncio's ``sslproto``) are
 reused, not rewritten.
 """
 
+import contextvars
 import errno
 import os
 import socket
@@ -252,7 +253,10 @@ class NetworkMixin:
                 protocol_factory, conn, {"peername": peer}, sslcontext, server,
                 ssl_handshake_timeout, ssl_shutdown_timeout))
 
-        acceptor = self._acceptor_new(sock, on_accept, sock in self._shared_sockets)
+        # Accepted connections are set up in (a copy of) the context that
+        # started serving, as asyncio's reader handle for the socket has it.
+        context = contextvars.copy_context()
+        acceptor = self._acceptor_new(sock, lambda fd: context.run(on_accept, fd), sock in self._shared_sockets)
         self._acceptors[sock] = acceptor
 
     async def _accept_connection2(self, protocol_factory, conn, extra, sslcontext=None, server=None,
