@@ -570,7 +570,18 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     s->fut = PyObject_Vectorcall(st->sock_future, kwargs, 0, st->kw_loop);
     if (!s->fut)
         goto fail;
-    if ((s->kind == US_SK_SENDALL && s->len == 0)) {
+    /* sock_sendall() offers the data to the kernel at once, as asyncio and
+     * uvloop do, and completes without yielding when it all fits: callers
+     * order their next steps on that (uvloop's test_sock_send_before_cancel
+     * cancels a pending sock_recv() right after; had the send waited for
+     * the ring, the recv would already hold the reply). Only the rest of a
+     * short send, or a send to a full socket, goes through the ring. */
+    if (s->kind == US_SK_SENDALL && s->len) {
+        ssize_t n = send(fd, s->view.buf, s->len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n > 0)
+            s->done = (size_t)n;
+    }
+    if (s->kind == US_SK_SENDALL && s->done == s->len) {
         PyObject *r = PyObject_CallMethodOneArg(s->fut, st->s_set_result, Py_None);
         if (!r)
             goto fail;

@@ -221,6 +221,32 @@ def test_sock_sendall_large_and_partial(loop):
     run(loop, main(), timeout=30)
 
 
+def test_sock_sendall_that_fits_completes_without_yielding(loop):
+    # asyncio (and uvloop) send at once and return without suspending when
+    # the kernel takes everything; code orders its next steps on that. Here
+    # a receive left pending is cancelled right after the reply was sent:
+    # had sock_sendall() yielded, that receive would have taken the reply
+    # and the next one would wait forever.
+    async def main():
+        a, b = tcp_pair()
+        ran = []
+        loop.call_soon(ran.append, "callback")
+        await loop.sock_sendall(a, b"no yield")
+        assert ran == []
+        assert await loop.sock_recv(b, 100) == b"no yield"
+
+        pending = asyncio.ensure_future(loop.sock_recv(a, 1))
+        await asyncio.sleep(0.01)
+        await loop.sock_sendall(b, b"1")
+        pending.cancel()
+        assert await asyncio.wait_for(loop.sock_recv(a, 1), 5) == b"1"
+        assert pending.cancelled()
+        a.close()
+        b.close()
+
+    run(loop, main())
+
+
 def test_sock_sendall_over_4gib_sends_every_byte():
     """A buffer of 4 GiB + 10 bytes: an SQE's length field is 32 bits, so an
     unclamped length went out as 10 bytes and sendall reported success."""
