@@ -208,6 +208,44 @@ def test_pipe_callbacks_run_in_the_context_that_connected_the_pipe(loop):
                                      "connection_lost"], "pipe")
 
 
+def test_tcp_nodelay_also_on_sockets_made_with_proto_0(loop_kind):
+    # socket.socket() gives proto 0, and so do the connections accepted on
+    # it; asyncio's helper then skips TCP_NODELAY (the check below is the
+    # opposite there), uringloop sets it on every TCP transport, as uvloop.
+    import uringloop
+
+    lp = uringloop.new_event_loop() if loop_kind == "uringloop" else asyncio.SelectorEventLoop()
+
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        accepted = lp.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport):
+                accepted.set_result(transport)
+
+        server = await lp.create_server(Server, sock=listener)
+        sock = socket.socket()
+        sock.connect(listener.getsockname())
+        client, _ = await lp.create_connection(asyncio.Protocol, sock=sock)
+        server_side = await accepted
+        nodelay = [t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                   for t in (client, server_side)]
+        assert [t.get_extra_info("socket").proto for t in (client, server_side)] == [0, 0]
+        client.close()
+        server_side.close()
+        server.close()
+        await server.wait_closed()
+        return nodelay
+
+    try:
+        nodelay = run(lp, main())
+    finally:
+        lp.close()
+    assert nodelay == ([1, 1] if loop_kind == "uringloop" else [0, 0])
+
+
 def test_buffered_protocol(loop):
     class Buffered(asyncio.BufferedProtocol):
         def __init__(self):

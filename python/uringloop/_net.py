@@ -28,6 +28,16 @@ _REAPED_ELSEWHERE = object()
 _P_PIDFD = getattr(os, "P_PIDFD", None)
 
 
+def _set_nodelay(sock):
+    """TCP_NODELAY on every TCP transport. asyncio's own helper skips a
+    socket whose proto is 0 (socket.socket() makes those, and so do the
+    connections accepted on one), which is TCP all the same; uvloop sets it
+    there too."""
+    if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+            and sock.proto in (0, socket.IPPROTO_TCP)):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _socket_extra(sock, extra):
     info = dict(extra) if extra else {}
     info["socket"] = trsock.TransportSocket(sock)
@@ -55,7 +65,7 @@ class NetworkMixin:
     # ---- stream transports ----
 
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
-        base_events._set_nodelay(sock)
+        _set_nodelay(sock)
         transport = self._stream_new(sock, protocol, _socket_extra(sock, extra), server)
         self._transports[sock.fileno()] = transport
         if server is not None:
