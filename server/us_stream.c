@@ -908,8 +908,30 @@ static void stream_send_now(us_stream *s)
     }
 }
 
+/* asyncio's pipe transports are one-way: a read pipe has none of the
+ * writing methods (AttributeError), a write pipe's reading methods raise
+ * NotImplementedError (from asyncio.ReadTransport). */
+static int stream_read_pipe_has_no(us_stream *s, const char *name)
+{
+    if (s->kind != US_STREAM_READ_PIPE)
+        return 0;
+    PyErr_Format(PyExc_AttributeError, "'%s' object has no attribute '%s' (a read pipe transport)",
+                 _PyType_Name(Py_TYPE(s)), name);
+    return -1;
+}
+
+static int stream_write_pipe_cannot_read(us_stream *s)
+{
+    if (s->kind != US_STREAM_WRITE_PIPE)
+        return 0;
+    PyErr_SetString(PyExc_NotImplementedError, "a write pipe transport does not read");
+    return -1;
+}
+
 static PyObject *stream_write(us_stream *s, PyObject *data)
 {
+    if (stream_read_pipe_has_no(s, "write") < 0)
+        return NULL;
     if (!PyObject_CheckBuffer(data)) {
         PyErr_Format(PyExc_TypeError, "data argument must be a bytes-like object, not '%s'", Py_TYPE(data)->tp_name);
         return NULL;
@@ -959,6 +981,8 @@ static PyObject *stream_write(us_stream *s, PyObject *data)
 
 static PyObject *stream_writelines(us_stream *s, PyObject *seq)
 {
+    if (stream_read_pipe_has_no(s, "writelines") < 0)
+        return NULL;
     PyObject *it = PyObject_GetIter(seq), *item;
     if (!it)
         return NULL;
@@ -982,6 +1006,8 @@ static PyObject *stream_close(us_stream *s, PyObject *unused);
 static PyObject *stream_write_eof(us_stream *s, PyObject *unused)
 {
     (void)unused;
+    if (stream_read_pipe_has_no(s, "write_eof") < 0)
+        return NULL;
     if (s->closing || s->eof_requested)
         Py_RETURN_NONE;
     if (s->kind != US_STREAM_SOCKET)
@@ -996,6 +1022,8 @@ static PyObject *stream_can_write_eof(us_stream *s, PyObject *unused)
 {
     (void)s;
     (void)unused;
+    if (stream_read_pipe_has_no(s, "can_write_eof") < 0)
+        return NULL;
     Py_RETURN_TRUE;
 }
 
@@ -1024,6 +1052,8 @@ static PyObject *stream_close(us_stream *s, PyObject *unused)
 static PyObject *stream_abort(us_stream *s, PyObject *unused)
 {
     (void)unused;
+    if (stream_read_pipe_has_no(s, "abort") < 0)
+        return NULL;
     if (!s->conn_lost && us_loop_check_open(s->loop) < 0) { /* as close() */
         s->closing = 1;
         return NULL;
@@ -1069,6 +1099,8 @@ static PyObject *stream_is_closing(us_stream *s, PyObject *unused)
 static PyObject *stream_pause_reading(us_stream *s, PyObject *unused)
 {
     (void)unused;
+    if (stream_write_pipe_cannot_read(s) < 0)
+        return NULL;
     if (s->closing || s->read_paused)
         Py_RETURN_NONE;
     s->read_paused = 1;
@@ -1080,6 +1112,8 @@ static PyObject *stream_pause_reading(us_stream *s, PyObject *unused)
 static PyObject *stream_resume_reading(us_stream *s, PyObject *unused)
 {
     (void)unused;
+    if (stream_write_pipe_cannot_read(s) < 0)
+        return NULL;
     if (s->closing || !s->read_paused)
         Py_RETURN_NONE;
     s->read_paused = 0;
@@ -1093,6 +1127,8 @@ static PyObject *stream_resume_reading(us_stream *s, PyObject *unused)
 static PyObject *stream_is_reading(us_stream *s, PyObject *unused)
 {
     (void)unused;
+    if (stream_write_pipe_cannot_read(s) < 0)
+        return NULL;
     return PyBool_FromLong(!s->read_paused && !s->closing);
 }
 
@@ -1121,6 +1157,8 @@ static int stream_set_limits(us_stream *s, Py_ssize_t high, Py_ssize_t low)
 
 static PyObject *stream_set_write_buffer_limits(us_stream *s, PyObject *args, PyObject *kwds)
 {
+    if (stream_read_pipe_has_no(s, "set_write_buffer_limits") < 0)
+        return NULL;
     static char *kwlist[] = {"high", "low", NULL};
     PyObject *high_o = Py_None, *low_o = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO:set_write_buffer_limits", kwlist, &high_o, &low_o))
@@ -1162,12 +1200,16 @@ static PyObject *stream_set_write_buffer_limits(us_stream *s, PyObject *args, Py
 static PyObject *stream_get_write_buffer_limits(us_stream *s, PyObject *unused)
 {
     (void)unused;
+    if (stream_read_pipe_has_no(s, "get_write_buffer_limits") < 0)
+        return NULL;
     return Py_BuildValue("(nn)", s->low, s->high);
 }
 
 static PyObject *stream_get_write_buffer_size(us_stream *s, PyObject *unused)
 {
     (void)unused;
+    if (stream_read_pipe_has_no(s, "get_write_buffer_size") < 0)
+        return NULL;
     return PyLong_FromSsize_t(s->wbuf);
 }
 

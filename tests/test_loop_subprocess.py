@@ -120,6 +120,30 @@ def test_read_and_write_pipes(loop):
     run(loop, main(), timeout=30)
 
 
+def test_pipe_transports_are_one_way(loop):
+    # As asyncio's: a read pipe has no writing methods, and a write pipe's
+    # reading methods raise NotImplementedError (the C transport serves
+    # both directions and used to accept them all silently).
+    async def main():
+        r, w = os.pipe()
+        rtr, _ = await loop.connect_read_pipe(asyncio.Protocol, os.fdopen(r, "rb", 0))
+        wtr, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(w, "wb", 0))
+        for name, args in [("write", (b"x",)), ("writelines", ([b"x"],)), ("write_eof", ()),
+                           ("can_write_eof", ()), ("abort", ()), ("get_write_buffer_size", ()),
+                           ("set_write_buffer_limits", ())]:
+            with pytest.raises(AttributeError, match=name):
+                getattr(rtr, name)(*args)
+        for name in ("pause_reading", "resume_reading", "is_reading"):
+            with pytest.raises(NotImplementedError):
+                getattr(wtr, name)()
+        assert rtr.is_reading() and wtr.get_write_buffer_size() == 0
+        rtr.close()
+        wtr.close()
+        await asyncio.sleep(0.01)
+
+    run(loop, main())
+
+
 def test_write_pipe_sees_reader_go_away(loop):
     class Writer(asyncio.Protocol):
         def __init__(self):
