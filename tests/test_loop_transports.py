@@ -984,6 +984,38 @@ def test_udp_endpoints_unconnected_and_connected(loop):
     run(loop, main())
 
 
+def test_udp_sendto_after_close_is_dropped():
+    # asyncio (3.11) drops it only on a connected endpoint; an unconnected
+    # one sent it while closing and, once closed, failed in its error path
+    # (AttributeError). uringloop drops it either way, as uvloop does.
+    import uringloop
+
+    lp = uringloop.new_event_loop()
+    errors = []
+    lp.set_exception_handler(lambda loop, ctx: errors.append(ctx))
+
+    async def main():
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        tr, pr = await lp.create_datagram_endpoint(lambda: DatagramRecorder(lp), local_addr=("127.0.0.1", 0))
+        tr.close()
+        tr.sendto(b"while closing", rx.getsockname())
+        await pr.lost
+        for _ in range(6):
+            tr.sendto(b"after close", rx.getsockname())
+        await asyncio.sleep(0.05)
+        with pytest.raises(BlockingIOError):
+            rx.recv(100)
+        rx.close()
+
+    try:
+        run(lp, main())
+    finally:
+        lp.close()
+    assert errors == []
+
+
 def test_udp_error_received_for_refused_port(loop):
     async def main():
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -1089,6 +1121,35 @@ def test_unix_datagram_endpoint(loop):
             srv_tr.close()
 
     run(loop, main())
+
+
+def test_datagram_endpoint_on_a_socketpair_sends_to_its_peer():
+    # A connected socket whose peer has no name (getpeername() gives ''):
+    # asyncio (3.11) called sendto(data, None) and failed with TypeError.
+    import uringloop
+
+    lp = uringloop.new_event_loop()
+    errors = []
+    lp.set_exception_handler(lambda loop, ctx: errors.append(ctx))
+
+    async def main():
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        theirs.setblocking(False)
+        tr, pr = await lp.create_datagram_endpoint(lambda: DatagramRecorder(lp), sock=ours)
+        theirs.send(b"ping")
+        await pr.got.wait()
+        tr.sendto(b"pong")
+        got = await asyncio.wait_for(lp.sock_recv(theirs, 100), 5)
+        tr.close()
+        await pr.lost
+        theirs.close()
+        return pr.datagrams, got
+
+    try:
+        datagrams, got = run(lp, main())
+    finally:
+        lp.close()
+    assert (datagrams, got, errors) == ([(b"ping", None)], b"pong", [])
 
 
 def test_closing_the_loop_with_connections_left_open(loop):

@@ -120,7 +120,10 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
             if addr not in (None, self._address):
                 raise ValueError(f"Invalid address: must be None or {self._address}")
             addr = self._address
-        if self._conn_lost and self._address:
+        # After close() (or a failure) the datagram is dropped, connected or
+        # not. asyncio checks only connected endpoints, so an unconnected one
+        # went on to the closed socket and failed with AttributeError.
+        if self._conn_lost:
             if self._conn_lost >= 5:
                 logger.warning("socket.send() raised exception.")
             self._conn_lost += 1
@@ -139,7 +142,11 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         it for now, _FAILED when it is dropped (error_received() was told,
         or the transport failed)."""
         try:
-            if self._extra["peername"]:
+            # a connected socket sends with send(); also one whose peer has
+            # no name (socket.socketpair() gives ''), where asyncio called
+            # sendto(data, None) and failed with TypeError
+            peer = self._extra["peername"]
+            if peer or (addr is None and peer is not None):
                 self._sock.send(data)
             else:
                 self._sock.sendto(data, addr)
