@@ -292,6 +292,12 @@ def test_factory_and_app_dir(tmp_path):
         assert srv.stop() == 0
 
 
+def run_embedded(code):
+    """A program embedding uringserve, run from the repository root."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=server_env(), cwd=ROOT,
+                          timeout=20)
+
+
 def test_embedding_api(tmp_path):
     code = (
         "import threading, urllib.request, uringserve, sys\n"
@@ -302,8 +308,7 @@ def test_embedding_api(tmp_path):
         "t = threading.Timer(0.5, lambda: print(urllib.request.urlopen('http://127.0.0.1:%d/').read()))\n"
         "t.start()\n"
         "print('exit', srv.run())\n" % ((port := free_port()), port))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=server_env(), cwd=ROOT,
-                       timeout=20)
+    r = run_embedded(code)
     assert "b'plain'" in r.stdout and "exit 0" in r.stdout, r.stderr
 
 
@@ -330,8 +335,7 @@ def test_app_tasks_start_from_the_context_serve_ran_in(tmp_path):
         "    print(await asyncio.get_running_loop().run_in_executor(None, fetch))\n"
         "    await serving\n"
         "uringloop.run(main())\n" % ((port := free_port()), port))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=server_env(), cwd=ROOT,
-                       timeout=20)
+    r = run_embedded(code)
     assert "[b'set before serve', b'set before serve']" in r.stdout, (r.stdout, r.stderr)
 
 
