@@ -72,6 +72,37 @@ def test_subprotocol_scope_and_close_codes(ws_server):
     asyncio.run(go())
 
 
+def test_denial_response_reaches_the_client(ws_server):
+    # The scope advertises "websocket.http.response": Starlette's
+    # send_denial_response() is answered with the app's own status, headers
+    # and body (it was a 500 before).
+    async def go():
+        with pytest.raises(InvalidStatus) as denied:
+            async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/deny"):
+                pass
+        return denied.value.response
+    response = asyncio.run(go())
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.body == b"no entry no entry no entry "
+    assert "Exception in ASGI application" not in ws_server.log
+
+
+def test_denial_response_headers_are_checked(tmp_path):
+    # a CR LF in a header value is an app error (500, logged), not a header
+    async def go(port):
+        with pytest.raises(InvalidStatus) as denied:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/deny-injected"):
+                pass
+        return denied.value.response
+
+    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
+        response = asyncio.run(go(srv.port))
+        assert srv.stop() == 0
+    assert response.status_code == 500 and "set-cookie" not in response.headers
+    assert "invalid response header b'x-evil'" in srv.log
+
+
 def test_http_on_the_same_server_and_client_abort(ws_server):
     async def go():
         ws = await websockets.connect(f"ws://127.0.0.1:{ws_server.port}/ws")

@@ -75,6 +75,16 @@ async def refuse(ws: WebSocket):
     await ws.close(code=1008)
 
 
+async def deny(ws: WebSocket):
+    # the WebSocket Denial Response extension: an HTTP response of the app's
+    await ws.send_denial_response(PlainTextResponse("no entry " * 3, status_code=401,
+                                                    headers={"www-authenticate": "Bearer"}))
+
+
+async def deny_injected(ws: WebSocket):
+    await ws.send_denial_response(PlainTextResponse("x", headers={"x-evil": "a\r\nset-cookie: b"}))
+
+
 async def info(ws: WebSocket):
     await ws.accept()
     await ws.send_json({"path": ws.scope["path"], "scheme": ws.scope["scheme"],
@@ -89,6 +99,8 @@ async def plain(request):
 app = Starlette(routes=[
     WebSocketRoute("/ws", echo),
     WebSocketRoute("/refuse", refuse),
+    WebSocketRoute("/deny", deny),
+    WebSocketRoute("/deny-injected", deny_injected),
     WebSocketRoute("/flood", flood),
     Route("/flood-count", flood_count),
     WebSocketRoute("/hold", hold),

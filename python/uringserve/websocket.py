@@ -8,7 +8,9 @@ uringloop's C stream transport; this module maps them onto ASGI messages.
 """
 
 import asyncio
+import http
 import logging
+import re
 import socket
 
 from websockets.exceptions import InvalidState
@@ -60,6 +62,22 @@ class WebSocketHandler:
                 await asyncio.wait(pending, timeout=1)
 
 
+_BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+
+
+def _checked_headers(headers):
+    """The app's response headers as (bytes, bytes), refusing what would
+    break the response (CR, LF or NUL in a value, a name that is no token),
+    as the HTTP path refuses it."""
+    checked = []
+    for name, value in headers or ():
+        name, value = bytes(name), bytes(value)
+        if not name or _BAD_NAME.search(name) or any(c in value for c in b"\r\n\0"):
+            raise RuntimeError(f"invalid response header {name!r}: {value!r}")
+        checked.append((name, value))
+    return checked
+
+
 class WebSocketSession(asyncio.Protocol):
     def __init__(self, handler, scope, sock, leftover):
         self.handler = handler
@@ -74,6 +92,7 @@ class WebSocketSession(asyncio.Protocol):
         self.accepted = False
         self.closed = False
         self.response_sent = False
+        self.denial = None  # [status, headers, body chunks] of a denial response being sent
         self.task = None
         self.fragments = None
         self.fragment_text = False
@@ -130,7 +149,9 @@ class WebSocketSession(asyncio.Protocol):
                 else:
                     self.server_close(1011)
                 return
-            if not self.response_sent:
+            if self.denial is not None:
+                self._send_denial()  # ended without its last body message
+            elif not self.response_sent:
                 self._reject(403, "")  # the app neither accepted nor closed: refused
             elif not self.closed:
                 self.server_close(1000)
@@ -157,16 +178,24 @@ class WebSocketSession(asyncio.Protocol):
                 sub = message.get("subprotocol")
                 if sub:
                     response.headers["Sec-WebSocket-Protocol"] = sub
-                for name, value in message.get("headers") or []:
+                for name, value in _checked_headers(message.get("headers")):
                     response.headers[name.decode("latin-1")] = value.decode("latin-1")
                 self.proto.send_response(response)
                 self.response_sent = self.accepted = True
                 self._log(101)
                 self._flush()
-            elif kind == "websocket.close":
+            elif kind == "websocket.close" and self.denial is None:
                 self._reject(403, "")
+            elif kind == "websocket.http.response.start" and self.denial is None:
+                self.denial = [int(message["status"]), _checked_headers(message.get("headers")), []]
+            elif kind == "websocket.http.response.body" and self.denial is not None:
+                self.denial[2].append(bytes(message.get("body", b"")))
+                if not message.get("more_body", False):
+                    self._send_denial()
             else:
-                raise RuntimeError(f"Expected ASGI message 'websocket.accept' or 'websocket.close', but got {kind!r}.")
+                expected = ("'websocket.http.response.body'" if self.denial is not None else
+                            "'websocket.accept', 'websocket.close' or 'websocket.http.response.start'")
+                raise RuntimeError(f"Expected ASGI message {expected}, but got {kind!r}.")
             return
         # the client may have gone (its FIN reached the protocol) before
         # connection_lost() told us: either way it is ClientDisconnected
@@ -207,6 +236,31 @@ class WebSocketSession(asyncio.Protocol):
         self._log(status)
         self._flush()
         if self.transport is not None:
+            self.transport.close()
+
+    def _send_denial(self):
+        """The WebSocket Denial Response extension (advertised in the scope):
+        the app's own HTTP response instead of the handshake, then close."""
+        status, headers, chunks = self.denial
+        self.denial = None
+        body = b"".join(chunks)
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        head = [f"HTTP/1.1 {status} {phrase}".encode("latin-1")]
+        names = set()
+        for name, value in headers:
+            names.add(name.lower())
+            head.append(bytes(name) + b": " + bytes(value))
+        if b"content-length" not in names:
+            head.append(b"Content-Length: %d" % len(body))
+        head.append(b"Connection: close")
+        self.response_sent = True
+        self.closed = True
+        self._log(status)
+        if self.transport is not None:
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
             self.transport.close()
 
     def _flush(self):
