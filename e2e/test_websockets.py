@@ -103,6 +103,43 @@ def test_denial_response_headers_are_checked(tmp_path):
     assert "invalid response header b'x-evil'" in srv.log
 
 
+def test_the_app_sees_the_clients_close_code(ws_server):
+    # websocket.disconnect carried 1006 for every client close: the code was
+    # read from the protocol's close_code, which is set only after an EOF
+    # the server, closing first, never fed it.
+    async def go():
+        ws = await websockets.connect(f"ws://127.0.0.1:{ws_server.port}/ws")
+        await ws.send("x")
+        assert await ws.recv() == "echo:x"
+        await ws.close(code=4321, reason="done here")
+    asyncio.run(go())
+    for _ in range(100):
+        last = httpx.get(f"http://127.0.0.1:{ws_server.port}/last-disconnect").json()
+        if last.get("code") == 4321:  # (another test's client may have left before)
+            break
+        time.sleep(0.02)
+    assert last == {"code": 4321, "reason": "done here"}
+
+
+def test_a_text_message_that_is_not_utf8_closes_with_1007(ws_server):
+    with socket.create_connection(("127.0.0.1", ws_server.port), timeout=5) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                  b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(4096)
+        assert data.startswith(b"HTTP/1.1 101")
+        data = data.split(b"\r\n\r\n", 1)[1]
+        s.sendall(bytes([0x81, 0x82, 0, 0, 0, 0]) + b"\xff\xfe")  # text, masked (zero key), not UTF-8
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    # a close frame from the server (before: the connection just dropped)
+    assert data[0] == 0x88 and int.from_bytes(data[2:4], "big") == 1007, data
+
+
 def test_http_on_the_same_server_and_client_abort(ws_server):
     async def go():
         ws = await websockets.connect(f"ws://127.0.0.1:{ws_server.port}/ws")

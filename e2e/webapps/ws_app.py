@@ -9,12 +9,16 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 
+LAST_DISCONNECT = {}
+
+
 async def echo(ws: WebSocket):
     await ws.accept(subprotocol=ws.scope["subprotocols"][0] if ws.scope["subprotocols"] else None)
     try:
         while True:
             msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
+                LAST_DISCONNECT.update(code=msg.get("code"), reason=msg.get("reason"))
                 return
             if msg.get("text") is not None:
                 if msg["text"] == "close-me":
@@ -92,6 +96,10 @@ async def info(ws: WebSocket):
     await ws.close()
 
 
+async def last_disconnect(request):
+    return JSONResponse(LAST_DISCONNECT)
+
+
 async def plain(request):
     return PlainTextResponse("http still works")
 
@@ -106,5 +114,6 @@ app = Starlette(routes=[
     WebSocketRoute("/hold", hold),
     Route("/hold-release", hold_release),
     WebSocketRoute("/info", info),
+    Route("/last-disconnect", last_disconnect),
     Route("/", plain),
 ])

@@ -334,7 +334,15 @@ class WebSocketSession(asyncio.Protocol):
 
     def _deliver(self, text, data):
         if text:
-            self.messages.put_nowait({"type": "websocket.receive", "text": data.decode()})
+            # websockets' sans-I/O protocol leaves UTF-8 to its user: a text
+            # message that is not UTF-8 fails the connection with 1007
+            try:
+                data = data.decode()
+            except UnicodeDecodeError:
+                if self.proto.state is State.OPEN:
+                    self.proto.fail(1007, "invalid UTF-8 in a text message")
+                return
+            self.messages.put_nowait({"type": "websocket.receive", "text": data})
         else:
             self.messages.put_nowait({"type": "websocket.receive", "bytes": data})
         if self.messages.qsize() >= MAX_QUEUE and not self.read_paused:
@@ -361,6 +369,9 @@ class WebSocketSession(asyncio.Protocol):
         self.closed = self.lost = True
         self.write_paused = False
         self._wake_drain(ClientDisconnected("the WebSocket is closed"))
-        code = self.proto.close_code or 1006
-        self.messages.put_nowait({"type": "websocket.disconnect", "code": code,
-                                  "reason": self.proto.close_reason or ""})
+        # the client's close frame, if one came (the protocol's close_code is
+        # only set once it has seen EOF, which a server closing first never
+        # feeds it); none is 1006
+        rcvd = self.proto.close_rcvd
+        self.messages.put_nowait({"type": "websocket.disconnect", "code": rcvd.code if rcvd else 1006,
+                                  "reason": rcvd.reason if rcvd else ""})
