@@ -25,6 +25,19 @@ def ws_server(tmp_path_factory):
         assert srv.stop() == 0, srv.log
 
 
+def _upgrade_request(path):
+    return (b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n") % path
+
+
+def _read_head(s):
+    """The handshake response, read a byte at a time: no frame consumed."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    return head
+
+
 def test_echo_text_binary_large_and_fragmented(ws_server):
     async def go():
         async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/ws", max_size=None) as ws:
@@ -123,13 +136,9 @@ def test_the_app_sees_the_clients_close_code(ws_server):
 
 def test_a_text_message_that_is_not_utf8_closes_with_1007(ws_server):
     with socket.create_connection(("127.0.0.1", ws_server.port), timeout=5) as s:
-        s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                  b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        s.sendall(_upgrade_request(b"/ws"))
+        assert _read_head(s).startswith(b"HTTP/1.1 101")
         data = b""
-        while b"\r\n\r\n" not in data:
-            data += s.recv(4096)
-        assert data.startswith(b"HTTP/1.1 101")
-        data = data.split(b"\r\n\r\n", 1)[1]
         s.sendall(bytes([0x81, 0x82, 0, 0, 0, 0]) + b"\xff\xfe")  # text, masked (zero key), not UTF-8
         while True:
             chunk = s.recv(4096)
@@ -166,12 +175,8 @@ def test_a_client_that_does_not_read_holds_the_sender_back(ws_server):
     an exception from the frame protocol."""
     port = ws_server.port
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert head.startswith(b"HTTP/1.1 101")
+    s.sendall(_upgrade_request(b"/flood"))
+    assert _read_head(s).startswith(b"HTTP/1.1 101")
     time.sleep(1.0)  # the app sends as much as it is let
     state = _flood_state(port)
     assert state["state"] == "sending" and state["sent"] < 400, state
@@ -209,8 +214,7 @@ def test_a_half_closed_client_that_never_reads_is_reset(ws_server):
     port, pid = ws_server.port, ws_server.proc.pid
     s = socket.create_connection(("127.0.0.1", port))
     client_port = s.getsockname()[1]
-    s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    s.sendall(_upgrade_request(b"/flood"))
     time.sleep(0.5)
     s.shutdown(socket.SHUT_WR)
     time.sleep(1.0)
@@ -283,8 +287,7 @@ def test_upgrade_during_shutdown_is_refused_with_503(tmp_path):
             time.sleep(0.2)  # accepted
             srv.proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)  # the drain has run
-            s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            s.sendall(_upgrade_request(b"/ws"))
             r = Reader(s).response()
             assert r.status == 503 and r.header("connection") == "close"
         assert srv.proc.wait(15) == 0, srv.log
