@@ -98,7 +98,8 @@ typedef struct us_stream {
     char eof_requested, eof_sent, queued_flush;
     int queued_ready; /* entries of this stream in the ready queue (at most 2) */
     char lost_pending, lost_ready, lost_done;
-    PyObject *context; /* see stream_enter_context() */
+    PyObject *context;      /* see stream_enter_context() */
+    PyObject *lost_context; /* where close()/abort() was called from outside the callbacks */
     char in_context;
     PyObject *weakreflist;
     PyObject *dict; /* instance attributes: tests and tools patch transports */
@@ -108,29 +109,41 @@ typedef struct us_stream {
  * get_buffer/buffer_updated, resume_writing, connection_lost) run in a copy
  * of the context the transport was made in: asyncio's reader and writer
  * handles capture it that way, so a contextvar set before
- * create_connection() or create_server() is seen there (uvloop does the
- * same). Returns 1 if entered (undo with stream_exit_context), 0 if already
- * in it, -1 on error. */
-static int stream_enter_context(us_stream *s)
+ * create_connection() or create_server() is seen there. connection_lost()
+ * after a close() or abort() called from elsewhere runs where that call
+ * was made, as asyncio schedules it with call_soon() there (uvloop uses the
+ * transport's context for it too). Returns 1 if entered (undo with
+ * stream_exit_context), 0 if already in one, -1 on error. */
+static int stream_enter_context(us_stream *s, PyObject *ctx)
 {
     if (s->in_context)
         return 0;
-    if (PyContext_Enter(s->context) < 0)
+    if (PyContext_Enter(ctx) < 0)
         return -1;
     s->in_context = 1;
     return 1;
 }
 
-static void stream_exit_context(us_stream *s, int entered)
+static void stream_exit_context(us_stream *s, PyObject *ctx, int entered)
 {
     if (entered != 1)
         return;
     s->in_context = 0;
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    if (PyContext_Exit(s->context) < 0) /* a callback left a context of its own entered */
+    if (PyContext_Exit(ctx) < 0) /* a callback left a context of its own entered */
         PyErr_WriteUnraisable((PyObject *)s);
     PyErr_Restore(et, ev, tb);
+}
+
+/* close() and abort() from outside the protocol's callbacks note where they
+ * were called from, for connection_lost(). */
+static int stream_note_closer(us_stream *s)
+{
+    if (s->in_context || s->lost_context)
+        return 0;
+    s->lost_context = PyContext_CopyCurrent();
+    return s->lost_context ? 0 : -1;
 }
 
 /* ---- scheduling helpers ---- */
@@ -689,11 +702,12 @@ int us_stream_run(PyObject *o)
         stream_release_held(s, 0); /* nothing more reaches the protocol */
     if (s->lost_done || (!s->lost_ready && !s->protocol))
         return 0;
-    int entered = stream_enter_context(s);
-    if (entered < 0)
-        return us_report_exception(s->loop, NULL, NULL);
-    int rc = stream_run_in_context(s);
-    stream_exit_context(s, entered);
+    PyObject *ctx = s->lost_ready && !s->queued_ready && s->lost_context ? s->lost_context : s->context;
+    Py_INCREF(ctx);
+    int entered = stream_enter_context(s, ctx);
+    int rc = entered < 0 ? us_report_exception(s->loop, NULL, NULL) : stream_run_in_context(s);
+    stream_exit_context(s, ctx, entered);
+    Py_DECREF(ctx);
     return rc;
 }
 
@@ -748,13 +762,13 @@ static void stream_maybe_resume_protocol(us_stream *s)
         return;
     s->protocol_paused = 0;
     Py_XSETREF(s->paused_obj, Py_NewRef(Py_False));
-    int entered = stream_enter_context(s);
+    int entered = stream_enter_context(s, s->context);
     if (entered < 0) {
         PyErr_WriteUnraisable((PyObject *)s);
         return;
     }
     stream_flow_callback(s, "resume_writing", 0);
-    stream_exit_context(s, entered);
+    stream_exit_context(s, s->context, entered);
 }
 
 static void stream_shutdown_write(us_stream *s)
@@ -1037,7 +1051,7 @@ static PyObject *stream_close(us_stream *s, PyObject *unused)
     s->closing = 1;
     /* On a closed loop asyncio's close() fails in call_soon(); nothing may
      * be queued there (it would keep the transport and its socket alive) */
-    if (us_loop_check_open(s->loop) < 0)
+    if (us_loop_check_open(s->loop) < 0 || stream_note_closer(s) < 0)
         return NULL;
     if (s->loop->ue_ready)
         ue_op_cancel(&s->loop->ue, &s->recv_op);
@@ -1058,6 +1072,8 @@ static PyObject *stream_abort(us_stream *s, PyObject *unused)
         s->closing = 1;
         return NULL;
     }
+    if (!s->conn_lost && stream_note_closer(s) < 0)
+        return NULL;
     stream_force_close(s, Py_None);
     Py_RETURN_NONE;
 }
@@ -1306,6 +1322,7 @@ static int stream_traverse(us_stream *s, visitproc visit, void *arg)
     Py_VISIT(s->low_water_obj);
     Py_VISIT(s->paused_obj);
     Py_VISIT(s->context);
+    Py_VISIT(s->lost_context);
     for (int i = 0; i < s->wq_len; i++)
         Py_VISIT(s->wq[(s->wq_head + i) % s->wq_cap]);
     return 0;
@@ -1328,6 +1345,7 @@ static int stream_clear(us_stream *s)
     Py_CLEAR(s->low_water_obj);
     Py_CLEAR(s->paused_obj);
     Py_CLEAR(s->context);
+    Py_CLEAR(s->lost_context);
     while (s->wq_len) {
         Py_DECREF(s->wq[s->wq_head]);
         s->wq_head = (s->wq_head + 1) % s->wq_cap;

@@ -192,6 +192,29 @@ def test_protocol_callbacks_run_in_the_context_that_made_the_transport(loop, buf
     assert servers[0].seen == dict.fromkeys(expected, "server")
 
 
+@pytest.mark.parametrize("how", ["close", "abort"])
+def test_connection_lost_runs_where_close_was_called(loop, how):
+    # asyncio schedules connection_lost() with call_soon() inside close() or
+    # abort(), so it sees the caller's context, not the transport's.
+    async def main():
+        server, addr = await echo_server(loop)
+        _cvar.set("made")
+        tr, pr = await loop.create_connection(lambda: ContextRecorderPlain(loop), *addr)
+
+        async def closer():
+            _cvar.set("closer")
+            getattr(tr, how)()
+
+        await loop.create_task(closer())
+        await pr.lost
+        server.close()
+        await server.wait_closed()
+        return pr.seen
+
+    seen = run(loop, main())
+    assert seen["connection_made"] == "made" and seen["connection_lost"] == "closer"
+
+
 def test_pipe_callbacks_run_in_the_context_that_connected_the_pipe(loop):
     async def main():
         _cvar.set("pipe")
