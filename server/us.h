@@ -134,9 +134,10 @@ void us_timer_cancelled(us_loop *loop, us_timer_handle *t);
 extern PyType_Spec us_fdwatch_spec;
 int us_fdwatch_run(PyObject *w);
 int us_fdwatch_arm(PyObject *w);
-PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, short events, PyObject *const *args,
-                            Py_ssize_t nargs);
+PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, PyObject *fileobj, short events,
+                            PyObject *const *args, Py_ssize_t nargs);
 int us_loop_remove_watch(us_loop *loop, PyObject *dict, int fd);
+int us_loop_watch_fd_of(PyObject *dict, PyObject *fileobj);
 void us_loop_rearm_watches(us_loop *loop);
 
 /* us_stream.c, us_acceptor.c */

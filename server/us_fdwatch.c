@@ -18,7 +18,8 @@
 typedef struct {
     PyObject_HEAD ue_op op;
     us_loop *loop;
-    PyObject *handle; /* us_handle, NULL once removed */
+    PyObject *handle;  /* us_handle, NULL once removed */
+    PyObject *fileobj; /* what add_reader/add_writer got, when not an int */
     int fd;
     short events;
     char queued; /* sitting in the ready queue */
@@ -85,9 +86,10 @@ int us_fdwatch_run(PyObject *o)
     return rc;
 }
 
-PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, short events, PyObject *const *args,
-                            Py_ssize_t nargs)
+PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, PyObject *fileobj, short events,
+                            PyObject *const *args, Py_ssize_t nargs)
 {
+    fileobj = PyLong_Check(fileobj) ? NULL : fileobj;
     us_handle *h = us_handle_new(loop, loop->st->HandleType, args[0], args + 1, nargs - 1, NULL);
     if (!h)
         return NULL;
@@ -98,6 +100,7 @@ PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, short events,
     if (w) {
         PyObject *old = w->handle;
         w->handle = Py_NewRef(h);
+        Py_XSETREF(w->fileobj, Py_XNewRef(fileobj));
         if (old) {
             us_handle_cancel_quiet((us_handle *)old);
             Py_DECREF(old);
@@ -115,6 +118,7 @@ PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, short events,
     memset(&w->op, 0, sizeof w->op);
     w->loop = (us_loop *)Py_NewRef(loop);
     w->handle = Py_NewRef(h);
+    w->fileobj = Py_XNewRef(fileobj);
     w->fd = fd;
     w->events = events;
     w->queued = 0;
@@ -170,6 +174,26 @@ int us_loop_remove_watch(us_loop *loop, PyObject *dict, int fd)
     return rc < 0 ? -1 : 1;
 }
 
+/* The fd a file object was registered with, for an object whose fileno()
+ * no longer works (a socket closed while registered): asyncio's selectors
+ * find such a registration by the object itself, so remove_reader() on a
+ * closed socket still removes it. -1 with the ValueError kept otherwise. */
+int us_loop_watch_fd_of(PyObject *dict, PyObject *fileobj)
+{
+    if (!dict || !PyErr_ExceptionMatches(PyExc_ValueError) || PyLong_Check(fileobj))
+        return -1;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+        us_fdwatch *w = (us_fdwatch *)value;
+        if (w->fileobj == fileobj) {
+            PyErr_Clear();
+            return w->fd;
+        }
+    }
+    return -1;
+}
+
 /* After the ring was rebuilt: the old polls are gone without CQEs. */
 void us_loop_rearm_watches(us_loop *loop)
 {
@@ -194,12 +218,14 @@ static int fdwatch_traverse(us_fdwatch *w, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(w));
     Py_VISIT(w->loop);
     Py_VISIT(w->handle);
+    Py_VISIT(w->fileobj);
     return 0;
 }
 
 static int fdwatch_clear(us_fdwatch *w)
 {
     Py_CLEAR(w->handle);
+    Py_CLEAR(w->fileobj);
     Py_CLEAR(w->loop);
     return 0;
 }

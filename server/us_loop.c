@@ -635,7 +635,7 @@ static PyObject *add_watch(us_loop *self, PyObject *dict, short events, PyObject
         return NULL;
     if (fcntl(fd, F_GETFD) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    return us_loop_add_watch(self, dict, fd, events, args + 1, nargs - 1);
+    return us_loop_add_watch(self, dict, fd, args[0], events, args + 1, nargs - 1);
 }
 
 static PyObject *loop_add_reader(us_loop *self, PyObject *const *args, Py_ssize_t nargsf)
@@ -648,9 +648,16 @@ static PyObject *loop_add_writer(us_loop *self, PyObject *const *args, Py_ssize_
     return add_watch(self, self->writers, POLLOUT, args, nargsf);
 }
 
+/* The fd of a registered object, even one closed since it was registered. */
+static int watched_fd_from_object(PyObject *dict, PyObject *obj)
+{
+    int fd = fd_from_object(obj);
+    return fd >= 0 ? fd : us_loop_watch_fd_of(dict, obj);
+}
+
 static PyObject *remove_watch(us_loop *self, PyObject *dict, PyObject *fdobj)
 {
-    int fd = fd_from_object(fdobj);
+    int fd = watched_fd_from_object(self->closed ? NULL : dict, fdobj);
     if (fd < 0)
         return NULL;
     if (self->closed || !dict)
@@ -673,7 +680,7 @@ static PyObject *loop_remove_writer(us_loop *self, PyObject *fd)
 
 static PyObject *get_watch_handle(PyObject *dict, PyObject *fdobj)
 {
-    int fd = fd_from_object(fdobj);
+    int fd = watched_fd_from_object(dict, fdobj);
     if (fd < 0)
         return NULL;
     PyObject *key = PyLong_FromLong(fd);

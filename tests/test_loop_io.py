@@ -104,6 +104,31 @@ def test_cancelled_reader_handle_stops_callbacks(loop):
     b.close()
 
 
+def test_remove_reader_and_writer_of_a_socket_closed_while_registered(loop):
+    # asyncio's selectors find a registration by the object it was made
+    # with, so a socket closed while registered (fileno() is -1 by then) can
+    # still be removed; anyio's socket streams rely on it when a receive or
+    # send waits on a socket that another task closes.
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    calls = []
+    loop.add_reader(a, calls.append, "r")
+    loop.add_writer(c, calls.append, "w")
+    a.close()
+    c.close()
+    try:
+        assert loop.remove_reader(a) is True
+        assert loop.remove_writer(c) is True
+        loop.call_later(0.05, loop.stop)
+        loop.run_forever()
+        assert calls == []
+        with pytest.raises(ValueError):  # closed, and no longer registered
+            loop.remove_reader(a)
+    finally:
+        b.close()
+        d.close()
+
+
 def test_add_reader_on_closed_fd_raises(loop):
     a, b = socket.socketpair()
     fd = a.fileno()
