@@ -164,16 +164,34 @@ static void stream_schedule_ready(us_stream *s)
 }
 
 /* connection_lost() gets an entry of its own at the end of the ready queue,
- * as asyncio's call_soon() gives it: an entry queued earlier (a bulk read
- * queues the next one before its protocol runs) would call it before
- * callbacks scheduled in between, such as the wake-up of a task that
- * data_received() resolved (StreamReader then misses the exception). */
-static void stream_check_lost(us_stream *s)
+ * queued when the transport is closed, as asyncio's call_soon() queues it:
+ * an entry queued earlier (a bulk read queues the next one before its
+ * protocol runs) would call it before callbacks scheduled in between, such
+ * as the wake-up of a task that data_received() resolved (StreamReader then
+ * misses the exception); one queued later, once the cancelled ops have
+ * completed, would run after callbacks scheduled after close(), which may
+ * rely on the socket being closed by then (a task that aborts a transport,
+ * yields once, then blocks on the peer seeing the FIN). The cancels are
+ * submitted by the enter that precedes the entry's turn and complete there;
+ * if an op is still in flight then, the entry gives way and is queued again
+ * when the op's last completion arrives. */
+static void stream_queue_lost(us_stream *s)
 {
-    if (s->lost_pending && !s->lost_ready && !ue_op_busy(&s->recv_op) && !ue_op_busy(&s->send_op)) {
+    if (!s->lost_ready) {
         s->lost_ready = 1;
         stream_push_ready(s);
     }
+}
+
+static void stream_check_lost(us_stream *s)
+{
+    if (s->lost_pending)
+        stream_queue_lost(s);
+}
+
+static int stream_ops_busy(us_stream *s)
+{
+    return ue_op_busy(&s->recv_op) || ue_op_busy(&s->send_op);
 }
 
 /* Resolves the sendfile waiter once nothing is left to send, or fails it
@@ -687,8 +705,15 @@ static int stream_call_connection_lost(us_stream *s)
 
 static int stream_run_in_context(us_stream *s)
 {
-    if (s->lost_ready) /* from its own entry, the last one queued */
-        return s->queued_ready ? 0 : stream_call_connection_lost(s);
+    if (s->lost_ready) { /* from its own entry, the last one queued */
+        if (s->queued_ready)
+            return 0;
+        if (!s->lost_pending || stream_ops_busy(s)) {
+            s->lost_ready = 0; /* queued again by the op's completion */
+            return 0;
+        }
+        return stream_call_connection_lost(s);
+    }
     if (!s->protocol)
         return 0;
     return stream_deliver(s);
@@ -1058,8 +1083,11 @@ static PyObject *stream_close(us_stream *s, PyObject *unused)
     if (!s->wq_len && !ue_op_busy(&s->send_op)) {
         s->conn_lost++;
         s->lost_pending = 1;
-        stream_check_lost(s);
     }
+    /* Queued now even with writes to flush: asyncio's write() has sent what
+     * the kernel takes before close() is called, and calls connection_lost()
+     * in the next iteration; ours go out in the enter that precedes it. */
+    stream_queue_lost(s);
     Py_RETURN_NONE;
 }
 

@@ -585,6 +585,31 @@ def test_abort_drops_writes_and_reaches_peer(loop):
     run(loop, main())
 
 
+@pytest.mark.parametrize("how", ["close", "write-close", "abort"])
+def test_socket_is_closed_in_the_iteration_after_close(loop, how):
+    # asyncio queues connection_lost() (and the socket's close) with
+    # call_soon() from close()/abort(), behind what was already queued and
+    # ahead of what comes later: a task that closes, yields once and then
+    # blocks the loop waiting on the peer finds the peer has seen the end.
+    # anyio does this when a TLS handshake fails (abort, checkpoint, then the
+    # caller joins a thread that serves the other side).
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        if how == "write-close":
+            tr.write(b"last words")
+        getattr(tr, "abort" if how == "abort" else "close")()
+        await asyncio.sleep(0)
+        assert pr.lost.done()
+        peer.settimeout(5)
+        got = b""
+        while chunk := peer.recv(100):
+            got += chunk
+        assert got == (b"last words" if how == "write-close" else b"")
+        peer.close()
+
+    run(loop, main())
+
+
 def test_close_inside_data_received(loop):
     class CloseOnData(Recorder):
         def data_received(self, data):
