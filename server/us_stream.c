@@ -947,6 +947,22 @@ static void stream_send_now(us_stream *s)
     }
 }
 
+/* asyncio's write() hands its data to the kernel at once, so its abort()
+ * only drops what the kernel did not take; ours waits for the iteration's
+ * batched send. Before an abort the queue is offered to the kernel once, so
+ * that the same data reaches the peer (a response written just before the
+ * transport is aborted). Errors are the abort's business, not reported. */
+static void stream_send_before_abort(us_stream *s)
+{
+    if (s->conn_lost || !s->wq_len || ue_op_busy(&s->send_op) || s->kind == US_STREAM_READ_PIPE)
+        return;
+    int n = stream_fill_iov(s);
+    if (s->kind == US_STREAM_SOCKET)
+        (void)sendmsg(s->fd, &s->msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    else
+        (void)writev(s->fd, s->iov, n);
+}
+
 /* asyncio's pipe transports are one-way: a read pipe has none of the
  * writing methods (AttributeError), a write pipe's reading methods raise
  * NotImplementedError (from asyncio.ReadTransport). */
@@ -1102,6 +1118,7 @@ static PyObject *stream_abort(us_stream *s, PyObject *unused)
     }
     if (!s->conn_lost && stream_note_closer(s) < 0)
         return NULL;
+    stream_send_before_abort(s);
     stream_force_close(s, Py_None);
     Py_RETURN_NONE;
 }
@@ -1130,6 +1147,7 @@ static PyObject *stream_reset_empty_waiter(us_stream *s, PyObject *unused)
 /* _force_close(exc): asyncio's private API, used by sslproto. */
 static PyObject *stream_force_close_method(us_stream *s, PyObject *exc)
 {
+    stream_send_before_abort(s);
     stream_force_close(s, exc);
     Py_RETURN_NONE;
 }

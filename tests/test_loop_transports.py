@@ -610,6 +610,25 @@ def test_socket_is_closed_in_the_iteration_after_close(loop, how):
     run(loop, main())
 
 
+def test_abort_keeps_what_the_kernel_took_at_write(loop):
+    # asyncio's write() sends at once, so abort() right after it only drops
+    # what the kernel refused; aiohttp aborts a WebSocket transport right
+    # after writing the 101 response, and the client must still get it.
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        tr.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        tr.abort()
+        await pr.lost
+        peer.settimeout(5)
+        got = b""
+        while chunk := peer.recv(100):
+            got += chunk
+        assert got == b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+        peer.close()
+
+    run(loop, main())
+
+
 def test_close_inside_data_received(loop):
     class CloseOnData(Recorder):
         def data_received(self, data):
