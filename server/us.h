@@ -109,7 +109,8 @@ typedef struct us_handle {
 
 typedef struct us_timer_handle {
     us_handle base;
-    ue_timer timer; /* in the loop's heap while scheduled (the heap owns a ref) */
+    ue_timer timer;   /* in the loop's heap while scheduled (the heap owns a ref) */
+    char when_is_int; /* call_at() got an int: when() gives it back as one, as asyncio's does */
 } us_timer_handle;
 
 /* us_module.c */

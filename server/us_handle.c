@@ -275,13 +275,13 @@ PyType_Spec us_handle_spec = {
 static PyObject *timer_when(us_timer_handle *t, PyObject *unused)
 {
     (void)unused;
-    return PyFloat_FromDouble(t->timer.when);
+    return t->when_is_int ? PyLong_FromDouble(t->timer.when) : PyFloat_FromDouble(t->timer.when);
 }
 
 static PyObject *timer_get_when(us_timer_handle *t, void *c)
 {
     (void)c;
-    return PyFloat_FromDouble(t->timer.when);
+    return timer_when(t, NULL);
 }
 
 static PyObject *timer_get_scheduled(us_timer_handle *t, void *c)

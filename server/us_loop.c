@@ -336,6 +336,7 @@ static PyObject *schedule_at(us_loop *self, double when, PyObject *const *args, 
         return PyErr_NoMemory();
     }
     Py_INCREF(t); /* the heap's reference */
+    t->when_is_int = 0;
     return (PyObject *)t;
 }
 
@@ -353,7 +354,10 @@ static PyObject *loop_call_at(us_loop *self, PyObject *const *args, Py_ssize_t n
     double when = PyFloat_AsDouble(args[0]);
     if (when == -1.0 && PyErr_Occurred())
         return NULL;
-    return schedule_at(self, when, args + 1, nargs - 1, kwnames, "call_at");
+    PyObject *t = schedule_at(self, when, args + 1, nargs - 1, kwnames, "call_at");
+    if (t)
+        ((us_timer_handle *)t)->when_is_int = PyLong_Check(args[0]);
+    return t;
 }
 
 static PyObject *loop_call_later(us_loop *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)

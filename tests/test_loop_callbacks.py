@@ -2,6 +2,7 @@
 handler API: the same assertions on uringloop and on stock asyncio."""
 
 import asyncio
+import math
 import contextvars
 import logging
 import os
@@ -99,6 +100,20 @@ def test_timer_handle_api(loop):
     assert h.cancelled()
     assert "cancelled" in repr(h)
     h2.cancel()
+
+
+def test_call_at_keeps_an_int_when(loop):
+    # asyncio's TimerHandle keeps what call_at() got; aiohttp rounds its
+    # timeouts up to whole seconds and checks that they stay ints.
+    when = math.ceil(loop.time()) + 10
+    h = loop.call_at(when, print)
+    assert type(h.when()) is int and h.when() == when
+    assert type(h._when) is int
+    h2 = loop.call_at(when + 0.5, print)
+    h3 = loop.call_later(1, print)
+    assert type(h2.when()) is float and type(h3.when()) is float
+    for handle in (h, h2, h3):
+        handle.cancel()
 
 
 def test_timer_cancel_prevents_run(loop):
