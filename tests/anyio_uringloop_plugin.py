@@ -1,0 +1,38 @@
+"""Loaded into anyio's own test run by test_anyio_suite.py (``-p``).
+
+anyio's conftest runs every async test on asyncio and on "asyncio+uvloop",
+taking the loop factory from ``import uvloop``. This plugin puts a stand-in
+module under that name whose ``new_event_loop`` makes uringloop loops, so
+the second parameter runs on uringloop. It counts the loops it made and
+writes the count to $URING_ANYIO_LOOPS at the end, which is how the outer
+test knows the suite really ran on uringloop.
+"""
+
+import os
+import sys
+import types
+
+import uringloop
+
+_made = 0
+
+
+def _new_event_loop():
+    global _made
+    loop = uringloop.new_event_loop()
+    assert type(loop) is uringloop.Loop, loop
+    _made += 1
+    return loop
+
+
+_standin = types.ModuleType("uvloop")
+_standin.new_event_loop = _new_event_loop
+_standin.loop = types.SimpleNamespace(Loop=uringloop.Loop)
+sys.modules["uvloop"] = _standin
+
+
+def pytest_unconfigure(config):
+    path = os.environ.get("URING_ANYIO_LOOPS")
+    if path:
+        with open(path, "w") as f:
+            f.write(str(_made))
