@@ -35,13 +35,16 @@ FLOOD = {"sent": 0, "state": "idle"}
 
 
 async def flood(ws: WebSocket):
-    """Sends 64 KiB messages as fast as the server lets it, and says how far
-    it got (/flood-count): a client that does not read must hold it back."""
+    """Sends messages (2000 of 64 KiB, or ?count=&size=) as fast as the
+    server lets it, and says how far it got (/flood-count): a client that
+    does not read must hold it back."""
+    count = int(ws.query_params.get("count", 2000))
+    size = int(ws.query_params.get("size", 65536))
     await ws.accept()
     FLOOD.update(sent=0, state="sending")
     try:
-        for _ in range(2000):
-            await ws.send_bytes(b"f" * 65536)
+        for _ in range(count):
+            await ws.send_bytes(b"f" * size)
             FLOOD["sent"] += 1
         FLOOD["state"] = "all sent"
     except WebSocketDisconnect:
