@@ -9,10 +9,13 @@ import contextvars
 import os
 import socket
 import ssl
+import sys
 import tempfile
 import time
 
 import pytest
+
+import uringloop
 
 from conftest import close_with_reset, full_unix_dgram_peer, run
 from http_support import pids_while_one_is_blocked
@@ -884,6 +887,59 @@ def test_unix_server_and_connection(loop):
             await server.wait_closed()
 
     run(loop, main())
+
+
+def test_unix_server_socket_file_left_by_default_before_3_13(loop):
+    """asyncio before 3.13 leaves the socket file of a closed Unix server;
+    the default of cleanup_socket= follows the running Python."""
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "sock")
+            server = await loop.create_unix_server(Echo, path)
+            server.close()
+            await server.wait_closed()
+            assert os.path.exists(path) == (sys.version_info < (3, 13))
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("how", ["path", "sock"])
+def test_unix_server_cleanup_socket_unlinks_its_file(how):
+    """cleanup_socket=True (3.13's argument, accepted on every Python as
+    uvloop does) removes the file when the server closes, but not a file
+    that has replaced it at that path, nor an abstract-namespace name."""
+    loop = uringloop.new_event_loop()
+
+    async def serve_and_close(path, replace_file=False):
+        if how == "path":
+            server = await loop.create_unix_server(Echo, path, cleanup_socket=True)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+            server = await loop.create_unix_server(Echo, sock=sock, cleanup_socket=True)
+        if replace_file:
+            os.unlink(path)
+            open(path, "w").close()
+        server.close()
+        await server.wait_closed()
+
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "sock")
+            await serve_and_close(path)
+            assert not os.path.exists(path)
+            await serve_and_close(path, replace_file=True)
+            assert os.path.isfile(path)  # someone else's file now
+            await serve_and_close("\0uringloop-cleanup-%d" % os.getpid())
+            server = await loop.create_unix_server(Echo, path + "2", cleanup_socket=False)
+            server.close()
+            await server.wait_closed()
+            assert os.path.exists(path + "2")
+
+    try:
+        run(loop, main())
+    finally:
+        loop.close()
 
 
 def _tls_contexts():

@@ -89,6 +89,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         self._transports = weakref.WeakValueDictionary()
         self._acceptors = {}
         self._shared_sockets = weakref.WeakSet()  # listening sockets that came in through sock=
+        self._unix_server_inodes = {}  # listening Unix socket -> inode of its file, to unlink on close
         self._child_pidfds = {}
 
     def __repr__(self):
@@ -145,6 +146,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         # The servers' listening sockets are theirs to close; a closed loop
         # only stops referring to them, as asyncio's closed selector does.
         self._acceptors.clear()
+        self._unix_server_inodes.clear()
 
     def _uring_slow_callback(self, item, dt):
         if dt >= self.slow_callback_duration:

@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 
 from asyncio import base_events, base_subprocess, constants, futures, sslproto, tasks, trsock
 from asyncio.log import logger
@@ -26,6 +27,10 @@ _READ_PIPE, _WRITE_PIPE = 1, 2
 _REAPED_ELSEWHERE = object()
 # absent from a Python built against headers older than Linux 5.4
 _P_PIDFD = getattr(os, "P_PIDFD", None)
+# create_unix_server(cleanup_socket=) is a 3.13 argument, on by default
+# there; accepted on every version (as uvloop does), off by default before
+# 3.13 so that a 3.11 program keeps the socket file asyncio 3.11 leaves
+_CLEANUP_SOCKET_DEFAULT = sys.version_info >= (3, 13)
 
 
 def _set_nodelay(sock):
@@ -307,9 +312,25 @@ class NetworkMixin:
         acceptor = self._acceptors.pop(sock, None)
         if acceptor is not None:
             acceptor.cancel()  # returns once the kernel has let go of the socket
+        inode = self._unix_server_inodes.pop(sock, None)
+        path = sock.getsockname() if inode is not None else None
         # No shutdown(): the socket may be shared with other processes (as
         # with uvicorn --workers), which must go on listening on it.
         sock.close()
+        if path is not None:
+            self._unlink_unix_socket_file(path, inode)
+
+    @staticmethod
+    def _unlink_unix_socket_file(path, inode):
+        """Remove a closed server's socket file, unless something else has
+        been bound or put at that path since (another inode)."""
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            logger.error("Unable to clean up listening UNIX socket %r: %r", path, err)
 
     # ---- Unix sockets (asyncio.unix_events semantics) ----
 
@@ -355,9 +376,17 @@ class NetworkMixin:
             self._shared_sockets.add(sock)
         return await super().create_server(protocol_factory, host, port, sock=sock, **kwargs)
 
+    def _remember_unix_socket_file(self, sock):
+        path = sock.getsockname()
+        if path and path[0] not in (0, "\x00"):  # a file, not the abstract namespace
+            try:
+                self._unix_server_inodes[sock] = os.stat(path).st_ino
+            except FileNotFoundError:
+                pass
+
     async def create_unix_server(self, protocol_factory, path=None, *, sock=None, backlog=100, ssl=None,
                                  ssl_handshake_timeout=None, ssl_shutdown_timeout=None,
-                                 start_serving=True):
+                                 start_serving=True, cleanup_socket=_CLEANUP_SOCKET_DEFAULT):
         if isinstance(ssl, bool):
             raise TypeError("ssl argument must be an SSLContext or None")
         if ssl_handshake_timeout is not None and not ssl:
@@ -394,6 +423,8 @@ class NetworkMixin:
                 raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
             self._shared_sockets.add(sock)
         sock.setblocking(False)
+        if cleanup_socket:
+            self._remember_unix_socket_file(sock)
         server = base_events.Server(self, [sock], protocol_factory, ssl, backlog,
                                     ssl_handshake_timeout, ssl_shutdown_timeout)
         if start_serving:
