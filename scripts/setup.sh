@@ -40,12 +40,15 @@ log "pip install .[test,bench] (builds the C extension with scikit-build-core + 
 URING_WERROR=${URING_WERROR:-ON} .venv/bin/python -m pip install -q ".[test,bench]"
 log "installed: $(.venv/bin/python -c 'import uringloop; print("uringloop", uringloop.__version__, uringloop.__file__)')"
 
-# anyio's own test suite, run on uringloop by tests/test_anyio_suite.py: the
-# sdist of the installed anyio version (its wheel has no tests).
-ANYIO_VERSION=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("anyio"))')
-if [ ! -d "build/thirdparty/anyio-$ANYIO_VERSION/tests" ]; then
-    log "pip download anyio==$ANYIO_VERSION (sdist, for its test suite) into build/thirdparty"
-    mkdir -p build/thirdparty
-    .venv/bin/python -m pip download -q --no-deps --no-binary :all: "anyio==$ANYIO_VERSION" -d build/thirdparty
-    tar -xzf "build/thirdparty/anyio-$ANYIO_VERSION.tar.gz" -C build/thirdparty
-fi
+# anyio's and uvicorn's own test suites, run on uringloop by
+# tests/test_anyio_suite.py and tests/test_uvicorn_suite.py: the sdists of
+# the installed versions (their wheels have no tests).
+for project in anyio uvicorn; do
+    version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$project'))")
+    if [ ! -d "build/thirdparty/$project-$version/tests" ]; then
+        log "pip download $project==$version (sdist, for its test suite) into build/thirdparty"
+        mkdir -p build/thirdparty
+        .venv/bin/python -m pip download -q --no-deps --no-binary :all: "$project==$version" -d build/thirdparty
+        tar -xzf "build/thirdparty/$project-$version.tar.gz" -C build/thirdparty
+    fi
+done

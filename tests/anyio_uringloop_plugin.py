@@ -3,16 +3,15 @@
 anyio's conftest runs every async test on asyncio and on "asyncio+uvloop",
 taking the loop factory from ``import uvloop``. This plugin puts a stand-in
 module under that name whose ``new_event_loop`` makes uringloop loops, so
-the second parameter runs on uringloop. It counts the loops it made and
-writes the count to $URING_ANYIO_LOOPS at the end, which is how the outer
-test knows the suite really ran on uringloop.
+the second parameter runs on uringloop. It counts the loops it made for the
+outer test (suite_support.py).
 """
 
-import os
 import sys
 import types
 
 import uringloop
+from suite_support import record_loops_made
 
 _made = 0
 
@@ -32,7 +31,4 @@ sys.modules["uvloop"] = _standin
 
 
 def pytest_unconfigure(config):
-    path = os.environ.get("URING_ANYIO_LOOPS")
-    if path:
-        with open(path, "w") as f:
-            f.write(str(_made))
+    record_loops_made(_made)

@@ -13,20 +13,16 @@ everything uringloop gets wrong does.
 """
 
 import importlib.metadata
-import os
-import pathlib
 import re
 import socket
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-HERE = pathlib.Path(__file__).resolve().parent
+from suite_support import THIRDPARTY, failed, node_id, run_suite
+
 ANYIO_VERSION = importlib.metadata.version("anyio")
-SUITE = ROOT / "build" / "thirdparty" / f"anyio-{ANYIO_VERSION}"
+SUITE = THIRDPARTY / f"anyio-{ANYIO_VERSION}"
+PLUGIN = "anyio_uringloop_plugin"
 
 
 def _has_ipv6_localhost():
@@ -39,29 +35,10 @@ def _has_ipv6_localhost():
 
 
 def _run(tmp_path, name, args):
-    """Runs anyio's tests; returns ({test id: outcome}, loops made)."""
-    report = tmp_path / f"{name}.xml"
-    loops = tmp_path / f"{name}.loops"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p)
-    env["URING_ANYIO_LOOPS"] = str(loops)
-    cmd = [sys.executable, "-m", "pytest", "-p", "anyio_uringloop_plugin", "-p", "no:cacheprovider", "-q",
-           "--junitxml", str(report), "-o", "junit_family=xunit1", *args]
-    proc = subprocess.run(cmd, cwd=SUITE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=900)
-    assert report.exists(), proc.stdout[-3000:]
-    outcomes = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        test_id = f"{case.get('classname')}::{case.get('name')}".replace("asyncio+uvloop", "asyncio")
-        kinds = {child.tag for child in case}
-        outcomes[test_id] = ("failed" if kinds & {"failure", "error"} else
-                             "skipped" if "skipped" in kinds else "passed")
-    made = int(loops.read_text()) if loops.exists() else 0
-    return outcomes, made, proc.stdout
-
-
-def _failed(outcomes):
-    return {t for t, o in outcomes.items() if o == "failed"}
+    """Runs anyio's tests; the asyncio+uvloop parameter is named asyncio in
+    the ids returned, so that both runs can be compared."""
+    outcomes, made, out = run_suite(SUITE, tmp_path, name, args, plugin=PLUGIN)
+    return {t.replace("asyncio+uvloop", "asyncio"): o for t, o in outcomes.items()}, made, out
 
 
 @pytest.mark.timeout(1800)
@@ -75,28 +52,20 @@ def test_anyio_suite_fails_nothing_on_uringloop_that_passes_on_asyncio(tmp_path)
     passed = [t for t, o in uring.items() if o == "passed"]
     assert len(passed) > 900, out[-3000:]
 
-    only_uring = _failed(uring) - _failed(base)
+    only_uring = failed(uring) - failed(base)
     if only_uring:  # once more, both loops, just those tests
         ids = sorted(only_uring)
-        uring2, _, out2 = _run(tmp_path, "uring2", [*ids_for(ids, "asyncio+uvloop")])
-        base2, _, _ = _run(tmp_path, "base2", [*ids_for(ids, "asyncio")])
-        only_uring = _failed(uring2) - _failed(base2)
+        uring2, _, out2 = _run(tmp_path, "uring2", ids_for(ids, "asyncio+uvloop"))
+        base2, _, _ = _run(tmp_path, "base2", ids_for(ids, "asyncio"))
+        only_uring = failed(uring2) - failed(base2)
         assert not only_uring, f"fail on uringloop, pass on asyncio: {sorted(only_uring)}\n{out2[-6000:]}"
 
 
 def ids_for(ids, backend):
-    """Node ids of anyio's tests (as the junit report names them) for one backend."""
+    """Node ids of anyio's tests, with their backend parameter set to `backend`."""
     nodes = []
     for test_id in ids:
-        classname, name = test_id.rsplit("::", 1)
-        parts = classname.split(".")
-        # classname is "tests.test_x" or "tests.test_x.TestClass" (or tests.streams.test_y...)
-        for i in range(len(parts), 0, -1):
-            path = SUITE / pathlib.Path(*parts[:i]).with_suffix(".py")
-            if path.exists():
-                node = "::".join([str(path.relative_to(SUITE)), *parts[i:], name])
-                head, _, params = node.partition("[")
-                params = re.sub(r"(?<![^-])asyncio(?![^-\]])", backend, params) if params else ""
-                nodes.append(f"{head}[{params}" if params else head)
-                break
+        head, _, params = node_id(SUITE, test_id).partition("[")
+        params = re.sub(r"(?<![^-])asyncio(?![^-\]])", backend, params) if params else ""
+        nodes.append(f"{head}[{params}" if params else head)
     return nodes

@@ -1,0 +1,63 @@
+"""Running a third-party project's own test suite on uringloop.
+
+The suite runs in a child pytest, from the unpacked sdist that
+scripts/setup.sh puts in build/thirdparty, with a plugin of ours (``-p``)
+that makes its loops uringloop loops and counts them: each process of the
+run writes its count to a file in $URING_SUITE_LOOPS, and the counts are
+summed, which is how the outer test knows the suite really ran on uringloop.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HERE = pathlib.Path(__file__).resolve().parent
+THIRDPARTY = ROOT / "build" / "thirdparty"
+
+
+def record_loops_made(count):
+    """Called by a plugin when its process ends."""
+    folder = os.environ.get("URING_SUITE_LOOPS")
+    if folder:
+        pathlib.Path(folder, str(os.getpid())).write_text(str(count))
+
+
+def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900):
+    """Runs pytest in `suite`; returns ({test id: outcome}, loops made, output).
+    A test id is "classname::name" as the junit report gives it."""
+    report = tmp_path / f"{name}.xml"
+    loops = tmp_path / f"{name}.loops"
+    loops.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p)
+    env["URING_SUITE_LOOPS"] = str(loops)
+    cmd = [sys.executable, "-m", "pytest", *(["-p", plugin] if plugin else []), "-p", "no:cacheprovider", "-q",
+           "--junitxml", str(report), "-o", "junit_family=xunit1", *args]
+    proc = subprocess.run(cmd, cwd=suite, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    assert report.exists(), proc.stdout[-3000:]
+    outcomes = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        kinds = {child.tag for child in case}
+        outcomes[f"{case.get('classname')}::{case.get('name')}"] = (
+            "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed")
+    made = sum(int(f.read_text()) for f in loops.iterdir())
+    return outcomes, made, proc.stdout
+
+
+def failed(outcomes):
+    return {t for t, o in outcomes.items() if o == "failed"}
+
+
+def node_id(suite, test_id):
+    """The pytest node id of a junit test id ("tests.test_x.TestClass::test_y[p]")."""
+    classname, name = test_id.rsplit("::", 1)
+    parts = classname.split(".")
+    for i in range(len(parts), 0, -1):
+        path = suite / pathlib.Path(*parts[:i]).with_suffix(".py")
+        if path.exists():
+            return "::".join([str(path.relative_to(suite)), *parts[i:], name])
+    raise LookupError(f"no file in {suite} for {test_id}")
