@@ -514,14 +514,8 @@ def test_half_close_both_ways(loop):
         tr.write_eof()
         with pytest.raises(RuntimeError):
             tr.write(b"too late")
-        def read_all():  # off the loop: the loop must keep running to send
-            got = b""
-            peer.settimeout(5)
-            while chunk := peer.recv(100):
-                got += chunk
-            return got
-
-        assert await loop.run_in_executor(None, read_all) == b"after eof"
+        # off the loop: the loop must keep running to send
+        assert await loop.run_in_executor(None, recv_to_eof, peer) == b"after eof"
         tr.close()
         await pr.lost
         peer.close()
@@ -567,6 +561,15 @@ def test_close_flushes_pending_writes_then_fin(loop):
     run(loop, main(), timeout=30)
 
 
+def recv_to_eof(peer, timeout=5):
+    """All a blocking raw socket receives until the transport's end reaches it."""
+    peer.settimeout(timeout)
+    got = b""
+    while chunk := peer.recv(100):
+        got += chunk
+    return got
+
+
 def test_abort_drops_writes_and_reaches_peer(loop):
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
@@ -603,11 +606,7 @@ def test_socket_is_closed_in_the_iteration_after_close(loop, how):
         getattr(tr, "abort" if how == "abort" else "close")()
         await asyncio.sleep(0)
         assert pr.lost.done()
-        peer.settimeout(5)
-        got = b""
-        while chunk := peer.recv(100):
-            got += chunk
-        assert got == (b"last words" if how == "write-close" else b"")
+        assert recv_to_eof(peer) == (b"last words" if how == "write-close" else b"")
         peer.close()
 
     run(loop, main())
@@ -622,11 +621,7 @@ def test_abort_keeps_what_the_kernel_took_at_write(loop):
         tr.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
         tr.abort()
         await pr.lost
-        peer.settimeout(5)
-        got = b""
-        while chunk := peer.recv(100):
-            got += chunk
-        assert got == b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+        assert recv_to_eof(peer) == b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
         peer.close()
 
     run(loop, main())
