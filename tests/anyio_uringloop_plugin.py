@@ -11,24 +11,13 @@ import sys
 import types
 
 import uringloop
-from suite_support import record_loops_made
-
-_made = 0
-
-
-def _new_event_loop():
-    global _made
-    loop = uringloop.new_event_loop()
-    assert type(loop) is uringloop.Loop, loop
-    _made += 1
-    return loop
-
+from suite_support import new_counted_loop, record_loops_made
 
 _standin = types.ModuleType("uvloop")
-_standin.new_event_loop = _new_event_loop
+_standin.new_event_loop = new_counted_loop
 _standin.loop = types.SimpleNamespace(Loop=uringloop.Loop)
 sys.modules["uvloop"] = _standin
 
 
 def pytest_unconfigure(config):
-    record_loops_made(_made)
+    record_loops_made()

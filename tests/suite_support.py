@@ -13,16 +13,30 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import uringloop
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HERE = pathlib.Path(__file__).resolve().parent
 THIRDPARTY = ROOT / "build" / "thirdparty"
 
 
-def record_loops_made(count):
+_loops_made = 0
+
+
+def new_counted_loop():
+    """What a plugin hands the suite for a new loop: a uringloop loop, counted."""
+    global _loops_made
+    loop = uringloop.new_event_loop()
+    assert type(loop) is uringloop.Loop, loop
+    _loops_made += 1
+    return loop
+
+
+def record_loops_made():
     """Called by a plugin when its process ends."""
     folder = os.environ.get("URING_SUITE_LOOPS")
     if folder:
-        pathlib.Path(folder, str(os.getpid())).write_text(str(count))
+        pathlib.Path(folder, str(os.getpid())).write_text(str(_loops_made))
 
 
 def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900):

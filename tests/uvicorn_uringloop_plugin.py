@@ -10,18 +10,12 @@ ask for ``loop="asyncio"`` by name still get asyncio's selector loop.
 import asyncio
 
 import uringloop
-from suite_support import record_loops_made
-
-_made = 0
+from suite_support import new_counted_loop, record_loops_made
 
 
 class _CountingPolicy(uringloop.EventLoopPolicy):
     def new_event_loop(self):
-        global _made
-        loop = super().new_event_loop()
-        assert type(loop) is uringloop.Loop, loop
-        _made += 1
-        return loop
+        return new_counted_loop()
 
 
 def pytest_configure(config):
@@ -29,4 +23,4 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    record_loops_made(_made)
+    record_loops_made()

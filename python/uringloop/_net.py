@@ -33,6 +33,11 @@ _P_PIDFD = getattr(os, "P_PIDFD", None)
 _CLEANUP_SOCKET_DEFAULT = sys.version_info >= (3, 13)
 
 
+def _is_socket_file(path):
+    """Whether a Unix socket address names a file (not the abstract namespace)."""
+    return path[0] not in (0, "\x00")
+
+
 def _set_nodelay(sock):
     """TCP_NODELAY on every TCP transport. asyncio's own helper skips a
     socket whose proto is 0 (socket.socket() makes those, and so do the
@@ -378,7 +383,7 @@ class NetworkMixin:
 
     def _remember_unix_socket_file(self, sock):
         path = sock.getsockname()
-        if path and path[0] not in (0, "\x00"):  # a file, not the abstract namespace
+        if path and _is_socket_file(path):
             try:
                 self._unix_server_inodes[sock] = os.stat(path).st_ino
             except FileNotFoundError:
@@ -398,7 +403,7 @@ class NetworkMixin:
                 raise ValueError("path and sock can not be specified at the same time")
             path = os.fspath(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            if path[0] not in (0, "\x00"):  # not the abstract namespace
+            if _is_socket_file(path):
                 try:
                     if stat.S_ISSOCK(os.stat(path).st_mode):
                         os.remove(path)  # a stale socket file
