@@ -243,7 +243,9 @@ def test_messages_the_app_does_not_take_stop_the_reading(ws_server):
     port = ws_server.port
 
     async def go():
-        async with websockets.connect(f"ws://127.0.0.1:{port}/hold", max_size=None) as ws:
+        # uncompressed: deflated, 300 messages of one repeated byte would all
+        # fit in the kernel's socket buffers
+        async with websockets.connect(f"ws://127.0.0.1:{port}/hold", max_size=None, compression=None) as ws:
             sent = 0
 
             async def send_all():

@@ -50,6 +50,16 @@ def _positive_int(value):
     return n
 
 
+def _bool(value):
+    """uvicorn's boolean option values (click's): true/false, 1/0, yes/no, on/off."""
+    v = value.strip().lower()
+    if v in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean")
+
+
 def _fd(value):
     n = int(value)
     if n < 0:
@@ -95,6 +105,19 @@ def build_parser():
     p.add("--limit-request-fields", type=_positive_int, default=100, help="most request header fields (431 above).")
     p.add("--limit-request-field-size", type=_positive_int, default=8190,
           help="longest request header field (431 above).")
+    p.add("--ws", choices=("auto", "none", "websockets", "websockets-sansio", "wsproto"), default="auto",
+          help="WebSocket support: 'none' serves upgrade requests as plain HTTP; every other choice uses "
+               "the websockets package's protocol.")
+    p.add("--ws-max-size", type=_positive_int, default=16777216,
+          help="largest WebSocket message in bytes, after decompression (close 1009 above).")
+    p.add("--ws-max-queue", type=_positive_int, default=32,
+          help="received WebSocket messages the app has not taken before the socket is no longer read.")
+    p.add("--ws-ping-interval", type=float, default=20.0,
+          help="send a WebSocket ping after this many seconds (0: never).")
+    p.add("--ws-ping-timeout", type=float, default=20.0,
+          help="close a WebSocket (1011) whose pong takes longer than this many seconds (0: wait for ever).")
+    p.add("--ws-per-message-deflate", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+          help="offer permessage-deflate compression to WebSocket clients.")
     p.add("--lifespan", choices=("auto", "on", "off"), default="auto", help="ASGI lifespan protocol.")
     p.add("--log-level", choices=("critical", "error", "warning", "info", "debug", "trace"), default=None,
           help="log level.")

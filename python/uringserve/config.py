@@ -14,6 +14,10 @@ from .logging import configure as configure_logging
 logger = logging.getLogger("uringserve.error")
 
 LIFESPAN_MODES = ("auto", "on", "off")
+# uvicorn's --ws choices. Every one but "none" is served by the sans-I/O
+# protocol of the websockets package (uvicorn's "wsproto" included: what the
+# app sees is the same ASGI messages).
+WS_MODES = ("auto", "none", "websockets", "websockets-sansio", "wsproto")
 
 
 class AppLoadError(Exception):
@@ -67,6 +71,12 @@ class Config:
         limit_request_fields=100,
         limit_request_field_size=8190,
         lifespan="auto",
+        ws="auto",
+        ws_max_size=16 * 1024 * 1024,
+        ws_max_queue=32,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        ws_per_message_deflate=True,
         log_level=None,
         log_config=None,
         access_log=True,
@@ -77,6 +87,10 @@ class Config:
     ):
         if lifespan not in LIFESPAN_MODES:
             raise ValueError(f"lifespan must be one of {', '.join(LIFESPAN_MODES)}")
+        if ws not in WS_MODES:
+            raise ValueError(f"ws must be one of {', '.join(WS_MODES)}")
+        if int(ws_max_size) <= 0 or int(ws_max_queue) <= 0:
+            raise ValueError("ws_max_size and ws_max_queue must be positive")
         self.app = app
         self.host = host
         self.port = int(port)
@@ -102,6 +116,13 @@ class Config:
         self.limit_request_fields = limit_request_fields
         self.limit_request_field_size = limit_request_field_size
         self.lifespan = lifespan
+        self.ws = ws
+        self.ws_max_size = int(ws_max_size)
+        self.ws_max_queue = int(ws_max_queue)
+        # None or 0 turns keepalive pings (or their deadline) off
+        self.ws_ping_interval = float(ws_ping_interval) if ws_ping_interval else None
+        self.ws_ping_timeout = float(ws_ping_timeout) if ws_ping_timeout else None
+        self.ws_per_message_deflate = bool(ws_per_message_deflate)
         self.log_level = log_level
         self.log_config = log_config
         self.access_log = access_log

@@ -138,13 +138,7 @@ class Server:
             access = self.access_hook
         else:
             access = _access_hook() if config.access_log and access_logger.isEnabledFor(logging.INFO) else None
-        try:
-            from .websocket import WebSocketHandler
-
-            self.websockets = WebSocketHandler(loop, app, access)
-        except ImportError:  # the websockets package is missing: upgrades are answered as plain HTTP
-            logger.warning("WebSockets are off: the 'websockets' package is not installed.")
-            self.websockets = None
+        self.websockets = self._websocket_handler(loop, app, access)
         self.core = HttpServer(
             loop, app, _log_error,
             websocket=self.websockets,
@@ -177,6 +171,31 @@ class Server:
         if self.on_started is not None:
             self.on_started()
         return True
+
+    def _websocket_handler(self, loop, app, access):
+        """The handler of WebSocket upgrades, or None: with --ws none (or
+        without the websockets package under --ws auto) upgrade requests
+        reach the app as plain HTTP, as under uvicorn."""
+        config = self.config
+        if config.ws == "none":
+            return None
+        try:
+            from .websocket import WebSocketHandler, WebSocketSettings
+        except ImportError:
+            if config.ws != "auto":
+                raise RuntimeError(f"--ws {config.ws} needs the 'websockets' package, which is not installed") from None
+            logger.warning("WebSockets are off: the 'websockets' package is not installed.")
+            return None
+        if config.ws == "wsproto":
+            logger.info("--ws wsproto: uringserve's WebSockets use the websockets package's protocol.")
+        settings = WebSocketSettings(
+            max_size=config.ws_max_size,
+            max_queue=config.ws_max_queue,
+            ping_interval=config.ws_ping_interval,
+            ping_timeout=config.ws_ping_timeout,
+            per_message_deflate=config.ws_per_message_deflate,
+        )
+        return WebSocketHandler(loop, app, access, settings)
 
     def _log_started(self, inherited):
         config = self.config

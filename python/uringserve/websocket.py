@@ -8,25 +8,37 @@ uringloop's C stream transport; this module maps them onto ASGI messages.
 """
 
 import asyncio
+import dataclasses
 import http
 import logging
+import os
 import re
 import socket
 
 from websockets.exceptions import InvalidState
+from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 logger = logging.getLogger("uringserve.error")
 
-MAX_MESSAGE = 16 * 1024 * 1024
-# received messages the app has not taken yet: above this, the socket is
-# no longer read (the client's sends then wait on TCP), as the websockets
-# package's max_queue does
-MAX_QUEUE = 16
 # seconds a closing connection may take to send what is queued
 CLOSE_TIMEOUT = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class WebSocketSettings:
+    """uvicorn's --ws-* options, with its defaults."""
+
+    max_size: int = 16 * 1024 * 1024  # a larger message (decompressed) closes with 1009
+    # received messages the app has not taken yet: at this many the socket
+    # is no longer read (the client's sends then wait on TCP), as the
+    # websockets package's max_queue does
+    max_queue: int = 32
+    ping_interval: float | None = 20.0  # keepalive pings; None: none
+    ping_timeout: float | None = 20.0  # no pong by then: close with 1011; None: wait
+    per_message_deflate: bool = True  # negotiate permessage-deflate when the client offers it
 
 
 class ClientDisconnected(OSError):
@@ -36,10 +48,11 @@ class ClientDisconnected(OSError):
 class WebSocketHandler:
     """Called by the C server with (fd, scope, bytes read past the head)."""
 
-    def __init__(self, loop, app, access_hook=None):
+    def __init__(self, loop, app, access_hook=None, settings=None):
         self.loop = loop
         self.app = app
         self.access_hook = access_hook
+        self.settings = settings or WebSocketSettings()
         self.sessions = set()
 
     def __call__(self, fd, scope, leftover):
@@ -84,7 +97,11 @@ class WebSocketSession(asyncio.Protocol):
         self.sock = sock
         self.leftover = leftover
         self.scope = self._websocket_scope(scope)
-        self.proto = ServerProtocol(max_size=MAX_MESSAGE)
+        self.settings = settings = handler.settings
+        # websockets' recommended deflate settings (12-bit windows, memLevel
+        # 5: about 64 KiB of zlib state a connection instead of 256 KiB)
+        extensions = enable_server_permessage_deflate(None) if settings.per_message_deflate else None
+        self.proto = ServerProtocol(extensions=extensions, max_size=settings.max_size)
         self.transport = None
         self.request = None
         self.messages = asyncio.Queue()
@@ -100,6 +117,8 @@ class WebSocketSession(asyncio.Protocol):
         self.write_paused = False
         self.lost = False  # connection_lost() came
         self.drain_waiter = None
+        self.ping_timer = None  # the next keepalive ping, or its pong's deadline
+        self.ping_payload = None  # of the ping whose pong we wait for
 
     @staticmethod
     def _websocket_scope(scope):
@@ -165,7 +184,7 @@ class WebSocketSession(asyncio.Protocol):
             self.connect_sent = True
             return {"type": "websocket.connect"}
         message = await self.messages.get()
-        if self.read_paused and self.messages.qsize() <= MAX_QUEUE // 4 and self.transport is not None:
+        if self.read_paused and self.messages.qsize() <= self.settings.max_queue // 4 and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
         return message
@@ -184,6 +203,7 @@ class WebSocketSession(asyncio.Protocol):
                 self.response_sent = self.accepted = True
                 self._log(101)
                 self._flush()
+                self._schedule_ping()
             elif kind == "websocket.close" and self.denial is None:
                 self._reject(403, "")
             elif kind == "websocket.http.response.start" and self.denial is None:
@@ -220,6 +240,49 @@ class WebSocketSession(asyncio.Protocol):
             raise RuntimeError(f"Unexpected ASGI message {kind!r} on an accepted WebSocket.")
 
     # -- helpers --
+
+    # -- keepalive: a client that stops answering (gone without a FIN, a
+    # dead NAT entry) is closed with 1011 instead of holding its socket
+
+    def _schedule_ping(self):
+        if self.settings.ping_interval and not self.closed:
+            self.ping_timer = self.handler.loop.call_later(self.settings.ping_interval, self._send_ping)
+
+    def _send_ping(self):
+        self.ping_timer = None
+        if self.closed or self.proto.state is not State.OPEN:
+            return
+        self.ping_payload = os.urandom(4)  # tells its pong from unsolicited ones
+        self.proto.send_ping(self.ping_payload)
+        self._flush()
+        if self.settings.ping_timeout:
+            self.ping_timer = self.handler.loop.call_later(self.settings.ping_timeout, self._ping_timed_out)
+        else:
+            self._schedule_ping()
+
+    def _on_pong(self, data):
+        if self.ping_payload is None or bytes(data) != self.ping_payload:
+            return
+        self.ping_payload = None
+        if self.settings.ping_timeout and self.ping_timer is not None:
+            self.ping_timer.cancel()  # the deadline: the next ping waits for this pong
+            self._schedule_ping()
+
+    def _ping_timed_out(self):
+        self.ping_timer = self.ping_payload = None
+        if self.closed or self.proto.state is not State.OPEN:
+            return
+        self.closed = True
+        self.proto.fail(1011, "keepalive ping timeout")
+        self._flush()
+        self.transport.close()
+        # a peer that reads nothing would hold what is queued (and the socket)
+        self.handler.loop.call_later(CLOSE_TIMEOUT, self._abort_if_open)
+
+    def _stop_keepalive(self):
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
 
     def _log(self, status):
         if self.handler.access_hook is not None:
@@ -329,6 +392,8 @@ class WebSocketSession(asyncio.Protocol):
             if frame.fin:
                 data, self.fragments = b"".join(self.fragments), None
                 self._deliver(self.fragment_text, data)
+        elif op == Opcode.PONG:
+            self._on_pong(frame.data)
         elif op == Opcode.CLOSE:
             self.closed = True
 
@@ -345,7 +410,7 @@ class WebSocketSession(asyncio.Protocol):
             self.messages.put_nowait({"type": "websocket.receive", "text": data})
         else:
             self.messages.put_nowait({"type": "websocket.receive", "bytes": data})
-        if self.messages.qsize() >= MAX_QUEUE and not self.read_paused:
+        if self.messages.qsize() >= self.settings.max_queue and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
 
@@ -367,6 +432,7 @@ class WebSocketSession(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = self.lost = True
+        self._stop_keepalive()
         self.write_paused = False
         self._wake_drain(ClientDisconnected("the WebSocket is closed"))
         # the client's close frame, if one came (the protocol's close_code is

@@ -53,7 +53,12 @@ def _gunicorn_access(worker):
 
 
 class UringWorker(Worker):
-    """A gunicorn worker running uringserve on uringloop."""
+    """A gunicorn worker running uringserve on uringloop. As with uvicorn's
+    worker, a subclass can set more Config arguments in CONFIG_KWARGS
+    (``{"ws_per_message_deflate": False}``), which override what is taken
+    from gunicorn's settings."""
+
+    CONFIG_KWARGS = {}
 
     def init_process(self):
         # the loop (and its io_uring ring) is made after the fork, in run()
@@ -68,17 +73,19 @@ class UringWorker(Worker):
         signal.siginterrupt(signal.SIGUSR1, False)
 
     def _config(self):
-        cfg = self.cfg
         error_logger = logging.getLogger("uringserve.error")
         error_logger.handlers = self.log.error_log.handlers
         error_logger.setLevel(self.log.error_log.level)
         error_logger.propagate = False
+        return Config(self.wsgi, **{**self._gunicorn_settings(), **self.CONFIG_KWARGS})
+
+    def _gunicorn_settings(self):
+        cfg = self.cfg
         max_requests = self.max_requests if self.max_requests and self.max_requests < sys.maxsize else None
         fwd = cfg.forwarded_allow_ips
         if isinstance(fwd, (list, tuple)):
             fwd = ",".join(fwd)
-        return Config(
-            self.wsgi,
+        return dict(
             timeout_keep_alive=cfg.keepalive,
             timeout_graceful_shutdown=cfg.graceful_timeout,
             limit_max_requests=max_requests,
