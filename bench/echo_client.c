@@ -4,7 +4,12 @@
  * back, and repeats, for SECONDS. Prints one JSON line: round trips, elapsed
  * time and latency percentiles.
  *
- *     echo_client HOST PORT CONNS MSGSIZE SECONDS
+ *     echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH]
+ *
+ * With WS_PATH each connection first upgrades to a WebSocket at that path
+ * (no extension offered), then each message is one binary frame of MSGSIZE
+ * bytes, masked as a client must, and the round trip ends when the server's
+ * frame of the same payload has been read.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -60,6 +65,65 @@ static void pump_write(int ep, conn_t *c, const char *out, size_t msgsize)
     epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
+/* Upgrades fd (still blocking) to a WebSocket; exits unless the answer is 101. */
+static void ws_handshake(int fd, const char *path)
+{
+    char req[1024];
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                     path);
+    if (write(fd, req, (size_t)n) != n) {
+        perror("write");
+        exit(1);
+    }
+    /* a byte at a time: nothing past the head may be consumed */
+    char head[4096];
+    size_t len = 0;
+    while (len < sizeof head - 1 && (len < 4 || memcmp(head + len - 4, "\r\n\r\n", 4) != 0)) {
+        if (read(fd, head + len, 1) != 1) {
+            fprintf(stderr, "WebSocket handshake: connection closed\n");
+            exit(1);
+        }
+        len++;
+    }
+    head[len] = 0;
+    if (strncmp(head, "HTTP/1.1 101", 12) != 0) {
+        fprintf(stderr, "WebSocket handshake refused: %.60s\n", head);
+        exit(1);
+    }
+}
+
+/* Frame header length for a payload of n bytes; masked adds the 4-byte key. */
+static size_t ws_header_len(size_t n, int masked)
+{
+    return (n < 126 ? 2 : n < 65536 ? 4 : 10) + (masked ? 4 : 0);
+}
+
+/* A final binary frame of msgsize 'x' bytes masked with the all-zero key
+ * (valid, and the payload goes as it is). */
+static char *ws_frame(size_t msgsize, size_t *len)
+{
+    size_t h = ws_header_len(msgsize, 1);
+    unsigned char *f = malloc(h + msgsize);
+    f[0] = 0x82;
+    if (msgsize < 126) {
+        f[1] = (unsigned char)(0x80 | msgsize);
+    } else if (msgsize < 65536) {
+        f[1] = 0x80 | 126;
+        f[2] = (unsigned char)(msgsize >> 8);
+        f[3] = (unsigned char)msgsize;
+    } else {
+        f[1] = 0x80 | 127;
+        for (int i = 0; i < 8; i++)
+            f[2 + i] = (unsigned char)((uint64_t)msgsize >> (56 - 8 * i));
+    }
+    memset(f + h - 4, 0, 4);
+    memset(f + h, 'x', msgsize);
+    *len = h + msgsize;
+    return (char *)f;
+}
+
 static uint32_t *lat;
 static size_t lat_len, lat_cap;
 
@@ -76,17 +140,27 @@ static void record(double seconds)
 
 int main(int argc, char **argv)
 {
-    if (argc != 6) {
-        fprintf(stderr, "usage: echo_client HOST PORT CONNS MSGSIZE SECONDS\n");
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH]\n");
         return 2;
     }
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
     inet_pton(AF_INET, argv[1], &addr.sin_addr);
     int nconns = atoi(argv[3]);
-    size_t msgsize = (size_t)atol(argv[4]);
+    size_t payload = (size_t)atol(argv[4]);
     double duration = atof(argv[5]);
-    char *out = malloc(msgsize), *in = malloc(msgsize);
-    memset(out, 'x', msgsize);
+    const char *ws_path = argc == 7 ? argv[6] : NULL;
+    /* msgsize is what goes out, insize what comes back */
+    size_t msgsize = payload, insize = payload;
+    char *out;
+    if (ws_path) {
+        out = ws_frame(payload, &msgsize);
+        insize = ws_header_len(payload, 0) + payload;
+    } else {
+        out = malloc(msgsize);
+        memset(out, 'x', msgsize);
+    }
+    char *in = malloc(insize);
     conn_t *conns = calloc((size_t)nconns, sizeof *conns);
     int ep = epoll_create1(0);
     for (int i = 0; i < nconns; i++) {
@@ -97,6 +171,8 @@ int main(int argc, char **argv)
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (ws_path)
+            ws_handshake(fd, ws_path);
         conns[i].fd = fd;
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
@@ -124,7 +200,7 @@ int main(int argc, char **argv)
             if (!(events[e].events & (EPOLLIN | EPOLLERR | EPOLLHUP)))
                 continue;
             for (;;) {
-                ssize_t r = read(c->fd, in, msgsize - c->received);
+                ssize_t r = read(c->fd, in, insize - c->received);
                 if (r < 0 && (errno == EAGAIN || errno == EINTR))
                     break;
                 if (r <= 0) {
@@ -132,7 +208,7 @@ int main(int argc, char **argv)
                     return 1;
                 }
                 c->received += (size_t)r;
-                if (c->received < msgsize)
+                if (c->received < insize)
                     continue;
                 double t = now();
                 record(t - c->started);

@@ -8,18 +8,25 @@ uringloop's C stream transport; this module maps them onto ASGI messages.
 """
 
 import asyncio
+import collections
 import dataclasses
 import http
 import logging
 import os
 import re
 import socket
+import struct
 
 from websockets.exceptions import InvalidState
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # the package built without its C extension
+    from websockets.utils import apply_mask
 
 logger = logging.getLogger("uringserve.error")
 
@@ -43,6 +50,36 @@ class WebSocketSettings:
 
 class ClientDisconnected(OSError):
     """send() on a WebSocket the client has closed (ASGI 2.4)."""
+
+
+class _Inbox:
+    """Received ASGI messages waiting for the app's receive(): a deque and
+    the one waiter an ASGI app can have (asyncio.Queue's generality costs a
+    fair share of an echo's time)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items = collections.deque()
+        self.waiter = None
+
+    def __len__(self):
+        return len(self.items)
+
+    def put(self, message):
+        self.items.append(message)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, loop):
+        while not self.items:
+            self.waiter = loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
 
 
 class WebSocketHandler:
@@ -104,7 +141,10 @@ class WebSocketSession(asyncio.Protocol):
         self.proto = ServerProtocol(extensions=extensions, max_size=settings.max_size)
         self.transport = None
         self.request = None
-        self.messages = asyncio.Queue()
+        self.messages = _Inbox()
+        self.inbuf = bytearray()  # the start of a frame not complete yet (see data_received)
+        self.fast_in = True  # data frames are parsed here, not by the protocol
+        self.fast_out = False  # after the handshake: no extension, frames built here
         self.connect_sent = False
         self.accepted = False
         self.closed = False
@@ -113,6 +153,7 @@ class WebSocketSession(asyncio.Protocol):
         self.task = None
         self.fragments = None
         self.fragment_text = False
+        self.failed = False  # we failed the connection: later messages are not the app's
         self.read_paused = False
         self.write_paused = False
         self.lost = False  # connection_lost() came
@@ -183,8 +224,8 @@ class WebSocketSession(asyncio.Protocol):
         if not self.connect_sent:
             self.connect_sent = True
             return {"type": "websocket.connect"}
-        message = await self.messages.get()
-        if self.read_paused and self.messages.qsize() <= self.settings.max_queue // 4 and self.transport is not None:
+        message = await self.messages.get(self.handler.loop)
+        if self.read_paused and len(self.messages) <= self.settings.max_queue // 4 and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
         return message
@@ -200,6 +241,7 @@ class WebSocketSession(asyncio.Protocol):
                 for name, value in _checked_headers(message.get("headers")):
                     response.headers[name.decode("latin-1")] = value.decode("latin-1")
                 self.proto.send_response(response)
+                self.fast_out = not self.proto.extensions
                 self.response_sent = self.accepted = True
                 self._log(101)
                 self._flush()
@@ -222,22 +264,92 @@ class WebSocketSession(asyncio.Protocol):
         if self.closed or self.proto.state is State.CLOSED:
             raise ClientDisconnected("the WebSocket is closed")
         if kind == "websocket.send":
-            try:
-                if message.get("bytes") is not None:
-                    self.proto.send_binary(message["bytes"])
-                elif message.get("text") is not None:
-                    self.proto.send_text(message["text"].encode())
-                else:
-                    raise RuntimeError("websocket.send needs 'bytes' or 'text'")
-            except InvalidState:
-                raise ClientDisconnected("the WebSocket is closing") from None
-            self._flush()
+            data = message.get("bytes")
+            if data is not None:
+                self._send_message(Opcode.BINARY, data)
+            elif message.get("text") is not None:
+                self._send_message(Opcode.TEXT, message["text"].encode())
+            else:
+                raise RuntimeError("websocket.send needs 'bytes' or 'text'")
             if self.write_paused:
                 await self._drain()
         elif kind == "websocket.close":
             self.server_close(message.get("code") or 1000, message.get("reason") or "")
         else:
             raise RuntimeError(f"Unexpected ASGI message {kind!r} on an accepted WebSocket.")
+
+    # -- frames --
+    #
+    # Unfragmented data frames, the bulk of any session, are framed and
+    # parsed here; the sans-I/O protocol is kept for the rest (the
+    # handshake, control frames, fragments, compressed frames, errors). It
+    # is only ever given whole frames, so that its parser always stands at a
+    # frame boundary when a frame goes past it.
+
+    def _send_message(self, opcode, data):
+        if not self.fast_out or self.proto.state is not State.OPEN:
+            try:
+                if opcode is Opcode.BINARY:
+                    self.proto.send_binary(data)
+                else:
+                    self.proto.send_text(data)
+            except InvalidState:
+                raise ClientDisconnected("the WebSocket is closing") from None
+            self._flush()
+            return
+        n = len(data)
+        if n < 126:
+            head = struct.pack("!BB", 0x80 | opcode, n)
+        elif n < 65536:
+            head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+        if n < 16384:
+            self.transport.write(head + data)
+        else:  # the transport sends both in one writev: no copy of a large payload
+            self.transport.write(head)
+            self.transport.write(data)
+
+    def _split_frames(self, buf):
+        """Delivers the whole frames at the start of buf; returns the rest
+        (buf itself when no frame was whole)."""
+        pos, end_of_buf = 0, len(buf)
+        max_size = self.settings.max_size
+        while end_of_buf - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length, start = b1 & 0x7F, pos + 2
+            if length == 126:
+                if end_of_buf - pos < 4:
+                    break
+                length, start = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 4
+            elif length == 127:
+                if end_of_buf - pos < 10:
+                    break
+                length, start = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 10
+            if b1 & 0x80:
+                start += 4
+            if length > max_size:
+                # the protocol refuses it (1009) from its header; from here on
+                # it gets every byte, whole frames or not
+                self.fast_in = False
+                self._to_protocol(buf[pos:])
+                return b""
+            end = start + length
+            if end > end_of_buf:
+                break
+            opcode = b0 & 0x0F
+            if ((b0 & 0xF0) == 0x80 and b1 & 0x80 and (opcode == 1 or opcode == 2) and self.fragments is None
+                    and self.proto.state is State.OPEN):
+                self._deliver(opcode == 1, apply_mask(buf[start:end], buf[start - 4:start]))
+            else:
+                self._to_protocol(buf[pos:end])
+            pos = end
+        return buf[pos:] if pos else buf
+
+    def _to_protocol(self, data):
+        self.proto.receive_data(bytes(data))
+        for frame in self.proto.events_received():
+            self._on_frame(frame)
 
     # -- helpers --
 
@@ -373,15 +485,27 @@ class WebSocketSession(asyncio.Protocol):
         self._wake_drain()
 
     def data_received(self, data):
-        self.proto.receive_data(data)
-        for frame in self.proto.events_received():
-            self._on_frame(frame)
+        if not self.fast_in:
+            self._to_protocol(data)
+        elif self.inbuf:
+            # a large frame comes in many reads: grow one buffer (amortized)
+            # and copy only what follows the frames delivered
+            self.inbuf += data
+            rest = self._split_frames(self.inbuf)
+            if rest is not self.inbuf:
+                self.inbuf = bytearray(rest)
+        else:
+            rest = self._split_frames(data)
+            if rest:
+                self.inbuf = bytearray(rest)
         self._flush()
         if self.proto.close_expected() and self.transport is not None:
             self.transport.close()
 
     def _on_frame(self, frame):
         op = frame.opcode
+        if self.failed and op in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            return
         if op in (Opcode.TEXT, Opcode.BINARY):
             if frame.fin:
                 self._deliver(op == Opcode.TEXT, frame.data)
@@ -406,15 +530,19 @@ class WebSocketSession(asyncio.Protocol):
             except UnicodeDecodeError:
                 if self.proto.state is State.OPEN:
                     self.proto.fail(1007, "invalid UTF-8 in a text message")
+                self.failed = True
                 return
-            self.messages.put_nowait({"type": "websocket.receive", "text": data})
+            self.messages.put({"type": "websocket.receive", "text": data})
         else:
-            self.messages.put_nowait({"type": "websocket.receive", "bytes": data})
-        if self.messages.qsize() >= self.settings.max_queue and not self.read_paused:
+            self.messages.put({"type": "websocket.receive", "bytes": data})
+        if len(self.messages) >= self.settings.max_queue and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
 
     def eof_received(self):
+        if self.inbuf:  # a frame cut short: the protocol judges it
+            self._to_protocol(self.inbuf)
+            self.inbuf = bytearray()
         self.proto.receive_eof()
         self._flush()
         # The client is gone as far as the WebSocket goes: an app waiting to
@@ -439,5 +567,5 @@ class WebSocketSession(asyncio.Protocol):
         # only set once it has seen EOF, which a server closing first never
         # feeds it); none is 1006
         rcvd = self.proto.close_rcvd
-        self.messages.put_nowait({"type": "websocket.disconnect", "code": rcvd.code if rcvd else 1006,
+        self.messages.put({"type": "websocket.disconnect", "code": rcvd.code if rcvd else 1006,
                                   "reason": rcvd.reason if rcvd else ""})
