@@ -4,12 +4,15 @@
  * back, and repeats, for SECONDS. Prints one JSON line: round trips, elapsed
  * time and latency percentiles.
  *
- *     echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH]
+ *     echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH [deflate]]
  *
- * With WS_PATH each connection first upgrades to a WebSocket at that path
- * (no extension offered), then each message is one binary frame of MSGSIZE
- * bytes, masked as a client must, and the round trip ends when the server's
- * frame of the same payload has been read.
+ * With WS_PATH each connection first upgrades to a WebSocket at that path,
+ * then each message is one binary frame of MSGSIZE bytes, masked as a
+ * client must, and the round trip ends when the server's whole frame has
+ * been read. With "deflate" the client offers permessage-deflate and sends
+ * JSON-like text uncompressed (a client may), so the server inflates
+ * nothing and compresses every reply; the reply's length comes from its
+ * frame header.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -28,6 +31,7 @@
 
 typedef struct {
     int fd;
+    char *frame; /* WebSocket mode: the reply read so far */
     size_t sent, received;
     double started;
     int done;
@@ -66,13 +70,13 @@ static void pump_write(int ep, conn_t *c, const char *out, size_t msgsize)
 }
 
 /* Upgrades fd (still blocking) to a WebSocket; exits unless the answer is 101. */
-static void ws_handshake(int fd, const char *path)
+static void ws_handshake(int fd, const char *path, int deflate)
 {
     char req[1024];
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     path);
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+                     path, deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
     if (write(fd, req, (size_t)n) != n) {
         perror("write");
         exit(1);
@@ -100,13 +104,49 @@ static size_t ws_header_len(size_t n, int masked)
     return (n < 126 ? 2 : n < 65536 ? 4 : 10) + (masked ? 4 : 0);
 }
 
-/* A final binary frame of msgsize 'x' bytes masked with the all-zero key
- * (valid, and the payload goes as it is). */
-static char *ws_frame(size_t msgsize, size_t *len)
+/* Whether buf holds a whole frame. */
+static int ws_frame_complete(const unsigned char *buf, size_t len)
+{
+    if (len < 2)
+        return 0;
+    size_t n = buf[1] & 0x7F, h = 2;
+    if (n == 126) {
+        if (len < 4)
+            return 0;
+        n = (size_t)buf[2] << 8 | buf[3];
+        h = 4;
+    } else if (n == 127) {
+        if (len < 10)
+            return 0;
+        n = 0;
+        for (int i = 0; i < 8; i++)
+            n = n << 8 | buf[2 + i];
+        h = 10;
+    }
+    return len >= h + n;
+}
+
+/* Records like an API's JSON, for a payload that compresses as such does. */
+static void fill_json(char *p, size_t n)
+{
+    char rec[128];
+    for (size_t i = 0, k = 0; i < n; k++) {
+        int len =
+            snprintf(rec, sizeof rec, "{\"id\":%zu,\"name\":\"item-%zu\",\"price\":%zu.%02zu,\"tags\":[\"t%zu\"]},",
+                     k * 7919 % 100000, k * 104729 % 10007, k * 31 % 997, k % 100, k % 13);
+        size_t take = (size_t)len < n - i ? (size_t)len : n - i;
+        memcpy(p + i, rec, take);
+        i += take;
+    }
+}
+
+/* A final frame of msgsize bytes (binary 'x', or text JSON) masked with the
+ * all-zero key (valid, and the payload goes as it is). */
+static char *ws_frame(size_t msgsize, int text, size_t *len)
 {
     size_t h = ws_header_len(msgsize, 1);
     unsigned char *f = malloc(h + msgsize);
-    f[0] = 0x82;
+    f[0] = text ? 0x81 : 0x82;
     if (msgsize < 126) {
         f[1] = (unsigned char)(0x80 | msgsize);
     } else if (msgsize < 65536) {
@@ -119,7 +159,10 @@ static char *ws_frame(size_t msgsize, size_t *len)
             f[2 + i] = (unsigned char)((uint64_t)msgsize >> (56 - 8 * i));
     }
     memset(f + h - 4, 0, 4);
-    memset(f + h, 'x', msgsize);
+    if (text)
+        fill_json((char *)f + h, msgsize);
+    else
+        memset(f + h, 'x', msgsize);
     *len = h + msgsize;
     return (char *)f;
 }
@@ -140,8 +183,8 @@ static void record(double seconds)
 
 int main(int argc, char **argv)
 {
-    if (argc != 6 && argc != 7) {
-        fprintf(stderr, "usage: echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH]\n");
+    if (argc < 6 || argc > 8) {
+        fprintf(stderr, "usage: echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH [deflate]]\n");
         return 2;
     }
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
@@ -149,13 +192,14 @@ int main(int argc, char **argv)
     int nconns = atoi(argv[3]);
     size_t payload = (size_t)atol(argv[4]);
     double duration = atof(argv[5]);
-    const char *ws_path = argc == 7 ? argv[6] : NULL;
+    const char *ws_path = argc >= 7 ? argv[6] : NULL;
+    int deflate = argc == 8 && strcmp(argv[7], "deflate") == 0;
     /* msgsize is what goes out, insize what comes back */
     size_t msgsize = payload, insize = payload;
     char *out;
     if (ws_path) {
-        out = ws_frame(payload, &msgsize);
-        insize = ws_header_len(payload, 0) + payload;
+        out = ws_frame(payload, deflate, &msgsize);
+        insize = ws_header_len(payload, 0) + payload + 1024; /* room for a reply deflate grew */
     } else {
         out = malloc(msgsize);
         memset(out, 'x', msgsize);
@@ -171,8 +215,10 @@ int main(int argc, char **argv)
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (ws_path)
-            ws_handshake(fd, ws_path);
+        if (ws_path) {
+            ws_handshake(fd, ws_path, deflate);
+            conns[i].frame = malloc(insize);
+        }
         conns[i].fd = fd;
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &conns[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
@@ -200,7 +246,8 @@ int main(int argc, char **argv)
             if (!(events[e].events & (EPOLLIN | EPOLLERR | EPOLLHUP)))
                 continue;
             for (;;) {
-                ssize_t r = read(c->fd, in, insize - c->received);
+                char *into = c->frame ? c->frame + c->received : in;
+                ssize_t r = read(c->fd, into, insize - c->received);
                 if (r < 0 && (errno == EAGAIN || errno == EINTR))
                     break;
                 if (r <= 0) {
@@ -208,7 +255,7 @@ int main(int argc, char **argv)
                     return 1;
                 }
                 c->received += (size_t)r;
-                if (c->received < insize)
+                if (c->frame ? !ws_frame_complete((unsigned char *)c->frame, c->received) : c->received < insize)
                     continue;
                 double t = now();
                 record(t - c->started);

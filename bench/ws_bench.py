@@ -8,9 +8,11 @@ WebSocket mode: binary frames, no compression offered) pinned to core 1,
 closed loop. Reported per cell: round trips/s, server CPU µs per round trip
 (utime+stime of the server's process tree) and p99 µs. With --rounds N the
 servers are interleaved N times and the run with the median CPU per round
-trip is shown.
+trip is shown. With --deflate the client offers permessage-deflate and
+sends JSON-like text uncompressed; servers that accept compress every echo.
 
     .venv/bin/python bench/ws_bench.py
+    .venv/bin/python bench/ws_bench.py --deflate
     .venv/bin/python bench/ws_bench.py --servers uringserve,uvicorn-websockets-sansio --sizes 1024 --conns 10
 """
 
@@ -41,16 +43,16 @@ def server_cmd(name, port):
     return [c for c in cmd if c != "--no-ws"]  # granian: WebSockets on
 
 
-def run_cell(server, conns, size, seconds, client):
+def run_cell(server, conns, size, seconds, client, deflate=False):
     port = http_bench.free_port()
     env = dict(os.environ, PYTHONPATH=BENCH)
     proc = subprocess.Popen(["taskset", "-c", "0", *server_cmd(server, port)], cwd=BENCH, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         http_bench.wait_port(port, proc)
-        run_client(client, port, conns, size, 0.5)  # warm-up
+        run_client(client, port, conns, size, 0.5, deflate)  # warm-up
         cpu0 = http_bench.tree_cpu(proc.pid)
-        r = run_client(client, port, conns, size, seconds)
+        r = run_client(client, port, conns, size, seconds, deflate)
         cpu1 = http_bench.tree_cpu(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -68,9 +70,10 @@ def run_cell(server, conns, size, seconds, client):
     return r
 
 
-def run_client(client, port, conns, size, seconds):
+def run_client(client, port, conns, size, seconds, deflate=False):
     out = subprocess.run(["taskset", "-c", loop_bench.CLIENT_CORE, client, "127.0.0.1", str(port), str(conns),
-                          str(size), str(seconds), "/ws"], capture_output=True, text=True, timeout=seconds + 60)
+                          str(size), str(seconds), "/ws", *(["deflate"] if deflate else [])],
+                         capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip() or f"echo_client exited with {out.returncode}")
     return json.loads(out.stdout)
@@ -83,8 +86,11 @@ def main():
     ap.add_argument("--conns", default="1,10,100")
     ap.add_argument("--seconds", type=float, default=3)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(BENCH, "results", "ws.json"))
+    ap.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
+    ap.add_argument("--out", default=None, help="default: bench/results/ws.json (ws-deflate.json)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(BENCH, "results", "ws-deflate.json" if args.deflate else "ws.json")
     servers = args.servers.split(",")
     client = loop_bench.build_client()
     results = {}
@@ -95,7 +101,7 @@ def main():
             for _ in range(args.rounds):
                 for server in servers:  # interleaved: drift hits every server alike
                     try:
-                        runs[server].append(run_cell(server, conns, size, args.seconds, client))
+                        runs[server].append(run_cell(server, conns, size, args.seconds, client, args.deflate))
                     except Exception as exc:  # a peer that fails is reported, not fatal
                         print(f"{cell:10s} {server:26s} FAILED: {exc}", flush=True)
             for server, rs in runs.items():
@@ -109,7 +115,8 @@ def main():
                       f"p99 {r['p99_us']} µs", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": args.seconds,
+        json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "deflate": args.deflate,
+                   "seconds": args.seconds,
                    "rounds": args.rounds, "results": results}, f, indent=1)
     print()
     print("| msg | conns | " + " | ".join(f"{s} rt/s, CPU µs/rt, p99 µs" for s in servers) + " |")

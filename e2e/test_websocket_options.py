@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from http_support import serve  # noqa: E402
 from uringserve.__main__ import build_parser  # noqa: E402
+from test_websockets import release_and_count_held  # noqa: E402
 
 E2E = os.path.dirname(os.path.abspath(__file__))
 DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.1: stripped by the sender, put back to inflate
@@ -153,14 +154,7 @@ def test_max_queue_sets_how_much_is_read_ahead_of_the_app(tmp_path):
             async with websockets.connect(f"ws://127.0.0.1:{srv.port}/hold", compression=None) as ws:
                 for _ in range(300):
                     await asyncio.wait_for(ws.send(b"h" * 65536), 5)
-                async with httpx.AsyncClient() as client:
-                    await client.get(f"http://127.0.0.1:{srv.port}/hold-release")
-                    for _ in range(200):
-                        held = (await client.get(f"http://127.0.0.1:{srv.port}/hold-release")).json()
-                        if held["received"] == 300:
-                            break
-                        await asyncio.sleep(0.05)
-                assert held == {"received": 300, "bytes": 300 * 65536}
+                assert await release_and_count_held(srv.port, 300) == {"received": 300, "bytes": 300 * 65536}
         asyncio.run(go())
         assert srv.stop() == 0, srv.log
 

@@ -236,6 +236,19 @@ def test_a_half_closed_client_that_never_reads_is_reset(ws_server):
     s.close()
 
 
+async def release_and_count_held(port, count):
+    """Lets the /hold app read, then waits until it has taken `count`
+    messages; returns what it counted."""
+    async with httpx.AsyncClient() as client:
+        await client.get(f"http://127.0.0.1:{port}/hold-release")
+        for _ in range(200):
+            held = (await client.get(f"http://127.0.0.1:{port}/hold-release")).json()
+            if held["received"] == count:
+                break
+            await asyncio.sleep(0.05)
+    return held
+
+
 def test_messages_the_app_does_not_take_stop_the_reading(ws_server):
     """The app takes no message for a while: the server stops reading the
     socket after a few (it read them all into memory before), so the
@@ -256,16 +269,9 @@ def test_messages_the_app_does_not_take_stop_the_reading(ws_server):
             sender = asyncio.create_task(send_all())
             await asyncio.sleep(1.0)
             assert sent < 250, sent  # 300 x 64 KiB; the kernel's buffers hold some
-            async with httpx.AsyncClient() as client:
-                await client.get(f"http://127.0.0.1:{port}/hold-release")
+            held = asyncio.create_task(release_and_count_held(port, 300))
             await asyncio.wait_for(sender, 10)
-            for _ in range(200):
-                async with httpx.AsyncClient() as client:
-                    held = (await client.get(f"http://127.0.0.1:{port}/hold-release")).json()
-                if held["received"] == 300:
-                    break
-                await asyncio.sleep(0.05)
-            assert held == {"received": 300, "bytes": 300 * 65536}
+            assert await held == {"received": 300, "bytes": 300 * 65536}
     asyncio.run(go())
 
 def test_shutdown_closes_open_websockets_with_1012(tmp_path):

@@ -3,6 +3,7 @@ python/uringserve/websocket.py) against the `websockets` sans-I/O protocol
 it stands in for: the same byte streams, cut at random places, must give
 the app the same messages and the client the same bytes, errors included."""
 
+import asyncio
 import random
 
 import pytest
@@ -63,7 +64,10 @@ def open_session(fast, max_size=1 << 20, max_queue=1 << 30, deflate=False):
     session.proto.send_response(session.proto.accept(session.request))
     session.proto.data_to_send()
     session.response_sent = session.accepted = True
-    session.fast_in = session.fast_out = fast
+    if fast:
+        session._start_fast_path()
+    else:
+        session.fast_in = False
     return session
 
 
@@ -137,9 +141,57 @@ def test_compressed_and_plain_messages_mixed_under_permessage_deflate(seed):
     cuts = [rng.randint(0, len(stream)) for _ in range(rng.choice([0, 3, 30]))]
     fast, slow = open_session(True, deflate=True), open_session(False, deflate=True)
     assert [e.name for e in fast.proto.extensions] == ["permessage-deflate"]
+    to_protocol = []
+    fast._to_protocol = to_protocol.append
     feed(fast, stream, cuts)
     feed(slow, stream, [])
     assert received(fast) == received(slow) and len(fast.messages) == 20
+    assert to_protocol == []  # whole messages, compressed or not, all took the fast path
+
+
+def _compressed(data, opcode=Opcode.BINARY, fin=True):
+    """data deflated as a client under the negotiated parameters would, as
+    one masked frame with RSV1 set (without its 4-byte empty block)."""
+    import zlib
+
+    deflate = zlib.compressobj(wbits=-12)
+    body = (deflate.compress(data) + deflate.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    return bytes([(0x80 if fin else 0) | 0x40 | opcode, 0x80 | 126 if len(body) > 125 else 0x80 | len(body)]) + (
+        len(body).to_bytes(2, "big") if len(body) > 125 else b"") + b"\0\0\0\0" + body
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "inflates past the limit", "rsv1 on a continuation",
+                                 "compressed fragments past the limit"])
+def test_compressed_protocol_errors_are_answered_as_the_protocol_answers_them(bad):
+    body = {
+        "corrupt": bytes([0xC2, 0x84, 0, 0, 0, 0]) + b"\xff\xff\xff\xff",
+        "inflates past the limit": _compressed(b"\0" * 100_000),
+        "rsv1 on a continuation": _compressed(b"a" * 10, fin=False)[:1].replace(b"\x42", b"\x02")
+        + _compressed(b"a" * 10, fin=False)[1:] + bytes([0xC0, 0x81, 0, 0, 0, 0]) + b"x",
+        "compressed fragments past the limit": masked(Frame(Opcode.BINARY, b"\0" * 600, fin=False))
+        + masked(Frame(Opcode.CONT, b"\0" * 600)),
+    }[bad]
+    stream = _compressed(b"before") + body + _compressed(b"after")
+    for cuts in ([], list(range(0, len(stream), 2))):
+        fast, slow = open_session(True, max_size=1000, deflate=True), open_session(False, max_size=1000, deflate=True)
+        feed(fast, stream, cuts)
+        feed(slow, stream, [])
+        assert received(fast) == received(slow)
+        assert fast.messages.items[0] == {"type": "websocket.receive", "bytes": b"before"}
+        out = bytes(fast.transport.out)
+        assert out[0] == 0x88 and int.from_bytes(out[2:4], "big") in (1002, 1009), out[:40]
+
+
+def test_compressed_messages_sent_are_the_protocols_frames():
+    outs = []
+    for fast in (True, False):
+        rng = random.Random(7)
+        session = open_session(fast, deflate=True)
+        for i in range(30):  # context takeover: each message is compressed against the ones before
+            data = (b"message %d " % (i % 7)) * rng.randint(0, 2000)
+            asyncio.run(session.send({"type": "websocket.send", "bytes": data}))
+        outs.append(bytes(session.transport.out))
+    assert outs[0] == outs[1] and outs[0][0] == 0xC2  # RSV1: compressed
 
 
 def test_byte_at_a_time():
@@ -199,8 +251,6 @@ def test_a_frame_cut_short_by_eof_is_judged_by_the_protocol():
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
 def test_frames_sent_are_the_protocols_frames(size):
-    import asyncio
-
     payload = random.Random(size).randbytes(size)
     outs = []
     for fast in (True, False):

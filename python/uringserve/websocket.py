@@ -17,9 +17,9 @@ import re
 import socket
 import struct
 
-from websockets.exceptions import InvalidState
-from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
-from websockets.frames import Opcode
+from websockets.exceptions import InvalidState, PayloadTooBig, ProtocolError
+from websockets.extensions.permessage_deflate import PerMessageDeflate, enable_server_permessage_deflate
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -144,7 +144,8 @@ class WebSocketSession(asyncio.Protocol):
         self.messages = _Inbox()
         self.inbuf = bytearray()  # the start of a frame not complete yet (see data_received)
         self.fast_in = True  # data frames are parsed here, not by the protocol
-        self.fast_out = False  # after the handshake: no extension, frames built here
+        self.fast_out = False  # after the handshake: frames built here
+        self.deflate = None  # the negotiated permessage-deflate, inflating whole messages here
         self.connect_sent = False
         self.accepted = False
         self.closed = False
@@ -241,7 +242,7 @@ class WebSocketSession(asyncio.Protocol):
                 for name, value in _checked_headers(message.get("headers")):
                     response.headers[name.decode("latin-1")] = value.decode("latin-1")
                 self.proto.send_response(response)
-                self.fast_out = not self.proto.extensions
+                self._start_fast_path()
                 self.response_sent = self.accepted = True
                 self._log(101)
                 self._flush()
@@ -281,10 +282,21 @@ class WebSocketSession(asyncio.Protocol):
     # -- frames --
     #
     # Unfragmented data frames, the bulk of any session, are framed and
-    # parsed here; the sans-I/O protocol is kept for the rest (the
-    # handshake, control frames, fragments, compressed frames, errors). It
-    # is only ever given whole frames, so that its parser always stands at a
-    # frame boundary when a frame goes past it.
+    # parsed here, compressed or not; the sans-I/O protocol is kept for the
+    # rest (the handshake, control frames, fragments, errors). It is only
+    # ever given whole frames, so that its parser always stands at a frame
+    # boundary when a frame goes past it, and the extension objects are its
+    # own, called as it would call them, so that their state (the deflate
+    # contexts) is the same whichever side handled a message.
+
+    def _start_fast_path(self):
+        """After the handshake, with the extensions it negotiated."""
+        self.fast_out = True
+        extensions = self.proto.extensions
+        if len(extensions) == 1 and isinstance(extensions[0], PerMessageDeflate):
+            self.deflate = extensions[0]
+        elif extensions:
+            self.fast_in = False  # an extension we do not know: every frame to the protocol
 
     def _send_message(self, opcode, data):
         if not self.fast_out or self.proto.state is not State.OPEN:
@@ -297,13 +309,20 @@ class WebSocketSession(asyncio.Protocol):
                 raise ClientDisconnected("the WebSocket is closing") from None
             self._flush()
             return
+        b0 = 0x80 | opcode
+        if self.proto.extensions:
+            frame = Frame(opcode, data)
+            for extension in self.proto.extensions:
+                frame = extension.encode(frame)
+            data = frame.data
+            b0 |= frame.rsv1 << 6 | frame.rsv2 << 5 | frame.rsv3 << 4
         n = len(data)
         if n < 126:
-            head = struct.pack("!BB", 0x80 | opcode, n)
+            head = struct.pack("!BB", b0, n)
         elif n < 65536:
-            head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+            head = struct.pack("!BBH", b0, 126, n)
         else:
-            head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+            head = struct.pack("!BBQ", b0, 127, n)
         if n < 16384:
             self.transport.write(head + data)
         else:  # the transport sends both in one writev: no copy of a large payload
@@ -337,14 +356,34 @@ class WebSocketSession(asyncio.Protocol):
             end = start + length
             if end > end_of_buf:
                 break
-            opcode = b0 & 0x0F
-            if ((b0 & 0xF0) == 0x80 and b1 & 0x80 and (opcode == 1 or opcode == 2) and self.fragments is None
+            opcode, flags = b0 & 0x0F, b0 & 0xF0
+            if ((opcode == 1 or opcode == 2) and b1 & 0x80 and self.fragments is None
                     and self.proto.state is State.OPEN):
-                self._deliver(opcode == 1, apply_mask(buf[start:end], buf[start - 4:start]))
-            else:
-                self._to_protocol(buf[pos:end])
+                if flags == 0x80:
+                    self._deliver(opcode == 1, apply_mask(buf[start:end], buf[start - 4:start]))
+                    pos = end
+                    continue
+                if flags == 0xC0 and self.deflate is not None:
+                    data = self._inflate(opcode, apply_mask(buf[start:end], buf[start - 4:start]))
+                    if data is not None:
+                        self._deliver(opcode == 1, data)
+                    pos = end
+                    continue
+            self._to_protocol(buf[pos:end])
             pos = end
         return buf[pos:] if pos else buf
+
+    def _inflate(self, opcode, data):
+        """A whole compressed message, inflated by the negotiated extension;
+        None, and the connection failed as the protocol fails it, if it is
+        corrupt or inflates past the size limit."""
+        try:
+            return self.deflate.decode(Frame(Opcode(opcode), data, rsv1=True), max_size=self.settings.max_size).data
+        except PayloadTooBig as exc:
+            self.proto.fail(1009, str(exc))
+        except ProtocolError as exc:
+            self.proto.fail(1002, str(exc))
+        return None
 
     def _to_protocol(self, data):
         self.proto.receive_data(bytes(data))
