@@ -371,3 +371,119 @@ def test_request_limits_options(tmp_path):
         assert request(srv.port, many).status == 431
         assert request(srv.port, get("/")).status == 200
         assert srv.stop() == 0
+
+
+# ---- new code: --reload and SIGHUP ----
+
+def _write_app(path, body):
+    """A one-file ASGI app answering `body`; the mtime moves on every write
+    even within the file system's timestamp granularity."""
+    path.write_text(body)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000 * (1 + int(time.time()) % 1000)))
+
+
+APP_SOURCE = '''
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": %r})
+'''
+
+
+def _fetch(port):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        return r.read()
+
+
+def _wait_for_body(srv, expected, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if _fetch(srv.port) == expected:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"never served {expected!r}:\n{srv.log}")
+
+
+def test_reload_serves_the_changed_code_and_survives_broken_code(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    app_file = src / "reload_app_mod.py"
+    _write_app(app_file, APP_SOURCE % b"v1")
+    with serve("reload_app_mod:app", "--app-dir", str(src), "--reload", "--reload-dir", str(src),
+               "--reload-delay", "0.1", tmp_path=str(tmp_path)) as srv:
+        assert _fetch(srv.port) == b"v1"
+        assert "Started reloader process" in srv.log and str(src) in srv.log
+        _write_app(app_file, APP_SOURCE % b"v2")
+        _wait_for_body(srv, b"v2")
+        assert "StatReload detected changes in" in srv.log and "reload_app_mod.py" in srv.log
+        # code that cannot import: the worker running v2 keeps serving
+        _write_app(app_file, "this is not python(\n")
+        deadline = time.monotonic() + 15
+        while "failed to start" not in srv.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "failed to start" in srv.log, srv.log
+        assert _fetch(srv.port) == b"v2"
+        _write_app(app_file, APP_SOURCE % b"v3")
+        _wait_for_body(srv, b"v3")
+        # a file that does not match the include globs changes nothing
+        n = srv.log.count("detected changes")
+        (src / "notes.txt").write_text("x")
+        time.sleep(0.5)
+        assert srv.log.count("detected changes") == n
+        assert srv.stop() == 0, srv.log
+
+
+def test_reload_starts_once_broken_code_is_fixed(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    app_file = src / "reload_late_mod.py"
+    _write_app(app_file, "raise RuntimeError('not yet')\n")
+    with serve("reload_late_mod:app", "--app-dir", str(src), "--reload", "--reload-dir", str(src),
+               "--reload-delay", "0.1", tmp_path=str(tmp_path), wait=False) as srv:
+        deadline = time.monotonic() + 15
+        while "Started reloader process" not in srv.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "not yet" in srv.log and srv.proc.poll() is None, srv.log
+        _write_app(app_file, APP_SOURCE % b"fixed")
+        _wait_for_body(srv, b"fixed")
+        assert srv.stop() == 0, srv.log
+
+
+def test_sighup_workers_run_the_code_on_disk(tmp_path):
+    # the parent never imports the app, so workers started by SIGHUP import
+    # the code as it is then (they forked an interpreter holding v1 before)
+    src = tmp_path / "src"
+    src.mkdir()
+    app_file = src / "hup_app_mod.py"
+    _write_app(app_file, APP_SOURCE % b"v1")
+    with serve("hup_app_mod:app", "--app-dir", str(src), "--workers", "2", tmp_path=str(tmp_path)) as srv:
+        assert _fetch(srv.port) == b"v1"
+        _write_app(app_file, APP_SOURCE % b"v2")
+        srv.proc.send_signal(signal.SIGHUP)
+        _wait_for_body(srv, b"v2")
+        deadline = time.monotonic() + 15
+        while srv.log.count("stopped (exit code 0)") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_fetch(srv.port) == b"v2" for _ in range(20))
+        # code that cannot start is not swapped in: v2 keeps serving (a
+        # worker that died at startup once passed for ready, its pipe at EOF)
+        _write_app(app_file, "raise RuntimeError('broken deploy')\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while srv.log.count("did not start; keeping") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.log.count("did not start; keeping") == 2, srv.log
+        assert all(_fetch(srv.port) == b"v2" for _ in range(20))
+        assert srv.stop() == 0, srv.log
+
+
+def test_workers_with_an_app_that_cannot_load_exit_1(tmp_path):
+    r = run_cli("no_such_module_xyz:app", "--workers", "2", "--port", str(free_port()))
+    assert r.returncode == 1 and 'Could not import module "no_such_module_xyz"' in r.stderr + r.stdout

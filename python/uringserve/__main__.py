@@ -78,6 +78,15 @@ def build_parser():
     p.add("--fd", type=_fd, default=None, help="serve on this already-bound socket (systemd socket activation).")
     p.add("--backlog", type=_positive_int, default=2048, help="listen backlog.")
     p.add("--workers", type=_positive_int, default=None, help="worker processes (default $WEB_CONCURRENCY or 1).")
+    p.add("--reload", action=argparse.BooleanOptionalAction, default=False,
+          help="restart the workers when a source file changes (development).")
+    p.add("--reload-dir", dest="reload_dirs", action="append", default=[],
+          help="a directory to watch with --reload (repeatable; default: the current directory).")
+    p.add("--reload-include", dest="reload_includes", action="append", default=[],
+          help="a glob of files to watch with --reload (repeatable; default: *.py).")
+    p.add("--reload-exclude", dest="reload_excludes", action="append", default=[],
+          help="a glob of files or directories not to watch (repeatable; hidden ones never are).")
+    p.add("--reload-delay", type=float, default=0.25, help="seconds between two scans of the watched files.")
     p.add("--reuse-port", action=argparse.BooleanOptionalAction, default=False,
           help="give each worker its own SO_REUSEPORT socket.")
     p.add("--factory", action=argparse.BooleanOptionalAction, default=False,

@@ -81,6 +81,11 @@ class Config:
         log_config=None,
         access_log=True,
         workers=None,
+        reload=False,
+        reload_dirs=None,
+        reload_includes=None,
+        reload_excludes=None,
+        reload_delay=0.25,
         reuse_port=False,
         uds_mode=0o666,
         configure_logging=True,
@@ -129,6 +134,13 @@ class Config:
         if workers is None:
             workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
         self.workers = workers
+        self.reload = bool(reload)
+        self.reload_dirs = [reload_dirs] if isinstance(reload_dirs, str) else list(reload_dirs or [])
+        self.reload_includes = [reload_includes] if isinstance(reload_includes, str) else list(reload_includes or [])
+        self.reload_excludes = [reload_excludes] if isinstance(reload_excludes, str) else list(reload_excludes or [])
+        self.reload_delay = float(reload_delay)
+        if self.reload and not isinstance(app, str):
+            raise ValueError("--reload needs the application as an import string (module:attribute)")
         self.reuse_port = reuse_port
         self.uds_mode = uds_mode
         self.loaded_app = None

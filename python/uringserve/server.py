@@ -292,7 +292,7 @@ def run(app, **kwargs):
     when ``exit=True`` (the CLI)."""
     exit_after = kwargs.pop("exit", False)
     config = Config(app, **kwargs)
-    if config.workers and config.workers > 1:
+    if config.reload or (config.workers and config.workers > 1):
         from .supervisor import Supervisor
 
         code = Supervisor(config).run()

@@ -1,13 +1,20 @@
-"""``--workers N``: a parent that binds once and forks N workers.
+"""``--workers N`` and ``--reload``: a parent that binds once and forks
+the workers.
 
 Each worker is a `Server` with its own uringloop loop and io_uring ring,
-created after the fork. The parent replaces a worker that dies, stops all of
-them gracefully on SIGTERM/SIGINT, replaces them one by one on SIGHUP (a new
-worker is serving before an old one is told to stop, so no connection is
-refused), and adds or removes one on SIGTTIN/SIGTTOU. With ``--reuse-port``
-every worker binds its own SO_REUSEPORT socket instead of sharing one.
+created after the fork, and imports the app itself: the parent never does
+(it only checks, in a child, that the app loads), so a worker started later
+runs the code as it is on disk then. The parent replaces a worker that
+dies, stops all of them gracefully on SIGTERM/SIGINT, replaces them one by
+one on SIGHUP (a new worker is serving before an old one is told to stop,
+so no connection is refused), and adds or removes one on SIGTTIN/SIGTTOU.
+With ``--reload`` it also watches the source files and does what SIGHUP
+does when one changes; new code that fails to start leaves the old worker
+serving. With ``--reuse-port`` every worker binds its own SO_REUSEPORT
+socket instead of sharing one.
 """
 
+import fnmatch
 import logging
 import os
 import select
@@ -19,6 +26,10 @@ from .server import Server
 
 logger = logging.getLogger("uringserve.error")
 
+# workers[pid] for a worker whose ready pipe closed without the byte that
+# says it serves: it failed at startup and waits to be reaped
+STARTUP_FAILED = -1
+
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
 
@@ -26,21 +37,19 @@ class Supervisor:
     def __init__(self, config):
         self.config = config
         self.target = config.workers
-        self.workers = {}  # pid -> ready-pipe read fd (None once ready)
+        self.workers = {}  # pid -> ready-pipe read fd (None once ready, STARTUP_FAILED)
         self.retiring = set()  # pids told to stop
         self.signals = []
         self.sockets = None
         self.failures = []
+        self.watcher = FileWatcher(config) if config.reload else None
 
     # -- the parent --
 
     def run(self):
         config = self.config
-        try:
-            config.load()  # fail fast, in the parent, on an app that cannot load
-        except AppLoadError as exc:
-            logger.error("Error loading ASGI app. %s", exc)
-            return 1
+        if not self._app_loads() and self.watcher is None:
+            return 1  # fail fast on an app that cannot load (the child logged why)
         if not config.reuse_port:
             try:
                 self.sockets = config.bind_sockets()
@@ -48,7 +57,11 @@ class Supervisor:
                 logger.error("[Errno %s] error while attempting to bind on address %r: %s", exc.errno,
                              config.uds or (config.host, config.port), (exc.strerror or str(exc)).lower())
                 return 1
-        logger.info("Started parent process [%d]", os.getpid())
+        if self.watcher is not None:
+            logger.info("Will watch for changes in these directories: %s", sorted(self.watcher.dirs))
+            logger.info("Started reloader process [%d] using StatReload", os.getpid())
+        else:
+            logger.info("Started parent process [%d]", os.getpid())
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w)
         for sig in HANDLED:
@@ -69,9 +82,28 @@ class Supervisor:
     def _on_signal(self, sig, frame):
         self.signals.append(sig)
 
+    def _app_loads(self):
+        """Whether the app imports, tried in a child so that the parent's
+        interpreter never holds the app's modules."""
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self.config.load()
+                code = 0
+            except AppLoadError as exc:
+                logger.error("Error loading ASGI app. %s", exc)
+            except BaseException:
+                logger.exception("Error loading ASGI app.")
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 0
+
     def loop(self, wake_r):
         while True:
-            select.select([wake_r] + self._pending_ready(), [], [], 1.0)
+            timeout = self.config.reload_delay if self.watcher is not None else 1.0
+            select.select([wake_r] + self._pending_ready(), [], [], timeout)
             try:
                 while os.read(wake_r, 512):
                     pass
@@ -94,10 +126,24 @@ class Supervisor:
                     pid = max(p for p in self.workers if p not in self.retiring)
                     logger.info("SIGTTOU: removing worker [%d] (%d left)", pid, self.target)
                     self.retire(pid)
-            if len(self.failures) >= 5 and self.failures[-1] - self.failures[-5] < 10:
+            if self.watcher is not None:
+                self._reload_on_change()
+            elif len(self.failures) >= 5 and self.failures[-1] - self.failures[-5] < 10:
                 logger.error("Workers keep failing at startup; stopping.")
                 self.stop(signal.SIGTERM)
                 return 1
+
+    def _reload_on_change(self):
+        changed = self.watcher.changed()
+        if not changed:
+            return
+        logger.warning("StatReload detected changes in %s. Reloading...",
+                       ", ".join(repr(os.path.relpath(p)) for p in changed[:5]))
+        if not self.workers:  # the code could not start before: try again
+            for _ in range(self.target):
+                self.spawn()
+        else:
+            self.reload("Changes")
 
     def spawn(self):
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -114,7 +160,7 @@ class Supervisor:
         return pid
 
     def _pending_ready(self):
-        return [fd for fd in self.workers.values() if fd is not None]
+        return [fd for fd in self.workers.values() if fd is not None and fd >= 0]
 
     def _collect_ready(self, timeout=0):
         fds = self._pending_ready()
@@ -123,14 +169,15 @@ class Supervisor:
         readable, _, _ = select.select(fds, [], [], timeout)
         for pid, fd in list(self.workers.items()):
             if fd in readable:
-                os.read(fd, 1)
+                serving = os.read(fd, 1) == b"1"  # else EOF: it exited first
                 os.close(fd)
-                self.workers[pid] = None
-                logger.info("Worker [%d] is serving", pid)
+                self.workers[pid] = None if serving else STARTUP_FAILED
+                if serving:
+                    logger.info("Worker [%d] is serving", pid)
 
     def wait_ready(self, pid, timeout=30):
         deadline = time.monotonic() + timeout
-        while self.workers.get(pid) is not None and time.monotonic() < deadline:
+        while self.workers.get(pid, STARTUP_FAILED) not in (None, STARTUP_FAILED) and time.monotonic() < deadline:
             self._collect_ready(0.1)
             self.reap()
         return pid in self.workers and self.workers[pid] is None
@@ -152,7 +199,8 @@ class Supervisor:
                 return
             fd = self.workers.pop(pid, None)
             if fd is not None:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
                 self.failures = self.failures[-4:] + [time.monotonic()]  # the last five startup failures
             code = os.waitstatus_to_exitcode(status)
             if pid in self.retiring:
@@ -160,12 +208,16 @@ class Supervisor:
                 logger.info("Worker [%d] stopped (exit code %d)", pid, code)
                 continue
             reason = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            if fd is not None and self.watcher is not None:
+                # under --reload, code that cannot start waits for the next change
+                logger.warning("Worker [%d] failed to start (%s); waiting for changes", pid, reason)
+                continue
             logger.warning("Worker [%d] died (%s); starting a new one", pid, reason)
             if len([p for p in self.workers if p not in self.retiring]) < self.target:
                 self.spawn()
 
-    def reload(self):
-        logger.info("SIGHUP: replacing %d worker(s) one by one", len(self.workers))
+    def reload(self, why="SIGHUP"):
+        logger.info("%s: replacing %d worker(s) one by one", why, len(self.workers))
         for old in [p for p in self.workers if p not in self.retiring]:
             new = self.spawn()
             if not self.wait_ready(new):
@@ -188,7 +240,7 @@ class Supervisor:
         while self.workers:
             pid, _ = os.waitpid(-1, 0)
             fd = self.workers.pop(pid, None)
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 os.close(fd)
         return 0
 
@@ -206,3 +258,39 @@ class Supervisor:
 
         server.on_started = started
         return server.run(sockets=self.sockets)
+
+
+class FileWatcher:
+    """uvicorn's StatReload: polls the modification times of the files under
+    --reload-dir (default: the current directory) that match
+    --reload-include (default *.py) and none of --reload-exclude."""
+
+    def __init__(self, config):
+        self.dirs = {os.path.abspath(d) for d in (config.reload_dirs or [os.getcwd()])}
+        self.include = list(config.reload_includes or ["*.py"])
+        self.exclude = list(config.reload_excludes or []) + [".*", "*.pyc", "__pycache__", "*~"]
+        self.mtimes = self._scan()
+
+    def _watched(self, name):
+        return (any(fnmatch.fnmatch(name, p) for p in self.include)
+                and not any(fnmatch.fnmatch(name, p) for p in self.exclude))
+
+    def _scan(self):
+        mtimes = {}
+        for top in self.dirs:
+            for root, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(d, p) for p in self.exclude)]
+                for name in files:
+                    if self._watched(name):
+                        path = os.path.join(root, name)
+                        try:
+                            mtimes[path] = os.stat(path).st_mtime_ns
+                        except OSError:
+                            pass
+        return mtimes
+
+    def changed(self):
+        """The files added, changed or removed since the last call."""
+        now = self._scan()
+        old, self.mtimes = self.mtimes, now
+        return sorted(p for p in old.keys() | now.keys() if old.get(p) != now.get(p))
