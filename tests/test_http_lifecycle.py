@@ -487,3 +487,96 @@ def test_sighup_workers_run_the_code_on_disk(tmp_path):
 def test_workers_with_an_app_that_cannot_load_exit_1(tmp_path):
     r = run_cli("no_such_module_xyz:app", "--workers", "2", "--port", str(free_port()))
     assert r.returncode == 1 and 'Could not import module "no_such_module_xyz"' in r.stderr + r.stdout
+
+
+# ---- more of uvicorn's options ----
+
+ENV_APP = '''
+import os
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": os.environ.get("GREETING", "unset").encode()})
+'''
+
+
+def test_env_file_sets_the_environment_before_the_app_loads(tmp_path):
+    (tmp_path / "env_app_mod.py").write_text(ENV_APP)
+    env_file = tmp_path / "app.env"
+    env_file.write_text('# a comment\nexport GREETING="hello from .env"\n')
+    with serve("env_app_mod:app", "--app-dir", str(tmp_path), "--env-file", str(env_file),
+               tmp_path=str(tmp_path)) as srv:
+        assert _fetch(srv.port) == b"hello from .env"
+        assert f"Loading environment from '{env_file}'" in srv.log
+        assert srv.stop() == 0
+    # a variable already set wins, as with python-dotenv under uvicorn
+    with serve("env_app_mod:app", "--app-dir", str(tmp_path), "--env-file", str(env_file),
+               env={"GREETING": "from the shell"}, tmp_path=str(tmp_path)) as srv:
+        assert _fetch(srv.port) == b"from the shell"
+        assert srv.stop() == 0
+    r = run_cli("env_app_mod:app", "--env-file", str(tmp_path / "missing.env"))
+    assert r.returncode == 2 and "--env-file: no such file" in r.stderr
+
+
+def test_limit_max_requests_jitter_moves_the_limit():
+    """In-process: a server that has served 5 requests with a limit of 3
+    stops at once; with a jitter of 10**9 it keeps serving."""
+    import asyncio
+    import types
+
+    from uringserve.config import Config
+    from uringserve.server import Server
+
+    def stops_within(jitter, seconds):
+        server = Server(Config("x:y", limit_max_requests=3, limit_max_requests_jitter=jitter,
+                               configure_logging=False))
+        server.core = types.SimpleNamespace(stats={"requests": 5}, tick=lambda: None)
+
+        async def go():
+            try:
+                await asyncio.wait_for(server.main_loop(), seconds)
+                return True
+            except asyncio.TimeoutError:
+                return False
+        return asyncio.run(go())
+
+    assert stops_within(0, 2)
+    assert not stops_within(10**9, 0.5)
+
+
+def test_use_colors(tmp_path):
+    with serve("apps.wire_app:app", "--use-colors", tmp_path=str(tmp_path)) as srv:
+        request(srv.port, get("/"))
+        assert srv.stop() == 0
+    assert "\x1b[32mINFO\x1b[0m:     " in srv.log and "\x1b[32m200 OK\x1b[0m" in srv.log, srv.log
+    with serve("apps.wire_app:app", tmp_path=str(tmp_path)) as srv:  # the log is no terminal
+        request(srv.port, get("/"))
+        assert srv.stop() == 0
+    assert "\x1b[" not in srv.log and "INFO:     " in srv.log
+
+
+ASGI2_APP = '''
+def app(*args):  # no signature to tell ASGI 2 from 3 by
+    scope = args[0]
+
+    async def instance(receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"asgi2 " + scope["path"].encode()})
+    return instance
+'''
+
+
+def test_interface_asgi2_and_uvicorn_options_accepted_or_refused_with_a_reason(tmp_path):
+    (tmp_path / "asgi2_mod.py").write_text(ASGI2_APP)
+    with serve("asgi2_mod:app", "--app-dir", str(tmp_path), "--interface", "asgi2", "--loop", "uvloop",
+               "--http", "httptools", "--lifespan", "off", tmp_path=str(tmp_path)) as srv:
+        assert _fetch(srv.port) == b"asgi2 /"
+        assert srv.stop() == 0
+    assert "--loop uvloop is ignored: uringserve runs on uringloop" in srv.log
+    assert "--http httptools is ignored" in srv.log
+    r = run_cli("apps.wire_app:app", "--interface", "wsgi")
+    assert r.returncode == 2 and "WSGI applications are not served" in r.stderr
+    r = run_cli("apps.wire_app:app", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem")
+    assert r.returncode == 2 and "does not terminate TLS" in r.stderr

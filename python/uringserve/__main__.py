@@ -50,6 +50,14 @@ def _positive_int(value):
     return n
 
 
+class _NoTLS(argparse.Action):
+    """uvicorn's --ssl-* options: refused with the reason, not as unknown."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: uringserve does not terminate TLS; put nginx (or another proxy) in "
+                     "front of it (docs/deployment.md)")
+
+
 def _bool(value):
     """uvicorn's boolean option values (click's): true/false, 1/0, yes/no, on/off."""
     v = value.strip().lower()
@@ -89,6 +97,12 @@ def build_parser():
     p.add("--reload-delay", type=float, default=0.25, help="seconds between two scans of the watched files.")
     p.add("--reuse-port", action=argparse.BooleanOptionalAction, default=False,
           help="give each worker its own SO_REUSEPORT socket.")
+    p.add("--env-file", default=None, help="load environment variables from this .env file (python-dotenv).")
+    p.add("--interface", choices=("auto", "asgi3", "asgi2", "wsgi"), default="auto",
+          help="the application's interface (auto: by its signature); WSGI is not served.")
+    p.add("--loop", default="auto", help="accepted for uvicorn compatibility: uringserve always runs on uringloop.")
+    p.add("--http", default="auto",
+          help="accepted for uvicorn compatibility: uringserve's HTTP/1.1 parser is llhttp, in C.")
     p.add("--factory", action=argparse.BooleanOptionalAction, default=False,
           help="the app is a factory: call it to get the application.")
     p.add("--app-dir", default="", help="look for the app in this directory (default: current directory).")
@@ -110,6 +124,8 @@ def build_parser():
     p.add("--limit-concurrency", type=_positive_int, default=None,
           help="answer 503 above this many connections or running requests.")
     p.add("--limit-max-requests", type=_positive_int, default=None, help="exit after serving this many requests.")
+    p.add("--limit-max-requests-jitter", type=int, default=0,
+          help="add a random 0..N to --limit-max-requests for each worker, so they do not restart together.")
     p.add("--limit-request-line", type=_positive_int, default=8190, help="longest request target (414 above).")
     p.add("--limit-request-fields", type=_positive_int, default=100, help="most request header fields (431 above).")
     p.add("--limit-request-field-size", type=_positive_int, default=8190,
@@ -132,6 +148,11 @@ def build_parser():
           help="log level.")
     p.add("--log-config", default=None, help="logging configuration file (.json, .yaml or .ini).")
     p.add("--access-log", action=argparse.BooleanOptionalAction, default=True, help="log every request.")
+    p.add("--use-colors", action=argparse.BooleanOptionalAction, default=None,
+          help="color the default log format (default: when stderr is a terminal).")
+    for flag in ("--ssl-keyfile", "--ssl-certfile", "--ssl-keyfile-password", "--ssl-version", "--ssl-cert-reqs",
+                 "--ssl-ca-certs", "--ssl-ciphers"):
+        p.add_argument(flag, action=_NoTLS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--version", action="store_true", help="print the version and exit.")
     return p
 
@@ -148,11 +169,24 @@ def main(argv=None):
         parser.error("the application is missing: uringserve module:attribute")
     if args.log_config is not None and not os.path.exists(args.log_config):
         parser.error(f"--log-config: no such file: {args.log_config}")
+    if args.env_file is not None:
+        if not os.path.isfile(args.env_file):
+            parser.error(f"--env-file: no such file: {args.env_file}")
+        try:
+            import dotenv  # noqa: F401
+        except ImportError:
+            parser.error("--env-file needs python-dotenv: pip install python-dotenv")
+    if args.interface == "wsgi":
+        parser.error("--interface wsgi: WSGI applications are not served; wrap the app in a2wsgi's WSGIMiddleware")
     from .server import run
 
     opts = vars(args).copy()
     app = opts.pop("app")
     opts.pop("version")
+    for name, ours in (("loop", "uringloop"), ("http", "llhttp")):
+        value = opts.pop(name)
+        if value not in ("auto", ours):
+            print(f"WARNING:  --{name} {value} is ignored: uringserve runs on {ours}.", file=sys.stderr)
     return run(app, **opts)
 
 

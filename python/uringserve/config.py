@@ -14,6 +14,7 @@ from .logging import configure as configure_logging
 logger = logging.getLogger("uringserve.error")
 
 LIFESPAN_MODES = ("auto", "on", "off")
+INTERFACES = ("auto", "asgi3", "asgi2")
 # uvicorn's --ws choices. Every one but "none" is served by the sans-I/O
 # protocol of the websockets package (uvicorn's "wsproto" included: what the
 # app sees is the same ASGI messages).
@@ -80,6 +81,10 @@ class Config:
         log_level=None,
         log_config=None,
         access_log=True,
+        use_colors=None,
+        env_file=None,
+        interface="auto",
+        limit_max_requests_jitter=0,
         workers=None,
         reload=False,
         reload_dirs=None,
@@ -90,6 +95,12 @@ class Config:
         uds_mode=0o666,
         configure_logging=True,
     ):
+        if env_file is not None:
+            load_env_file(env_file)  # first: the defaults below read the environment
+        if interface == "wsgi":
+            raise ValueError("WSGI applications are not served: wrap the app in a2wsgi's WSGIMiddleware")
+        if interface not in INTERFACES:
+            raise ValueError(f"interface must be one of {', '.join(INTERFACES)}")
         if lifespan not in LIFESPAN_MODES:
             raise ValueError(f"lifespan must be one of {', '.join(LIFESPAN_MODES)}")
         if ws not in WS_MODES:
@@ -117,6 +128,10 @@ class Config:
         self.timeout_request_header = float(timeout_request_header)
         self.limit_concurrency = limit_concurrency
         self.limit_max_requests = limit_max_requests
+        self.limit_max_requests_jitter = int(limit_max_requests_jitter or 0)
+        self.interface = interface
+        self.use_colors = use_colors
+        self.env_file = env_file
         self.limit_request_line = limit_request_line
         self.limit_request_fields = limit_request_fields
         self.limit_request_field_size = limit_request_field_size
@@ -146,6 +161,8 @@ class Config:
         self.loaded_app = None
         if configure_logging:
             configure_logging_once(self)
+        if env_file is not None:
+            logger.info("Loading environment from '%s'", env_file)
 
     def encoded_headers(self):
         """Extra response headers as (bytes, bytes): server first, then --header."""
@@ -172,7 +189,7 @@ class Config:
                 logger.warning("The application looks like a factory; use --factory to call it.")
         if not callable(app):
             raise AppLoadError(f"The application {self.app!r} is not callable.")
-        if len(_asgi_params(app)) == 1:
+        if self.interface == "asgi2" or (self.interface == "auto" and len(_asgi_params(app)) == 1):
             app = _ASGI2(app)
         self.loaded_app = app
         return app
@@ -216,6 +233,18 @@ class Config:
         return [sock]
 
 
+def load_env_file(path):
+    """KEY=VALUE lines into os.environ (variables already set win), with
+    python-dotenv, as uvicorn's --env-file."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:
+        raise RuntimeError("--env-file needs python-dotenv: pip install python-dotenv") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--env-file: no such file: {path}")
+    load_dotenv(dotenv_path=path)
+
+
 def _asgi_params(app):
     target = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)
     try:
@@ -241,10 +270,10 @@ _logging_done = False
 def configure_logging_once(config):
     global _logging_done
     if not _logging_done or config.log_config is not None:
-        configure_logging(config.log_config, config.log_level, config.access_log)
+        configure_logging(config.log_config, config.log_level, config.access_log, config.use_colors)
         _logging_done = True
     elif config.log_level is not None:
-        configure_logging(None, config.log_level, config.access_log)
+        configure_logging(None, config.log_level, config.access_log, config.use_colors)
 
 
 def version_line():

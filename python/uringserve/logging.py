@@ -21,11 +21,30 @@ LOG_LEVELS = {
 }
 
 
+LEVEL_COLORS = {TRACE_LOG_LEVEL: "34", logging.DEBUG: "36", logging.INFO: "32", logging.WARNING: "33",
+                logging.ERROR: "31", logging.CRITICAL: "91"}
+STATUS_COLORS = {1: "97", 2: "32", 3: "33", 4: "31", 5: "91"}
+
+
+def _color(text, code):
+    return f"\x1b[{code}m{text}\x1b[0m"
+
+
 class DefaultFormatter(logging.Formatter):
-    """``INFO:     message``: the level name padded as uvicorn pads it."""
+    """``INFO:     message``: the level name padded as uvicorn pads it, in
+    uvicorn's colors when use_colors is true (by default: when stderr is a
+    terminal)."""
+
+    def __init__(self, fmt=None, datefmt=None, style="%", use_colors=None):
+        super().__init__(fmt, datefmt, style)
+        self.use_colors = sys.stderr.isatty() if use_colors is None else bool(use_colors)
 
     def formatMessage(self, record):
-        record.__dict__["levelprefix"] = (record.levelname + ":").ljust(9)
+        name = record.levelname
+        pad = " " * (8 - len(name))  # the padding stays outside the color
+        if self.use_colors and record.levelno in LEVEL_COLORS:
+            name = _color(name, LEVEL_COLORS[record.levelno])
+        record.__dict__["levelprefix"] = name + ":" + pad
         return super().formatMessage(record)
 
 
@@ -43,11 +62,12 @@ class AccessFormatter(DefaultFormatter):
                 phrase = http.HTTPStatus(status_code).phrase
             except ValueError:
                 phrase = ""
-            record.__dict__.update(
-                client_addr=client_addr,
-                request_line=f"{method} {full_path} HTTP/{http_version}",
-                status_code=f"{status_code} {phrase}".rstrip(),
-            )
+            request_line = f"{method} {full_path} HTTP/{http_version}"
+            status = f"{status_code} {phrase}".rstrip()
+            if self.use_colors:
+                request_line = _color(request_line, "1")
+                status = _color(status, STATUS_COLORS.get(int(status_code) // 100, "0"))
+            record.__dict__.update(client_addr=client_addr, request_line=request_line, status_code=status)
         return super().formatMessage(record)
 
 
@@ -73,11 +93,15 @@ LOGGING_CONFIG = {
 }
 
 
-def configure(log_config=None, log_level=None, access_log=True):
+def configure(log_config=None, log_level=None, access_log=True, use_colors=None):
     """Apply the default config, or a dict / .json / .yaml / .ini file."""
     logging.addLevelName(TRACE_LOG_LEVEL, "TRACE")
     if log_config is None:
-        logging.config.dictConfig(LOGGING_CONFIG)
+        config = LOGGING_CONFIG
+        if use_colors is not None:
+            config = {**config, "formatters": {name: {**f, "use_colors": use_colors}
+                                               for name, f in config["formatters"].items()}}
+        logging.config.dictConfig(config)
     elif isinstance(log_config, dict):
         logging.config.dictConfig(log_config)
     elif str(log_config).endswith(".json"):

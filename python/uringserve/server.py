@@ -5,6 +5,7 @@ import asyncio
 import gc
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -212,6 +213,8 @@ class Server:
 
     async def main_loop(self):
         max_requests = self.config.limit_max_requests
+        if max_requests is not None and self.config.limit_max_requests_jitter > 0:
+            max_requests += random.randint(0, self.config.limit_max_requests_jitter)
         ticks = 0
         while not self.should_exit:
             await asyncio.sleep(0.1)
