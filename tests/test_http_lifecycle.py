@@ -312,9 +312,12 @@ def test_embedding_api(tmp_path):
     assert "b'plain'" in r.stdout and "exit 0" in r.stdout, r.stderr
 
 
-def test_app_tasks_start_from_the_context_serve_ran_in(tmp_path):
+@pytest.mark.parametrize("reset", [False, True])
+def test_app_tasks_start_from_the_context_serve_ran_in(tmp_path, reset):
     # As under uvicorn on asyncio: a contextvar set before serve() is seen by
-    # every request, and what one request sets stays in its own copy.
+    # every request, and what one request sets stays in its own copy; with
+    # reset_contextvars (uvicorn's --reset-contextvars) every request starts
+    # from an empty context.
     code = (
         "import asyncio, contextvars, urllib.request, uringloop, uringserve\n"
         "cvar = contextvars.ContextVar('cvar', default='unset')\n"
@@ -323,7 +326,7 @@ def test_app_tasks_start_from_the_context_serve_ran_in(tmp_path):
         "    cvar.set('set by a request')\n"
         "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
         "    await send({'type': 'http.response.body', 'body': seen.encode()})\n"
-        "cfg = uringserve.Config(app, port=%d, lifespan='off', limit_max_requests=2)\n"
+        "cfg = uringserve.Config(app, port=%d, lifespan='off', limit_max_requests=2, reset_contextvars=%s)\n"
         "srv = uringserve.Server(cfg)\n"
         "def fetch():\n"
         "    return [urllib.request.urlopen('http://127.0.0.1:%d/').read() for _ in range(2)]\n"
@@ -334,9 +337,10 @@ def test_app_tasks_start_from_the_context_serve_ran_in(tmp_path):
         "        await asyncio.sleep(0.01)\n"
         "    print(await asyncio.get_running_loop().run_in_executor(None, fetch))\n"
         "    await serving\n"
-        "uringloop.run(main())\n" % ((port := free_port()), port))
+        "uringloop.run(main())\n" % ((port := free_port()), reset, port))
     r = run_embedded(code)
-    assert "[b'set before serve', b'set before serve']" in r.stdout, (r.stdout, r.stderr)
+    seen = "b'unset'" if reset else "b'set before serve'"
+    assert f"[{seen}, {seen}]" in r.stdout, (r.stdout, r.stderr)
 
 
 def test_log_config_file_and_access_log_format(tmp_path):

@@ -103,6 +103,8 @@ def build_parser():
     p.add("--loop", default="auto", help="accepted for uvicorn compatibility: uringserve always runs on uringloop.")
     p.add("--http", default="auto",
           help="accepted for uvicorn compatibility: uringserve's HTTP/1.1 parser is llhttp, in C.")
+    p.add("--reset-contextvars", action=argparse.BooleanOptionalAction, default=False,
+          help="run each HTTP request from an empty contextvars.Context (hides what the lifespan set).")
     p.add("--factory", action=argparse.BooleanOptionalAction, default=False,
           help="the app is a factory: call it to get the application.")
     p.add("--app-dir", default="", help="look for the app in this directory (default: current directory).")

@@ -85,6 +85,7 @@ class Config:
         env_file=None,
         interface="auto",
         limit_max_requests_jitter=0,
+        reset_contextvars=False,
         workers=None,
         reload=False,
         reload_dirs=None,
@@ -129,6 +130,7 @@ class Config:
         self.limit_concurrency = limit_concurrency
         self.limit_max_requests = limit_max_requests
         self.limit_max_requests_jitter = int(limit_max_requests_jitter or 0)
+        self.reset_contextvars = bool(reset_contextvars)
         self.interface = interface
         self.use_colors = use_colors
         self.env_file = env_file

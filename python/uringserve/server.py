@@ -2,6 +2,7 @@
 gracefully. ``run(app, **options)`` is the one-call entry point."""
 
 import asyncio
+import contextvars
 import gc
 import logging
 import os
@@ -158,11 +159,15 @@ class Server:
             },
         )
         self.core.state = self.lifespan.state
+        # Each request's Task starts from a copy of the context the first
+        # listen() ran in: the caller's, or with --reset-contextvars an empty
+        # one, so that nothing set before serving (the lifespan's) is seen.
+        context = contextvars.Context() if config.reset_contextvars else contextvars.copy_context()
         for sock in self.sockets:
             # Sockets handed in (--workers, gunicorn) are shared with sibling
             # processes: accept through a poll so that each connection wakes
             # every worker and the least busy takes it (see ARCHITECTURE.md).
-            self.core.listen(sock, shared=self.inherited_sockets)
+            context.run(self.core.listen, sock, shared=self.inherited_sockets)
         # What exists now (the app, its modules, the framework) lives as long
         # as the server: keep it out of the cyclic GC's traversals, which
         # otherwise grow with the app's size on every collection.
