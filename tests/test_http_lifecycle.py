@@ -584,3 +584,16 @@ def test_interface_asgi2_and_uvicorn_options_accepted_or_refused_with_a_reason(t
     assert r.returncode == 2 and "WSGI applications are not served" in r.stderr
     r = run_cli("apps.wire_app:app", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem")
     assert r.returncode == 2 and "does not terminate TLS" in r.stderr
+
+
+def test_default_trusted_proxies_are_the_loopback_addresses(monkeypatch):
+    # uvicorn's default: FORWARDED_ALLOW_IPS or "127.0.0.1,::1"
+    from uringserve.config import Config
+    from uringserve.proxy import TrustedHosts
+
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    trusted = TrustedHosts(Config("x:y", configure_logging=False).forwarded_allow_ips)
+    assert "127.0.0.1" in trusted and "::1" in trusted and "10.0.0.1" not in trusted
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.0/8")
+    trusted = TrustedHosts(Config("x:y", configure_logging=False).forwarded_allow_ips)
+    assert "10.0.0.1" in trusted and "127.0.0.1" not in trusted

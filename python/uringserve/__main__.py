@@ -113,7 +113,7 @@ def build_parser():
           help="use X-Forwarded-For and X-Forwarded-Proto from trusted proxies.")
     p.add("--forwarded-allow-ips", default=None,
           help="comma-separated IPs, CIDRs, 'unix:' or '*' trusted for proxy headers "
-               "(default $FORWARDED_ALLOW_IPS or 127.0.0.1).")
+               "(default $FORWARDED_ALLOW_IPS or 127.0.0.1,::1).")
     p.add("--header", dest="headers", action="append", type=_header, default=[],
           help="an extra response header NAME:VALUE (repeatable).")
     p.add("--server-header", action=argparse.BooleanOptionalAction, default=True, help="send 'server: uringserve'.")

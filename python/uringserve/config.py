@@ -119,7 +119,7 @@ class Config:
         self.root_path = root_path or ""
         self.proxy_headers = proxy_headers
         if forwarded_allow_ips is None:
-            forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+            forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
         self.forwarded_allow_ips = forwarded_allow_ips
         self.headers = list(headers or [])
         self.server_header = server_header
