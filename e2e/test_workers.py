@@ -15,7 +15,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from http_support import ROOT, Reader, free_port, get, pids_while_one_is_blocked, server_env  # noqa: E402
+from http_support import ROOT, Reader, children, free_port, get, pids_while_one_is_blocked, server_env  # noqa: E402
 
 E2E = os.path.dirname(os.path.abspath(__file__))
 APP = "webapps.fastapi_app:app"
@@ -42,19 +42,6 @@ def start(kind, port, log_path, extra=()):
     else:
         raise RuntimeError("workers did not start:\n" + open(log_path).read())
     return proc
-
-
-def children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except OSError:
-                pass
-    return out
 
 
 def no_orphans(port):

@@ -176,6 +176,20 @@ class Reader:
             return False
 
 
+def children(pid):
+    """The pids whose parent is pid, sorted."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return sorted(out)
+
+
 def request(port, raw, head_request=False):
     with connect(port) as s:
         s.sendall(raw)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from http_support import Reader, connect, free_port, get, pids_while_one_is_blocked, request, serve, server_env, ROOT
+from http_support import Reader, children, connect, free_port, get, pids_while_one_is_blocked, request, serve, server_env, ROOT
 
 
 def run_cli(*args, env=None, timeout=20):
@@ -597,3 +597,26 @@ def test_default_trusted_proxies_are_the_loopback_addresses(monkeypatch):
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.0/8")
     trusted = TrustedHosts(Config("x:y", configure_logging=False).forwarded_allow_ips)
     assert "10.0.0.1" in trusted and "127.0.0.1" not in trusted
+
+
+def test_a_worker_that_stops_answering_is_killed_and_replaced(tmp_path):
+    # uvicorn's --timeout-worker-healthcheck: a stopped worker (SIGSTOP) no
+    # longer beats, so the parent kills it and starts another
+    with serve("apps.wire_app:app", "--workers", "2", "--timeout-worker-healthcheck", "1",
+               tmp_path=str(tmp_path)) as srv:
+        deadline = time.monotonic() + 15
+        while srv.log.count("is serving") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = children(srv.proc.pid)
+        assert len(workers) == 2, srv.log
+        time.sleep(2)  # healthy workers are left alone
+        assert children(srv.proc.pid) == workers and "health check" not in srv.log
+        os.kill(workers[0], signal.SIGSTOP)
+        while srv.log.count("is serving") < 3 and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        assert f"Worker [{workers[0]}] did not answer the health check" in srv.log, srv.log
+        now = children(srv.proc.pid)
+        assert len(now) == 2 and workers[0] not in now and workers[1] in now
+        assert request(srv.port, get("/")).status == 200
+        assert srv.stop() == 0, srv.log
+

@@ -123,6 +123,8 @@ def build_parser():
           help="on shutdown, wait this long for requests in flight, then cancel them.")
     p.add("--timeout-request-header", type=float, default=30,
           help="close a connection whose request headers take longer than this (slowloris).")
+    p.add("--timeout-worker-healthcheck", type=float, default=5,
+          help="with --workers or --reload: kill and replace a worker silent for this many seconds.")
     p.add("--limit-concurrency", type=_positive_int, default=None,
           help="answer 503 above this many connections or running requests.")
     p.add("--limit-max-requests", type=_positive_int, default=None, help="exit after serving this many requests.")

@@ -66,6 +66,7 @@ class Config:
         timeout_keep_alive=5,
         timeout_graceful_shutdown=None,
         timeout_request_header=30,
+        timeout_worker_healthcheck=5,
         limit_concurrency=None,
         limit_max_requests=None,
         limit_request_line=8190,
@@ -127,6 +128,7 @@ class Config:
         self.timeout_keep_alive = float(timeout_keep_alive)
         self.timeout_graceful_shutdown = timeout_graceful_shutdown
         self.timeout_request_header = float(timeout_request_header)
+        self.timeout_worker_healthcheck = float(timeout_worker_healthcheck)
         self.limit_concurrency = limit_concurrency
         self.limit_max_requests = limit_max_requests
         self.limit_max_requests_jitter = int(limit_max_requests_jitter or 0)

@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import signal
+import threading
 import time
 
 from .config import AppLoadError
@@ -38,6 +39,7 @@ class Supervisor:
         self.config = config
         self.target = config.workers
         self.workers = {}  # pid -> ready-pipe read fd (None once ready, STARTUP_FAILED)
+        self.heartbeats = {}  # pid -> [heartbeat-pipe read fd, when its last beat came]
         self.retiring = set()  # pids told to stop
         self.signals = []
         self.sockets = None
@@ -103,14 +105,17 @@ class Supervisor:
     def loop(self, wake_r):
         while True:
             timeout = self.config.reload_delay if self.watcher is not None else 1.0
-            select.select([wake_r] + self._pending_ready(), [], [], timeout)
+            beats = [hb[0] for hb in self.heartbeats.values()]
+            readable, _, _ = select.select([wake_r] + self._pending_ready() + beats, [], [], timeout)
             try:
                 while os.read(wake_r, 512):
                     pass
             except BlockingIOError:
                 pass
             self._collect_ready()
+            self._collect_heartbeats(readable)
             self.reap()
+            self._kill_unresponsive()
             while self.signals:
                 sig = self.signals.pop(0)
                 if sig in (signal.SIGINT, signal.SIGTERM):
@@ -147,17 +152,53 @@ class Supervisor:
 
     def spawn(self):
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        beat_r, beat_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         pid = os.fork()
         if pid == 0:
             os.close(ready_r)
+            os.close(beat_r)
             code = 1
             try:
-                code = self.child(ready_w)
+                code = self.child(ready_w, beat_w)
             finally:
                 os._exit(code)
         os.close(ready_w)
+        os.close(beat_w)
         self.workers[pid] = ready_r
+        self.heartbeats[pid] = [beat_r, time.monotonic()]
         return pid
+
+    # -- health checks (uvicorn's --timeout-worker-healthcheck): each worker
+    # has a thread that writes a byte a second; one silent for longer than
+    # the timeout (stopped, or stuck holding the GIL) is killed and replaced
+
+    def _collect_heartbeats(self, readable):
+        now = time.monotonic()
+        for pid, hb in self.heartbeats.items():
+            if hb[0] in readable:
+                try:
+                    while os.read(hb[0], 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                hb[1] = now
+
+    def _kill_unresponsive(self):
+        timeout = self.config.timeout_worker_healthcheck
+        now = time.monotonic()
+        for pid, (_, last) in list(self.heartbeats.items()):
+            if pid not in self.retiring and now - last > timeout:
+                logger.warning("Worker [%d] did not answer the health check for %.0f s; killing it", pid, now - last)
+                self.heartbeats[pid][1] = now  # once: reap() replaces it when it is gone
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _forget_heartbeat(self, pid):
+        hb = self.heartbeats.pop(pid, None)
+        if hb is not None:
+            os.close(hb[0])
 
     def _pending_ready(self):
         return [fd for fd in self.workers.values() if fd is not None and fd >= 0]
@@ -197,6 +238,7 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            self._forget_heartbeat(pid)
             fd = self.workers.pop(pid, None)
             if fd is not None:
                 if fd >= 0:
@@ -222,6 +264,8 @@ class Supervisor:
             new = self.spawn()
             if not self.wait_ready(new):
                 logger.error("The new worker [%d] did not start; keeping [%d]", new, old)
+                if new in self.workers:  # still starting: it must not join later, one worker too many
+                    self.retire(new)
                 continue
             self.retire(old)
 
@@ -239,6 +283,7 @@ class Supervisor:
             os.kill(pid, signal.SIGKILL)
         while self.workers:
             pid, _ = os.waitpid(-1, 0)
+            self._forget_heartbeat(pid)
             fd = self.workers.pop(pid, None)
             if fd is not None and fd >= 0:
                 os.close(fd)
@@ -246,10 +291,27 @@ class Supervisor:
 
     # -- a worker --
 
-    def child(self, ready_w):
+    def child(self, ready_w, beat_w):
         for sig in HANDLED:
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        for fd in [hb[0] for hb in self.heartbeats.values()] + [fd for fd in self.workers.values() if fd and fd > 0]:
+            os.close(fd)  # the other workers' pipes, inherited from the parent
+        self.heartbeats.clear()
+        self.workers.clear()
+        interval = min(1.0, self.config.timeout_worker_healthcheck / 4)
+
+        def beat():
+            while True:
+                try:
+                    os.write(beat_w, b".")
+                except BlockingIOError:
+                    pass  # the parent has not read the last ones: it knows we live
+                except OSError:
+                    return  # the parent is gone
+                time.sleep(interval)
+
+        threading.Thread(target=beat, name="uringserve-heartbeat", daemon=True).start()
         server = Server(self.config)
 
         def started():
