@@ -774,7 +774,10 @@ PyType_Spec us_httpconn_spec = {
     .slots = conn_slots,
 };
 
-static void server_new_conn(us_httpserver *srv, int fd)
+/* A connection on fd (ours from now on). client and sockname, when not
+ * NULL, are the scope's address tuples, for a connection whose socket does
+ * not know them (adopt()). */
+static void server_new_conn(us_httpserver *srv, int fd, PyObject *client, PyObject *sockname)
 {
     us_httpconn *c = PyObject_GC_New(us_httpconn, srv->st->HttpConnType);
     if (!c) {
@@ -785,6 +788,8 @@ static void server_new_conn(us_httpserver *srv, int fd)
     memset((char *)c + sizeof(PyObject), 0, sizeof *c - sizeof(PyObject));
     c->srv = (us_httpserver *)Py_NewRef(srv);
     c->fd = fd;
+    c->client = Py_XNewRef(client);
+    c->sockname = Py_XNewRef(sockname);
     uh_parser_init(&c->parser, &srv->limits, &conn_callbacks, c);
     PyObject_GC_Track(c);
     int one = 1;
@@ -839,7 +844,7 @@ static int listener_accept_all(us_listener *l, int max)
         if (srv->cancelled)
             close(fd);
         else
-            server_new_conn(srv, fd);
+            server_new_conn(srv, fd, NULL, NULL);
     }
     return 1;
 }
@@ -893,7 +898,7 @@ static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
          * Connection: close); closing it would fail a client that did
          * nothing wrong. Only after cancel_all() is it too late. */
         if (!srv->cancelled)
-            server_new_conn(srv, res);
+            server_new_conn(srv, res, NULL, NULL);
         else
             close(res);
     } else if (res != -ECANCELED && l->active) {
@@ -962,6 +967,30 @@ static PyObject *server_listen(us_httpserver *srv, PyObject *args, PyObject *kw)
     }
     if (listener_arm(l) < 0)
         return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *server_adopt(us_httpserver *srv, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "client", "server", NULL};
+    int fd;
+    PyObject *client = Py_None, *sockname = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|OO:adopt", kwlist, &fd, &client, &sockname))
+        return NULL;
+    if (!srv->loop->ue_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "uringserve: adopt() needs a running uringloop");
+        return NULL;
+    }
+    /* a server that only adopts: its tasks start from the context the
+     * first adopt() ran in, as a listening one's from its first listen() */
+    if (!srv->context && !(srv->context = PyContext_CopyCurrent())) {
+        close(fd);
+        return NULL;
+    }
+    if (srv->cancelled)
+        close(fd);
+    else
+        server_new_conn(srv, fd, client, sockname);
     Py_RETURN_NONE;
 }
 
@@ -1120,15 +1149,16 @@ static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
                              "limit_concurrency",
                              "limits",
                              "websocket",
+                             "scheme",
                              NULL};
     PyObject *loop, *app, *log_error, *access_log = Py_None, *proxy = Py_None, *root_path = NULL, *headers = NULL;
-    PyObject *limits = NULL, *websocket = Py_None;
+    PyObject *limits = NULL, *websocket = Py_None, *scheme = NULL;
     int date_header = 1;
     double keepalive = 5.0, header_timeout = 30.0;
     Py_ssize_t limit_concurrency = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$OOUOpddnO!O:HttpServer", kwlist, &loop, &app, &log_error,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$OOUOpddnO!OU:HttpServer", kwlist, &loop, &app, &log_error,
                                      &access_log, &proxy, &root_path, &headers, &date_header, &keepalive,
-                                     &header_timeout, &limit_concurrency, &PyDict_Type, &limits, &websocket))
+                                     &header_timeout, &limit_concurrency, &PyDict_Type, &limits, &websocket, &scheme))
         return -1;
     if (!PyObject_TypeCheck(loop, srv->st->LoopCoreType)) {
         PyErr_SetString(PyExc_TypeError, "HttpServer needs a uringloop loop");
@@ -1145,6 +1175,9 @@ static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
     if (!srv->root_path_b)
         return -1;
     if (!srv->state && !(srv->state = PyDict_New()))
+        return -1;
+    Py_XSETREF(srv->scope_template, PyDict_Copy(srv->st->h_scope_template));
+    if (!srv->scope_template || (scheme && PyDict_SetItem(srv->scope_template, srv->st->h_scheme, scheme) < 0))
         return -1;
     srv->date_header = date_header;
     srv->keepalive_timeout = keepalive;
@@ -1215,6 +1248,7 @@ static int server_traverse(us_httpserver *srv, visitproc visit, void *arg)
     Py_VISIT(srv->websocket);
     Py_VISIT(srv->state);
     Py_VISIT(srv->context);
+    Py_VISIT(srv->scope_template);
     for (int i = 0; i < srv->nlisteners; i++)
         Py_VISIT(srv->listeners[i]->sock);
     Py_VISIT(Py_TYPE(srv));
@@ -1230,6 +1264,7 @@ static int server_clear(us_httpserver *srv)
     Py_CLEAR(srv->websocket);
     Py_CLEAR(srv->state);
     Py_CLEAR(srv->context);
+    Py_CLEAR(srv->scope_template);
     return 0;
 }
 
@@ -1288,6 +1323,9 @@ static PyMethodDef server_methods[] = {
      "listen(sock, shared=False): accept connections on a listening socket. Alone on it: one multishot accept. "
      "shared=True (other processes accept on it too): a multishot poll and accept4(), so that every process is "
      "woken and the least busy one takes the connection (the kernel wakes only one accept per connection)."},
+    {"adopt", (PyCFunction)(void (*)(void))server_adopt, METH_VARARGS | METH_KEYWORDS,
+     "adopt(fd, client=None, server=None): serve a connection accepted elsewhere (the descriptor becomes the "
+     "server's), with the scope's client and server tuples given (a TLS bridge's socketpair knows neither)."},
     {"stop_accepting", (PyCFunction)server_stop_accepting, METH_NOARGS, "Cancel every accept."},
     {"drain", (PyCFunction)server_drain, METH_NOARGS,
      "Close idle connections now and the others after their current response."},

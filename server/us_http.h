@@ -51,15 +51,16 @@ struct us_httpserver {
     PyObject_HEAD us_state *st;
     us_loop *loop;
     PyObject *app;
-    PyObject *log_error;   /* callable(message, exc or None) */
-    PyObject *access_log;  /* callable(scope, status) or None */
-    PyObject *proxy;       /* callable(scope) or None: applies X-Forwarded-* */
-    PyObject *websocket;   /* callable(fd, scope, leftover) taking upgraded connections, or NULL */
-    PyObject *state;       /* lifespan state: copied into every scope */
-    PyObject *root_path;   /* str */
-    PyObject *root_path_b; /* bytes */
-    PyObject *task_type;   /* asyncio.Task */
-    PyObject *context;     /* copied at the first listen(): each app Task starts from a copy */
+    PyObject *log_error;      /* callable(message, exc or None) */
+    PyObject *access_log;     /* callable(scope, status) or None */
+    PyObject *proxy;          /* callable(scope) or None: applies X-Forwarded-* */
+    PyObject *websocket;      /* callable(fd, scope, leftover) taking upgraded connections, or NULL */
+    PyObject *state;          /* lifespan state: copied into every scope */
+    PyObject *root_path;      /* str */
+    PyObject *root_path_b;    /* bytes */
+    PyObject *task_type;      /* asyncio.Task */
+    PyObject *context;        /* copied at the first listen(): each app Task starts from a copy */
+    PyObject *scope_template; /* every scope starts as a copy: the fixed keys, the scheme */
     PyObject *s_task_factory;
     uh_buf server_line;   /* "server: ...\r\n", left out when the app sends its own */
     uh_buf extra_headers; /* --header lines, serialized */

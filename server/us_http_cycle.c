@@ -298,7 +298,7 @@ PyObject *us_http_build_scope(us_httpconn *c, uh_parser *p, const uh_request *re
     size_t plen, qlen;
     split_target(uh_str(p, req->url), req->url.len, &url, &plen, &qs, &qlen);
 
-    PyObject *scope = PyDict_Copy(st->h_scope_template);
+    PyObject *scope = PyDict_Copy(srv->scope_template);
     if (!scope)
         return NULL;
     int forwarded = 0;

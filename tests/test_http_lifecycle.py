@@ -572,7 +572,7 @@ def app(*args):  # no signature to tell ASGI 2 from 3 by
 '''
 
 
-def test_interface_asgi2_and_uvicorn_options_accepted_or_refused_with_a_reason(tmp_path):
+def test_interface_asgi2_and_uvicorn_options_accepted_or_refused_with_a_reason(tmp_path):  # (--ssl-*: e2e/test_tls.py)
     (tmp_path / "asgi2_mod.py").write_text(ASGI2_APP)
     with serve("asgi2_mod:app", "--app-dir", str(tmp_path), "--interface", "asgi2", "--loop", "uvloop",
                "--http", "httptools", "--lifespan", "off", tmp_path=str(tmp_path)) as srv:
@@ -582,8 +582,6 @@ def test_interface_asgi2_and_uvicorn_options_accepted_or_refused_with_a_reason(t
     assert "--http httptools is ignored" in srv.log
     r = run_cli("apps.wire_app:app", "--interface", "wsgi")
     assert r.returncode == 2 and "WSGI applications are not served" in r.stderr
-    r = run_cli("apps.wire_app:app", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem")
-    assert r.returncode == 2 and "does not terminate TLS" in r.stderr
 
 
 def test_default_trusted_proxies_are_the_loopback_addresses(monkeypatch):

@@ -50,14 +50,6 @@ def _positive_int(value):
     return n
 
 
-class _NoTLS(argparse.Action):
-    """uvicorn's --ssl-* options: refused with the reason, not as unknown."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string}: uringserve does not terminate TLS; put nginx (or another proxy) in "
-                     "front of it (docs/deployment.md)")
-
-
 def _bool(value):
     """uvicorn's boolean option values (click's): true/false, 1/0, yes/no, on/off."""
     v = value.strip().lower()
@@ -154,9 +146,14 @@ def build_parser():
     p.add("--access-log", action=argparse.BooleanOptionalAction, default=True, help="log every request.")
     p.add("--use-colors", action=argparse.BooleanOptionalAction, default=None,
           help="color the default log format (default: when stderr is a terminal).")
-    for flag in ("--ssl-keyfile", "--ssl-certfile", "--ssl-keyfile-password", "--ssl-version", "--ssl-cert-reqs",
-                 "--ssl-ca-certs", "--ssl-ciphers"):
-        p.add_argument(flag, action=_NoTLS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add("--ssl-certfile", default=None, help="serve HTTPS with this certificate (chain) file.")
+    p.add("--ssl-keyfile", default=None, help="its private key (default: in the certificate file).")
+    p.add("--ssl-keyfile-password", default=None, help="the private key's password.")
+    p.add("--ssl-version", type=int, default=None, help="an ssl.PROTOCOL_* number (default: PROTOCOL_TLS_SERVER).")
+    p.add("--ssl-cert-reqs", type=int, default=None,
+          help="client certificates: 0 none (default), 1 optional, 2 required (ssl.CERT_*).")
+    p.add("--ssl-ca-certs", default=None, help="CA certificates that client certificates are checked against.")
+    p.add("--ssl-ciphers", default="TLSv1", help="OpenSSL cipher list (default: TLSv1, as uvicorn's).")
     p.add_argument("--version", action="store_true", help="print the version and exit.")
     return p
 
@@ -180,6 +177,12 @@ def main(argv=None):
             import dotenv  # noqa: F401
         except ImportError:
             parser.error("--env-file needs python-dotenv: pip install python-dotenv")
+    if args.ssl_keyfile and not args.ssl_certfile:
+        parser.error("--ssl-keyfile needs --ssl-certfile")
+    for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
+        path = getattr(args, name)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"--{name.replace('_', '-')}: no such file: {path}")
     if args.interface == "wsgi":
         parser.error("--interface wsgi: WSGI applications are not served; wrap the app in a2wsgi's WSGIMiddleware")
     from .server import run

@@ -87,6 +87,13 @@ class Config:
         interface="auto",
         limit_max_requests_jitter=0,
         reset_contextvars=False,
+        ssl_keyfile=None,
+        ssl_certfile=None,
+        ssl_keyfile_password=None,
+        ssl_version=None,
+        ssl_cert_reqs=None,
+        ssl_ca_certs=None,
+        ssl_ciphers="TLSv1",
         workers=None,
         reload=False,
         reload_dirs=None,
@@ -133,6 +140,17 @@ class Config:
         self.limit_max_requests = limit_max_requests
         self.limit_max_requests_jitter = int(limit_max_requests_jitter or 0)
         self.reset_contextvars = bool(reset_contextvars)
+        import ssl
+
+        self.ssl_keyfile = ssl_keyfile
+        self.ssl_certfile = ssl_certfile
+        self.ssl_keyfile_password = ssl_keyfile_password
+        self.ssl_version = ssl.PROTOCOL_TLS_SERVER if ssl_version is None else int(ssl_version)
+        self.ssl_cert_reqs = ssl.CERT_NONE if ssl_cert_reqs is None else int(ssl_cert_reqs)
+        self.ssl_ca_certs = ssl_ca_certs
+        self.ssl_ciphers = ssl_ciphers
+        if ssl_keyfile and not ssl_certfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
         self.interface = interface
         self.use_colors = use_colors
         self.env_file = env_file
@@ -167,6 +185,10 @@ class Config:
             configure_logging_once(self)
         if env_file is not None:
             logger.info("Loading environment from '%s'", env_file)
+
+    @property
+    def is_ssl(self):
+        return bool(self.ssl_certfile)
 
     def encoded_headers(self):
         """Extra response headers as (bytes, bytes): server first, then --header."""

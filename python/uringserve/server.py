@@ -60,7 +60,7 @@ class Server:
         self.lifespan = None
         self.inherited_sockets = False
         self.websockets = None
-        # hooks for process managers (the supervisor, the gunicorn worker)
+        self.tls_servers = []  # with --ssl-*: the asyncio servers in front of the C server        # hooks for process managers (the supervisor, the gunicorn worker)
         self.access_hook = None  # callable(scope, status) replacing the access log
         self.on_started = None  # called once serving
         self.on_tick = None  # called about once a second (heartbeats)
@@ -157,13 +157,16 @@ class Server:
                 "max_headers": config.limit_request_fields,
                 "max_field_size": config.limit_request_field_size,
             },
+            scheme="https" if config.is_ssl else "http",
         )
         self.core.state = self.lifespan.state
         # Each request's Task starts from a copy of the context the first
         # listen() ran in: the caller's, or with --reset-contextvars an empty
         # one, so that nothing set before serving (the lifespan's) is seen.
         context = contextvars.Context() if config.reset_contextvars else contextvars.copy_context()
-        for sock in self.sockets:
+        if config.is_ssl:
+            await self._serve_tls(loop, context)
+        for sock in [] if config.is_ssl else self.sockets:
             # Sockets handed in (--workers, gunicorn) are shared with sibling
             # processes: accept through a poll so that each connection wakes
             # every worker and the least busy takes it (see ARCHITECTURE.md).
@@ -177,6 +180,23 @@ class Server:
         if self.on_started is not None:
             self.on_started()
         return True
+
+    async def _serve_tls(self, loop, context):
+        """TLS listeners: asyncio servers whose decrypted connections the C
+        server adopts (tls.py)."""
+        from .tls import TLSBridge, create_ssl_context
+
+        config = self.config
+        ctx = create_ssl_context(config.ssl_certfile, config.ssl_keyfile, config.ssl_keyfile_password,
+                                 config.ssl_version, config.ssl_cert_reqs, config.ssl_ca_certs, config.ssl_ciphers)
+        core = self.core
+        for sock in self.sockets:
+            # started inside `context`, so that the tasks of the requests
+            # start from it as they do from listen()'s
+            server = await loop.create_task(
+                loop.create_server(lambda: TLSBridge(core), sock=sock, ssl=ctx, backlog=config.backlog),
+                context=context)
+            self.tls_servers.append(server)
 
     def _websocket_handler(self, loop, app, access):
         """The handler of WebSocket upgrades, or None: with --ws none (or
@@ -214,7 +234,8 @@ class Server:
             logger.info("Uringserve running on socket %s (Press CTRL+C to quit)", (host, port))
             return
         shown = f"[{host}]" if ":" in host else host
-        logger.info("Uringserve running on http://%s:%d (Press CTRL+C to quit)", shown, port)
+        scheme = "https" if config.is_ssl else "http"
+        logger.info("Uringserve running on %s://%s:%d (Press CTRL+C to quit)", scheme, shown, port)
 
     async def main_loop(self):
         max_requests = self.config.limit_max_requests
@@ -236,6 +257,8 @@ class Server:
         logger.info("Shutting down")
         core = self.core
         core.stop_accepting()
+        for server in self.tls_servers:
+            server.close()
         for sock in self.sockets:
             if self.config.uds and sock.family == socket.AF_UNIX and not self.inherited_sockets:
                 try:

@@ -81,6 +81,10 @@ class UringWorker(Worker):
 
     def _gunicorn_settings(self):
         cfg = self.cfg
+        tls = {}
+        if cfg.is_ssl:  # gunicorn's --certfile, --keyfile, ...: TLS in the worker, as uvicorn's does
+            tls = dict(ssl_certfile=cfg.certfile, ssl_keyfile=cfg.keyfile, ssl_version=cfg.ssl_version,
+                       ssl_cert_reqs=cfg.cert_reqs, ssl_ca_certs=cfg.ca_certs, ssl_ciphers=cfg.ciphers)
         max_requests = self.max_requests if self.max_requests and self.max_requests < sys.maxsize else None
         fwd = cfg.forwarded_allow_ips
         if isinstance(fwd, (list, tuple)):
@@ -97,6 +101,7 @@ class UringWorker(Worker):
             access_log=False,
             lifespan="auto",
             configure_logging=False,
+            **tls,
         )
 
     def run(self):
