@@ -9,6 +9,7 @@ divided by the requests wrk counted), p99 latency, and syscalls per request
 
     .venv/bin/python bench/http_bench.py                 # all scenarios
     .venv/bin/python bench/http_bench.py --scenarios hello --servers uringserve,granian
+    .venv/bin/python bench/http_bench.py --tls --scenarios hello,post-10k   # HTTPS: each server terminates TLS
 """
 
 import argparse
@@ -25,6 +26,18 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
+CERT = os.path.join(ROOT, "tests", "certs", "localhost.pem")  # certificate and key
+
+
+def tls_args(name):
+    """Each server's options to serve HTTPS with CERT."""
+    return {
+        "uringserve": ["--ssl-certfile", CERT],
+        "uvicorn-httptools": ["--ssl-certfile", CERT],
+        "uvicorn-h11": ["--ssl-certfile", CERT],
+        "granian": ["--ssl-certificate", CERT, "--ssl-keyfile", CERT],
+        "hypercorn": ["--certfile", CERT, "--keyfile", CERT],
+    }[name]
 
 
 def server_cmd(name, app, port):
@@ -118,11 +131,11 @@ def parse_duration(text):
     return value * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
 
 
-def wrk(port, scenario, duration, connections, pin=True):
+def wrk(port, scenario, duration, connections, pin=True, scheme="http"):
     cmd = (["taskset", "-c", "1"] if pin else []) + ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if scenario.get("lua"):
         cmd += ["-s", os.path.join(BENCH, scenario["lua"])]
-    cmd.append(f"http://127.0.0.1:{port}{scenario['path']}")
+    cmd.append(f"{scheme}://127.0.0.1:{port}{scenario['path']}")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -134,7 +147,7 @@ def wrk(port, scenario, duration, connections, pin=True):
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
-def count_syscalls(pid, port, scenario, connections, seconds=2):
+def count_syscalls(pid, port, scenario, connections, seconds=2, scheme="http"):
     tids = []
     for p in tree_pids(pid):
         try:
@@ -146,7 +159,7 @@ def count_syscalls(pid, port, scenario, connections, seconds=2):
         cmd += ["-p", str(t)]
     st = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    result = wrk(port, scenario, seconds, connections)
+    result = wrk(port, scenario, seconds, connections, scheme=scheme)
     st.send_signal(signal.SIGINT)
     err = st.communicate(timeout=30)[1]
     total = 0
@@ -162,17 +175,19 @@ def run_one(server, scenario_name, args):
     port = free_port()
     paths = [BENCH] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
-    proc = subprocess.Popen(["taskset", "-c", "0", *server_cmd(server, scenario["app"], port)], cwd=BENCH,
+    cmd = server_cmd(server, scenario["app"], port) + (tls_args(server) if args.tls else [])
+    scheme = "https" if args.tls else "http"
+    proc = subprocess.Popen(["taskset", "-c", "0", *cmd], cwd=BENCH,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_port(port, proc)
-        wrk(port, scenario, 1, args.connections)  # warm-up
+        wrk(port, scenario, 1, args.connections, scheme=scheme)  # warm-up
         cpu0 = tree_cpu(proc.pid)
-        res = wrk(port, scenario, args.duration, args.connections)
+        res = wrk(port, scenario, args.duration, args.connections, scheme=scheme)
         cpu1 = tree_cpu(proc.pid)
         res["cpu_us_per_req"] = (cpu1 - cpu0) / max(res["requests"], 1) * 1e6
         if args.syscalls:
-            res["syscalls_per_req"] = count_syscalls(proc.pid, port, scenario, args.connections)
+            res["syscalls_per_req"] = count_syscalls(proc.pid, port, scenario, args.connections, scheme=scheme)
         return res
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -235,9 +250,14 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1, help="best of N runs per cell")
     ap.add_argument("--no-syscalls", dest="syscalls", action="store_false")
-    ap.add_argument("--out", default=os.path.join(BENCH, "results", "http.json"))
-    ap.add_argument("--chart", default=os.path.join(BENCH, "http.png"))
+    ap.add_argument("--tls", action="store_true", help="HTTPS: every server terminates TLS itself")
+    ap.add_argument("--out", default=None, help="default: bench/results/http.json (http-tls.json)")
+    ap.add_argument("--chart", default=None, help="default: bench/http.png (none with --tls)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(BENCH, "results", "http-tls.json" if args.tls else "http.json")
+    if args.chart is None and not args.tls:
+        args.chart = os.path.join(BENCH, "http.png")
     servers = args.servers.split(",")
     scenarios = args.scenarios.split(",")
     results = {}
@@ -257,11 +277,13 @@ def main():
                       flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "duration": args.duration, "connections": args.connections,
+        json.dump({"date": time.strftime("%Y-%m-%d"), "tls": args.tls, "duration": args.duration,
+                   "connections": args.connections,
                    "results": results}, f, indent=1)
     print()
     print(table(results, servers, scenarios))
-    chart(results, servers, scenarios, args.chart)
+    if args.chart:
+        chart(results, servers, scenarios, args.chart)
 
 
 if __name__ == "__main__":
