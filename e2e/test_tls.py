@@ -88,6 +88,22 @@ def test_a_client_that_is_not_tls_or_fails_the_handshake_costs_nothing_else(tls_
     assert "Traceback" not in tls_server.log
 
 
+def test_workers_share_a_tls_socket_by_busyness(tmp_path):
+    # the TLS listener is an asyncio server on a socket handed in: its
+    # acceptor polls, so a worker whose loop is blocked does not take the
+    # next connection (see ARCHITECTURE.md on shared sockets)
+    from http_support import pids_while_one_is_blocked
+
+    with serve("apps.wire_app:app", "--ssl-certfile", CERT, "--workers", "2", tmp_path=str(tmp_path)) as srv:
+        deadline = time.monotonic() + 15
+        while srv.log.count("is serving") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pids = pids_while_one_is_blocked(
+            srv.port, wrap=lambda s: client_context().wrap_socket(s, server_hostname="localhost"))
+        assert len(pids) == 2 and pids[0] != pids[1], pids
+        assert srv.stop() == 0, srv.log
+
+
 def test_wss(tmp_path):
     with serve("webapps.ws_app:app", "--app-dir", E2E, "--ssl-certfile", CERT, tmp_path=str(tmp_path)) as srv:
         async def go():

@@ -200,18 +200,20 @@ def get(path="/", host="x"):
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
 
 
-def pids_while_one_is_blocked(port, request=None, n=2, gap=0.1):
+def pids_while_one_is_blocked(port, request=None, n=2, gap=0.1, wrap=None):
     """n connections to 127.0.0.1:port, started `gap` s apart, each sending
     `request` (default: GET /block-pid?0.4, a handler that blocks its
     worker, then answers with its pid) and reading the reply. Returns the
     pids in the order the replies came; with workers that share the
     socket by busyness, the first reply's worker was blocked when the
-    second connection came, so the two differ."""
+    second connection came, so the two differ. wrap(socket) -> socket
+    puts each connection in TLS first."""
 
     pids = []
 
     def one():
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            s = wrap(raw) if wrap else raw
             if request is None:
                 s.sendall(get("/block-pid?0.4"))
                 pids.append(Reader(s).response().body)
