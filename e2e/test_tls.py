@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from http_support import ROOT, serve  # noqa: E402
+from http_support import ROOT, serve, serve_for_module  # noqa: E402
 
 E2E = os.path.dirname(os.path.abspath(__file__))
 CERT = os.path.join(ROOT, "tests", "certs", "localhost.pem")
@@ -27,9 +27,7 @@ def client_context():
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
-    with serve("apps.wire_app:app", "--ssl-certfile", CERT, tmp_path=str(tmp_path_factory.mktemp("tls"))) as srv:
-        yield srv
-        assert srv.stop() == 0, srv.log
+    yield from serve_for_module(tmp_path_factory, "apps.wire_app:app", "--ssl-certfile", CERT)
 
 
 def test_https_requests_bodies_and_keep_alive(tls_server):

@@ -16,7 +16,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from http_support import serve  # noqa: E402
+from http_support import serve, serve_for_module  # noqa: E402
 from uringserve.__main__ import build_parser  # noqa: E402
 from test_websockets import release_and_count_held  # noqa: E402
 
@@ -75,9 +75,7 @@ def _client_frame(opcode, payload, rsv1=False):
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
-    with _serve(tmp_path_factory.mktemp("wsopt")) as srv:
-        yield srv
-        assert srv.stop() == 0, srv.log
+    yield from serve_for_module(tmp_path_factory, "webapps.ws_app:app", "--app-dir", E2E)
 
 
 def test_permessage_deflate_is_negotiated_and_compresses_both_ways(default_server):

@@ -13,16 +13,14 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from http_support import serve  # noqa: E402
+from http_support import serve, serve_for_module  # noqa: E402
 
 E2E = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def ws_server(tmp_path_factory):
-    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path_factory.mktemp("ws"))) as srv:
-        yield srv
-        assert srv.stop() == 0, srv.log
+    yield from serve_for_module(tmp_path_factory, "webapps.ws_app:app", "--app-dir", E2E)
 
 
 def _upgrade_request(path):

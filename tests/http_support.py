@@ -70,6 +70,14 @@ def serve(app="apps.wire_app:app", *args, env=None, port=None, tmp_path=None, wa
         proc.wait()
 
 
+def serve_for_module(tmp_path_factory, app, *args):
+    """The body of a module-scoped server fixture (`yield from` it): the
+    server for the module's tests, which must stop cleanly after them."""
+    with serve(app, *args, tmp_path=str(tmp_path_factory.mktemp("srv"))) as srv:
+        yield srv
+        assert srv.stop() == 0, srv.log
+
+
 def wait_ready(srv, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

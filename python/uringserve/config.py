@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import socket
+import ssl
 import sys
 
 from . import __version__
@@ -140,8 +141,6 @@ class Config:
         self.limit_max_requests = limit_max_requests
         self.limit_max_requests_jitter = int(limit_max_requests_jitter or 0)
         self.reset_contextvars = bool(reset_contextvars)
-        import ssl
-
         self.ssl_keyfile = ssl_keyfile
         self.ssl_certfile = ssl_certfile
         self.ssl_keyfile_password = ssl_keyfile_password
@@ -172,9 +171,9 @@ class Config:
             workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
         self.workers = workers
         self.reload = bool(reload)
-        self.reload_dirs = [reload_dirs] if isinstance(reload_dirs, str) else list(reload_dirs or [])
-        self.reload_includes = [reload_includes] if isinstance(reload_includes, str) else list(reload_includes or [])
-        self.reload_excludes = [reload_excludes] if isinstance(reload_excludes, str) else list(reload_excludes or [])
+        self.reload_dirs = _str_list(reload_dirs)
+        self.reload_includes = _str_list(reload_includes)
+        self.reload_excludes = _str_list(reload_excludes)
         self.reload_delay = float(reload_delay)
         if self.reload and not isinstance(app, str):
             raise ValueError("--reload needs the application as an import string (module:attribute)")
@@ -257,6 +256,11 @@ class Config:
             sock.close()
             raise
         return [sock]
+
+
+def _str_list(value):
+    """A list from one string (as uvicorn's API also takes), a list, or None."""
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 def load_env_file(path):
