@@ -375,6 +375,13 @@ def test_request_limits_options(tmp_path):
         assert request(srv.port, many).status == 431
         assert request(srv.port, get("/")).status == 200
         assert srv.stop() == 0
+    # uvicorn's h11 buffer limit is the size of the whole head here
+    with serve("apps.wire_app:app", "--h11-max-incomplete-event-size", "1024", tmp_path=str(tmp_path)) as srv:
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100) for i in range(8))
+        assert request(srv.port, head + b"\r\n").status == 200  # ~900 bytes
+        head += b"".join(b"Y-%d: %s\r\n" % (i, b"v" * 100) for i in range(4))
+        assert request(srv.port, head + b"\r\n").status == 431  # ~1350 bytes
+        assert srv.stop() == 0
 
 
 # ---- new code: --reload and SIGHUP ----

@@ -139,6 +139,8 @@ def build_parser():
           help="close a WebSocket (1011) whose pong takes longer than this many seconds (0: wait for ever).")
     p.add("--ws-per-message-deflate", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
           help="offer permessage-deflate compression to WebSocket clients.")
+    p.add("--h11-max-incomplete-event-size", type=_positive_int, default=None,
+          help="largest request head (request line and headers) in bytes, 431 above (default 65536).")
     p.add("--lifespan", choices=("auto", "on", "off"), default="auto", help="ASGI lifespan protocol.")
     p.add("--log-level", choices=("critical", "error", "warning", "info", "debug", "trace"), default=None,
           help="log level.")

@@ -73,6 +73,7 @@ class Config:
         limit_request_line=8190,
         limit_request_fields=100,
         limit_request_field_size=8190,
+        h11_max_incomplete_event_size=None,
         lifespan="auto",
         ws="auto",
         ws_max_size=16 * 1024 * 1024,
@@ -156,6 +157,8 @@ class Config:
         self.limit_request_line = limit_request_line
         self.limit_request_fields = limit_request_fields
         self.limit_request_field_size = limit_request_field_size
+        # uvicorn's h11 buffer limit; here: the largest request head (431 above)
+        self.h11_max_incomplete_event_size = h11_max_incomplete_event_size
         self.lifespan = lifespan
         self.ws = ws
         self.ws_max_size = int(ws_max_size)

@@ -156,6 +156,8 @@ class Server:
                 "max_request_line": config.limit_request_line,
                 "max_headers": config.limit_request_fields,
                 "max_field_size": config.limit_request_field_size,
+                **({"max_head_size": config.h11_max_incomplete_event_size}
+                   if config.h11_max_incomplete_event_size else {}),
             },
             scheme="https" if config.is_ssl else "http",
         )
