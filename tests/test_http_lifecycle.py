@@ -589,6 +589,8 @@ def test_interface_asgi2_and_uvicorn_options_accepted_or_refused_with_a_reason(t
     assert "--http httptools is ignored" in srv.log
     r = run_cli("apps.wire_app:app", "--interface", "wsgi")
     assert r.returncode == 2 and "WSGI applications are not served" in r.stderr
+    r = run_cli("apps.wire_app:app", "--http2")
+    assert r.returncode == 2 and "HTTP/1.1 only" in r.stderr
 
 
 def test_default_trusted_proxies_are_the_loopback_addresses(monkeypatch):

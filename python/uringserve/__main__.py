@@ -97,6 +97,7 @@ def build_parser():
           help="accepted for uvicorn compatibility: uringserve's HTTP/1.1 parser is llhttp, in C.")
     p.add("--reset-contextvars", action=argparse.BooleanOptionalAction, default=False,
           help="run each HTTP request from an empty contextvars.Context (hides what the lifespan set).")
+    p.add_argument("--http2", action="store_true", help=argparse.SUPPRESS)
     p.add("--factory", action=argparse.BooleanOptionalAction, default=False,
           help="the app is a factory: call it to get the application.")
     p.add("--app-dir", default="", help="look for the app in this directory (default: current directory).")
@@ -185,6 +186,8 @@ def main(argv=None):
         path = getattr(args, name)
         if path is not None and not os.path.isfile(path):
             parser.error(f"--{name.replace('_', '-')}: no such file: {path}")
+    if args.http2:
+        parser.error("--http2: uringserve serves HTTP/1.1 only; let a proxy in front speak HTTP/2 to clients")
     if args.interface == "wsgi":
         parser.error("--interface wsgi: WSGI applications are not served; wrap the app in a2wsgi's WSGIMiddleware")
     from .server import run
@@ -192,6 +195,7 @@ def main(argv=None):
     opts = vars(args).copy()
     app = opts.pop("app")
     opts.pop("version")
+    opts.pop("http2")
     for name, ours in (("loop", "uringloop"), ("http", "llhttp")):
         value = opts.pop(name)
         if value not in ("auto", ours):
