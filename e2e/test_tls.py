@@ -45,6 +45,18 @@ def test_https_requests_bodies_and_keep_alive(tls_server):
     assert "Exception" not in tls_server.log
 
 
+def test_a_large_file_over_tls(tls_server, tmp_path):
+    # http.response.pathsend is a sendfile() into the socketpair: on a
+    # blocking descriptor it would wait for the bridge, which runs on the
+    # same loop (the loop hung before adopt() made the descriptor non-blocking)
+    path = tmp_path / "big.bin"
+    data = os.urandom(20 << 20)
+    path.write_bytes(data)
+    with httpx.Client(verify=client_context(), timeout=20) as client:
+        r = client.get(f"https://127.0.0.1:{tls_server.port}/file?{path}")
+        assert r.status_code == 200 and r.content == data
+
+
 def test_many_concurrent_https_clients(tls_server):
     async def one(i):
         async with httpx.AsyncClient(verify=client_context()) as client:

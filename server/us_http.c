@@ -981,6 +981,15 @@ static PyObject *server_adopt(us_httpserver *srv, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "uringserve: adopt() needs a running uringloop");
         return NULL;
     }
+    /* Non-blocking, as accept4() makes ours: sendfile() (pathsend) is a
+     * direct call that must not wait for the socket, on a loop that may be
+     * the one to drain it (a TLS bridge's socketpair). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        close(fd);
+        return NULL;
+    }
     /* a server that only adopts: its tasks start from the context the
      * first adopt() ran in, as a listening one's from its first listen() */
     if (!srv->context && !(srv->context = PyContext_CopyCurrent())) {
