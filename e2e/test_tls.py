@@ -196,3 +196,19 @@ def test_gunicorn_certfile_and_keyfile(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log_path.read_text()
+
+
+def test_the_open_file_limit_is_raised_for_tls(tmp_path):
+    # three descriptors a TLS connection: the soft limit goes up to the hard one
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # the server inherits it
+    try:
+        with serve("apps.wire_app:app", "--ssl-certfile", CERT, tmp_path=str(tmp_path)) as srv:
+            with open(f"/proc/{srv.proc.pid}/limits") as f:
+                line = next(line for line in f if line.startswith("Max open files"))
+            assert line.split()[3:5] == [str(hard), str(hard)], line
+            assert srv.stop() == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

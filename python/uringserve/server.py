@@ -189,6 +189,7 @@ class Server:
         from .tls import TLSBridge, create_ssl_context
 
         config = self.config
+        _raise_open_file_limit()  # three descriptors a TLS connection (tls.py)
         ctx = create_ssl_context(config.ssl_certfile, config.ssl_keyfile, config.ssl_keyfile_password,
                                  config.ssl_version, config.ssl_cert_reqs, config.ssl_ca_certs, config.ssl_ciphers)
         core = self.core
@@ -317,6 +318,21 @@ class Server:
             self.force_exit = True
         else:
             self.should_exit = True
+
+
+def _raise_open_file_limit():
+    """The soft limit on open files up to the hard one, as Go's runtime
+    does: a TLS connection holds three descriptors (its socket and the two
+    ends of its socketpair), and the usual soft limit of 1024 would stop a
+    server at about 340 clients."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def run(app, **kwargs):
