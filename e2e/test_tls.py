@@ -35,7 +35,8 @@ def test_https_requests_bodies_and_keep_alive(tls_server):
     with httpx.Client(verify=client_context()) as client:
         assert client.get(base + "/").text == "Hello, world!"
         scope = client.get(base + "/scope").json()
-        assert scope["scheme"] == "https" and scope["client"][0] == "127.0.0.1" and scope["server"][1] == tls_server.port
+        assert scope["scheme"] == "https" and scope["client"][0] == "127.0.0.1"
+        assert scope["server"][1] == tls_server.port
         body = os.urandom(3 << 20)
         assert client.post(base + "/echo", content=body).content == body
         assert client.get(base + "/stream").content == b"one,two,three"
@@ -72,7 +73,8 @@ def test_many_concurrent_https_clients(tls_server):
 def test_pipelined_requests_over_tls(tls_server):
     with socket.create_connection(("127.0.0.1", tls_server.port)) as raw:
         with client_context().wrap_socket(raw, server_hostname="localhost") as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10 + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            last = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10 + last)
             data = b""
             while True:
                 chunk = s.recv(65536)

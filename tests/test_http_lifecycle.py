@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from http_support import Reader, children, connect, free_port, get, pids_while_one_is_blocked, request, serve, server_env, ROOT
+from http_support import (Reader, children, connect, free_port, get, pids_while_one_is_blocked, request, serve,
+                          server_env, ROOT)
 
 
 def run_cli(*args, env=None, timeout=20):

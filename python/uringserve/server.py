@@ -60,7 +60,8 @@ class Server:
         self.lifespan = None
         self.inherited_sockets = False
         self.websockets = None
-        self.tls_servers = []  # with --ssl-*: the asyncio servers in front of the C server        # hooks for process managers (the supervisor, the gunicorn worker)
+        self.tls_servers = []  # with --ssl-*: the asyncio servers in front of the C server
+        # hooks for process managers (the supervisor, the gunicorn worker)
         self.access_hook = None  # callable(scope, status) replacing the access log
         self.on_started = None  # called once serving
         self.on_tick = None  # called about once a second (heartbeats)
