@@ -264,8 +264,8 @@ class Supervisor:
             new = self.spawn()
             if not self.wait_ready(new):
                 logger.error("The new worker [%d] did not start; keeping [%d]", new, old)
-                if new in self.workers:  # still starting: it must not join later, one worker too many
-                    self.retire(new)
+                if self.workers.get(new, STARTUP_FAILED) != STARTUP_FAILED:
+                    self.retire(new)  # still starting: it must not join later, one worker too many
                 continue
             self.retire(old)
 
