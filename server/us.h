@@ -26,8 +26,10 @@ typedef struct us_state {
     PyTypeObject *SockOpType;
     PyTypeObject *StreamType;
     PyTypeObject *AcceptorType;
-    PyObject *UnavailableError; /* uringloop.IOUringUnavailableError */
-    PyObject *AddressFallback;  /* _core.AddressFallback: an address the C ops cannot encode */
+    PyTypeObject *SSLProtocolCoreType, *SSLAppTransportCoreType; /* us_ssl.c */
+    struct us_ssl_state *ssl;                                    /* set by _core._ssl_setup() */
+    PyObject *UnavailableError;                                  /* uringloop.IOUringUnavailableError */
+    PyObject *AddressFallback; /* _core.AddressFallback: an address the C ops cannot encode */
 
     /* asyncio helpers used on slow paths */
     PyObject *format_callback_source; /* asyncio.format_helpers._format_callback_source */
@@ -44,6 +46,7 @@ typedef struct us_state {
     PyObject *s_current_handle, *s_slow_callback, *s_loop, *s_uring_op;
     PyObject *s_sock_stash, *s_set_result, *s_set_exception, *s_done;
     PyObject *s_call_soon, *s_call_at, *s_call_soon_threadsafe;
+    PyObject *s_data_received, *s_get_buffer, *s_buffer_updated;
     PyObject *kw_loop; /* ("loop",) */
 
     /* the HTTP server (us_http.c, us_http_cycle.c) */
@@ -155,6 +158,13 @@ int us_loop_add_flush(us_loop *loop, PyObject *stream);
 /* us_http.c */
 int us_http_module_init(PyObject *m, us_state *st);
 void us_http_module_clear(us_state *st);
+
+/* us_ssl.c: C versions of asyncio SSLProtocol's per-record methods */
+extern PyType_Spec us_sslprotocol_spec, us_ssltransport_spec;
+PyObject *us_ssl_setup(PyObject *mod, PyObject *args);
+int us_ssl_feed(PyObject *ssl_protocol, PyObject *data); /* an SSLProtocolCore's BufferedProtocol input */
+void us_ssl_module_clear(us_state *st);
+int us_ssl_module_traverse(us_state *st, visitproc visit, void *arg);
 void us_httpconn_flush(PyObject *conn);
 
 /* us_sockops.c */

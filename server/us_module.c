@@ -98,6 +98,7 @@ static PyObject *mod_probe(PyObject *mod, PyObject *unused)
 
 static PyMethodDef us_module_methods[] = {
     {"_set_hooks", mod_set_hooks, METH_VARARGS, NULL},
+    {"_ssl_setup", us_ssl_setup, METH_VARARGS, NULL},
     {"probe", mod_probe, METH_NOARGS, "Return 0 when io_uring can be set up here, else -errno."},
     {NULL, NULL, 0, NULL},
 };
@@ -151,7 +152,9 @@ static int us_module_exec(PyObject *m)
                  !(st->FdWatchType = add_type(m, &us_fdwatch_spec, NULL)) ||
                  !(st->SockOpType = add_type(m, &us_sockop_spec, NULL)) ||
                  !(st->StreamType = add_type(m, &us_stream_spec, stream_bases)) ||
-                 !(st->AcceptorType = add_type(m, &us_acceptor_spec, NULL));
+                 !(st->AcceptorType = add_type(m, &us_acceptor_spec, NULL)) ||
+                 !(st->SSLProtocolCoreType = add_type(m, &us_sslprotocol_spec, NULL)) ||
+                 !(st->SSLAppTransportCoreType = add_type(m, &us_ssltransport_spec, NULL));
     Py_XDECREF(stream_bases);
     if (failed)
         return -1;
@@ -215,6 +218,9 @@ static int us_module_exec(PyObject *m)
     INTERN(s_call_soon, "call_soon");
     INTERN(s_call_at, "call_at");
     INTERN(s_call_soon_threadsafe, "call_soon_threadsafe");
+    INTERN(s_data_received, "data_received");
+    INTERN(s_get_buffer, "get_buffer");
+    INTERN(s_buffer_updated, "buffer_updated");
     st->kw_loop = PyTuple_Pack(1, st->s_loop);
     if (!st->kw_loop)
         return -1;
@@ -229,6 +235,8 @@ static int us_module_exec(PyObject *m)
     X(SockOpType)                                                                                                      \
     X(StreamType)                                                                                                      \
     X(AcceptorType)                                                                                                    \
+    X(SSLProtocolCoreType)                                                                                             \
+    X(SSLAppTransportCoreType)                                                                                         \
     X(UnavailableError)                                                                                                \
     X(AddressFallback)                                                                                                 \
     X(format_callback_source)                                                                                          \
@@ -244,7 +252,7 @@ static int us_module_traverse(PyObject *m, visitproc visit, void *arg)
 #define VISIT(f) Py_VISIT(st->f);
     STATE_FIELDS(VISIT)
 #undef VISIT
-    return 0;
+    return us_ssl_module_traverse(st, visit, arg);
 }
 
 static int us_module_clear(PyObject *m)
@@ -252,6 +260,7 @@ static int us_module_clear(PyObject *m)
     us_state *st = PyModule_GetState(m);
     us_handle_freelist_clear(st);
     us_http_module_clear(st);
+    us_ssl_module_clear(st);
 #define CLEAR(f) Py_CLEAR(st->f);
     STATE_FIELDS(CLEAR)
 #undef CLEAR

@@ -94,7 +94,8 @@ typedef struct us_stream {
     int conn_lost;
     PyObject *lost_exc;
     PyObject *empty_waiter; /* loop.sendfile(): resolved when writes drain */
-    char buffered, closing, read_paused, protocol_paused;
+    char buffered;          /* 1 a BufferedProtocol, US_PROTO_SSL uringloop's SSLProtocol (fed without get_buffer) */
+    char closing, read_paused, protocol_paused;
     char eof_requested, eof_sent, queued_flush;
     int queued_ready; /* entries of this stream in the ready queue (at most 2) */
     char lost_pending, lost_ready, lost_done;
@@ -573,13 +574,25 @@ static void stream_hangup_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags
     Py_DECREF(s);
 }
 
+#define US_PROTO_SSL 2
+
+/* protocol.<name>(n) */
+static PyObject *stream_call_size(us_stream *s, PyObject *name, Py_ssize_t n)
+{
+    PyObject *arg = PyLong_FromSsize_t(n);
+    PyObject *args[2] = {s->protocol, arg};
+    PyObject *r = arg ? PyObject_VectorcallMethod(name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL) : NULL;
+    Py_XDECREF(arg);
+    return r;
+}
+
 /* Copies one chunk into a BufferedProtocol's buffers. */
 static int stream_feed_buffered(us_stream *s, PyObject *data)
 {
     const char *p = PyBytes_AS_STRING(data);
     Py_ssize_t left = PyBytes_GET_SIZE(data);
     while (left > 0) {
-        PyObject *buf = PyObject_CallMethod(s->protocol, "get_buffer", "n", left);
+        PyObject *buf = stream_call_size(s, s->loop->st->s_get_buffer, left);
         if (!buf)
             return stream_callback_failed(s, "Fatal error: protocol.get_buffer() call failed.") < 0 ? -1 : 1;
         Py_buffer view;
@@ -595,7 +608,7 @@ static int stream_feed_buffered(us_stream *s, PyObject *data)
         Py_ssize_t n = view.len < left ? view.len : left;
         memcpy(view.buf, p, (size_t)n);
         PyBuffer_Release(&view);
-        PyObject *r = PyObject_CallMethod(s->protocol, "buffer_updated", "n", n);
+        PyObject *r = stream_call_size(s, s->loop->st->s_buffer_updated, n);
         if (!r)
             return stream_callback_failed(s, "Fatal error: protocol.buffer_updated() call failed.") < 0 ? -1 : 1;
         Py_DECREF(r);
@@ -621,10 +634,16 @@ static int stream_deliver(us_stream *s)
             return -1;
         }
         int rc;
-        if (s->buffered) {
+        if (s->buffered == US_PROTO_SSL) {
+            rc = us_ssl_feed(s->protocol, data) == 0
+                     ? 0
+                     : (stream_callback_failed(s, "Fatal error: protocol.buffer_updated() call failed.") < 0 ? -1 : 1);
+        } else if (s->buffered) {
             rc = stream_feed_buffered(s, data);
         } else {
-            PyObject *r = PyObject_CallMethod(s->protocol, "data_received", "O", data);
+            PyObject *args[2] = {s->protocol, data};
+            PyObject *r =
+                PyObject_VectorcallMethod(s->loop->st->s_data_received, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
             rc = r ? 0 : (stream_callback_failed(s, "Fatal error: protocol.data_received() call failed.") < 0 ? -1 : 1);
             Py_XDECREF(r);
         }
@@ -1292,6 +1311,8 @@ static int stream_set_protocol_obj(us_stream *s, PyObject *protocol)
     int has = PyObject_HasAttrString(protocol, "get_buffer") && PyObject_HasAttrString(protocol, "buffer_updated");
     Py_XSETREF(s->protocol, Py_NewRef(protocol));
     s->buffered = (char)has;
+    if (has && PyObject_TypeCheck(protocol, s->loop->st->SSLProtocolCoreType))
+        s->buffered = US_PROTO_SSL;
     return 0;
 }
 

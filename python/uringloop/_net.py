@@ -5,8 +5,8 @@ server/us_stream.c) and so is the multishot accept of servers
 (``_core.Acceptor``); this module connects them to the hooks through which
 asyncio.BaseEventLoop builds connections and servers (``create_connection``,
 ``create_server``, ``connect_accepted_socket``, ``start_tls``, streams), so that
-happy eyeballs, ``Server`` objects and TLS (asyncio's ``sslproto``) are
-reused, not rewritten.
+happy eyeballs, ``Server`` objects and TLS (asyncio's ``sslproto``, its
+per-record methods in C: ``_ssl.py``) are reused, not rewritten.
 """
 
 import contextvars
@@ -17,8 +17,10 @@ import stat
 import subprocess
 import sys
 
-from asyncio import base_events, base_subprocess, constants, futures, sslproto, tasks, trsock
+from asyncio import base_events, base_subprocess, constants, futures, tasks, trsock
 from asyncio.log import logger
+
+from . import _ssl
 
 # kinds of _core.StreamTransport (server/us_stream.c)
 _READ_PIPE, _WRITE_PIPE = 1, 2
@@ -91,7 +93,7 @@ class NetworkMixin:
                             server_hostname=None, extra=None, server=None,
                             ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
                             ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT):
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = _ssl.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname,
             ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
