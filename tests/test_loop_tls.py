@@ -149,6 +149,31 @@ def test_uringloop_runs_the_c_record_path(loop, loop_kind):
     run(loop, main())
 
 
+def test_start_tls_upgrade(loop, loop_kind):
+    # A plain connection upgraded by the server with start_tls(): the new
+    # transport carries data and the client's close_notify to the app.
+    async def main():
+        plain = Recorder(loop)
+        server = await loop.create_server(lambda: plain, "127.0.0.1", 0)
+        peer_made = asyncio.ensure_future(in_thread(WirePeer, server.sockets[0].getsockname()[1]))
+        transport = await plain.made
+        app = Recorder(loop)
+        tls = await loop.start_tls(transport, app, server_context(), server_side=True)
+        peer = await peer_made
+        if loop_kind == "uringloop" and sys.version_info[:2] == (3, 11):
+            assert isinstance(tls, uringloop._core.SSLAppTransportCore)
+        assert tls.get_extra_info("ssl_object") is not None
+        await in_thread(peer.sock.sendall, peer.records(b"after the upgrade", close_notify=True))
+        assert await app.lost is None
+        assert bytes(app.data) == b"after the upgrade"
+        assert app.events == ["eof", ("lost", None)]
+        peer.close()
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
 def test_records_and_close_notify_in_one_segment(loop):
     # Many records and the client's close_notify reach the server in one
     # segment: every byte is delivered, then eof_received, then the

@@ -13,6 +13,7 @@ import contextvars
 import errno
 import os
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -98,6 +99,36 @@ class NetworkMixin:
             ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
+
+    if _ssl.FAST_PATH:
+        async def start_tls(self, transport, protocol, sslcontext, *, server_side=False, server_hostname=None,
+                            ssl_handshake_timeout=None, ssl_shutdown_timeout=None):
+            """Upgrade transport to TLS; the new transport is for protocol to use at once.
+
+            asyncio's steps, with uringloop's SSL protocol (its record path in C).
+            """
+            if not isinstance(sslcontext, ssl.SSLContext):
+                raise TypeError(f"sslcontext is expected to be an instance of ssl.SSLContext, got {sslcontext!r}")
+            if not getattr(transport, "_start_tls_compatible", False):
+                raise TypeError(f"transport {transport!r} is not supported by start_tls()")
+            waiter = self.create_future()
+            ssl_protocol = _ssl.SSLProtocol(
+                self, protocol, sslcontext, waiter, server_side, server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout,
+                call_connection_made=False)
+            # no data_received() on the SSL protocol before its connection_made()
+            transport.pause_reading()
+            transport.set_protocol(ssl_protocol)
+            made = self.call_soon(ssl_protocol.connection_made, transport)
+            resumed = self.call_soon(transport.resume_reading)
+            try:
+                await waiter
+            except BaseException:
+                transport.close()
+                made.cancel()
+                resumed.cancel()
+                raise
+            return ssl_protocol._app_transport
 
     async def _sendfile_native(self, transp, file, offset, count):
         # The transport's queued writes go first; then the kernel copies the
