@@ -224,15 +224,22 @@ def run_client(client_exe, port, conns, size, seconds):
     return json.loads(out.stdout)
 
 
-def run_echo(loop_name, conns, size, seconds, client_exe, kind="sockets"):
-    with echo_server(loop_name, kind) as (server, port):
-        user0, sys0 = cpu_times(server.pid)
-        r = run_client(client_exe, port, conns, size, seconds)
-        user1, sys1 = cpu_times(server.pid)
+def per_round_trip(r, before, after):
+    """Adds round trips/s and the server's CPU µs per round trip (all, and
+    user-space only) to a client result, from two cpu_times() readings."""
+    (user0, sys0), (user1, sys1) = before, after
     r["rt_per_s"] = r["round_trips"] / r["seconds"]
     r["cpu_us_per_rt"] = (user1 - user0 + sys1 - sys0) / r["round_trips"] * 1e6
     r["user_us_per_rt"] = (user1 - user0) / r["round_trips"] * 1e6
     return r
+
+
+def run_echo(loop_name, conns, size, seconds, client_exe, kind="sockets"):
+    with echo_server(loop_name, kind) as (server, port):
+        before = cpu_times(server.pid)
+        r = run_client(client_exe, port, conns, size, seconds)
+        after = cpu_times(server.pid)
+    return per_round_trip(r, before, after)
 
 
 def main():

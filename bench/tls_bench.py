@@ -31,7 +31,7 @@ LOOPS = ("asyncio", "uvloop", "uringloop")
 SERVER_CORE, CLIENT_CORE = "0", "1"
 
 sys.path.insert(0, HERE)
-from loop_bench import cpu_times, free_port, median_run, new_loop, pinned  # noqa: E402
+from loop_bench import cpu_times, free_port, median_run, new_loop, per_round_trip, pinned  # noqa: E402
 
 
 # ---- the two halves, each run as a pinned child process ----
@@ -116,17 +116,14 @@ def run_cell(loop_name, kind, conns, size, seconds, fixed_malloc=False):
                                    "--size", str(size), "--seconds", str(seconds)],
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert cli.stdout.readline().strip() == "connected"
-        user0, sys0 = cpu_times(server.pid)
+        before = cpu_times(server.pid)
         r = json.loads(cli.stdout.readline())
-        user1, sys1 = cpu_times(server.pid)
+        after = cpu_times(server.pid)
         cli.communicate("\n", timeout=30)
     finally:
         server.kill()
         server.wait()
-    r["rt_per_s"] = r["round_trips"] / r["seconds"]
-    r["cpu_us_per_rt"] = (user1 - user0 + sys1 - sys0) / r["round_trips"] * 1e6
-    r["user_us_per_rt"] = (user1 - user0) / r["round_trips"] * 1e6
-    return r
+    return per_round_trip(r, before, after)
 
 
 def main():

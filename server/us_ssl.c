@@ -69,6 +69,7 @@ typedef struct us_ssl_state {
     PyObject *py_write_appdata; /* sslproto.SSLProtocol._write_appdata, for closed states */
     PyObject *msg_fatal;        /* 'Fatal error on SSL protocol' */
     PyObject *empty_bytes;
+    PyTypeObject *protocol_type; /* SSLProtocolCore (the module holds it) */
     PyObject *name[SSL_NNAMES];
 } us_ssl_state;
 
@@ -629,14 +630,11 @@ static PyObject *sslt_write(PyObject *self, PyObject *data)
     int nonempty = PyObject_IsTrue(data);
     if (nonempty <= 0)
         return nonempty < 0 ? NULL : Py_NewRef(Py_None);
-    us_state *st = us_state_of_type(Py_TYPE(self));
-    us_ssl_state *ss = st ? st->ssl : NULL;
-    if (!ss || !ss->wrapped)
-        return st ? PyErr_Format(PyExc_RuntimeError, "uringloop._core._ssl_setup() was not called") : NULL;
-    PyObject *proto = get(ss, self, N_ssl_protocol);
+    us_ssl_state *ss = ssl_state(self);
+    PyObject *proto = ss ? get(ss, self, N_ssl_protocol) : NULL;
     PyObject *one = proto ? PyTuple_Pack(1, data) : NULL;
     int rc = -1;
-    if (one && PyObject_TypeCheck(proto, st->SSLProtocolCoreType))
+    if (one && PyObject_TypeCheck(proto, ss->protocol_type))
         rc = write_appdata(ss, proto, one);
     else if (one) {
         PyObject *r = call_on(ss, proto, N_write_appdata, one);
@@ -721,6 +719,7 @@ PyObject *us_ssl_setup(PyObject *mod, PyObject *args)
     if (!ss)
         return PyErr_NoMemory();
     st->ssl = ss;
+    ss->protocol_type = st->SSLProtocolCoreType;
     ss->again_errors = Py_NewRef(again);
     ss->sslobject_type = Py_NewRef(sslobject_type);
     ss->py_write_appdata = Py_NewRef(py_write_appdata);
