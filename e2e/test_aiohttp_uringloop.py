@@ -1,9 +1,11 @@
 """A real asyncio program on uringloop: an aiohttp server app and an aiohttp
 client talking to each other (keep-alive, streaming bodies, websockets),
-all on one uringloop loop."""
+all on one uringloop loop, over plain TCP and over TLS."""
 
 import asyncio
 import os
+import ssl
+import sys
 
 import aiohttp
 import pytest
@@ -41,21 +43,39 @@ def make_app():
     app.router.add_get("/hello", hello)
     app.router.add_post("/echo", echo)
     app.router.add_get("/stream", stream)
+    async def transport(request):
+        # over TLS on 3.11, the server side runs uringloop's C record path
+        return web.json_response({"c_tls": isinstance(request.transport, uringloop._core.SSLAppTransportCore)})
+
     app.router.add_get("/ws", ws)
+    app.router.add_get("/transport", transport)
     return app
 
 
-async def exercise():
+CERT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "certs", "localhost.pem")
+
+
+def tls_contexts():
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(CERT)
+    return server, ssl.create_default_context(cafile=CERT)
+
+
+async def exercise(tls):
     loop = asyncio.get_running_loop()
     assert isinstance(loop, uringloop.Loop)
+    server_ctx, client_ctx = tls_contexts() if tls else (None, None)
     runner = web.AppRunner(make_app())
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "localhost" if tls else "127.0.0.1", 0, ssl_context=server_ctx)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
+    base = f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"  # the certificate names localhost
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ctx) if tls else None) as session:
+            async with session.get(f"{base}/transport") as r:
+                assert (await r.json())["c_tls"] == (tls and sys.version_info[:2] == (3, 11))
+
             async def get_hello(i):
                 async with session.get(f"{base}/hello", params={"name": str(i)}) as r:
                     assert r.status == 200
@@ -80,5 +100,6 @@ async def exercise():
         await runner.cleanup()
 
 
-def test_aiohttp_server_and_client_on_uringloop():
-    uringloop.run(asyncio.wait_for(exercise(), 60))
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_aiohttp_server_and_client_on_uringloop(tls):
+    uringloop.run(asyncio.wait_for(exercise(tls), 60))
