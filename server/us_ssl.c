@@ -442,8 +442,18 @@ static int do_read(us_ssl_state *ss, PyObject *self)
     return 0;
 }
 
-/* _write_appdata(list_of_data) */
-static int write_appdata(us_ssl_state *ss, PyObject *self, PyObject *list_of_data)
+/* backlog.append(data); self._write_buffer_size += len(data) */
+static int append_backlog(us_ssl_state *ss, PyObject *self, PyObject *backlog, PyObject *data, Py_ssize_t *wbs)
+{
+    PyObject *r = call_on(ss, backlog, Nappend, data);
+    Py_ssize_t len = r ? PyObject_Size(data) : -1;
+    Py_XDECREF(r);
+    return len < 0 ? -1 : set_ssize(ss, self, N_write_buffer_size, *wbs += len);
+}
+
+/* _write_appdata(list_of_data), or _write_appdata((one,)) for the app
+ * transport's write() without making the tuple */
+static int write_appdata(us_ssl_state *ss, PyObject *self, PyObject *list_of_data, PyObject *one)
 {
     PyObject *state = get(ss, self, N_state);
     if (!state)
@@ -451,21 +461,22 @@ static int write_appdata(us_ssl_state *ss, PyObject *self, PyObject *list_of_dat
     Py_DECREF(state);
     if (state == ss->flushing || state == ss->shutdown || state == ss->unwrapped) {
         /* asyncio counts and logs writes after close */
-        PyObject *r = PyObject_CallFunctionObjArgs(ss->py_write_appdata, self, list_of_data, NULL);
+        PyObject *items = one ? PyTuple_Pack(1, one) : Py_NewRef(list_of_data);
+        PyObject *r = items ? PyObject_CallFunctionObjArgs(ss->py_write_appdata, self, items, NULL) : NULL;
+        Py_XDECREF(items);
         Py_XDECREF(r);
         return r ? 0 : -1;
     }
     PyObject *backlog = get(ss, self, N_write_backlog);
-    PyObject *it = backlog ? PyObject_GetIter(list_of_data) : NULL;
+    PyObject *it = backlog && !one ? PyObject_GetIter(list_of_data) : NULL;
     PyObject *data;
     Py_ssize_t wbs;
-    int rc = it ? get_ssize(ss, self, N_write_buffer_size, &wbs) : -1;
-    while (rc == 0 && (data = PyIter_Next(it))) {
-        PyObject *r = call_on(ss, backlog, Nappend, data);
-        Py_ssize_t len = r ? PyObject_Size(data) : -1;
-        Py_XDECREF(r);
+    int rc = backlog && (one || it) ? get_ssize(ss, self, N_write_buffer_size, &wbs) : -1;
+    if (rc == 0 && one)
+        rc = append_backlog(ss, self, backlog, one, &wbs);
+    while (rc == 0 && it && (data = PyIter_Next(it))) {
+        rc = append_backlog(ss, self, backlog, data, &wbs);
         Py_DECREF(data);
-        rc = len < 0 ? -1 : set_ssize(ss, self, N_write_buffer_size, wbs += len);
     }
     Py_XDECREF(backlog);
     Py_XDECREF(it);
@@ -595,7 +606,7 @@ static PyObject *sslp_process_outgoing(PyObject *self, PyObject *unused)
 static PyObject *sslp_write_appdata(PyObject *self, PyObject *list_of_data)
 {
     us_ssl_state *ss = ssl_state(self);
-    return ss ? none_or_null(write_appdata(ss, self, list_of_data)) : NULL;
+    return ss ? none_or_null(write_appdata(ss, self, list_of_data, NULL)) : NULL;
 }
 
 static PyMethodDef sslp_methods[] = {
@@ -632,17 +643,19 @@ static PyObject *sslt_write(PyObject *self, PyObject *data)
         return nonempty < 0 ? NULL : Py_NewRef(Py_None);
     us_ssl_state *ss = ssl_state(self);
     PyObject *proto = ss ? get(ss, self, N_ssl_protocol) : NULL;
-    PyObject *one = proto ? PyTuple_Pack(1, data) : NULL;
+    if (!proto)
+        return NULL;
     int rc = -1;
-    if (one && PyObject_TypeCheck(proto, ss->protocol_type))
-        rc = write_appdata(ss, proto, one);
-    else if (one) {
-        PyObject *r = call_on(ss, proto, N_write_appdata, one);
+    if (PyObject_TypeCheck(proto, ss->protocol_type)) {
+        rc = write_appdata(ss, proto, NULL, data);
+    } else {
+        PyObject *one = PyTuple_Pack(1, data);
+        PyObject *r = one ? call_on(ss, proto, N_write_appdata, one) : NULL;
         rc = r ? 0 : -1;
+        Py_XDECREF(one);
         Py_XDECREF(r);
     }
-    Py_XDECREF(proto);
-    Py_XDECREF(one);
+    Py_DECREF(proto);
     return none_or_null(rc);
 }
 

@@ -3,6 +3,7 @@
 import asyncio
 import os
 import socket
+import ssl
 
 import pytest
 
@@ -51,6 +52,16 @@ def no_fd_leak():
     # an fd listed but already gone again is not a leak
     leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
     assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked}
+
+
+TEST_CERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "certs", "localhost.pem")
+
+
+def tls_contexts():
+    """(server, client) SSLContexts for `localhost` with the test certificate."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(TEST_CERT)
+    return server_ctx, ssl.create_default_context(cafile=TEST_CERT)
 
 
 def run(loop, coro, timeout=10):

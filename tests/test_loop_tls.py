@@ -20,17 +20,12 @@ import pytest
 
 import uringloop
 
-from conftest import run
+from conftest import run, tls_contexts
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
-CERT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "certs", "localhost.pem")
-
-
 def server_context():
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(CERT)
-    return ctx
+    return tls_contexts()[0]
 
 
 class WirePeer:
@@ -41,8 +36,7 @@ class WirePeer:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.settimeout(10)
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        ctx = ssl.create_default_context(cafile=CERT)
-        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.tls = tls_contexts()[1].wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
         while True:
             try:
                 self.tls.do_handshake()
@@ -244,7 +238,7 @@ def test_echo_integrity_many_sizes(loop):
     async def main():
         server = await loop.create_server(Echo, "127.0.0.1", 0, ssl=server_context())
         port = server.sockets[0].getsockname()[1]
-        client_ctx = ssl.create_default_context(cafile=CERT)
+        client_ctx = tls_contexts()[1]
         r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="localhost")
         for size in sizes:
             payload = os.urandom(size)

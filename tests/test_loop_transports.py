@@ -8,7 +8,6 @@ import asyncio
 import contextvars
 import os
 import socket
-import ssl
 import sys
 import tempfile
 import time
@@ -17,12 +16,11 @@ import pytest
 
 import uringloop
 
-from conftest import close_with_reset, full_unix_dgram_peer, run
+from conftest import close_with_reset, full_unix_dgram_peer, run, tls_contexts
 from http_support import pids_while_one_is_blocked
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Recorder(asyncio.Protocol):
@@ -937,16 +935,8 @@ def test_unix_server_cleanup_socket_unlinks_its_file(how):
         loop.close()
 
 
-def _tls_contexts():
-    cert = os.path.join(HERE, "certs", "localhost.pem")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert)
-    client_ctx = ssl.create_default_context(cafile=cert)
-    return server_ctx, client_ctx
-
-
 def test_tls_server_client_and_start_tls(loop):
-    server_ctx, client_ctx = _tls_contexts()
+    server_ctx, client_ctx = tls_contexts()
 
     async def handle(reader, writer):
         line = await reader.readline()
@@ -990,7 +980,7 @@ def test_tls_server_client_and_start_tls(loop):
 def test_tls_large_and_small_records_both_ways(loop):
     # TLS over a socket whose reads switch between the buffer ring and
     # bulk reads: megabytes, then a few bytes, then megabytes again.
-    server_ctx, client_ctx = _tls_contexts()
+    server_ctx, client_ctx = tls_contexts()
 
     async def handle(reader, writer):
         while size := int((await reader.readline()) or b"0"):
