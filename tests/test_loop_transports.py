@@ -22,7 +22,6 @@ from http_support import pids_while_one_is_blocked
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
-
 class Recorder(asyncio.Protocol):
     """Records every callback, to check order and exactly-once."""
 
