@@ -1,5 +1,6 @@
 /*
- * C versions of the per-record methods of asyncio's SSLProtocol (3.11).
+ * C versions of the per-record methods of asyncio's SSLProtocol (3.11; the
+ * same methods are unchanged in 3.12 and 3.13).
  *
  * uringloop's TLS is asyncio's own sslproto state machine. Every record goes
  * through the same handful of its methods (get_buffer, buffer_updated,

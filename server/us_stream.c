@@ -709,7 +709,12 @@ static int stream_call_connection_lost(us_stream *s)
         Py_XDECREF(r);
     }
     if (server && server != Py_None) {
+#if PY_VERSION_HEX >= 0x030D0000
+        /* 3.13's Server tracks its transports (see _net.py) */
+        PyObject *r = PyObject_CallMethod(server, "_detach", "O", (PyObject *)s);
+#else
         PyObject *r = PyObject_CallMethod(server, "_detach", NULL);
+#endif
         if (!r)
             PyErr_WriteUnraisable(server);
         Py_XDECREF(r);

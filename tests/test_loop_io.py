@@ -265,7 +265,10 @@ def test_sock_sendall_that_fits_completes_without_yielding(loop):
         await loop.sock_sendall(b, b"1")
         pending.cancel()
         assert await asyncio.wait_for(loop.sock_recv(a, 1), 5) == b"1"
-        assert pending.cancelled()
+        # 3.12's wait_for() runs a receive that completes at once without
+        # yielding, so the cancellation may not have been delivered yet
+        with pytest.raises(asyncio.CancelledError):
+            await pending
         a.close()
         b.close()
 

@@ -1159,12 +1159,17 @@ async def _drain_dgrams(sock):
                 return got
 
 
-def test_unix_datagram_to_a_full_peer_waits_and_is_not_lost(loop):
+def test_unix_datagram_to_a_full_peer_waits_and_is_not_lost(loop, loop_kind):
     # uringloop queues the datagram to an io_uring send, which polls the
     # socket once: when the room the poll saw is taken again before the
     # retry (another sender), the op ends with EAGAIN. That is no error for
     # the protocol (asyncio keeps the datagram buffered); it was reported to
     # error_received() and the datagram dropped.
+    # 3.13 counts 8 bytes of header per buffered datagram; asyncio 3.13.0
+    # forgets to take them off again (later CPython sources do)
+    header = 8 if sys.version_info >= (3, 13) else 0
+    left = 8 if loop_kind == "asyncio" and sys.version_info[:3] == (3, 13, 0) else 0
+
     async def main():
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "srv")
@@ -1173,13 +1178,13 @@ def test_unix_datagram_to_a_full_peer_waits_and_is_not_lost(loop):
                                                          family=socket.AF_UNIX)
             tr.sendto(b"mine")  # the peer is full: it waits in the transport
             await asyncio.sleep(0.05)
-            assert tr.get_write_buffer_size() == 4
+            assert tr.get_write_buffer_size() == 4 + header
             srv.recv(100)  # room for one...
             other.send(b"o")  # ...taken before the loop looks
             await asyncio.sleep(0.05)
             got = await _drain_dgrams(srv)
             assert got.count(b"mine") == 1 and pr.errors == []
-            assert tr.get_write_buffer_size() == 0
+            assert tr.get_write_buffer_size() == left
             tr.close()
             await pr.lost
             other.close()

@@ -14,6 +14,7 @@ Semantics follow asyncio's selector datagram transport.
 
 import collections
 import socket
+import sys
 
 from asyncio import exceptions, transports, trsock
 from asyncio.log import logger
@@ -21,6 +22,9 @@ from asyncio.log import logger
 _RECVFROM = 2  # _core sock op code (server/us_sockops.c)
 _MAX_DATAGRAM = 256 * 1024
 _FULL, _FAILED = object(), object()  # outcomes of DatagramTransport._try_send
+# asyncio counts 8 bytes of header per buffered datagram from 3.13 on (so that
+# empty datagrams count towards the high-water mark)
+_HEADER_SIZE = 8 if sys.version_info >= (3, 13) else 0
 
 
 class DatagramTransport(transports._FlowControlMixin, transports.DatagramTransport):
@@ -131,7 +135,7 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         if not self._buffer and self._try_send(data, addr) is not _FULL:
             return
         self._buffer.append((bytes(data), addr))
-        self._buffer_size += len(data)
+        self._buffer_size += len(data) + _HEADER_SIZE
         if not self._writing:
             self._writing = True
             self._loop._add_writer(self._sock_fd, self._on_writable)
@@ -164,11 +168,11 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
     def _on_writable(self):
         while self._buffer:
             data, addr = self._buffer.popleft()
-            self._buffer_size -= len(data)
+            self._buffer_size -= len(data) + _HEADER_SIZE
             result = self._try_send(data, addr)
             if result is _FULL:
                 self._buffer.appendleft((data, addr))  # still full: wait again
-                self._buffer_size += len(data)
+                self._buffer_size += len(data) + _HEADER_SIZE
                 break
             if result is _FAILED:
                 return

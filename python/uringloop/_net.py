@@ -34,6 +34,24 @@ _P_PIDFD = getattr(os, "P_PIDFD", None)
 # there; accepted on every version (as uvloop does), off by default before
 # 3.13 so that a 3.11 program keeps the socket file asyncio 3.11 leaves
 _CLEANUP_SOCKET_DEFAULT = sys.version_info >= (3, 13)
+# ssl_shutdown_timeout is a 3.11 argument: 3.10's asyncio (its Server, its
+# connection helpers, its sslproto) neither passes nor accepts it
+_HAS_SSL_SHUTDOWN = sys.version_info >= (3, 11)
+_SSL_SHUTDOWN_TIMEOUT = constants.SSL_SHUTDOWN_TIMEOUT if _HAS_SSL_SHUTDOWN else None
+
+
+# Server._attach() and _detach() take the transport from 3.13 on
+_SERVER_TRACKS_TRANSPORTS = sys.version_info >= (3, 13)
+
+
+def _ssl_shutdown_kw(timeout):
+    """ssl_shutdown_timeout as a keyword argument for asyncio's own code,
+    where this Python's asyncio has it; on 3.10, refused as asyncio does."""
+    if _HAS_SSL_SHUTDOWN:
+        return {"ssl_shutdown_timeout": timeout}
+    if timeout is not None:
+        raise TypeError("ssl_shutdown_timeout requires Python 3.11 or later")
+    return {}
 
 
 def _is_socket_file(path):
@@ -82,7 +100,11 @@ class NetworkMixin:
         transport = self._stream_new(sock, protocol, _socket_extra(sock, extra), server)
         self._transports[sock.fileno()] = transport
         if server is not None:
-            server._attach()
+            # 3.13's Server tracks its transports (close_clients(), abort_clients())
+            if _SERVER_TRACKS_TRANSPORTS:
+                server._attach(transport)
+            else:
+                server._attach()
         # the same order as asyncio: connection_made, then reading, then the waiter
         self.call_soon(protocol.connection_made, transport)
         self.call_soon(transport._start)
@@ -93,10 +115,10 @@ class NetworkMixin:
     def _make_ssl_transport(self, rawsock, protocol, sslcontext, waiter=None, *, server_side=False,
                             server_hostname=None, extra=None, server=None,
                             ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
-                            ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT):
+                            ssl_shutdown_timeout=_SSL_SHUTDOWN_TIMEOUT):
         ssl_protocol = _ssl.SSLProtocol(
             self, protocol, sslcontext, waiter, server_side, server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
+            ssl_handshake_timeout=ssl_handshake_timeout, **_ssl_shutdown_kw(ssl_shutdown_timeout))
         self._make_socket_transport(rawsock, ssl_protocol, extra=extra, server=server)
         return ssl_protocol._app_transport
 
@@ -279,7 +301,7 @@ class NetworkMixin:
 
     def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None, backlog=100,
                        ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
-                       ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT):
+                       ssl_shutdown_timeout=_SSL_SHUTDOWN_TIMEOUT):
         if sock in self._acceptors:
             return
 
@@ -314,7 +336,7 @@ class NetworkMixin:
 
     async def _accept_connection2(self, protocol_factory, conn, extra, sslcontext=None, server=None,
                                   ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,
-                                  ssl_shutdown_timeout=constants.SSL_SHUTDOWN_TIMEOUT):
+                                  ssl_shutdown_timeout=_SSL_SHUTDOWN_TIMEOUT):
         protocol = transport = None
         try:
             protocol = protocol_factory()
@@ -323,7 +345,7 @@ class NetworkMixin:
                 transport = self._make_ssl_transport(
                     conn, protocol, sslcontext, waiter=waiter, server_side=True, extra=extra,
                     server=server, ssl_handshake_timeout=ssl_handshake_timeout,
-                    ssl_shutdown_timeout=ssl_shutdown_timeout)
+                    **_ssl_shutdown_kw(ssl_shutdown_timeout))
             else:
                 transport = self._make_socket_transport(conn, protocol, waiter=waiter, extra=extra,
                                                         server=server)
@@ -404,7 +426,7 @@ class NetworkMixin:
             sock.setblocking(False)
         return await self._create_connection_transport(
             sock, protocol_factory, ssl, server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout, ssl_shutdown_timeout=ssl_shutdown_timeout)
+            ssl_handshake_timeout=ssl_handshake_timeout, **_ssl_shutdown_kw(ssl_shutdown_timeout))
 
     async def create_server(self, protocol_factory, host=None, port=None, *, sock=None, **kwargs):
         if sock is not None:
@@ -463,8 +485,8 @@ class NetworkMixin:
         sock.setblocking(False)
         if cleanup_socket:
             self._remember_unix_socket_file(sock)
-        server = base_events.Server(self, [sock], protocol_factory, ssl, backlog,
-                                    ssl_handshake_timeout, ssl_shutdown_timeout)
+        server = base_events.Server(self, [sock], protocol_factory, ssl, backlog, ssl_handshake_timeout,
+                                    **_ssl_shutdown_kw(ssl_shutdown_timeout))
         if start_serving:
             server._start_serving()
             await tasks.sleep(0)

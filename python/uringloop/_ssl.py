@@ -7,8 +7,11 @@ and ``_core.SSLAppTransportCore`` (server/us_ssl.c) come first in the MRO
 and replace ``get_buffer``, ``buffer_updated``, ``_do_read``, ``_do_write``,
 ``_process_outgoing``, ``_write_appdata`` and the app transport's ``write``
 with C translations of the same code, reading and writing the same instance
-fields. They are translations of Python 3.11's sslproto; other versions use
-asyncio's class unchanged.
+fields. They are translations of Python 3.11's sslproto, whose translated
+methods are the same, line for line, in 3.12 and 3.13 (3.13 changed only
+methods that stay in Python: ``_abort``, ``_do_read__buffered``, handshake
+and shutdown). 3.10 (the sslproto before 3.11's rewrite) and versions not
+checked yet use asyncio's class unchanged.
 """
 
 import ssl
@@ -18,7 +21,7 @@ from asyncio import sslproto
 
 from . import _core
 
-FAST_PATH = sys.version_info[:2] == (3, 11)
+FAST_PATH = (3, 11) <= sys.version_info[:2] <= (3, 13)
 
 if FAST_PATH:
     class _SSLAppTransport(_core.SSLAppTransportCore, sslproto._SSLProtocolTransport):
