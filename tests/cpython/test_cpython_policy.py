@@ -8,13 +8,25 @@ back to asyncio's own loop.
 """
 
 import asyncio
+import importlib
+import sys
 import unittest
 
 import uringloop
 from test.test_asyncio import utils as test_utils
 from test.test_asyncio import (test_buffered_proto, test_context, test_locks, test_queues, test_sendfile,
-                               test_server, test_ssl, test_sslproto, test_streams, test_subprocess,
-                               test_taskgroups, test_threads, test_timeouts, test_waitfor)
+                               test_server, test_sslproto, test_streams, test_subprocess, test_threads,
+                               test_waitfor)
+
+
+def _since_311(name):
+    """A test module that CPython added in 3.11: None on 3.10, which lacks it."""
+    if sys.version_info < (3, 11):
+        return None
+    return importlib.import_module(f"test.test_asyncio.{name}")
+
+
+test_ssl, test_taskgroups, test_timeouts = (_since_311(n) for n in ("test_ssl", "test_taskgroups", "test_timeouts"))
 
 
 class _UringOnlyPolicy(uringloop.EventLoopPolicy):
@@ -75,6 +87,8 @@ def _without_excluded(cls):
 # Modules whose tests take the loop from the policy: collected as they are.
 for _module in (test_streams, test_ssl, test_sslproto, test_subprocess, test_taskgroups, test_timeouts,
                 test_waitfor, test_locks, test_queues, test_context, test_threads):
+    if _module is None:
+        continue
     for _name, _obj in vars(_module).items():
         if (isinstance(_obj, type) and issubclass(_obj, unittest.TestCase) and _obj.__module__ == _module.__name__
                 and "Proactor" not in _name and "Selector" not in _name):
