@@ -1194,7 +1194,12 @@ int us_httpcycle_start(us_httpcycle *cy)
     }
     if (coro)
         Py_SETREF(coro, runner_new(cy, coro));
+    int settled = 0; /* the app already ran to its end (an eager task) */
     if (coro) {
+        /* Counted first: with an eager task factory (3.12) the app runs, and
+         * may finish, inside create_task(), while its request is still being
+         * parsed; the cycle then settles (cycle_finished) before we are back. */
+        srv->ntasks++;
         /* The Task copies the current context: the server's, as an asyncio
          * server's protocol creates its tasks in the context it started in. */
         int entered = 0; /* 1: entered, -1: could not enter */
@@ -1215,11 +1220,13 @@ int us_httpcycle_start(us_httpcycle *cy)
                 PyErr_WriteUnraisable((PyObject *)srv);
             PyErr_Restore(et, ev, tb);
         }
+        us_runner *runner = (us_runner *)coro;
         if (!task) {
             /* the runner never ran: the cycle is settled below */
-            us_runner *runner = (us_runner *)coro;
             Py_CLEAR(runner->cy);
+            srv->ntasks--;
         }
+        settled = task && !runner->cy;
         Py_DECREF(coro);
     }
     if (!task) {
@@ -1234,8 +1241,10 @@ int us_httpcycle_start(us_httpcycle *cy)
         Py_XDECREF(tb);
         return -1;
     }
-    cy->task = task;
-    srv->ntasks++;
+    if (settled)
+        Py_DECREF(task); /* done: nothing to cancel at shutdown */
+    else
+        cy->task = task;
     return 0;
 }
 

@@ -55,6 +55,37 @@ def test_limit_concurrency_answers_503(tmp_path):
         assert srv.stop() == 0
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is new in 3.12")
+def test_eager_task_factory_runs_apps_inside_create_task(tmp_path):
+    # With an eager task factory the app runs, and often finishes, inside
+    # the server's create_task(), while its request is still being parsed:
+    # pipelined requests, bodies, failures and limits must come out as they
+    # do with ordinary tasks.
+    with serve("apps.wire_app:app", "--limit-concurrency", "2", env={"WIRE_EAGER_TASKS": "1"},
+               tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(get("/current-task") + get("/stream") + b"POST /echo HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 5\r\n\r\nhello" + get("/raise-before") + get("/"))
+            rd = Reader(s)
+            assert rd.response().body == b"Task True"  # the app's own Task, not yet done
+            assert rd.response().body == b"one,two,three"
+            assert rd.response().body == b"hello"
+            assert rd.response().status == 500
+            assert rd.closed()  # a failed app closes the connection after its 500
+        with connect(srv.port) as s:
+            s.sendall(get("/no-response"))
+            assert Reader(s).response().status == 500
+        with connect(srv.port) as slow:
+            slow.sendall(get("/slow?1"))
+            time.sleep(0.2)
+            assert request(srv.port, get("/")).status == 200  # one task running, limit 2
+            assert Reader(slow).response().body == b"slow done"
+        assert request(srv.port, get("/")).body == b"Hello, world!"
+        assert srv.stop() == 0
+    assert srv.log.count("Exception in ASGI application") == 1
+    assert "ASGI callable returned without starting response" in srv.log
+
+
 def test_limit_max_requests_exits(tmp_path):
     with serve("apps.wire_app:app", "--limit-max-requests", "3", tmp_path=str(tmp_path)) as srv:
         for _ in range(3):

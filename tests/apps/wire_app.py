@@ -39,6 +39,8 @@ async def app(scope, receive, send):
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 scope["state"]["greeting"] = "hello from lifespan"
+                if os.environ.get("WIRE_EAGER_TASKS"):  # 3.12+: apps start inside create_task()
+                    asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
                 if os.environ.get("WIRE_FAIL_STARTUP"):
                     await send({"type": "lifespan.startup.failed", "message": "startup refused by the test"})
                     return
