@@ -19,14 +19,15 @@ from test.test_asyncio import (test_buffered_proto, test_context, test_locks, te
                                test_waitfor)
 
 
-def _since_311(name):
-    """A test module that CPython added in 3.11: None on 3.10, which lacks it."""
-    if sys.version_info < (3, 11):
+def _since(version, name):
+    """A test module that CPython added in `version`: None before it."""
+    if sys.version_info < version:
         return None
     return importlib.import_module(f"test.test_asyncio.{name}")
 
 
-test_ssl, test_taskgroups, test_timeouts = (_since_311(n) for n in ("test_ssl", "test_taskgroups", "test_timeouts"))
+test_ssl, test_taskgroups, test_timeouts = (_since((3, 11), n) for n in ("test_ssl", "test_taskgroups", "test_timeouts"))
+test_eager_task_factory = _since((3, 12), "test_eager_task_factory")  # tasks that start inside create_task()
 
 
 class _UringOnlyPolicy(uringloop.EventLoopPolicy):
@@ -86,7 +87,7 @@ def _without_excluded(cls):
 
 # Modules whose tests take the loop from the policy: collected as they are.
 for _module in (test_streams, test_ssl, test_sslproto, test_subprocess, test_taskgroups, test_timeouts,
-                test_waitfor, test_locks, test_queues, test_context, test_threads):
+                test_waitfor, test_locks, test_queues, test_context, test_threads, test_eager_task_factory):
     if _module is None:
         continue
     for _name, _obj in vars(_module).items():
