@@ -95,7 +95,11 @@ def test_fastapi_handler_error_is_500_and_logged(fastapi_server):
 def test_fastapi_concurrent_clients(fastapi_server):
     async def go():
         limits = httpx.Limits(max_connections=50)
-        async with httpx.AsyncClient(base_url=base(fastapi_server), limits=limits) as c:
+        # httpx's pool hands connections to its 500 waiters slowly (4-5 s for
+        # the lot on a busy 2-core machine, the server then idle): its
+        # default 5 s pool timeout is a client limit, not what is tested
+        timeout = httpx.Timeout(5.0, pool=60.0)
+        async with httpx.AsyncClient(base_url=base(fastapi_server), limits=limits, timeout=timeout) as c:
             rs = await asyncio.gather(*[c.get(f"/items/{i}") for i in range(500)])
         assert [r.json()["item_id"] for r in rs] == list(range(500))
     asyncio.run(go())

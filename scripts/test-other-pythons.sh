@@ -8,9 +8,10 @@
 #       ~/.pyenv/versions/3.12.1/bin/python ~/.pyenv/versions/3.13.0/bin/python
 #
 # On every version: CPython's own asyncio tests of that version on uringloop
-# (tests/cpython). From 3.11 on also the loop tests and the e2e tests; these
-# assert 3.11's asyncio semantics (its sslproto, sock_sendto), which 3.10's
-# asyncio lacks too, so on 3.10 only its own suite is the reference.
+# (tests/cpython) and the e2e tests (real apps and clients). From 3.11 on
+# also the loop and server tests; these assert 3.11's asyncio semantics (its
+# sslproto, sock_sendto), which 3.10's asyncio lacks too, so on 3.10 its own
+# suite is the reference for the loop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: $0 PYTHON..." >&2; exit 2; }
@@ -23,11 +24,13 @@ for python in "$@"; do
     log "Python $ver: pip install . (-Werror) and the test dependencies"
     "$venv/bin/python" -m pip install -q --upgrade pip
     if [ "$ver" = "3.10" ]; then
-        # several test extras (uvicorn's suite's) need 3.11: the ones the
-        # CPython suite needs
-        URING_WERROR=ON "$venv/bin/python" -m pip install -q . "pytest>=8.0" "pytest-timeout>=2.3"
-        log "Python $ver: CPython's asyncio tests on uringloop"
-        "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/cpython
+        # several test extras (uvicorn's suite's, Django 5) need 3.11: the
+        # ones the CPython suite and e2e need, in versions that have 3.10
+        URING_WERROR=ON "$venv/bin/python" -m pip install -q . "pytest>=8.0" "pytest-timeout>=2.3" \
+            "httpx>=0.27" "aiohttp>=3.9" "websockets>=13" "fastapi>=0.115" "starlette>=0.40" \
+            "python-multipart>=0.0.9" "django>=4.2,<5" "quart>=0.20" "gunicorn>=23" "uvicorn[standard]>=0.30"
+        log "Python $ver: CPython's asyncio tests on uringloop, e2e"
+        "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/cpython e2e
     else
         URING_WERROR=ON "$venv/bin/python" -m pip install -q ".[test]"
         log "Python $ver: CPython's asyncio tests, the loop and server tests, e2e"

@@ -195,11 +195,12 @@ class Server:
                                  config.ssl_version, config.ssl_cert_reqs, config.ssl_ca_certs, config.ssl_ciphers)
         core = self.core
         for sock in self.sockets:
-            # started inside `context`, so that the tasks of the requests
-            # start from it as they do from listen()'s
-            server = await loop.create_task(
-                loop.create_server(lambda: TLSBridge(core), sock=sock, ssl=ctx, backlog=config.backlog),
-                context=context)
+            # started inside (a copy of) `context`, so that the tasks of the
+            # requests start from it as they do from listen()'s; through
+            # context.run(), as create_task(context=) is 3.11+
+            server = await context.run(
+                loop.create_task,
+                loop.create_server(lambda: TLSBridge(core), sock=sock, ssl=ctx, backlog=config.backlog))
             self.tls_servers.append(server)
 
     def _websocket_handler(self, loop, app, access):
