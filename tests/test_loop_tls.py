@@ -23,6 +23,9 @@ import uringloop
 from conftest import run, tls_contexts
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
+# where uringloop's SSL protocol has its per-record methods in C (server/us_ssl.c)
+C_RECORD_PATH = (3, 11) <= sys.version_info[:2] <= (3, 13)
+
 
 def server_context():
     return tls_contexts()[0]
@@ -131,7 +134,7 @@ def test_uringloop_runs_the_c_record_path(loop, loop_kind):
         server, port = await serve_one(loop, proto)
         peer = await in_thread(WirePeer, port)
         transport = await proto.made
-        if loop_kind == "uringloop" and (3, 11) <= sys.version_info[:2] <= (3, 13):
+        if loop_kind == "uringloop" and C_RECORD_PATH:
             assert type(transport).__mro__[1] is uringloop._core.SSLAppTransportCore
             assert isinstance(transport._ssl_protocol, uringloop._core.SSLProtocolCore)
         transport.close()
@@ -154,7 +157,7 @@ def test_start_tls_upgrade(loop, loop_kind):
         app = Recorder(loop)
         tls = await loop.start_tls(transport, app, server_context(), server_side=True)
         peer = await peer_made
-        if loop_kind == "uringloop" and (3, 11) <= sys.version_info[:2] <= (3, 13):
+        if loop_kind == "uringloop" and C_RECORD_PATH:
             assert isinstance(tls, uringloop._core.SSLAppTransportCore)
         assert tls.get_extra_info("ssl_object") is not None
         await in_thread(peer.sock.sendall, peer.records(b"after the upgrade", close_notify=True))

@@ -38,8 +38,6 @@ _CLEANUP_SOCKET_DEFAULT = sys.version_info >= (3, 13)
 # connection helpers, its sslproto) neither passes nor accepts it
 _HAS_SSL_SHUTDOWN = sys.version_info >= (3, 11)
 _SSL_SHUTDOWN_TIMEOUT = constants.SSL_SHUTDOWN_TIMEOUT if _HAS_SSL_SHUTDOWN else None
-
-
 # Server._attach() and _detach() take the transport from 3.13 on
 _SERVER_TRACKS_TRANSPORTS = sys.version_info >= (3, 13)
 

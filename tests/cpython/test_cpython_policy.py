@@ -26,7 +26,8 @@ def _since(version, name):
     return importlib.import_module(f"test.test_asyncio.{name}")
 
 
-test_ssl, test_taskgroups, test_timeouts = (_since((3, 11), n) for n in ("test_ssl", "test_taskgroups", "test_timeouts"))
+test_ssl, test_taskgroups, test_timeouts = (_since((3, 11), name)
+                                           for name in ("test_ssl", "test_taskgroups", "test_timeouts"))
 test_eager_task_factory = _since((3, 12), "test_eager_task_factory")  # tasks that start inside create_task()
 
 
