@@ -40,10 +40,10 @@ log "pip install .[test,bench] (builds the C extension with scikit-build-core + 
 URING_WERROR=${URING_WERROR:-ON} .venv/bin/python -m pip install -q ".[test,bench]"
 log "installed: $(.venv/bin/python -c 'import uringloop; print("uringloop", uringloop.__version__, uringloop.__file__)')"
 
-# anyio's and uvicorn's own test suites, run on uringloop by
-# tests/test_anyio_suite.py and tests/test_uvicorn_suite.py: the sdists of
+# anyio's, uvicorn's and aiohttp's own test suites, run on uringloop by
+# tests/test_anyio_suite.py, test_uvicorn_suite.py and test_aiohttp_suite.py: the sdists of
 # the installed versions (their wheels have no tests).
-for project in anyio uvicorn; do
+for project in anyio uvicorn aiohttp; do
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$project'))")
     if [ ! -d "build/thirdparty/$project-$version/tests" ]; then
         log "pip download $project==$version (sdist, for its test suite) into build/thirdparty"

@@ -6,15 +6,18 @@ clients attached), with file descriptors counted before and after."""
 
 import asyncio
 import contextvars
+import gc
 import os
 import socket
 import sys
 import tempfile
 import time
+import warnings
 
 import pytest
 
 import uringloop
+import uringloop._net
 
 from conftest import close_with_reset, full_unix_dgram_peer, run, tls_contexts
 from http_support import pids_while_one_is_blocked
@@ -932,6 +935,37 @@ def test_unix_server_cleanup_socket_unlinks_its_file(how):
         run(loop, main())
     finally:
         loop.close()
+
+
+def test_unix_server_leaves_no_socket_open_when_the_stale_file_check_raises(monkeypatch):
+    """Something other than an OSError out of the check for a stale socket
+    file (aiohttp's tests run under blockbuster, whose BlockingError is one)
+    propagates, and the listening socket is not left open behind it.
+
+    uringloop only: asyncio 3.11-3.13 make the socket before that check and
+    leave it to the garbage collector (a ResourceWarning)."""
+    loop = uringloop.new_event_loop()
+
+    def refused_stat(path, *args, **kwargs):
+        raise RuntimeError("blocking call refused")
+
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "sock")
+            open(path, "w").close()
+            monkeypatch.setattr(uringloop._net.os, "stat", refused_stat)
+            with pytest.raises(RuntimeError, match="refused"):
+                await loop.create_unix_server(Echo, path)
+            monkeypatch.undo()
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            run(loop, main())
+            gc.collect()
+    finally:
+        loop.close()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
 
 
 def test_tls_server_client_and_start_tls(loop):

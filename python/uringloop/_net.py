@@ -455,7 +455,6 @@ class NetworkMixin:
             if sock is not None:
                 raise ValueError("path and sock can not be specified at the same time")
             path = os.fspath(path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             if _is_socket_file(path):
                 try:
                     if stat.S_ISSOCK(os.stat(path).st_mode):
@@ -464,6 +463,8 @@ class NetworkMixin:
                     pass
                 except OSError as err:
                     logger.error("Unable to check or remove stale UNIX socket %r: %r", path, err)
+            # made after the check, so that nothing raised by it leaves the socket open
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.bind(path)
             except OSError as exc:
