@@ -357,6 +357,32 @@ def test_sock_connect_refused(loop):
     run(loop, main())
 
 
+def test_sock_connect_unix_errors_are_connects_own(loop):
+    """connect() on a Unix socket fails at once (no EINPROGRESS), and asyncio
+    raises its error as connect() gave it: "[Errno 2] No such file or
+    directory", not the "Connect call failed" of a TCP connect that failed
+    later (redis-py's tests match the message). Also through
+    create_unix_connection()."""
+    async def main():
+        with tempfile.TemporaryDirectory() as d:
+            missing = os.path.join(d, "missing.sock")
+            refusing = os.path.join(d, "refusing.sock")
+            with socket.socket(socket.AF_UNIX) as bound:
+                bound.bind(refusing)  # a socket file nobody listens on
+                for path, exc_type, code in ((missing, FileNotFoundError, errno.ENOENT),
+                                             (refusing, ConnectionRefusedError, errno.ECONNREFUSED)):
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.setblocking(False)
+                        with pytest.raises(exc_type) as info:
+                            await loop.sock_connect(s, path)
+                    assert str(info.value) == f"[Errno {code}] {os.strerror(code)}"
+                    with pytest.raises(exc_type) as info:
+                        await loop.create_unix_connection(asyncio.Protocol, path)
+                    assert str(info.value) == f"[Errno {code}] {os.strerror(code)}"
+
+    run(loop, main())
+
+
 def test_sock_recv_error_is_oserror(loop):
     async def main():
         a, b = tcp_pair()

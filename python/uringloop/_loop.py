@@ -399,6 +399,9 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
             except _core.AddressFallback:
                 pass
             except OSError as exc:
+                if sock.family == socket.AF_UNIX:
+                    # a Unix connect() fails at once, and asyncio raises what it gave
+                    raise OSError(exc.errno, os.strerror(exc.errno)) from None
                 raise OSError(exc.errno, f"Connect call failed {address}") from None
         return await self._sock_connect_by_poll(sock, address)
 
