@@ -21,7 +21,7 @@ import sys
 import types
 
 import uringloop
-from suite_support import new_counted_loop, record_loops_made
+from suite_support import CountingPolicy, new_counted_loop, record_loops_made
 
 _standin = types.ModuleType("uvloop")
 _standin.new_event_loop = new_counted_loop
@@ -29,12 +29,7 @@ _standin.Loop = uringloop.Loop
 sys.modules["uvloop"] = _standin
 
 
-class _CountingPolicy(uringloop.EventLoopPolicy):
-    def new_event_loop(self):
-        return new_counted_loop()
-
-
-_standin.EventLoopPolicy = _CountingPolicy
+_standin.EventLoopPolicy = CountingPolicy
 
 # where uringloop/_net.py stats and unlinks a Unix server's socket file
 _UNIX_SOCKET_FILE_FUNCTIONS = {"create_unix_server", "_remember_unix_socket_file", "_unlink_unix_socket_file"}
@@ -56,7 +51,7 @@ def _allow_uringloop_like_asyncio():
 
 
 def pytest_configure(config):
-    asyncio.set_event_loop_policy(_CountingPolicy())
+    asyncio.set_event_loop_policy(CountingPolicy())
     _allow_uringloop_like_asyncio()
 
 

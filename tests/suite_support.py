@@ -32,6 +32,13 @@ def new_counted_loop():
     return loop
 
 
+class CountingPolicy(uringloop.EventLoopPolicy):
+    """uringloop's policy, its loops counted: for suites that take their loops from the policy."""
+
+    def new_event_loop(self):
+        return new_counted_loop()
+
+
 def record_loops_made():
     """Called by a plugin when its process ends."""
     folder = os.environ.get("URING_SUITE_LOOPS")

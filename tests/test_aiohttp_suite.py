@@ -37,6 +37,11 @@ def _args(loop, tests):
     return [*OPTIONS, f"--aiohttp-loop={loop}", *deselect, *tests]
 
 
+def _on_asyncio(test):
+    """The same test with asyncio's loop parameter."""
+    return test.replace("[uvloop", "[pyloop")
+
+
 @pytest.mark.timeout(1800)
 def test_aiohttp_suite_fails_nothing_on_uringloop_that_passes_on_asyncio(tmp_path):
     assert (SUITE / "tests").is_dir(), f"{SUITE} is missing: scripts/setup.sh downloads aiohttp's sdist there"
@@ -51,6 +56,6 @@ def test_aiohttp_suite_fails_nothing_on_uringloop_that_passes_on_asyncio(tmp_pat
     if suspects:  # those tests again on uringloop, and on asyncio's loop
         ids = [node_id(SUITE, t) for t in suspects]
         uring2, _, out2 = run_suite(SUITE, tmp_path, "uring2", _args("uvloop", ids), plugin=PLUGIN)
-        base, _, _ = run_suite(SUITE, tmp_path, "base", _args("pyloop", [i.replace("[uvloop", "[pyloop") for i in ids]))
-        only_uring = {t for t in failed(uring2) if t.replace("[uvloop", "[pyloop") not in failed(base)}
+        base, _, _ = run_suite(SUITE, tmp_path, "base", _args("pyloop", [_on_asyncio(i) for i in ids]))
+        only_uring = {t for t in failed(uring2) if _on_asyncio(t) not in failed(base)}
         assert not only_uring, f"fail on uringloop, pass on asyncio: {sorted(only_uring)}\n{out2[-6000:]}"

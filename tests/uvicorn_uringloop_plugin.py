@@ -9,17 +9,11 @@ ask for ``loop="asyncio"`` by name still get asyncio's selector loop.
 
 import asyncio
 
-import uringloop
-from suite_support import new_counted_loop, record_loops_made
-
-
-class _CountingPolicy(uringloop.EventLoopPolicy):
-    def new_event_loop(self):
-        return new_counted_loop()
+from suite_support import CountingPolicy, record_loops_made
 
 
 def pytest_configure(config):
-    asyncio.set_event_loop_policy(_CountingPolicy())
+    asyncio.set_event_loop_policy(CountingPolicy())
 
 
 def pytest_unconfigure(config):
