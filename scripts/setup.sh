@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 log() { printf '==> %s\n' "$*"; }
 
 APT_PACKAGES=(build-essential pkg-config cmake ninja-build liburing-dev node-llhttp
-              python3 python3-dev python3-venv strace wrk clang clang-format util-linux nginx
+              python3 python3-dev python3-venv strace wrk clang clang-format util-linux nginx redis-server
               libclang-rt-dev)  # libclang-rt-dev: the libFuzzer and sanitizer runtimes for clang
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -40,10 +40,10 @@ log "pip install .[test,bench] (builds the C extension with scikit-build-core + 
 URING_WERROR=${URING_WERROR:-ON} .venv/bin/python -m pip install -q ".[test,bench]"
 log "installed: $(.venv/bin/python -c 'import uringloop; print("uringloop", uringloop.__version__, uringloop.__file__)')"
 
-# anyio's, uvicorn's and aiohttp's own test suites, run on uringloop by
-# tests/test_anyio_suite.py, test_uvicorn_suite.py and test_aiohttp_suite.py: the sdists of
+# anyio's, uvicorn's, aiohttp's and redis-py's own test suites, run on uringloop by
+# tests/test_{anyio,uvicorn,aiohttp,redis}_suite.py: the sdists of
 # the installed versions (their wheels have no tests).
-for project in anyio uvicorn aiohttp; do
+for project in anyio uvicorn aiohttp redis; do
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$project'))")
     if [ ! -d "build/thirdparty/$project-$version/tests" ]; then
         log "pip download $project==$version (sdist, for its test suite) into build/thirdparty"

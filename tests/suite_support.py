@@ -46,9 +46,11 @@ def record_loops_made():
         pathlib.Path(folder, str(os.getpid())).write_text(str(_loops_made))
 
 
-def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900):
+def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900, pytest_asyncio=False):
     """Runs pytest in `suite`; returns ({test id: outcome}, loops made, output).
-    A test id is "classname::name" as the junit report gives it."""
+    A test id is "classname::name" as the junit report gives it. pytest-asyncio
+    (installed for redis-py's suite) is kept out of the suites that do not
+    use it, so that it cannot change how their tests run."""
     report = tmp_path / f"{name}.xml"
     loops = tmp_path / f"{name}.loops"
     loops.mkdir()
@@ -56,6 +58,7 @@ def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p)
     env["URING_SUITE_LOOPS"] = str(loops)
     cmd = [sys.executable, "-m", "pytest", *(["-p", plugin] if plugin else []), "-p", "no:cacheprovider", "-q",
+           *([] if pytest_asyncio else ["-p", "no:asyncio"]),
            "--junitxml", str(report), "-o", "junit_family=xunit1", *args]
     proc = subprocess.run(cmd, cwd=suite, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)

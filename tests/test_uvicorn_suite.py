@@ -5,7 +5,7 @@ installs uringloop's policy and serves with uvicorn) is how many users will
 meet the loop first. uvicorn's tests start real servers (HTTP/1.1 with
 httptools and h11, WebSockets with websockets and wsproto, TLS, lifespan,
 flow control, keep-alive and shutdown timeouts) inside the test's loop, so
-with uringloop's policy installed (uvicorn_uringloop_plugin.py) they
+with uringloop's policy installed (policy_uringloop_plugin.py) they
 exercise our transports, servers and timers under uvicorn's protocols. The
 sdist of the installed uvicorn version is fetched by scripts/setup.sh into
 build/thirdparty. The test fails if a test fails on uringloop, twice, and
@@ -20,7 +20,7 @@ from suite_support import THIRDPARTY, failed, node_id, run_suite
 
 UVICORN_VERSION = importlib.metadata.version("uvicorn")
 SUITE = THIRDPARTY / f"uvicorn-{UVICORN_VERSION}"
-PLUGIN = "uvicorn_uringloop_plugin"
+PLUGIN = "policy_uringloop_plugin"
 # uvicorn's addopts ask for 8 xdist workers (its filterwarnings stay);
 # its tests mostly wait on timers and sockets, so 4 workers on 2 cores
 OPTIONS = ["-o", "addopts=", "-n", "4"]
