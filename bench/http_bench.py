@@ -131,8 +131,10 @@ def parse_duration(text):
     return value * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
 
 
-def wrk(port, scenario, duration, connections, pin=True, scheme="http"):
+def wrk(port, scenario, duration, connections, pin=True, scheme="http", close=False):
     cmd = (["taskset", "-c", "1"] if pin else []) + ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if close:  # a new connection for every request
+        cmd += ["-H", "Connection: close"]
     if scenario.get("lua"):
         cmd += ["-s", os.path.join(BENCH, scenario["lua"])]
     cmd.append(f"{scheme}://127.0.0.1:{port}{scenario['path']}")
