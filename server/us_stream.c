@@ -1047,8 +1047,11 @@ static PyObject *stream_write(us_stream *s, PyObject *data)
         return NULL;
     }
     /* Sockets batch their writes into the next iteration's sendmsg; pipes
-     * (no hot path, and callers read them synchronously) write at once. */
-    if ((s->kind != US_STREAM_SOCKET || s->wbuf > s->high) && !ue_op_busy(&s->send_op))
+     * (no hot path, and callers read them synchronously) write at once.
+     * Not while the protocol is paused: a send here that emptied the queue
+     * would leave no send completion to call resume_writing() (asyncio too
+     * only queues behind a non-empty buffer). */
+    if ((s->kind != US_STREAM_SOCKET || s->wbuf > s->high) && !s->protocol_paused && !ue_op_busy(&s->send_op))
         stream_send_now(s);
     if (s->wq_len)
         stream_schedule_flush(s);

@@ -348,6 +348,57 @@ def test_write_flow_control_pauses_and_resumes(loop):
     run(loop, main(), timeout=30)
 
 
+def test_writes_while_paused_still_end_in_resume_writing(loop):
+    """A write made while the protocol is paused must not empty the buffer
+    behind resume_writing()'s back: redis-py's writelines([head, 5 MB, tail])
+    to a fast reader once left the protocol paused with nothing queued, and
+    its drain() waited until its timeout."""
+
+    class Producer(asyncio.Protocol):
+        def __init__(self):
+            self.paused = 0
+            self.resumed = 0
+
+        def pause_writing(self):
+            self.paused += 1
+
+        def resume_writing(self):
+            self.resumed += 1
+
+    def drain_peer(peer):
+        got = 0
+        while True:
+            try:
+                data = peer.recv(1 << 20)
+            except BlockingIOError:
+                return got
+            got += len(data)
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, Producer)
+        peer.setblocking(False)
+        tr.set_write_buffer_limits(high=1, low=0)
+        written = 8 << 20
+        tr.write(b"x" * written)
+        assert pr.paused == 1 and tr.get_write_buffer_size() > 0
+        received = 0
+        for _ in range(64):  # the peer reads between writes, with no loop iteration in between
+            received += drain_peer(peer)
+            tr.write(b"y")
+            written += 1
+        deadline = time.monotonic() + 10
+        while received < written and time.monotonic() < deadline:
+            received += drain_peer(peer)
+            await asyncio.sleep(0.001)
+        assert received == written
+        await asyncio.sleep(0.01)
+        assert tr.get_write_buffer_size() == 0 and pr.resumed == 1
+        tr.close()
+        peer.close()
+
+    run(loop, main(), timeout=30)
+
+
 def test_pause_reading_loses_nothing(loop):
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
