@@ -17,7 +17,7 @@ import importlib.metadata
 
 import pytest
 
-from suite_support import THIRDPARTY, failed, node_id, run_suite
+from suite_support import THIRDPARTY, assert_no_failure_only_on_uringloop, run_suite
 
 AIOHTTP_VERSION = importlib.metadata.version("aiohttp")
 SUITE = THIRDPARTY / f"aiohttp-{AIOHTTP_VERSION}"
@@ -52,10 +52,5 @@ def test_aiohttp_suite_fails_nothing_on_uringloop_that_passes_on_asyncio(tmp_pat
     on_uring = [t for t, o in uring.items() if o == "passed" and "[uvloop" in t]
     assert len(on_uring) > 900, out[-3000:]
 
-    suspects = sorted(failed(uring))
-    if suspects:  # those tests again on uringloop, and on asyncio's loop
-        ids = [node_id(SUITE, t) for t in suspects]
-        uring2, _, out2 = run_suite(SUITE, tmp_path, "uring2", _args("uvloop", ids), plugin=PLUGIN)
-        base, _, _ = run_suite(SUITE, tmp_path, "base", _args("pyloop", [_on_asyncio(i) for i in ids]))
-        only_uring = {t for t in failed(uring2) if _on_asyncio(t) not in failed(base)}
-        assert not only_uring, f"fail on uringloop, pass on asyncio: {sorted(only_uring)}\n{out2[-6000:]}"
+    assert_no_failure_only_on_uringloop(SUITE, tmp_path, uring, lambda ids: _args("uvloop", ids),
+                                        lambda ids: _args("pyloop", ids), PLUGIN, on_asyncio=_on_asyncio)

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from suite_support import THIRDPARTY, failed, node_id, run_suite
+from suite_support import THIRDPARTY, assert_no_failure_only_on_uringloop, run_suite
 
 REDIS_VERSION = importlib.metadata.version("redis")
 SUITE = THIRDPARTY / f"redis-{REDIS_VERSION}"
@@ -66,10 +66,5 @@ def test_redis_suite_fails_nothing_on_uringloop_that_passes_on_asyncio(tmp_path,
     passed = [t for t, o in uring.items() if o == "passed"]
     assert len(passed) > 900, out[-3000:]
 
-    suspects = sorted(failed(uring))
-    if suspects:  # those tests again on uringloop, and on asyncio's loop
-        ids = [node_id(SUITE, t) for t in suspects]
-        uring2, _, out2 = run_suite(SUITE, tmp_path, "uring2", [*options, *ids], plugin=PLUGIN, pytest_asyncio=True)
-        base, _, _ = run_suite(SUITE, tmp_path, "base", [*options, *ids], pytest_asyncio=True)
-        only_uring = failed(uring2) - failed(base)
-        assert not only_uring, f"fail on uringloop, pass on asyncio: {sorted(only_uring)}\n{out2[-6000:]}"
+    rerun = lambda ids: [*options, *ids]  # noqa: E731
+    assert_no_failure_only_on_uringloop(SUITE, tmp_path, uring, rerun, rerun, PLUGIN, pytest_asyncio=True)

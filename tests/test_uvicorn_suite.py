@@ -16,7 +16,7 @@ import importlib.metadata
 
 import pytest
 
-from suite_support import THIRDPARTY, failed, node_id, run_suite
+from suite_support import THIRDPARTY, assert_no_failure_only_on_uringloop, run_suite
 
 UVICORN_VERSION = importlib.metadata.version("uvicorn")
 SUITE = THIRDPARTY / f"uvicorn-{UVICORN_VERSION}"
@@ -39,10 +39,5 @@ def test_uvicorn_suite_fails_nothing_on_uringloop_that_passes_on_asyncio(tmp_pat
     passed = [t for t, o in uring.items() if o == "passed"]
     assert len(passed) > 1000, out[-3000:]
 
-    suspects = sorted(failed(uring))
-    if suspects:  # those tests again on uringloop, and on asyncio's loop
-        ids = [node_id(SUITE, t) for t in suspects]
-        uring2, _, out2 = run_suite(SUITE, tmp_path, "uring2", [*OPTIONS, *ids], plugin=PLUGIN)
-        base, _, _ = run_suite(SUITE, tmp_path, "base", [*OPTIONS, *ids])
-        only_uring = failed(uring2) - failed(base)
-        assert not only_uring, f"fail on uringloop, pass on asyncio: {sorted(only_uring)}\n{out2[-6000:]}"
+    rerun = lambda ids: [*OPTIONS, *ids]  # noqa: E731
+    assert_no_failure_only_on_uringloop(SUITE, tmp_path, uring, rerun, rerun, PLUGIN)
