@@ -40,15 +40,18 @@ log "pip install .[test,bench] (builds the C extension with scikit-build-core + 
 URING_WERROR=${URING_WERROR:-ON} .venv/bin/python -m pip install -q ".[test,bench]"
 log "installed: $(.venv/bin/python -c 'import uringloop; print("uringloop", uringloop.__version__, uringloop.__file__)')"
 
-# anyio's, uvicorn's, aiohttp's and redis-py's own test suites, run on uringloop by
-# tests/test_{anyio,uvicorn,aiohttp,redis}_suite.py: the sdists of
-# the installed versions (their wheels have no tests).
-for project in anyio uvicorn aiohttp redis; do
+# anyio's, uvicorn's, aiohttp's, redis-py's and uvloop's own test suites, run on
+# uringloop by tests/test_{anyio,uvicorn,aiohttp,redis,uvloop}_suite.py: the
+# sdists of the installed versions (their wheels have no tests). uvloop's
+# source package is left out of the unpacked tree: uncompiled, it would shadow
+# the installed uvloop that its tests import.
+for project in anyio uvicorn aiohttp redis uvloop; do
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$project'))")
     if [ ! -d "build/thirdparty/$project-$version/tests" ]; then
         log "pip download $project==$version (sdist, for its test suite) into build/thirdparty"
         mkdir -p build/thirdparty
         .venv/bin/python -m pip download -q --no-deps --no-binary :all: "$project==$version" -d build/thirdparty
-        tar -xzf "build/thirdparty/$project-$version.tar.gz" -C build/thirdparty
+        tar -xzf "build/thirdparty/$project-$version.tar.gz" -C build/thirdparty \
+            $([ "$project" = uvloop ] && echo "--exclude=$project-$version/uvloop")
     fi
 done

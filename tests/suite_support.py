@@ -88,17 +88,19 @@ def node_id(suite, test_id):
 
 
 def assert_no_failure_only_on_uringloop(suite, tmp_path, uring, uring_args, asyncio_args, plugin,
-                                        on_asyncio=lambda test: test, **run_kwargs):
+                                        on_asyncio=lambda test: test, base_plugin=None, **run_kwargs):
     """The tests that failed in the run `uring` are run again on uringloop and
     on asyncio's loop; a test that fails on uringloop twice and passes on
     asyncio fails the caller. `uring_args(ids)` and `asyncio_args(ids)` give
     each rerun's pytest arguments for the node ids; `on_asyncio(test)` names a
-    test as it appears in the asyncio run (for suites with a loop parameter)."""
+    test as it appears in the asyncio run (for suites with a loop parameter);
+    `base_plugin` is loaded into the asyncio run (none by default)."""
     suspects = sorted(failed(uring))
     if not suspects:
         return
     ids = [node_id(suite, t) for t in suspects]
     uring2, _, out2 = run_suite(suite, tmp_path, "uring2", uring_args(ids), plugin=plugin, **run_kwargs)
-    base, _, _ = run_suite(suite, tmp_path, "base", asyncio_args([on_asyncio(i) for i in ids]), **run_kwargs)
+    base, _, _ = run_suite(suite, tmp_path, "base", asyncio_args([on_asyncio(i) for i in ids]), plugin=base_plugin,
+                           **run_kwargs)
     only_uring = {t for t in failed(uring2) if on_asyncio(t) not in failed(base)}
     assert not only_uring, f"fail on uringloop, pass on asyncio: {sorted(only_uring)}\n{out2[-6000:]}"
