@@ -36,7 +36,7 @@ for python in "$@"; do
         log "Python $ver: CPython's asyncio tests, the loop and server tests, e2e"
         "$venv/bin/python" -m pytest -q -p no:cacheprovider tests e2e \
             --ignore=tests/test_anyio_suite.py --ignore=tests/test_uvicorn_suite.py --ignore=tests/test_aiohttp_suite.py \
-            --ignore=tests/test_redis_suite.py
+            --ignore=tests/test_redis_suite.py --ignore=tests/test_uvloop_suite.py
     fi
 done
 log "all versions passed"

@@ -9,6 +9,7 @@ summed, which is how the outer test knows the suite really ran on uringloop.
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -46,6 +47,22 @@ def record_loops_made():
         pathlib.Path(folder, str(os.getpid())).write_text(str(_loops_made))
 
 
+def _default_sighup():
+    """SIGHUP as the suites expect it (uvloop's test_send_signal kills a child
+    with it), even under nohup, whose ignored SIGHUP every child inherits."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def _kill_group(proc):
+    """The suite runs in a session of its own: whatever its tests left
+    behind (a child that outlived a timed-out test) goes with it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900, pytest_asyncio=False):
     """Runs pytest in `suite`; returns ({test id: outcome}, loops made, output).
     A test id is "classname::name" as the junit report gives it. pytest-asyncio
@@ -60,16 +77,23 @@ def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900, pytest_asyn
     cmd = [sys.executable, "-m", "pytest", *(["-p", plugin] if plugin else []), "-p", "no:cacheprovider", "-q",
            *([] if pytest_asyncio else ["-p", "no:asyncio"]),
            "--junitxml", str(report), "-o", "junit_family=xunit1", *args]
-    proc = subprocess.run(cmd, cwd=suite, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
-    assert report.exists(), proc.stdout[-3000:]
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=suite, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_default_sighup)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            _kill_group(proc)
+    output = log.read_text(errors="replace")
+    assert report.exists(), output[-3000:]
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         kinds = {child.tag for child in case}
         outcomes[f"{case.get('classname')}::{case.get('name')}"] = (
             "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed")
     made = sum(int(f.read_text()) for f in loops.iterdir())
-    return outcomes, made, proc.stdout
+    return outcomes, made, output
 
 
 def failed(outcomes):
