@@ -97,6 +97,12 @@ typedef struct us_loop {
 
     Py_ssize_t sockops_inflight;
     char stopping, closed, debug, running, closing;
+
+    /* The scheduler's clock is the monotonic clock read in C, unless a
+     * subclass defines time() or one is set on the loop object, which
+     * asyncio's scheduler would then follow (see loop_now). */
+    char time_from_subclass;
+    PyObject *time_override; /* set on the instance */
 } us_loop;
 
 typedef struct us_handle {

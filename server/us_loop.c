@@ -121,6 +121,19 @@ static void drop_recv_pool(us_loop *self)
     }
 }
 
+static PyObject *loop_time(PyObject *self, PyObject *unused);
+
+/* Whether `time` on the type is still LoopCore's (no subclass defines it). */
+static int loop_time_is_ours(PyTypeObject *tp)
+{
+    PyObject *attr = PyObject_GetAttrString((PyObject *)tp, "time"); /* the method descriptor */
+    int ours = attr && Py_IS_TYPE(attr, &PyMethodDescr_Type) &&
+               ((PyMethodDescrObject *)attr)->d_method->ml_meth == (PyCFunction)loop_time;
+    Py_XDECREF(attr);
+    PyErr_Clear();
+    return ours;
+}
+
 static PyObject *loop_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
 {
     (void)args;
@@ -154,6 +167,7 @@ static PyObject *loop_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
         Py_DECREF(self);
         return NULL;
     }
+    self->time_from_subclass = !loop_time_is_ours(tp);
     return (PyObject *)self;
 }
 
@@ -177,6 +191,7 @@ static int loop_traverse(us_loop *self, visitproc visit, void *arg)
         Py_VISIT((PyObject *)US_CONTAINER(self->ue.heap[i], us_timer_handle, timer));
     for (Py_ssize_t i = 0; i < self->flush_len; i++)
         Py_VISIT(self->flush[i]);
+    Py_VISIT(self->time_override);
     return 0;
 }
 
@@ -187,6 +202,7 @@ static int loop_clear(us_loop *self)
         timers_clear(self);
     Py_CLEAR(self->readers);
     Py_CLEAR(self->writers);
+    Py_CLEAR(self->time_override);
     return 0;
 }
 
@@ -360,6 +376,24 @@ static PyObject *loop_call_at(us_loop *self, PyObject *const *args, Py_ssize_t n
     return t;
 }
 
+/* The scheduler's "now": asyncio's scheduler calls self.time(), so a clock
+ * that a subclass or a test puts in place of ours moves the timers. Ours is
+ * read in C without a call. */
+static int loop_now(us_loop *self, double *now)
+{
+    if (!self->time_override && !self->time_from_subclass) {
+        *now = ue_now();
+        return 0;
+    }
+    PyObject *t = self->time_override ? PyObject_CallNoArgs(self->time_override)
+                                      : PyObject_CallMethod((PyObject *)self, "time", NULL);
+    if (!t)
+        return -1;
+    *now = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    return *now == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *loop_call_later(us_loop *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -374,7 +408,10 @@ static PyObject *loop_call_later(us_loop *self, PyObject *const *args, Py_ssize_
     double delay = PyFloat_AsDouble(args[0]);
     if (delay == -1.0 && PyErr_Occurred())
         return NULL;
-    return schedule_at(self, ue_now() + delay, args + 1, nargs - 1, kwnames, "call_later");
+    double now;
+    if (loop_now(self, &now) < 0)
+        return NULL;
+    return schedule_at(self, now + delay, args + 1, nargs - 1, kwnames, "call_later");
 }
 
 void us_timer_cancelled(us_loop *loop, us_timer_handle *t)
@@ -534,11 +571,13 @@ static int loop_run_once(us_loop *self)
     if (self->flush_len)
         flush_writes(self);
     ue_timer *first = ue_timer_first(ue);
-    double timeout;
+    double timeout, now;
     if (self->ready_len || self->stopping)
         timeout = 0;
     else if (first) {
-        timeout = first->when - ue_now();
+        if (loop_now(self, &now) < 0)
+            return -1;
+        timeout = first->when - now;
         timeout = timeout < 0 ? 0 : timeout > US_MAX_TIMEOUT ? US_MAX_TIMEOUT : timeout;
     } else
         timeout = -1;
@@ -568,7 +607,9 @@ static int loop_run_once(us_loop *self)
 
     /* Due timers join the ready queue; the heap's reference moves with them.
      * asyncio adds its clock resolution (1 ns for CLOCK_MONOTONIC). */
-    double end = ue_now() + 1e-9;
+    if (loop_now(self, &now) < 0)
+        return -1;
+    double end = now + 1e-9;
     while ((first = ue_timer_first(ue)) != NULL && first->when < end) {
         ue_timer_remove(ue, first);
         if (us_ready_push(self, (PyObject *)US_CONTAINER(first, us_timer_handle, timer)) < 0)
@@ -763,6 +804,18 @@ static PyObject *get_ready_count(us_loop *self, void *c)
     return PyLong_FromSsize_t(self->ready_len);
 }
 
+/* A clock set on the loop object (`loop.time = fake`, mock.patch.object) is
+ * noticed here, so that the scheduler follows it as asyncio's would; `time`
+ * itself stays a plain C method, with no cost to read or call. */
+static int loop_setattro(us_loop *self, PyObject *name, PyObject *v)
+{
+    if (PyObject_GenericSetAttr((PyObject *)self, name, v) < 0)
+        return -1;
+    if (PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "time") == 0)
+        Py_XSETREF(self->time_override, Py_XNewRef(v));
+    return 0;
+}
+
 static PyGetSetDef loop_getset[] = {
     {"_stopping", (getter)get_stopping, (setter)set_stopping, NULL, NULL},
     {"_closed", (getter)get_closed, (setter)set_closed, NULL, NULL},
@@ -804,6 +857,7 @@ static PyType_Slot loop_slots[] = {
     {Py_tp_clear, loop_clear},
     {Py_tp_methods, loop_methods},
     {Py_tp_getset, loop_getset},
+    {Py_tp_setattro, loop_setattro},
     {Py_tp_doc, "The io_uring core of uringloop.Loop."},
     {0, NULL},
 };

@@ -27,14 +27,10 @@ MODULES = ["client_functional", "client_middleware", "client_session", "client_w
            "web_sendfile_functional", "web_server", "web_urldispatcher", "web_websocket_functional"]
 # aiohttp's addopts ask for coverage and all cores; its markers and filterwarnings stay
 OPTIONS = ["-o", "addopts=", "-m", "not dev_mode and not autobahn and not internal", "-n", "2", "--timeout", "120"]
-# patches loop.time on the loop object and expects the loop's timers to follow it: asyncio's
-# scheduler calls self.time(), while uvloop's and uringloop's read their own clock (fails on uvloop too)
-NOT_APPLICABLE = ["tests/test_web_functional.py::test_keepalive_expires_on_time"]
 
 
 def _args(loop, tests):
-    deselect = [arg for test in NOT_APPLICABLE for arg in ("--deselect", f"{test}[{loop}]")]
-    return [*OPTIONS, f"--aiohttp-loop={loop}", *deselect, *tests]
+    return [*OPTIONS, f"--aiohttp-loop={loop}", *tests]
 
 
 def _on_asyncio(test):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import run
+from conftest import make_loop, run
 
 
 def test_call_soon_runs_in_fifo_order_with_args(loop):
@@ -145,6 +145,72 @@ def test_sleep_duration(loop):
 
 def test_time_is_monotonic_clock(loop):
     assert abs(loop.time() - time.monotonic()) < 0.01
+
+
+def test_timers_follow_a_time_patched_on_the_loop(loop):
+    # asyncio's scheduler asks self.time() when it computes deadlines and
+    # what is due, so a test clock set on the loop object moves its timers
+    # (aiohttp's and others' test suites patch it this way)
+    fake = [1000.0]
+    seen = []
+    loop.time = lambda: fake[0]
+    try:
+        handle = loop.call_later(3600, seen.append, "late")
+        assert handle.when() == 4600.0
+        loop.call_at(1000.5, seen.append, "at")
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert seen == []  # the real clock would not matter; the fake one has not moved
+        fake[0] = 4600.5
+        started = time.monotonic()
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert seen == ["at", "late"]
+        assert time.monotonic() - started < 1
+    finally:
+        del loop.time
+    assert abs(loop.time() - time.monotonic()) < 1
+    assert "time" not in vars(loop)
+
+
+def test_timers_follow_a_subclass_time(loop_kind):
+    base = type(make_loop(loop_kind))
+
+    class FakeClockLoop(base):
+        now = 50.0
+
+        def time(self):
+            return self.now
+
+    loop = FakeClockLoop()
+    try:
+        seen = []
+
+        async def main():
+            loop.call_later(100, seen.append, 1)
+            await asyncio.sleep(0)
+            loop.now = 151.0
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return seen
+
+        started = time.monotonic()
+        assert loop.run_until_complete(main()) == [1]
+        assert time.monotonic() - started < 1
+    finally:
+        loop.close()
+
+
+def test_time_patched_with_mock_is_restored(loop):
+    from unittest import mock
+
+    with mock.patch.object(loop, "time", return_value=5.0):
+        assert loop.time() == 5.0
+        assert loop.call_later(1, lambda: None).when() == 6.0
+    assert abs(loop.time() - time.monotonic()) < 1
+    assert "time" not in vars(loop)
 
 
 def test_callback_exception_goes_to_handler(loop):
