@@ -5,12 +5,12 @@ the asyncio half states asyncio's behaviour in detail: TCP, Unix and UDP
 transports and servers, sock_* calls, pipes, subprocesses and their stdio,
 signals, DNS, executors, contexts, and SSL against pyOpenSSL peers. The
 sdist of the installed uvloop is fetched by scripts/setup.sh into
-build/thirdparty (its tests folder only, so that the sdist's uncompiled
-package cannot shadow the installed one); uvloop_uringloop_plugin.py runs
+build/thirdparty (without its source package, which, uncompiled, would
+shadow the installed one); uvloop_uringloop_plugin.py runs
 that half on uringloop. A second run takes the SSL classes again under
 another implementation name, so that the tests uvloop keeps for its own SSL
 protocol (which asyncio has used since 3.11) run too. The test fails if a
-test fails on uringloop, twice, and passes on asyncio's loop in the same run.
+test fails on uringloop, twice, and passes on asyncio's loop.
 """
 
 import importlib.metadata
