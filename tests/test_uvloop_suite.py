@@ -59,6 +59,7 @@ def _runner(selection, implementation, leave_out=()):
 
 
 def _check(tmp_path, name, args, min_loops, min_passed):
+    assert (SUITE / "tests").is_dir(), f"{SUITE} is missing: scripts/setup.sh downloads uvloop's sdist there"
     uring, made, out = run_suite(SUITE, tmp_path, name, args("uringloop", ["tests"]), plugin=PLUGIN)
     assert made > min_loops, f"only {made} uringloop loops were made:\n{out[-3000:]}"
     passed = [t for t, o in uring.items() if o == "passed"]
@@ -69,11 +70,9 @@ def _check(tmp_path, name, args, min_loops, min_passed):
 
 @pytest.mark.timeout(1200)
 def test_uvloop_suite_asyncio_half_fails_nothing_on_uringloop_that_passes_on_asyncio(tmp_path):
-    assert (SUITE / "tests").is_dir(), f"{SUITE} is missing: scripts/setup.sh downloads uvloop's sdist there"
     _check(tmp_path, "aio", _runner(ASYNCIO_HALF, "asyncio"), min_loops=190, min_passed=190)
 
 
 @pytest.mark.timeout(1200)
 def test_uvloop_ssl_tests_kept_from_asyncio_pass_on_uringloop(tmp_path):
-    assert (SUITE / "tests").is_dir(), f"{SUITE} is missing: scripts/setup.sh downloads uvloop's sdist there"
     _check(tmp_path, "ssl", _runner(SSL_CLASSES, "uringloop", SSL_AS_UVLOOP_ONLY), min_loops=20, min_passed=20)
