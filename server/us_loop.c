@@ -248,6 +248,10 @@ static PyObject *loop_close_core(us_loop *self, PyObject *unused)
     for (Py_ssize_t i = 0; i < self->flush_len; i++)
         Py_DECREF(self->flush[i]);
     self->flush_len = 0;
+    /* Before ue_loop_close(), which frees the heap: its timers' references
+       would leak, and with them whatever their callbacks hold (a suspended
+       task in a reference cycle could then never be collected). */
+    timers_clear(self);
     if (self->ue_ready) {
         if (!ue_loop_forked(&self->ue))
             ue_loop_cancel_all(&self->ue, 1000);
@@ -256,7 +260,6 @@ static PyObject *loop_close_core(us_loop *self, PyObject *unused)
         self->ue_ready = 0;
     }
     ready_clear(self);
-    timers_clear(self);
     if (PyErr_Occurred())
         return NULL;
     Py_RETURN_NONE;

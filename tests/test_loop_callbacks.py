@@ -4,12 +4,14 @@ handler API: the same assertions on uringloop and on stock asyncio."""
 import asyncio
 import math
 import contextvars
+import gc
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -278,6 +280,45 @@ def test_run_until_complete_and_state(loop):
         loop.call_later(1, print)
     with pytest.raises(RuntimeError):
         loop.run_forever()
+
+
+def test_close_releases_pending_timers_and_callbacks(loop):
+    class Token:
+        pass
+
+    timer_arg, soon_arg = Token(), Token()
+    refs = [weakref.ref(timer_arg), weakref.ref(soon_arg)]
+    loop.call_later(3600, id, timer_arg)
+    loop.call_soon(id, soon_arg)
+    del timer_arg, soon_arg
+    loop.close()
+    assert [r() for r in refs] == [None, None]
+
+
+def test_close_lets_gc_collect_a_sleeping_task_in_a_cycle(loop):
+    # tornado's test_gc_infinite_coro: a task suspended in asyncio.sleep()
+    # whose loop is closed goes at the next collection, and its finally runs
+    seen = []
+
+    async def forever():
+        try:
+            while True:
+                await asyncio.sleep(1e-3)
+                seen.append("woke")
+        finally:
+            seen.append("finally")
+
+    async def main():
+        task = asyncio.ensure_future(forever())
+        task.refcycle = task
+        await asyncio.sleep(0.05)
+        return weakref.ref(task)
+
+    task_ref = run(loop, main())
+    loop.close()
+    gc.collect()
+    assert task_ref() is None
+    assert "woke" in seen and seen[-1] == "finally"
 
 
 def test_close_running_loop_raises(loop):
