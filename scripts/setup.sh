@@ -40,18 +40,23 @@ log "pip install .[test,bench] (builds the C extension with scikit-build-core + 
 URING_WERROR=${URING_WERROR:-ON} .venv/bin/python -m pip install -q ".[test,bench]"
 log "installed: $(.venv/bin/python -c 'import uringloop; print("uringloop", uringloop.__version__, uringloop.__file__)')"
 
-# anyio's, uvicorn's, aiohttp's, redis-py's and uvloop's own test suites, run on
-# uringloop by tests/test_{anyio,uvicorn,aiohttp,redis,uvloop}_suite.py: the
-# sdists of the installed versions (their wheels have no tests). uvloop's
-# source package is left out of the unpacked tree: uncompiled, it would shadow
-# the installed uvloop that its tests import.
-for project in anyio uvicorn aiohttp redis uvloop; do
+# anyio's, uvicorn's, aiohttp's, redis-py's, uvloop's, aiosmtplib's, asyncssh's,
+# aioquic's and pyzmq's own test suites, run on uringloop by tests/test_*_suite.py:
+# the sdists of the installed versions (their wheels have no tests). uvloop's
+# and pyzmq's source packages are left out of the unpacked trees: uncompiled,
+# they would shadow the installed packages that their tests import.
+for project in anyio uvicorn aiohttp redis uvloop aiosmtplib asyncssh aioquic pyzmq; do
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$project'))")
     if [ ! -d "build/thirdparty/$project-$version/tests" ]; then
         log "pip download $project==$version (sdist, for its test suite) into build/thirdparty"
         mkdir -p build/thirdparty
         .venv/bin/python -m pip download -q --no-deps --no-binary :all: "$project==$version" -d build/thirdparty
+        case $project in
+            uvloop) source_package=uvloop ;;
+            pyzmq) source_package=zmq ;;
+            *) source_package= ;;
+        esac
         tar -xzf "build/thirdparty/$project-$version.tar.gz" -C build/thirdparty \
-            $([ "$project" = uvloop ] && echo "--exclude=$project-$version/uvloop")
+            ${source_package:+"--exclude=$project-$version/$source_package"}
     fi
 done

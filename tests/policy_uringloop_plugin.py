@@ -1,5 +1,6 @@
-"""Loaded into uvicorn's and redis-py's own test runs (``-p``) by
-test_uvicorn_suite.py and test_redis_suite.py.
+"""Loaded into uvicorn's, redis-py's, aiosmtplib's, asyncssh's, aioquic's and
+pyzmq's own test runs (``-p``) by test_uvicorn_suite.py, test_redis_suite.py
+and test_library_suites.py.
 
 Those suites take their loops from the policy: uvicorn's tests run their
 servers in the test's own loop (anyio's pytest plugin, asyncio backend) or in

@@ -63,6 +63,33 @@ def _kill_group(proc):
     proc.wait()
 
 
+def suite_env(loops):
+    """The environment of a suite's child: our plugins importable, and the
+    folder where each of its processes writes how many loops it made."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p)
+    env["URING_SUITE_LOOPS"] = str(loops)
+    return env
+
+
+def loops_made(loops):
+    return sum(int(f.read_text()) for f in loops.iterdir())
+
+
+def run_child(cmd, cwd, env, log, timeout):
+    """Runs a suite's child process with its output in the file `log`;
+    returns (output, exit status). The child has a session of its own, and
+    whatever it leaves behind is killed with it."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_default_sighup)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            _kill_group(proc)
+    return log.read_text(errors="replace"), proc.returncode
+
+
 def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900, pytest_asyncio=False):
     """Runs pytest in `suite`; returns ({test id: outcome}, loops made, output).
     A test id is "classname::name" as the junit report gives it. pytest-asyncio
@@ -71,29 +98,18 @@ def run_suite(suite, tmp_path, name, args, plugin=None, timeout=900, pytest_asyn
     report = tmp_path / f"{name}.xml"
     loops = tmp_path / f"{name}.loops"
     loops.mkdir()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p)
-    env["URING_SUITE_LOOPS"] = str(loops)
+    env = suite_env(loops)
     cmd = [sys.executable, "-m", "pytest", *(["-p", plugin] if plugin else []), "-p", "no:cacheprovider", "-q",
            *([] if pytest_asyncio else ["-p", "no:asyncio"]),
            "--junitxml", str(report), "-o", "junit_family=xunit1", *args]
-    log = tmp_path / f"{name}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=suite, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_default_sighup)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            _kill_group(proc)
-    output = log.read_text(errors="replace")
+    output, _ = run_child(cmd, suite, env, tmp_path / f"{name}.log", timeout)
     assert report.exists(), output[-3000:]
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         kinds = {child.tag for child in case}
         outcomes[f"{case.get('classname')}::{case.get('name')}"] = (
             "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed")
-    made = sum(int(f.read_text()) for f in loops.iterdir())
-    return outcomes, made, output
+    return outcomes, loops_made(loops), output
 
 
 def failed(outcomes):
