@@ -57,7 +57,7 @@ SUITES = {
 }
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("project", sorted(SUITES))
 def test_suite_fails_nothing_on_uringloop_that_passes_on_asyncio(tmp_path, project):
     config, tests, pytest_asyncio, fewest_loops, fewest_passed = SUITES[project]
