@@ -249,8 +249,8 @@ static PyObject *loop_close_core(us_loop *self, PyObject *unused)
         Py_DECREF(self->flush[i]);
     self->flush_len = 0;
     /* Before ue_loop_close(), which frees the heap: its timers' references
-       would leak, and with them whatever their callbacks hold (a suspended
-       task in a reference cycle could then never be collected). */
+     * would leak, and with them whatever their callbacks hold (a suspended
+     * task in a reference cycle could then never be collected). */
     timers_clear(self);
     if (self->ue_ready) {
         if (!ue_loop_forked(&self->ue))
