@@ -8,7 +8,8 @@ log() { printf '==> %s\n' "$*"; }
 
 APT_PACKAGES=(build-essential pkg-config cmake ninja-build liburing-dev node-llhttp
               python3 python3-dev python3-venv strace wrk clang clang-format util-linux nginx redis-server
-              libclang-rt-dev)  # libclang-rt-dev: the libFuzzer and sanitizer runtimes for clang
+              libclang-rt-dev linux-perf)  # libclang-rt-dev: the libFuzzer and sanitizer runtimes for clang;
+                                           # linux-perf: bench/perf_split.py
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
