@@ -82,6 +82,7 @@ struct ue_loop {
     uint64_t timer_seq;
 
     uint32_t inflight;    /* ops between submission and final CQE */
+    uint32_t buf_taken;   /* CQEs that took a provided buffer (ue_bufring) */
     unsigned unsubmitted; /* SQEs prepared since the last submit */
 
     const char *failed_step; /* which setup call failed, for error messages */
@@ -164,7 +165,15 @@ static inline void ue_timer_init(ue_timer *t)
 /* Provided-buffer ring (ue_bufring.c): `nbufs` (a power of two) buffers of
  * `buf_size` bytes the kernel selects from (IOSQE_BUFFER_SELECT with
  * sqe->buf_group = bgid). A CQE with IORING_CQE_F_BUFFER names the buffer in
- * its flags; copy or parse out of it, then recycle it in the same batch. */
+ * its flags; copy or parse out of it, then recycle it in the same batch.
+ *
+ * The kernel takes buffers in the order they were posted, so with every
+ * buffer posted a recycled one is written again only after all the others:
+ * always into memory that has left the cache. Only a window of them is
+ * posted; the rest wait on a stack, and the most recently recycled go back
+ * first. ue_bufring_refill() before each wait keeps `window` posted; the
+ * window grows to twice the most buffers taken between two refills, and
+ * doubles when a receive found the ring empty (ue_bufring_starved()). */
 typedef struct ue_bufring {
     struct io_uring_buf_ring *br;
     char *bufs;
@@ -172,10 +181,19 @@ typedef struct ue_bufring {
     unsigned nbufs, buf_size;
     uint16_t bgid;
     int mask;
+    ue_loop *loop;
+    uint16_t *stack; /* recycled, not posted; the newest last */
+    unsigned nstack;
+    uint32_t posted;     /* buffers posted, in all */
+    uint32_t taken_base; /* loop->buf_taken when the ring was set up */
+    uint32_t taken_at_refill;
+    unsigned window, busiest, refills;
 } ue_bufring;
 
 int ue_bufring_init(ue_loop *l, ue_bufring *b, uint16_t bgid, unsigned nbufs, unsigned buf_size);
 void ue_bufring_recycle(ue_bufring *b, uint16_t bid);
+void ue_bufring_refill(ue_bufring *b);
+void ue_bufring_starved(ue_bufring *b);
 void ue_bufring_free(ue_loop *l, ue_bufring *b);
 static inline char *ue_bufring_buf(const ue_bufring *b, uint16_t bid)
 {

@@ -287,6 +287,8 @@ unsigned ue_dispatch(ue_loop *l)
         int32_t res = cqe->res;
         uint32_t flags = cqe->flags;
         seen++;
+        if (flags & IORING_CQE_F_BUFFER)
+            l->buf_taken++;
         if (ud == 0)
             continue;
         ue_op *op = (ue_op *)(uintptr_t)(ud & UE_PTR_MASK);

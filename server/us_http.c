@@ -481,7 +481,9 @@ static void conn_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         uint16_t bid = ue_cqe_bid(flags);
         conn_input(c, ue_bufring_buf(&loop->recv_pool, bid), (size_t)res);
         ue_bufring_recycle(&loop->recv_pool, bid);
-    } else if (res == 0 || (res < 0 && res != -ECANCELED && res != -ENOBUFS)) {
+    } else if (res == -ENOBUFS) {
+        ue_bufring_starved(&loop->recv_pool); /* and the recv is armed again below */
+    } else if (res == 0 || (res < 0 && res != -ECANCELED)) {
         if (flags & IORING_CQE_F_BUFFER) /* not for a socket at EOF today, but ours if so */
             ue_bufring_recycle(&loop->recv_pool, ue_cqe_bid(flags));
         if (!c->eof)

@@ -586,6 +586,8 @@ static int loop_run_once(us_loop *self)
         timeout = -1;
 
     int ret = 0;
+    if (self->recv_pool_ready)
+        ue_bufring_refill(&self->recv_pool);
     if (timeout == 0) {
         /* Nothing to submit and nothing that can complete: skip the syscall. */
         if (ue->unsubmitted || ue->inflight)

@@ -534,7 +534,9 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
             s->in_eof = 1;
             stream_schedule_ready(s);
         }
-    } else if (res < 0 && res != -ECANCELED && res != -ENOBUFS && !s->closing) {
+    } else if (res == -ENOBUFS) {
+        ue_bufring_starved(&loop->recv_pool); /* and the recv is armed again below */
+    } else if (res < 0 && res != -ECANCELED && !s->closing) {
         Py_XSETREF(s->in_error, oserror_from_res(res));
         stream_schedule_ready(s);
     }

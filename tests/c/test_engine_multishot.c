@@ -148,6 +148,87 @@ static void test_empty_pool_ends_multishot_with_enobufs(void)
     ue_loop_close(&l);
 }
 
+/* Only a window of the pool is posted, and recycled buffers go back newest
+ * first: one connection at a time keeps writing into the same few buffers
+ * rather than cycling through all of them. A burst on more connections than
+ * the window takes ends some receives with -ENOBUFS; starved() and refill()
+ * widen the window, and nothing is lost. */
+static void test_window_reuses_buffers_and_grows(void)
+{
+    ue_loop l;
+    start_loop(&l);
+    ue_bufring pool;
+    REQUIRE(ue_bufring_init(&l, &pool, 3, 64, 64) == 0);
+    CHECK(pool.window == 16);
+    int sv[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) == 0);
+    static recv_probe p;
+    memset(&p, 0, sizeof p);
+    p.pool = &pool;
+    arm_recv(&l, &p, sv[0]);
+    for (int i = 0; i < 40; i++) {
+        REQUIRE(write(sv[1], "m", 1) == 1);
+        int cqes = p.cqes;
+        ue_bufring_refill(&pool);
+        pump(&l, &p.cqes, cqes + 1);
+    }
+    int distinct = 0; /* buffers written to: the pool was mapped zeroed */
+    for (unsigned b = 0; b < pool.nbufs; b++)
+        distinct += ue_bufring_buf(&pool, (uint16_t)b)[0] == 'm';
+    CHECK(p.len == 40);
+    CHECK(distinct <= 16); /* all 64 buffers would be used in turn without the window */
+    ue_op_cancel(&l, &p.op);
+    pump(&l, &p.finals, 1);
+    close(sv[0]);
+    close(sv[1]);
+
+    enum { N = 40 };
+    static recv_probe probes[N];
+    int pairs[N][2];
+    for (int i = 0; i < N; i++) {
+        REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, pairs[i]) == 0);
+        memset(&probes[i], 0, sizeof probes[i]);
+        probes[i].pool = &pool;
+        arm_recv(&l, &probes[i], pairs[i][0]);
+    }
+    CHECK(ue_wait(&l, 0) == 0); /* every recv armed before the burst */
+    for (int i = 0; i < N; i++)
+        REQUIRE(write(pairs[i][1], "0123456789", 10) == 10);
+    int done = 0;
+    double deadline = ue_now() + 2.0;
+    while (done < N && ue_now() < deadline) {
+        ue_bufring_refill(&pool);
+        ue_wait(&l, 0.05);
+        ue_dispatch(&l);
+        done = 0;
+        for (int i = 0; i < N; i++) {
+            if (probes[i].len == 10)
+                done++;
+            else if (!ue_op_busy(&probes[i].op)) {
+                ue_bufring_starved(&pool);
+                arm_recv(&l, &probes[i], pairs[i][0]);
+            }
+        }
+    }
+    CHECK(done == N);
+    for (int i = 0; i < N; i++)
+        CHECK(probes[i].len == 10 && memcmp(probes[i].data, "0123456789", 10) == 0);
+    ue_bufring_refill(&pool);
+    CHECK(pool.window >= 32); /* wide enough for the burst now */
+    for (int i = 0; i < N; i++) {
+        ue_op_cancel(&l, &probes[i].op);
+        close(pairs[i][0]);
+        close(pairs[i][1]);
+    }
+    double end = ue_now() + 2.0;
+    while (l.inflight && ue_now() < end) {
+        ue_wait(&l, 0.05);
+        ue_dispatch(&l);
+    }
+    ue_bufring_free(&l, &pool);
+    ue_loop_close(&l);
+}
+
 static int fcntl_nonblock_check(int fd)
 {
     return (fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
@@ -240,6 +321,7 @@ int main(void)
 {
     RUN(test_multishot_recv_streams_through_small_buffers);
     RUN(test_empty_pool_ends_multishot_with_enobufs);
+    RUN(test_window_reuses_buffers_and_grows);
     RUN(test_multishot_accept);
     RUN(test_cancel_sync_lets_go_of_the_socket);
     return TEST_EXIT();
