@@ -483,6 +483,33 @@ def test_large_reads_take_everything_the_socket_holds(loop):
     run(loop, main())
 
 
+def test_large_messages_on_many_connections_at_once(loop):
+    # Many sockets in bulk mode at once (on uringloop each learns of data
+    # from its poll and reads at its turn to deliver, at most 120 KiB a
+    # read): every one gets all its bytes, in order.
+    async def main():
+        pairs = [await connected_to_raw_peer(loop, lambda: Recorder(loop)) for _ in range(48)]
+        for _, pr, peer in pairs:  # one at a time, into bulk mode
+            await loop.run_in_executor(None, peer.sendall, b"a" * 200_000)
+            while len(pr.data) < 200_000:
+                await asyncio.sleep(0.001)
+        payloads = [b"a" * 200_000 + os.urandom(997) * 300 + bytes([i]) for i in range(len(pairs))]
+        for _, _, peer in pairs:
+            peer.setblocking(False)
+        await asyncio.gather(*(loop.sock_sendall(peer, p[200_000:]) for (_, _, peer), p in zip(pairs, payloads)))
+        for _ in range(5000):
+            if all(len(pr.data) == len(payload) for (_, pr, _), payload in zip(pairs, payloads)):
+                break
+            await asyncio.sleep(0.001)
+        for (tr, pr, peer), payload in zip(pairs, payloads):
+            assert bytes(pr.data) == payload
+            tr.close()
+            await pr.lost
+            peer.close()
+
+    run(loop, main())
+
+
 def test_eof_right_behind_large_data_is_seen(loop):
     # On uringloop a socket in bulk mode learns of data from an
     # edge-triggered poll: data and a FIN that both arrive before the loop
