@@ -12,7 +12,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
-#define UE_BUFRING_MIN_WINDOW 16u
+#define UE_BUFRING_MIN_WINDOW 4u
 #define UE_BUFRING_SHRINK_EVERY 1024u /* refills between looks at the window */
 
 /* Buffers posted and not yet taken. Counting CQEs of the whole loop, a
