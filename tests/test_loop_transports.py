@@ -493,16 +493,16 @@ def test_large_messages_on_many_connections_at_once(loop):
             await loop.run_in_executor(None, peer.sendall, b"a" * 200_000)
             while len(pr.data) < 200_000:
                 await asyncio.sleep(0.001)
-        payloads = [b"a" * 200_000 + os.urandom(997) * 300 + bytes([i]) for i in range(len(pairs))]
+        rest = [os.urandom(997) * 300 + bytes([i]) for i in range(len(pairs))]
         for _, _, peer in pairs:
             peer.setblocking(False)
-        await asyncio.gather(*(loop.sock_sendall(peer, p[200_000:]) for (_, _, peer), p in zip(pairs, payloads)))
+        await asyncio.gather(*(loop.sock_sendall(peer, r) for (_, _, peer), r in zip(pairs, rest)))
         for _ in range(5000):
-            if all(len(pr.data) == len(payload) for (_, pr, _), payload in zip(pairs, payloads)):
+            if all(len(pr.data) == 200_000 + len(r) for (_, pr, _), r in zip(pairs, rest)):
                 break
             await asyncio.sleep(0.001)
-        for (tr, pr, peer), payload in zip(pairs, payloads):
-            assert bytes(pr.data) == payload
+        for (tr, pr, peer), r in zip(pairs, rest):
+            assert bytes(pr.data) == b"a" * 200_000 + r
             tr.close()
             await pr.lost
             peer.close()
