@@ -8,6 +8,11 @@ bash scripts/setup.sh
 
 log() { printf '\n==> %s\n' "$*"; }
 PY=.venv/bin/python
+# pytest in two worker processes (pytest-xdist): most tests wait on sockets,
+# timers and child processes, so two workers on two cores halve the wall time
+# (10:43 -> 5:52 for the normal run, 13:11 -> 7:14 under ASan, 2026-12-04).
+# Every test picks its own ports and cleans up after itself, so any split works.
+PYTEST=($PY -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}")
 C_SOURCES=$(git ls-files 'loop/*.[ch]' 'http/*.[ch]' 'server/*.[ch]' 'tests/c/*.[ch]' 'tests/fuzz/*.c' 'bench/*.c' 2>/dev/null || true)
 
 log "clang-format --dry-run --Werror (C sources)"
@@ -26,7 +31,7 @@ build/fuzz/fuzz_http -max_total_time="${FUZZ_SECONDS:-60}" -max_len=4096 -print_
     build/fuzz/corpus tests/fuzz/seeds 2>&1 | tail -4
 
 log "Python tests (pytest; installed package)"
-$PY -m pytest -q -p no:cacheprovider tests e2e
+"${PYTEST[@]}" tests e2e
 
 log "ASan+UBSan: C engine tests"
 cmake -S . -B build/asan-ctest -G Ninja -DURING_BUILD_TESTS=ON -DURING_BUILD_MODULE=OFF \
@@ -48,6 +53,6 @@ export LD_PRELOAD="$ASAN_RT:$UBSAN_RT" ASAN_OPTIONS=detect_leaks=0:abort_on_erro
     UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$PWD/build/asan/pkg"
 # the sanitized module, not the one installed in .venv, is what the tests import
 $PY -c "import uringloop._core as c, sys; p = c.__file__; print('testing', p); sys.exit(not p.startswith('$PWD/build/asan/pkg'))"
-$PY -m pytest -q -p no:cacheprovider tests e2e
+"${PYTEST[@]}" tests e2e
 unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS PYTHONPATH
 log "all tests passed"
