@@ -273,11 +273,39 @@ def test_reuse_port_and_ttin_ttou(tmp_path):
             deadline = time.monotonic() + 20
             while len(children(proc.pid)) > 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert len(children(proc.pid)) == 2
+            assert len(children(proc.pid)) == 2, log.read_text()
             time.sleep(0.3)
         assert load.failures == [] and load.ok > 50
         text = log.read_text()
         assert "SIGTTIN: adding a worker (3)" in text and "SIGTTOU: removing worker" in text
+    finally:
+        stop_cleanly(proc, port, log)
+
+
+def test_worker_retired_at_birth_stops(tmp_path):
+    """SIGTTIN and SIGTTOU together: the parent forks a worker and retires
+    that same worker at once, before the child has put its own signal
+    handling in place. The SIGTERM must not be lost (the worker would serve
+    on, one too many), and a worker retired before it served is not a
+    startup failure (five of those used to stop the whole server)."""
+    port = free_port()
+    log = tmp_path / "log"
+    proc = start("uringserve", port, str(log))
+    try:
+        first = set(children(proc.pid))
+        for _ in range(8):
+            os.kill(proc.pid, signal.SIGTTIN)
+            os.kill(proc.pid, signal.SIGTTOU)
+            time.sleep(0.2)
+        deadline = time.monotonic() + 20
+        while set(children(proc.pid)) != first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(children(proc.pid)) == first, log.read_text()
+        text = log.read_text()
+        assert text.count("SIGTTOU: removing worker") == 8 and "keep failing" not in text, text
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(get("/"))
+            assert Reader(s).response().status == 200
     finally:
         stop_cleanly(proc, port, log)
 

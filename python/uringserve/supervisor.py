@@ -153,15 +153,27 @@ class Supervisor:
     def spawn(self):
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         beat_r, beat_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        pid = os.fork()
+        # The child starts with the parent's Python signal handlers: a
+        # SIGTERM that reached it before it reset them would run the
+        # parent's handler in the child and be lost (a worker retired at
+        # birth would serve on). So the signals stay blocked across the
+        # fork, and the child unblocks them after the reset: one sent
+        # before then ends it by the default action, before it serves.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:
             os.close(ready_r)
             os.close(beat_r)
             code = 1
             try:
-                code = self.child(ready_w, beat_w)
+                code = self.child(ready_w, beat_w, mask)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(ready_w)
         os.close(beat_w)
         self.workers[pid] = ready_r
@@ -240,9 +252,9 @@ class Supervisor:
                 return
             self._forget_heartbeat(pid)
             fd = self.workers.pop(pid, None)
-            if fd is not None:
-                if fd >= 0:
-                    os.close(fd)
+            if fd is not None and fd >= 0:
+                os.close(fd)
+            if fd is not None and pid not in self.retiring:
                 self.failures = self.failures[-4:] + [time.monotonic()]  # the last five startup failures
             code = os.waitstatus_to_exitcode(status)
             if pid in self.retiring:
@@ -291,10 +303,11 @@ class Supervisor:
 
     # -- a worker --
 
-    def child(self, ready_w, beat_w):
+    def child(self, ready_w, beat_w, mask):
         for sig in HANDLED:
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for fd in [hb[0] for hb in self.heartbeats.values()] + [fd for fd in self.workers.values() if fd and fd > 0]:
             os.close(fd)  # the other workers' pipes, inherited from the parent
         self.heartbeats.clear()
