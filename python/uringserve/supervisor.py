@@ -128,9 +128,12 @@ class Supervisor:
                     self.spawn()
                 elif sig == signal.SIGTTOU and self.target > 1:
                     self.target -= 1
-                    pid = max(p for p in self.workers if p not in self.retiring)
-                    logger.info("SIGTTOU: removing worker [%d] (%d left)", pid, self.target)
-                    self.retire(pid)
+                    # the newest, as uvicorn does (self.workers is in spawn order;
+                    # the largest pid need not be the newest once pids wrap)
+                    serving = [p for p in self.workers if p not in self.retiring]
+                    if serving:
+                        logger.info("SIGTTOU: removing worker [%d] (%d left)", serving[-1], self.target)
+                        self.retire(serving[-1])
             if self.watcher is not None:
                 self._reload_on_change()
             elif len(self.failures) >= 5 and self.failures[-1] - self.failures[-5] < 10:
