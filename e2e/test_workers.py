@@ -244,6 +244,42 @@ def test_gunicorn_boot_error_and_access_log(tmp_path):
     assert no_orphans(port) == []
 
 
+@pytest.mark.parametrize("mode", [("--workers", "2"), ("--reload",)])
+def test_ctrl_c_while_the_app_imports_stops_quietly(mode, tmp_path):
+    """Ctrl-C (SIGINT to the process group) while the parent checks that
+    the app imports: exit 0 with no traceback, as with one process, and
+    no child left behind."""
+    marker = tmp_path / "importing"
+    (tmp_path / "slow_import.py").write_text(
+        f"import time\nopen({str(marker)!r}, 'w').close()\ntime.sleep(5)\n"
+        "async def app(scope, receive, send):\n    pass\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uringserve", "slow_import:app", "--app-dir", str(tmp_path),
+                             "--port", str(port), *mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=server_env(), cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in out and "Error loading" not in out, out
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(tmp_path).encode() in f.read():
+                    left.append(pid)
+        except OSError:
+            pass
+    assert left == []
+
+
 def test_workers_cannot_bind(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -346,7 +346,12 @@ def run(app, **kwargs):
     if config.reload or (config.workers and config.workers > 1):
         from .supervisor import Supervisor
 
-        code = Supervisor(config).run()
+        try:
+            code = Supervisor(config).run()
+        except KeyboardInterrupt:
+            # Ctrl-C before the supervisor handles signals itself (the app
+            # check, the reloader's first scan): a quiet stop, as with one process
+            code = 0
     else:
         code = Server(config).run()
     if exit_after:

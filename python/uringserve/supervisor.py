@@ -95,11 +95,24 @@ class Supervisor:
                 code = 0
             except AppLoadError as exc:
                 logger.error("Error loading ASGI app. %s", exc)
+            except KeyboardInterrupt:
+                pass  # Ctrl-C reached the whole process group: not the app's fault
             except BaseException:
                 logger.exception("Error loading ASGI app.")
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        pidfd = os.pidfd_open(pid)  # to signal this child and no other, even once reaped
+        try:
+            _, status = os.waitpid(pid, 0)
+        except KeyboardInterrupt:
+            try:  # a SIGINT sent to the parent alone: the check ends with it
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass  # already reaped: the interrupt came as waitpid() returned
+            raise
+        finally:
+            os.close(pidfd)
         return os.waitstatus_to_exitcode(status) == 0
 
     def loop(self, wake_r):
