@@ -269,15 +269,7 @@ def test_ctrl_c_while_the_app_imports_stops_quietly(mode, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0 and "Traceback" not in out and "Error loading" not in out, out
-    left = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if str(tmp_path).encode() in f.read():
-                    left.append(pid)
-        except OSError:
-            pass
-    assert left == []
+    assert no_orphans(port) == []
 
 
 def test_workers_cannot_bind(tmp_path):
