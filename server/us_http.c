@@ -236,6 +236,31 @@ static void conn_release_cycle(us_httpcycle *cy)
     Py_DECREF(cy);
 }
 
+/* A cycle whose response is complete leaves the connection, which goes on
+ * with the next request. A body the app did not read to the end is dropped
+ * (what is buffered no longer holds reading back) and its receive() reports
+ * a disconnect, as uvicorn's does once the response is complete. Its last
+ * send() may still wait for room in its own buffer, which has just joined
+ * the send queue: nothing wakes a cycle that left the list, so that wait
+ * ends now (the response is complete, nothing more can be added). */
+static void conn_retire_cycle(us_httpconn *c, us_httpcycle *cy)
+{
+    if (!cy->final_returned) {
+        Py_ssize_t unread = 0;
+        Py_ssize_t nchunks = cy->body ? PyList_GET_SIZE(cy->body) : 0;
+        for (Py_ssize_t i = 0; i < nchunks; i++)
+            unread += PyBytes_GET_SIZE(PyList_GET_ITEM(cy->body, i));
+        Py_CLEAR(cy->body);
+        cy->final_returned = 1; /* nothing more to hand out: receive() says disconnect */
+        cy->disconnected = 1;
+        if (unread)
+            us_httpconn_body_consumed(c, unread);
+    }
+    Py_CLEAR(cy->conn);
+    us_httpcycle_wake(cy);
+    Py_DECREF(cy);
+}
+
 /* The first cycle's response is complete: the next one becomes the head,
  * its buffered response joins the send queue, and parsing resumes. */
 void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy)
@@ -249,7 +274,7 @@ void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy)
         c->ncycles--;
         if (c->parsing == done)
             c->parsing = NULL; /* answered before its body was read: drop the rest */
-        conn_release_cycle(done);
+        conn_retire_cycle(c, done);
         if (last) {
             /* "connection: close" went out: requests after it get no answer */
             c->close_after = 1;

@@ -66,6 +66,26 @@ def test_pipelined_requests_with_bodies(server):
         assert [rd.response().body for _ in range(4)] == [b"first", b"", b"third" * 1000, b"Hello, world!"]
 
 
+def test_pipelined_response_above_the_high_water_mark_lets_its_send_return(server, tmp_path):
+    # The second request's whole response (256 KiB, above the 64 KiB mark)
+    # waits behind the slow first one, so its last send() waits for room.
+    # When the first completes, both leave the queue in one go: the second's
+    # send() must return then, not wait forever for a wake-up.
+    marker = tmp_path / "marker"
+    payload = os.urandom(256 * 1024)
+    with connect(server.port) as s:
+        s.sendall(get("/slow?0.3") + b"POST /echo-then-mark?%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                  % (str(marker).encode(), len(payload)) + payload)
+        rd = Reader(s)
+        assert rd.response().body == b"slow done"
+        assert rd.response().body == payload
+        deadline = time.monotonic() + 5
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), "the app's send() never returned"
+    assert "Task was destroyed" not in server.log
+
+
 def test_http10_closes_and_keeps_alive_when_asked(server):
     with connect(server.port) as s:
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -148,6 +168,33 @@ def test_expect_100_continue_is_lazy(server):
         s.sendall(b"POST /no-read HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
         r = Reader(s).response()
         assert r.status == 200 and r.body == b"not reading your body"
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_unread_body_is_dropped_and_the_connection_goes_on(server, tmp_path, framing):
+    # The app answers without reading a 1 MiB body (more than the server
+    # buffers before it stops reading): the rest of the body is read and
+    # dropped, the next request on the connection is answered, and the
+    # app's receive() after its response says http.disconnect.
+    marker = tmp_path / "marker"
+    payload = os.urandom(1 << 20)
+    head = b"POST /no-read-then-receive?%s HTTP/1.1\r\nHost: x\r\n" % str(marker).encode()
+    if framing == "chunked":
+        body = b"".join(b"%x\r\n%s\r\n" % (len(payload[i:i + 65536]), payload[i:i + 65536])
+                        for i in range(0, len(payload), 65536)) + b"0\r\n\r\n"
+        head += b"Transfer-Encoding: chunked\r\n\r\n"
+    else:
+        body = payload
+        head += b"Content-Length: %d\r\n\r\n" % len(payload)
+    with connect(server.port) as s:
+        s.sendall(head + body + get("/"))
+        rd = Reader(s)
+        assert rd.response().body == b"answered before reading"
+        assert rd.response().body == b"Hello, world!"
+    deadline = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.read_text() == "http.disconnect"
 
 
 def test_head_and_bodyless_statuses(server):

@@ -58,6 +58,11 @@ async def app(scope, receive, send):
     elif path == "/echo":
         body = await read_body(receive)
         await respond(send, body=body or b"")
+    elif path == "/echo-then-mark":  # echoes, then writes a file once its last send() returned
+        body = await read_body(receive)
+        await respond(send, body=body or b"")
+        with open(scope["query_string"].decode(), "w") as f:
+            f.write("send returned")
     elif path.startswith("/scope"):
         s = {k: v for k, v in scope.items() if k not in ("state",)}
         s["state"] = dict(scope["state"])
@@ -121,6 +126,11 @@ async def app(scope, receive, send):
         await send({"type": "http.response.pathsend", "path": name})
     elif path == "/no-read":
         await respond(send, body=b"not reading your body")
+    elif path == "/no-read-then-receive":  # answers first, then asks for the body it skipped
+        await respond(send, body=b"answered before reading")
+        msg = await receive()
+        with open(scope["query_string"].decode(), "w") as f:
+            f.write(msg["type"])
     elif path == "/wait-disconnect":
         msg = await receive()
         while msg["type"] != "http.disconnect":
