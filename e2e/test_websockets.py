@@ -160,6 +160,29 @@ def test_http_on_the_same_server_and_client_abort(ws_server):
 
 
 
+@pytest.mark.parametrize("path", [b"/ws", b"/refuse", b"/deny"])
+def test_frames_the_protocol_refuses_before_the_handshake_is_answered(tmp_path, path):
+    # A client that sends an unmasked frame (refused) right behind its
+    # upgrade request, then neither reads nor closes: the server closes the
+    # connection, and whatever the app answers (accept, close, a denial
+    # response) goes nowhere quietly; the echo app sees a disconnect.
+    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(_upgrade_request(path) + b"\x81\x05hello")
+            assert s.recv(4096) == b""  # closed by the server, nothing else sent
+        if path == b"/ws":
+            deadline = time.monotonic() + 5
+            while not httpx.get(f"http://127.0.0.1:{srv.port}/last-disconnect").json() and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert httpx.get(f"http://127.0.0.1:{srv.port}/last-disconnect").json()["code"] == 1006
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/").text == "http still works"
+        assert srv.stop() == 0
+        log = srv.log
+    for bad in ("Exception in ASGI application", "never retrieved", "Traceback"):
+        assert bad not in log, log
+
+
 def _flood_state(port):
     return httpx.get(f"http://127.0.0.1:{port}/flood-count").json()
 

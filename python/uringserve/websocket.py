@@ -234,7 +234,14 @@ class WebSocketSession(asyncio.Protocol):
     async def send(self, message):
         kind = message["type"]
         if not self.response_sent:
-            if kind == "websocket.accept":
+            if kind == "websocket.accept" and self._failed_early():
+                # nothing can answer the handshake: the accept goes nowhere,
+                # and receive() reports the disconnect, as it would for a
+                # client that left right after the 101
+                self.response_sent = self.accepted = self.closed = True
+                if self.transport is not None:
+                    self.transport.close()
+            elif kind == "websocket.accept":
                 response = self.proto.accept(self.request)
                 sub = message.get("subprotocol")
                 if sub:
@@ -440,11 +447,21 @@ class WebSocketSession(asyncio.Protocol):
             scope = dict(self.scope, method="GET", http_version="1.1")
             self.handler.access_hook(scope, status)
 
+    def _failed_early(self):
+        """Whether the connection ended before the app answered the
+        handshake: the client left, or sent frames the protocol refused
+        before its 101 (it has then sent its EOF and reads nothing more)."""
+        return self.lost or self.proto.eof_sent
+
     def _reject(self, status, text):
         if self.response_sent:
             return
         self.response_sent = True
         self.closed = True
+        if self._failed_early():
+            if self.transport is not None:
+                self.transport.close()
+            return
         response = self.proto.reject(status, text)
         self.proto.send_response(response)
         self._log(status)
@@ -472,9 +489,10 @@ class WebSocketSession(asyncio.Protocol):
         head.append(b"Connection: close")
         self.response_sent = True
         self.closed = True
-        self._log(status)
-        if self.transport is not None:
+        if self.transport is not None and not self._failed_early():
+            self._log(status)
             self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        if self.transport is not None:
             self.transport.close()
 
     def _flush(self):
