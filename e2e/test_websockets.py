@@ -183,6 +183,37 @@ def test_frames_the_protocol_refuses_before_the_handshake_is_answered(tmp_path, 
         assert bad not in log, log
 
 
+def _masked_text(payload):
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_protocol_error_after_a_message_ends_the_session_quietly(tmp_path):
+    # A message, then an unmasked frame in the same write: the protocol
+    # fails the connection (1002) while the app is about to answer the
+    # message. The app's send() raises ClientDisconnected (Starlette ends
+    # the endpoint), and the session's own closing handshake is skipped,
+    # not attempted on a closing protocol.
+    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+                s.sendall(_upgrade_request(b"/ws"))
+                assert _read_head(s).startswith(b"HTTP/1.1 101")
+                s.sendall(_masked_text(b"a") + b"\x81\x05hello")
+                out = b""
+                while True:
+                    data = s.recv(4096)
+                    if not data:
+                        break
+                    out += data
+                assert out[0] == 0x88 and out[2:4] == (1002).to_bytes(2, "big"), out  # close 1002, then EOF
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/").text == "http still works"
+        assert srv.stop() == 0
+        log = srv.log
+    for bad in ("Exception in ASGI application", "never retrieved", "Traceback", "socket.send() raised"):
+        assert bad not in log, log
+
+
 def _flood_state(port):
     return httpx.get(f"http://127.0.0.1:{port}/flood-count").json()
 

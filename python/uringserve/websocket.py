@@ -267,9 +267,10 @@ class WebSocketSession(asyncio.Protocol):
                             "'websocket.accept', 'websocket.close' or 'websocket.http.response.start'")
                 raise RuntimeError(f"Expected ASGI message {expected}, but got {kind!r}.")
             return
-        # the client may have gone (its FIN reached the protocol) before
-        # connection_lost() told us: either way it is ClientDisconnected
-        if self.closed or self.proto.state is State.CLOSED:
+        # the client may have gone (its FIN reached the protocol, or a send
+        # failed and the transport is closing) before connection_lost() told
+        # us: either way it is ClientDisconnected
+        if self.closed or self.proto.state is State.CLOSED or self.transport.is_closing():
             raise ClientDisconnected("the WebSocket is closed")
         if kind == "websocket.send":
             data = message.get("bytes")
@@ -510,6 +511,8 @@ class WebSocketSession(asyncio.Protocol):
                 self._reject(503 if code == 1012 else 403, "")
             return
         self.closed = True
+        if self.proto.state is not State.OPEN:
+            return  # already closing: the protocol failed it, or a close frame crossed ours
         self.proto.send_close(code, reason)
         self._flush()
 
