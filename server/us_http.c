@@ -16,6 +16,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/sendfile.h>
 #include <poll.h>
@@ -856,6 +857,28 @@ static int listener_arm(us_listener *l)
     return 0;
 }
 
+/* Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): the
+ * backlog cannot be taken, and an accept armed again at once would fail
+ * again at once, spinning a core. As asyncio does, the error is logged and
+ * accepting waits for the next tick (a second), by when connections may
+ * have closed; logged once until an accept succeeds again. */
+static int listener_resource_error(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+static void listener_starve(us_listener *l, int err)
+{
+    l->starved = 1;
+    if (l->starve_logged)
+        return;
+    l->starve_logged = 1;
+    char message[160];
+    snprintf(message, sizeof message,
+             "socket.accept() out of system resource: [Errno %d] %s; accepting again in a second", err, strerror(err));
+    us_http_log_error(l->srv, message, NULL);
+}
+
 #define US_HTTP_ACCEPT_MAX 4096 /* a bound: the backlog is smaller */
 #define US_HTTP_ACCEPT_BATCH 16 /* per wake-up of a shared listener */
 
@@ -866,8 +889,12 @@ static int listener_accept_all(us_listener *l, int max)
     us_httpserver *srv = l->srv;
     for (int i = 0; i < max; i++) {
         int fd = ue_accept(l->fd);
-        if (fd < 0)
-            return 0; /* EAGAIN: empty (or a sibling was faster); EMFILE: next wake-up */
+        if (fd < 0) {
+            if (listener_resource_error(-fd))
+                listener_starve(l, -fd);
+            return 0; /* EAGAIN: empty (or a sibling was faster) */
+        }
+        l->starve_logged = 0;
         if (srv->cancelled)
             close(fd);
         else
@@ -920,6 +947,7 @@ static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         if (res > 0)
             listener_ready(l);
     } else if (res >= 0) {
+        l->starve_logged = 0;
         /* A connection the kernel accepted before the cancel took effect is
          * served like any other (during a drain: its first request, with
          * Connection: close); closing it would fail a client that did
@@ -928,11 +956,10 @@ static void listener_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
             server_new_conn(srv, res, NULL, NULL);
         else
             close(res);
-    } else if (res != -ECANCELED && l->active) {
-        /* EMFILE and friends: the multishot ends; it is re-armed below,
-         * after the connections that hold descriptors had a chance. */
+    } else if (res != -ECANCELED && l->active && listener_resource_error(-res)) {
+        listener_starve(l, -res); /* the multishot has ended: armed again by the tick */
     }
-    if (!(flags & IORING_CQE_F_MORE) && l->active && !srv->draining && listener_arm(l) < 0)
+    if (!(flags & IORING_CQE_F_MORE) && l->active && !srv->draining && !l->starved && listener_arm(l) < 0)
         PyErr_WriteUnraisable((PyObject *)srv);
     if (!(flags & IORING_CQE_F_MORE) && !l->active)
         listener_take_backlog(l);
@@ -1115,10 +1142,26 @@ static PyObject *server_cancel_all(us_httpserver *srv, PyObject *unused)
     return PyLong_FromLong(cancelled);
 }
 
-/* Once a second: connections past their deadline close. */
+/* A listener that ran out of descriptors tries again. */
+static void listener_retry(us_listener *l)
+{
+    l->starved = 0;
+    if (!l->active || l->srv->draining || l->fd < 0)
+        return;
+    if (l->shared)
+        listener_ready(l); /* its poll stays armed; the backlog waits for us */
+    else if (!ue_op_busy(&l->op) && listener_arm(l) < 0)
+        PyErr_WriteUnraisable((PyObject *)l->srv);
+}
+
+/* Once a second: connections past their deadline close, and listeners out
+ * of descriptors try again. */
 static PyObject *server_tick(us_httpserver *srv, PyObject *unused)
 {
     (void)unused;
+    for (int i = 0; i < srv->nlisteners; i++)
+        if (srv->listeners[i]->starved)
+            listener_retry(srv->listeners[i]);
     double now = ue_now();
     us_httpconn *c = srv->conns;
     while (c) {

@@ -44,7 +44,9 @@ typedef struct us_listener {
     PyObject *sock;
     int fd; /* our duplicate of the socket, -1 once closed */
     char active;
-    char shared; /* other processes accept on this socket: poll + accept4 */
+    char shared;  /* other processes accept on this socket: poll + accept4 */
+    char starved; /* out of descriptors: accepting again at the next tick */
+    char starve_logged;
 } us_listener;
 
 struct us_httpserver {

@@ -83,3 +83,55 @@ def test_stop_accepting_serves_the_connection_it_was_woken_for():
             client.close()
         sibling.close()
         loop.close()
+
+
+def test_out_of_descriptors_waits_and_logs_instead_of_spinning():
+    """With the descriptor limit reached, a multishot accept ends with
+    EMFILE at once, and armed again at once it fails again at once: a core
+    spun at 100% while connections waited. Now the error is logged once and
+    accepting waits for the next tick, as asyncio waits a second; the
+    connections left in the backlog are served once descriptors are free."""
+    import os
+    import resource
+    import time
+
+    errors = []
+    loop = uringloop.new_event_loop()
+    lsock = listener()
+    clients = [socket.socket() for _ in range(8)]  # made now: no descriptor needed to connect them
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+
+        async def main():
+            core = HttpServer(loop, hello, lambda message, exc: errors.append(message))
+            await asyncio.sleep(0.05)
+            # (an accept takes the limit in force when it is armed)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+            try:
+                core.listen(lsock)
+                for c in clients:
+                    c.settimeout(5)
+                    c.connect(lsock.getsockname())
+                await asyncio.sleep(0.1)
+                cpu0 = time.process_time()
+                await asyncio.sleep(1.0)  # no tick: the listener stays starved
+                cpu = time.process_time() - cpu0
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert cpu < 0.25, f"the loop spun while out of descriptors ({cpu:.2f} s of CPU in 1 s)"
+            assert len(errors) == 1 and "[Errno 24]" in errors[0], errors
+            core.tick()  # a second has passed: accept again, now that descriptors are free
+            for c in clients:
+                c.sendall(get("/"))
+            rs = await asyncio.gather(*(loop.run_in_executor(None, Reader(c).response) for c in clients))
+            assert [r.status for r in rs] == [200] * len(clients)
+            core.stop_accepting()
+            core.cancel_all()
+
+        loop.run_until_complete(asyncio.wait_for(main(), 20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for c in clients:
+            c.close()
+        lsock.close()
+        loop.close()
