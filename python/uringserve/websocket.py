@@ -271,6 +271,7 @@ class WebSocketSession(asyncio.Protocol):
         # failed and the transport is closing) before connection_lost() told
         # us: either way it is ClientDisconnected
         if self.closed or self.proto.state is State.CLOSED or self.transport.is_closing():
+            self.closed = True  # an app that lets this propagate is not logged as failing
             raise ClientDisconnected("the WebSocket is closed")
         if kind == "websocket.send":
             data = message.get("bytes")
@@ -314,6 +315,7 @@ class WebSocketSession(asyncio.Protocol):
                 else:
                     self.proto.send_text(data)
             except InvalidState:
+                self.closed = True
                 raise ClientDisconnected("the WebSocket is closing") from None
             self._flush()
             return
