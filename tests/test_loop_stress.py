@@ -1,0 +1,213 @@
+"""Random stress of the stream transports (plain and TLS) and the `sock_*`
+operations, on uringloop and on stock asyncio: an echo server and many
+clients that write random sizes in random pieces, pause and resume reading
+on both sides, half-close, close or abort at random moments, and cancel
+`sock_*` calls with timeouts. Seeded (the seed is in the failure message).
+What must hold: every echo that completes is byte for byte what was sent,
+nothing hangs, no descriptor is left open, and the loop's exception handler
+is not called."""
+
+import asyncio
+import random
+import socket
+import time
+
+import pytest
+
+from conftest import tls_contexts
+
+SECONDS = 3
+
+
+def run_collecting_errors(loop, main):
+    errors = []
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
+    return loop.run_until_complete(main()), errors
+
+
+class EchoServer(asyncio.Protocol):
+    def __init__(self, rng):
+        self.rng = rng
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+        r = self.rng.random()
+        if r < 0.02:
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(self.rng.random() * 0.01, self._resume)
+        elif r < 0.025:
+            self.transport.abort()
+        elif r < 0.03:
+            self.transport.close()
+
+    def _resume(self):
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self):
+        return self.rng.random() < 0.5  # keep the connection half-open, or close it
+
+    def pause_writing(self):
+        self.transport.pause_reading()
+
+    def resume_writing(self):
+        self._resume()
+
+
+class EchoClient(asyncio.Protocol):
+    def __init__(self, rng, payload):
+        self.rng, self.payload = rng, payload
+        self.got = bytearray()
+        loop = asyncio.get_running_loop()
+        self.lost, self.done = loop.create_future(), loop.create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        if not self.payload:
+            self.done.set_result(None)
+        i = 0
+        while i < len(self.payload):
+            n = self.rng.choice([1, 100, 1000, 20000, 70000, 200000])
+            transport.write(self.payload[i:i + n])
+            i += n
+        if self.rng.random() < 0.3 and transport.can_write_eof():
+            transport.write_eof()
+
+    def data_received(self, data):
+        self.got += data
+        if len(self.got) >= len(self.payload) and not self.done.done():
+            self.done.set_result(None)
+        if self.rng.random() < 0.01:
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(
+                0.005, lambda: self.transport.is_closing() or self.transport.resume_reading())
+
+    def connection_lost(self, exc):
+        for fut in (self.lost, self.done):
+            if not fut.done():
+                fut.set_result(None)
+
+
+async def echo_once(rng, port, client_ssl, stats):
+    loop = asyncio.get_running_loop()
+    size = rng.choice([0, 1, 500, 5000, 50000, 300000, 1000000])
+    payload = (rng.randbytes(4096) * (size // 4096 + 1))[:size]
+    extra = {"ssl": client_ssl, "server_hostname": "localhost"} if client_ssl else {}
+    transport, client = await loop.create_connection(lambda: EchoClient(rng, payload), "127.0.0.1", port, **extra)
+    if rng.random() < 0.1:
+        await asyncio.sleep(rng.random() * 0.01)
+        transport.abort()
+    else:
+        await asyncio.wait_for(client.done, 20)
+        got = bytes(client.got)
+        assert got == payload[:len(got)], "corrupt echo"
+        stats["complete" if len(got) == len(payload) else "cut"] += 1
+        transport.close()
+    await asyncio.wait_for(client.lost, 20)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_stream_transports_under_random_clients(loop, no_fd_leak, tls):
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    server_ssl, client_ssl = tls_contexts() if tls else (None, None)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: EchoServer(rng), "127.0.0.1", 0, ssl=server_ssl)
+        port = server.sockets[0].getsockname()[1]
+        stats = {"complete": 0, "cut": 0}
+        end = time.monotonic() + SECONDS
+        while time.monotonic() < end:
+            await asyncio.gather(*(echo_once(rng, port, client_ssl, stats) for _ in range(rng.randint(1, 60))))
+        server.close()
+        await server.wait_closed()
+        return stats
+
+    stats, errors = run_collecting_errors(loop, main)
+    assert stats["complete"] > 50, (seed, stats)
+    assert not errors, (seed, errors[:5])
+
+
+def test_sock_operations_under_random_cancellations(loop, no_fd_leak):
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+
+    async def echo(conn):
+        loop = asyncio.get_running_loop()
+        with conn:
+            try:
+                while data := await loop.sock_recv(conn, rng.choice([1, 100, 65536])):
+                    await loop.sock_sendall(conn, data)
+            except OSError:
+                pass
+
+    async def accept(lsock, tasks):
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            conn.setblocking(False)
+            task = loop.create_task(echo(conn))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def client(port, stats):
+        loop = asyncio.get_running_loop()
+        s = socket.socket()
+        s.setblocking(False)
+        sender = None
+        try:
+            await asyncio.wait_for(loop.sock_connect(s, ("127.0.0.1", port)), rng.choice([0.0001, 1, 5]))
+            payload = rng.randbytes(rng.choice([1, 1000, 100000, 1000000]))
+
+            async def receive():
+                got = bytearray()
+                while len(got) < len(payload):
+                    if rng.random() < 0.5:
+                        data = await loop.sock_recv(s, 65536)
+                    else:
+                        buf = bytearray(70000)
+                        data = buf[:await loop.sock_recv_into(s, buf)]
+                    if not data:
+                        break
+                    got += data
+                return bytes(got)
+
+            sender = loop.create_task(loop.sock_sendall(s, payload))
+            got = await asyncio.wait_for(receive(), rng.choice([0.001, 0.01, 5]))
+            await sender
+            assert got == payload, "corrupt echo"
+            stats["complete"] += 1
+        except asyncio.TimeoutError:
+            stats["cancelled"] += 1
+        except OSError:
+            stats["error"] += 1
+        finally:
+            if sender is not None and not sender.done():
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+            s.close()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        tasks = set()
+        acceptor = loop.create_task(accept(lsock, tasks))
+        stats = {"complete": 0, "cancelled": 0, "error": 0}
+        end = time.monotonic() + SECONDS
+        while time.monotonic() < end:
+            await asyncio.gather(*(client(lsock.getsockname()[1], stats) for _ in range(rng.randint(1, 40))))
+        acceptor.cancel()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+        lsock.close()
+        return stats
+
+    stats, errors = run_collecting_errors(loop, main)
+    assert stats["complete"] > 20 and stats["cancelled"] > 10, (seed, stats)
+    assert not errors, (seed, errors[:5])
