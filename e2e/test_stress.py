@@ -43,7 +43,7 @@ def check_log(log):
         assert last and APP_ERRORS.match(last[0]), block[:3000]
 
 
-@pytest.mark.parametrize("kind,tls", [("http", False), ("websocket", False), ("http", True)])
+@pytest.mark.parametrize("kind,tls", [("http", False), ("websocket", False), ("http", True), ("websocket", True)])
 def test_random_clients(tmp_path, kind, tls):
     seed = random.randrange(1 << 32)
     args = ["--app-dir", E2E, "--no-access-log"]

@@ -4,6 +4,7 @@
 import asyncio
 import os
 import socket
+import struct
 import sys
 import time
 
@@ -212,6 +213,33 @@ def test_a_protocol_error_after_a_message_ends_the_session_quietly(tmp_path):
         log = srv.log
     for bad in ("Exception in ASGI application", "never retrieved", "Traceback", "socket.send() raised"):
         assert bad not in log, log
+
+
+def test_a_client_that_half_closes_while_the_app_waits_to_send(tmp_path):
+    # The client sends large messages to a raw ASGI echo app and reads
+    # nothing, so the app's send() waits for the transport to drain; then
+    # the client half-closes. That send() raises ClientDisconnected, which
+    # this app lets propagate: the client left, so it is not logged as an
+    # application error.
+    with serve("webapps.chaos_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(_upgrade_request(b"/ws-echo"))
+            assert _read_head(s).startswith(b"HTTP/1.1 101")
+            message = os.urandom(1 << 20)
+            mask = os.urandom(4)
+            frame = struct.pack("!BBQ", 0x82, 0xFF, len(message)) + mask + \
+                (int.from_bytes(message, "big") ^ int.from_bytes(mask * (len(message) // 4), "big")).to_bytes(
+                    len(message), "big")
+            for _ in range(4):
+                s.sendall(frame)
+            time.sleep(0.5)  # the echo fills the socket buffers and the app waits to send
+            s.shutdown(socket.SHUT_WR)
+            time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/health").text == "ok"
+        assert srv.stop() == 0
+        log = srv.log
+    assert "Exception in ASGI application" not in log, log
 
 
 def _flood_state(port):

@@ -13,9 +13,9 @@ async def _lifespan(receive, send):
             return
 
 
-async def _websocket(receive, send):
+async def _websocket(scope, receive, send):
     await receive()  # websocket.connect
-    if random.random() < 0.2:
+    if scope["path"] != "/ws-echo" and random.random() < 0.2:  # /ws-echo always accepts
         await send({"type": "websocket.close", "code": 1008})
         return
     await send({"type": "websocket.accept"})
@@ -52,7 +52,7 @@ async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         return await _lifespan(receive, send)
     if scope["type"] == "websocket":
-        return await _websocket(receive, send)
+        return await _websocket(scope, receive, send)
     path = scope["path"]
     body = b"" if path == "/no-read" else await _read_body(receive)
     if body is None:

@@ -526,6 +526,9 @@ class WebSocketSession(asyncio.Protocol):
             self.drain_waiter = self.handler.loop.create_future()
             try:
                 await self.drain_waiter
+            except ClientDisconnected:
+                self.closed = True  # the client went while we waited (EOF or lost)
+                raise
             finally:
                 self.drain_waiter = None
 
