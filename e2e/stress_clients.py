@@ -84,13 +84,20 @@ class Chaos:
                 return False
         return True
 
-    async def http_connection(self):
-        rng = self.rng
+    async def _connect(self):
+        """(reader, writer), or None if the server refused."""
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=self.ssl)
+            streams = await asyncio.open_connection("127.0.0.1", self.port, ssl=self.ssl)
         except OSError:
-            return
+            return None
         self.stats["connections"] += 1
+        return streams
+
+    async def http_connection(self):
+        rng, streams = self.rng, await self._connect()
+        if streams is None:
+            return
+        reader, writer = streams
         try:
             data = b"".join(self.http_request() for _ in range(rng.randint(1, 5)))
             if not await self._write_in_pieces(writer, data):
@@ -147,12 +154,10 @@ class Chaos:
         return rng.choice(bad)
 
     async def ws_session(self):
-        rng = self.rng
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=self.ssl)
-        except OSError:
+        rng, streams = self.rng, await self._connect()
+        if streams is None:
             return
-        self.stats["connections"] += 1
+        reader, writer = streams
         deflate = b"Sec-WebSocket-Extensions: permessage-deflate\r\n" if rng.random() < 0.3 else b""
         writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Key: " + base64.b64encode(self.bytes(16)) +
