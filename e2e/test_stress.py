@@ -34,8 +34,16 @@ def descriptors(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def check_log(log):
-    for bad in NEVER:
+def check_log(log, tls=False):
+    never = NEVER
+    if tls and sys.version_info < (3, 11):
+        # asyncio's SSL transport before 3.11 goes on writing into a TCP
+        # transport that a reset has already closed (its is_closing() only
+        # knows of close()), and that transport warns from the fifth write:
+        # a warning of the standard library's, which 3.11's SSL protocol no
+        # longer gives cause for
+        never = [bad for bad in NEVER if bad != "socket.send() raised"]
+    for bad in never:
         assert bad not in log, f"{bad!r} in the server's log:\n{log[-20000:]}"
     # every traceback ends in one of the app's own errors
     for block in log.split("Traceback (most recent call last):")[1:]:
@@ -62,6 +70,6 @@ def test_random_clients(tmp_path, kind, tls):
         assert srv.stop() == 0, srv.log
         log = srv.log
     try:
-        check_log(log)
+        check_log(log, tls)
     except AssertionError as exc:
         raise AssertionError(f"seed {seed}: {exc}") from None
