@@ -7,9 +7,13 @@ uringloop in one run:
   core, driven by bench/echo_client.c pinned to the other; reports round
   trips/s and the server's CPU time per round trip (utime+stime from
   /proc/PID/stat), since the load generator may saturate first.
+- readers (--readers, on its own): add_reader() ping-pong over a socketpair
+  inside one loop, with the readers registered once, and with a reader
+  added and removed around every wait (as database drivers do).
 
     python bench/loop_bench.py                 # everything, prints a table
     python bench/loop_bench.py --quick         # shorter runs
+    python bench/loop_bench.py --readers       # add_reader only
 """
 
 import argparse
@@ -86,6 +90,68 @@ def work_timers(loop, n):
     return rate
 
 
+def work_readers(loop, n, per_wait):
+    """n round trips between two readers of a socketpair; the loop's CPU
+    time per round trip (both ends run in this process)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+
+    async def wait_readable(sock):
+        fut = loop.create_future()
+        loop.add_reader(sock.fileno(), fut.set_result, None)  # rloop takes ints only
+        try:
+            await fut
+        finally:
+            loop.remove_reader(sock.fileno())
+
+    async def per_wait_side(sock, first):
+        for i in range(n):
+            if first:
+                sock.send(b"x")
+            await wait_readable(sock)
+            sock.recv(16)
+            if not first:
+                sock.send(b"y")
+
+    async def persistent():
+        done = loop.create_future()
+        count = [0]
+
+        def on_a():
+            a.recv(16)
+            count[0] += 1
+            if count[0] == n:
+                done.set_result(None)
+            else:
+                a.send(b"x")
+
+        def on_b():
+            b.recv(16)
+            b.send(b"y")
+
+        loop.add_reader(a.fileno(), on_a)
+        loop.add_reader(b.fileno(), on_b)
+        a.send(b"x")
+        await done
+        loop.remove_reader(a.fileno())
+        loop.remove_reader(b.fileno())
+
+    async def main():
+        if per_wait:
+            await asyncio.gather(per_wait_side(a, True), per_wait_side(b, False))
+        else:
+            await persistent()
+
+    import asyncio
+    t0, c0 = time.perf_counter(), time.process_time()
+    loop.run_until_complete(main())
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    a.close()
+    b.close()
+    return {"rate": n / wall, "cpu_us_per_rt": cpu / n * 1e6}
+
+
 def work_echo_server(loop, port, kind):
     """An echo server written three ways: with sock_* calls, with streams,
     and with a Protocol (the vmbench variants)."""
@@ -152,6 +218,8 @@ def worker(args):
             print(json.dumps({"rate": work_call_soon(loop, args.n)}))
         elif args.worker == "timers":
             print(json.dumps({"rate": work_timers(loop, args.n)}))
+        elif args.worker in ("readers", "readers_per_wait"):
+            print(json.dumps(work_readers(loop, args.n, args.worker == "readers_per_wait")))
         elif args.worker == "echo_server":
             work_echo_server(loop, args.port, args.kind)
     finally:
@@ -175,6 +243,29 @@ def run_micro(kind, loops, n, repeats):
                                  capture_output=True, text=True, check=True)
             rates[name].append(json.loads(out.stdout)["rate"])
     return {name: max(r) for name, r in rates.items()}
+
+
+def run_readers(loops, n, repeats, out):
+    """Both add_reader patterns, loops interleaved; the run with the least
+    CPU per round trip of each is kept."""
+    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "python": sys.version.split()[0],
+               "kernel": os.uname().release, "n": n, "runs": {}}
+    for kind in ("readers", "readers_per_wait"):
+        runs = {name: [] for name in loops}
+        for _ in range(repeats):
+            for name in loops:
+                res = subprocess.run(["taskset", "-c", SERVER_CORE, sys.executable, __file__, "--worker", kind,
+                                      "--loop", name, "--n", str(n)], capture_output=True, text=True, check=True)
+                runs[name].append(json.loads(res.stdout))
+        results["runs"][kind] = runs
+        label = "registered once" if kind == "readers" else "added and removed per wait"
+        for name in loops:
+            best = min(runs[name], key=lambda r: r["cpu_us_per_rt"])
+            print(f"{name:10s} add_reader, {label:27s} {best['rate']:9.0f} rt/s  "
+                  f"{best['cpu_us_per_rt']:6.2f} us CPU/rt", flush=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
 
 
 def cpu_times(pid):
@@ -257,6 +348,7 @@ def main():
                    help="matrix: runs of each cell per loop, interleaved; the median (by CPU per round trip) is kept")
     p.add_argument("--matrix", action="store_true",
                    help="the echo matrix: {protocol, streams, sockets} x {1, 10, 100} KiB x {1, 10, 100} connections")
+    p.add_argument("--readers", action="store_true", help="the add_reader benchmarks only")
     p.add_argument("--loops", default=",".join(LOOPS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "loop.json"))
     args = p.parse_args()
@@ -264,6 +356,9 @@ def main():
         return worker(args)
 
     loops = args.loops.split(",")
+    if args.readers:
+        return run_readers(loops, 20_000 if args.quick else 50_000, 3 if args.quick else 5,
+                           args.out.replace("loop.json", "readers.json"))
     if args.matrix:
         return run_matrix(loops, 2 if args.quick else 3, args.out.replace("loop.json", "echo_matrix.json"),
                           args.kinds.split(","), [int(x) for x in args.sizes.split(",")],

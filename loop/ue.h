@@ -17,6 +17,7 @@
 #include <liburing.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -68,8 +69,9 @@ struct ue_loop {
     enum ue_mode mode;
     unsigned features; /* io_uring_params.features */
     unsigned sq_size, cq_size;
-    pid_t pid;       /* process that created the ring */
-    pid_t owner_tid; /* thread that enabled the ring */
+    pid_t pid;                /* process that created the ring */
+    volatile char *fork_mark; /* 1, read as 0 in a forked child (or NULL) */
+    pid_t owner_tid;          /* thread that enabled the ring */
 
     /* cross-thread wakeup: an eventfd watched by a multishot poll */
     int wake_fd;
@@ -223,6 +225,38 @@ int ue_accept(int fd);
  * importing a msghdr and an iovec array), several as a SENDMSG over `msg`.
  * `msg` and `iov` must stay valid until the CQE. */
 void ue_prep_send_iov(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, struct iovec *iov, int n, int flags);
+
+/* An epoll set the ring waits on (ue_epoll.c): what asyncio's add_reader and
+ * add_writer need, which a POLL_ADD per fd cannot give (see there). The set
+ * is made on first use; `op` waits on it once per arming, and its owner
+ * arms it again after each completion. */
+#define UE_EPOLL_EVENTS 128
+typedef struct ue_epoll {
+    int epfd;  /* -1 until first use */
+    pid_t pid; /* process that made epfd */
+    ue_op op;
+    char probed, wait_op;                       /* IORING_OP_EPOLL_WAIT is there */
+    struct epoll_event events[UE_EPOLL_EVENTS]; /* the kernel writes here */
+} ue_epoll;
+
+void ue_epoll_init(ue_epoll *e);
+/* Moves fd from watching old_events to new_events (EPOLLIN/EPOLLOUT; 0 is
+ * none): adds, modifies or deletes. An fd closed while registered and
+ * reused since is added anew. 0 or -errno (-EPERM for a regular file). In a
+ * child of fork(), call ue_epoll_own() first. */
+int ue_epoll_set(ue_epoll *e, int fd, uint32_t old_events, uint32_t new_events);
+/* Arms `op` (not in a forked child before its ring is rebuilt: the ring's
+ * memory is still the parent's). */
+int ue_epoll_arm(ue_loop *l, ue_epoll *e, ue_op_cb cb);
+/* In the op's callback, with its CQE's res: how many of e->events are
+ * ready fds (none when the wait was cancelled), or -errno. */
+int ue_epoll_ready(ue_epoll *e, int32_t res);
+/* In a child of fork() the set is still the parent's (ue_epoll_forked()):
+ * ue_epoll_own() makes an empty one of the child's own, to which the owner
+ * adds its fds again. 0 or -errno. */
+int ue_epoll_forked(const ue_epoll *e);
+int ue_epoll_own(ue_epoll *e);
+void ue_epoll_close(ue_epoll *e);
 
 /* Is an opcode supported by the running kernel? */
 int ue_probe_op(ue_loop *l, int opcode);

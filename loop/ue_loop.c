@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -75,12 +76,30 @@ static int ue__setup_ring(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
     return ret;
 }
 
+/* A page the kernel hands a forked child zeroed (MADV_WIPEONFORK, Linux
+ * 4.14): ue_loop_forked() is then a memory read, where getpid() is a
+ * syscall, and add_reader()/remove_reader() ask it every time. */
+static void ue__fork_mark_init(ue_loop *l)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    void *p = mmap(NULL, (size_t)page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return;
+    if (madvise(p, (size_t)page, MADV_WIPEONFORK) < 0) {
+        munmap(p, (size_t)page);
+        return; /* ue_loop_forked() falls back to getpid() */
+    }
+    l->fork_mark = p;
+    *l->fork_mark = 1;
+}
+
 int ue_loop_init(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
 {
     memset(l, 0, sizeof *l);
     l->ring_fd = -1;
     l->wake_fd = -1;
     l->pid = getpid();
+    ue__fork_mark_init(l);
     l->sq_size = sq_entries;
     l->cq_size = cq_entries;
     int ret = ue__setup_ring(l, sq_entries, cq_entries);
@@ -102,6 +121,8 @@ int ue_loop_init(ue_loop *l, unsigned sq_entries, unsigned cq_entries)
 
 int ue_loop_forked(const ue_loop *l)
 {
+    if (l->fork_mark)
+        return !*l->fork_mark;
     return l->pid != getpid();
 }
 
@@ -354,6 +375,10 @@ void ue_loop_close(ue_loop *l)
     free(l->heap);
     l->heap = NULL;
     l->heap_len = l->heap_cap = 0;
+    if (l->fork_mark) {
+        munmap((void *)l->fork_mark, (size_t)sysconf(_SC_PAGESIZE));
+        l->fork_mark = NULL;
+    }
 }
 
 int ue_loop_rebuild(ue_loop *l)
@@ -372,6 +397,8 @@ int ue_loop_rebuild(ue_loop *l)
     l->wake_op.state = UE_OP_IDLE;
     atomic_store(&l->sleeping, 0);
     l->pid = getpid();
+    if (l->fork_mark)
+        *l->fork_mark = 1;
     int ret = ue__setup_ring(l, l->sq_size, l->cq_size);
     if (ret < 0) {
         l->failed_step = "io_uring_setup";

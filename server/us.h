@@ -85,6 +85,7 @@ typedef struct us_loop {
 
     PyObject *readers; /* {fd: FdWatch} */
     PyObject *writers;
+    ue_epoll ep; /* the fds of readers and writers */
 
     /* streams with writes queued this iteration (strong references) */
     PyObject **flush;
@@ -143,7 +144,6 @@ void us_timer_cancelled(us_loop *loop, us_timer_handle *t);
 /* us_fdwatch.c */
 extern PyType_Spec us_fdwatch_spec;
 int us_fdwatch_run(PyObject *w);
-int us_fdwatch_arm(PyObject *w);
 PyObject *us_loop_add_watch(us_loop *loop, PyObject *dict, int fd, PyObject *fileobj, short events,
                             PyObject *const *args, Py_ssize_t nargs);
 int us_loop_remove_watch(us_loop *loop, PyObject *dict, int fd);

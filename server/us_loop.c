@@ -161,6 +161,7 @@ static PyObject *loop_new(PyTypeObject *tp, PyObject *args, PyObject *kwds)
     self->st = st;
     self->ue = ue;
     self->ue_ready = 1;
+    ue_epoll_init(&self->ep);
     self->readers = PyDict_New();
     self->writers = PyDict_New();
     if (!self->readers || !self->writers) {
@@ -218,6 +219,7 @@ static void loop_dealloc(us_loop *self)
     } else {
         free(self->ue.heap);
     }
+    ue_epoll_close(&self->ep);
     PyMem_Free(self->ready);
     PyMem_Free(self->flush);
     tp->tp_free(self);
@@ -259,6 +261,7 @@ static PyObject *loop_close_core(us_loop *self, PyObject *unused)
         ue_loop_close(&self->ue);
         self->ue_ready = 0;
     }
+    ue_epoll_close(&self->ep);
     ready_clear(self);
     if (PyErr_Occurred())
         return NULL;
@@ -683,8 +686,7 @@ static PyObject *add_watch(us_loop *self, PyObject *dict, short events, PyObject
         return NULL;
     if (us_loop_check_open(self) < 0)
         return NULL;
-    if (fcntl(fd, F_GETFD) < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+    /* a closed fd is refused by epoll_ctl() (EBADF), as by asyncio's selector */
     return us_loop_add_watch(self, dict, fd, args[0], events, args + 1, nargs - 1);
 }
 

@@ -129,6 +129,63 @@ def test_remove_reader_and_writer_of_a_socket_closed_while_registered(loop):
         d.close()
 
 
+def test_a_socket_closed_while_its_reader_is_registered_is_closed_for_its_peer(loop):
+    # The registration stays until remove_reader(), as in asyncio, but it must
+    # not keep the socket open: the peer sees EOF once the program closes it.
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    loop.add_reader(a, print)
+    loop.add_writer(c, print)
+    loop.run_until_complete(asyncio.sleep(0.02))  # the watches are armed
+    a.close()
+    c.close()
+    loop.run_until_complete(asyncio.sleep(0.02))
+    b.settimeout(2)
+    d.settimeout(2)
+    try:
+        assert b.recv(10) == b""
+        assert d.recv(10) == b""
+        assert loop.remove_reader(a) is True
+        assert loop.remove_writer(c) is True
+    finally:
+        b.close()
+        d.close()
+
+
+def test_add_reader_on_a_regular_file_is_refused(loop):
+    # epoll cannot watch a regular file, and asyncio passes its EPERM on
+    # rather than calling the callback in a loop.
+    with tempfile.TemporaryFile() as f:
+        with pytest.raises(PermissionError):
+            loop.add_reader(f.fileno(), print)
+        with pytest.raises(PermissionError):
+            loop.add_writer(f, print)
+        assert loop.remove_reader(f.fileno()) is False
+        assert loop.remove_writer(f) is False
+
+
+def test_an_fd_number_reused_after_remove_reader_is_watched_anew(loop):
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    loop.add_reader(fd, print)
+    loop.run_until_complete(asyncio.sleep(0.02))
+    c, d = socket.socketpair()
+    a.close()
+    os.dup2(c.fileno(), fd)  # the old number, another socket
+    c.close()
+    loop.remove_reader(fd)
+    seen = asyncio.Event()
+    loop.add_reader(fd, seen.set)
+    d.send(b"x")
+    try:
+        loop.run_until_complete(asyncio.wait_for(seen.wait(), 2))
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+        for s in (b, d):
+            s.close()
+
+
 def test_add_reader_on_closed_fd_raises(loop):
     a, b = socket.socketpair()
     fd = a.fileno()

@@ -142,6 +142,35 @@ def test_forked_child_gets_a_fresh_ring():
     assert out.stdout.split() == ["0", "b'parent'"]
 
 
+def test_forked_child_watches_readers_without_touching_the_parents():
+    # The epoll set behind add_reader is shared with a forked child: the
+    # child must get a set of its own, so that its removals and its close
+    # leave the parent's readers alone.
+    out = python("""
+        import asyncio, os, socket, uringloop
+        loop = uringloop.new_event_loop()
+        a, b = socket.socketpair()
+        got = loop.create_future()
+        loop.add_reader(a, lambda: got.done() or got.set_result(a.recv(10)))
+        loop.run_until_complete(asyncio.sleep(0.01))
+        pid = os.fork()
+        if pid == 0:
+            loop.remove_reader(a)
+            c, d = socket.socketpair()
+            seen = loop.create_future()
+            loop.add_reader(c, lambda: seen.done() or seen.set_result(c.recv(10)))
+            d.send(b"child")
+            ok = loop.run_until_complete(asyncio.wait_for(seen, 5)) == b"child"
+            loop.close()
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        b.send(b"parent")
+        print(os.waitstatus_to_exitcode(status), loop.run_until_complete(asyncio.wait_for(got, 5)))
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "b'parent'"]
+
+
 def test_loop_created_in_one_thread_runs_in_another():
     loop = uringloop.new_event_loop()
     results = []
