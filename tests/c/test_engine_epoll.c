@@ -45,6 +45,12 @@ static void setup(ue_loop *l, probe_set *p)
     }
 }
 
+static void teardown(ue_loop *l, probe_set *p)
+{
+    ue_epoll_close(&p->ep);
+    ue_loop_close(l);
+}
+
 /* The ready fds of the last completion. */
 static int ready(probe_set *p)
 {
@@ -110,8 +116,7 @@ static void test_readiness_is_level_triggered(void)
     disarm(&l, &p);
     close(sv[0]);
     close(sv[1]);
-    ue_epoll_close(&p.ep);
-    ue_loop_close(&l);
+    teardown(&l, &p);
 }
 
 static void test_closed_fd_leaves_the_set(void)
@@ -132,8 +137,7 @@ static void test_closed_fd_leaves_the_set(void)
     /* removing it after the close is not an error */
     CHECK(ue_epoll_set(&p.ep, sv[0], EPOLLIN, 0) == 0);
     close(sv[1]);
-    ue_epoll_close(&p.ep);
-    ue_loop_close(&l);
+    teardown(&l, &p);
 }
 
 static void test_regular_file_is_refused(void)
@@ -148,8 +152,7 @@ static void test_regular_file_is_refused(void)
     CHECK(ue_epoll_set(&p.ep, fd, 0, EPOLLIN) == -EPERM);
     CHECK(ue_epoll_set(&p.ep, -1, 0, EPOLLIN) == -EBADF);
     close(fd);
-    ue_epoll_close(&p.ep);
-    ue_loop_close(&l);
+    teardown(&l, &p);
 }
 
 static void test_reused_fd_number_is_added_again(void)
@@ -174,8 +177,7 @@ static void test_reused_fd_number_is_added_again(void)
     close(a[1]);
     close(b[0]);
     close(b[1]);
-    ue_epoll_close(&p.ep);
-    ue_loop_close(&l);
+    teardown(&l, &p);
 }
 
 static void test_forked_child_gets_its_own_set(void)
@@ -203,8 +205,7 @@ static void test_forked_child_gets_its_own_set(void)
     disarm(&l, &p);
     close(sv[0]);
     close(sv[1]);
-    ue_epoll_close(&p.ep);
-    ue_loop_close(&l);
+    teardown(&l, &p);
 }
 
 int main(void)
