@@ -285,6 +285,27 @@ int us_loop_watch_fd_of(PyObject *dict, PyObject *fileobj)
     return -1;
 }
 
+/* Adds every watched fd to a set made anew, each once with all its events
+ * (an fd with a reader and a writer is in both dictionaries). A watched fd
+ * closed since cannot be added: epoll would have dropped it anyway. */
+static int readd_watched_fds(us_loop *loop)
+{
+    PyObject *dicts[2] = {loop->readers, loop->writers};
+    for (int d = 0; d < 2; d++) {
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(dicts[d], &pos, &key, &value)) {
+            int in_readers = d == 1 ? PyDict_Contains(loop->readers, key) : 0;
+            int64_t events = in_readers ? 0 : watched_events(loop, key);
+            if (in_readers < 0 || events < 0)
+                return -1;
+            if (events)
+                (void)ue_epoll_set(&loop->ep, ((us_fdwatch *)value)->fd, 0, (uint32_t)events);
+        }
+    }
+    return 0;
+}
+
 /* After the ring was rebuilt the set's poll is gone without a CQE; in a
  * forked child the set itself is the parent's, so a new one gets every fd. */
 void us_loop_rearm_watches(us_loop *loop)
@@ -297,20 +318,8 @@ void us_loop_rearm_watches(us_loop *loop)
             PyErr_SetFromErrno(PyExc_OSError);
             return;
         }
-        PyObject *dicts[2] = {loop->readers, loop->writers};
-        for (int d = 0; d < 2; d++) {
-            PyObject *key, *value;
-            Py_ssize_t pos = 0;
-            while (PyDict_Next(dicts[d], &pos, &key, &value)) {
-                int64_t events = watched_events(loop, key);
-                /* a watched fd closed since cannot be added: epoll would
-                 * have dropped it anyway */
-                if (events > 0)
-                    (void)ue_epoll_set(&loop->ep, ((us_fdwatch *)value)->fd, 0, (uint32_t)events);
-                else if (events < 0)
-                    return;
-            }
-        }
+        if (readd_watched_fds(loop) < 0)
+            return;
     }
     if (has_watches(loop))
         (void)arm_epoll(loop);

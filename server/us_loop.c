@@ -7,7 +7,6 @@
 #include "us.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 
