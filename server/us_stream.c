@@ -1270,7 +1270,7 @@ static PyObject *stream_set_write_buffer_limits(us_stream *s, PyObject *args, Py
             return NULL;
     }
     if (low_o == Py_None)
-        low = high / 4;
+        low = high >= 0 ? high / 4 : -((3 - high) / 4); /* Python's high // 4, for the message */
     else {
         low = PyLong_AsSsize_t(low_o);
         if (low == -1 && PyErr_Occurred())

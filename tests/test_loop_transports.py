@@ -1330,6 +1330,25 @@ def test_datagram_abort_with_a_send_waiting(loop):
 
     run(loop, main())
 
+def test_datagram_sendto_empty_follows_the_running_pythons_asyncio(loop):
+    # asyncio sends a zero-length datagram from 3.13 on; before, sendto(b"")
+    # did nothing. uringloop sent it on every version.
+    async def main():
+        rx, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), local_addr=("127.0.0.1", 0))
+        tx, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=rx.get_extra_info("sockname"))
+        tx.sendto(b"")
+        tx.sendto(b"last")
+        while not any(d == b"last" for d, _ in pr.datagrams):
+            pr.got.clear()
+            await asyncio.wait_for(pr.got.wait(), 5)
+        tx.close()
+        rx.close()
+        return [d for d, _ in pr.datagrams]
+
+    expected = [b"", b"last"] if sys.version_info >= (3, 13) else [b"last"]
+    assert run(loop, main()) == expected
+
+
 def test_unix_datagram_endpoint(loop):
     async def main():
         with tempfile.TemporaryDirectory() as d:

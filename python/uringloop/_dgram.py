@@ -22,9 +22,11 @@ from asyncio.log import logger
 _RECVFROM = 2  # _core sock op code (server/us_sockops.c)
 _MAX_DATAGRAM = 256 * 1024
 _FULL, _FAILED = object(), object()  # outcomes of DatagramTransport._try_send
-# asyncio counts 8 bytes of header per buffered datagram from 3.13 on (so that
-# empty datagrams count towards the high-water mark)
-_HEADER_SIZE = 8 if sys.version_info >= (3, 13) else 0
+# From 3.13 on asyncio sends empty datagrams (before, sendto(b"") did nothing)
+# and counts 8 bytes of header per buffered datagram, so that empty ones count
+# towards the high-water mark
+_SENDS_EMPTY = sys.version_info >= (3, 13)
+_HEADER_SIZE = 8 if _SENDS_EMPTY else 0
 
 
 class DatagramTransport(transports._FlowControlMixin, transports.DatagramTransport):
@@ -120,6 +122,8 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
     def sendto(self, data, addr=None):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+        if not data and not _SENDS_EMPTY:
+            return
         if self._address:
             if addr not in (None, self._address):
                 raise ValueError(f"Invalid address: must be None or {self._address}")
