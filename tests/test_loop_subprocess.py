@@ -144,6 +144,19 @@ def test_pipe_transports_are_one_way(loop):
     run(loop, main())
 
 
+def test_pipe_transports_refuse_a_regular_file_as_asyncio_does(loop, tmp_path):
+    async def main():
+        path = tmp_path / "f"
+        path.write_bytes(b"")
+        with open(path, "rb") as f, pytest.raises(ValueError, match=r"^Pipe transport is for pipes/sockets only\.$"):
+            await loop.connect_read_pipe(asyncio.Protocol, f)
+        with open(path, "wb") as f, pytest.raises(
+                ValueError, match="^Pipe transport is only for pipes, sockets and character devices$"):
+            await loop.connect_write_pipe(asyncio.Protocol, f)
+
+    run(loop, main())
+
+
 def test_write_pipe_sees_reader_go_away(loop):
     class Writer(asyncio.Protocol):
         def __init__(self):

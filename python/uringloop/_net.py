@@ -172,7 +172,10 @@ class NetworkMixin:
         mode = os.fstat(fileno).st_mode
         is_socket = stat.S_ISSOCK(mode)
         if not (stat.S_ISFIFO(mode) or is_socket or stat.S_ISCHR(mode)):
-            raise ValueError("Pipe transport is for pipes/sockets only.")
+            # asyncio's two messages, word for word
+            if kind == _READ_PIPE:
+                raise ValueError("Pipe transport is for pipes/sockets only.")
+            raise ValueError("Pipe transport is only for pipes, sockets and character devices")
         os.set_blocking(fileno, False)
         info = dict(extra) if extra else {}
         info["pipe"] = pipe

@@ -78,7 +78,7 @@ class TLSBridge(asyncio.Protocol):
     def data_received(self, data):
         if self.plain is None:
             self.early.append(data)
-        else:
+        elif not self.plain.is_closing():  # else the server side is gone: nobody to read it
             self.plain.write(data)
 
     def eof_received(self):
@@ -103,8 +103,20 @@ class TLSBridge(asyncio.Protocol):
     # -- called by the plain side --
 
     def from_server(self, data):
-        if not self.tls_closed:
+        if not self._tls_gone():
             self.tls.write(data)
+
+    def _tls_gone(self):
+        """Whether the TLS connection can take no more. Its TCP transport
+        may be lost (a reset) while the SSL protocol above it is told only
+        when that transport's connection_lost() comes: what is written
+        before then is counted and dropped, and warned about from the fifth
+        write on, and uringloop hands the plain side everything one batch
+        of completions brought, so that can be several writes."""
+        if self.tls_closed or self.tls.is_closing():
+            return True
+        tcp = getattr(getattr(self.tls, "_ssl_protocol", None), "_transport", None)
+        return tcp is not None and tcp.is_closing()
 
     def server_done(self, exc):
         if not self.tls_closed:
