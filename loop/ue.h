@@ -147,7 +147,7 @@ void ue_wakeup(ue_loop *l);
 
 /* Timers. */
 double ue_now(void);
-int ue_timer_add(ue_loop *l, ue_timer *t, double when);
+int ue_timer_add(ue_loop *l, ue_timer *t, double when); /* a NaN when is due at once */
 void ue_timer_remove(ue_loop *l, ue_timer *t);
 static inline ue_timer *ue_timer_first(const ue_loop *l)
 {

@@ -6,6 +6,7 @@
 #include "ue.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 
 static inline int ue__timer_less(const ue_timer *a, const ue_timer *b)
@@ -61,7 +62,11 @@ int ue_timer_add(ue_loop *l, ue_timer *t, double when)
         l->heap = heap;
         l->heap_cap = cap;
     }
-    t->when = when;
+    /* NaN would compare false with everything: stuck at the top of the heap
+     * it would never fall due and hold back every timer behind it. asyncio
+     * runs a NaN timer once it reaches the top of its heap; here it is due
+     * at once. */
+    t->when = when != when ? -INFINITY : when;
     t->seq = ++l->timer_seq;
     l->heap[l->heap_len] = t;
     t->index = l->heap_len++;

@@ -121,6 +121,7 @@ typedef struct us_timer_handle {
     us_handle base;
     ue_timer timer;   /* in the loop's heap while scheduled (the heap owns a ref) */
     char when_is_int; /* call_at() got an int: when() gives it back as one, as asyncio's does */
+    char when_is_nan; /* scheduled for NaN (due at once in the heap): when() gives NaN back */
 } us_timer_handle;
 
 /* us_module.c */

@@ -275,6 +275,8 @@ PyType_Spec us_handle_spec = {
 static PyObject *timer_when(us_timer_handle *t, PyObject *unused)
 {
     (void)unused;
+    if (t->when_is_nan)
+        return PyFloat_FromDouble(NAN);
     return t->when_is_int ? PyLong_FromDouble(t->timer.when) : PyFloat_FromDouble(t->timer.when);
 }
 

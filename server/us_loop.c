@@ -358,6 +358,7 @@ static PyObject *schedule_at(us_loop *self, double when, PyObject *const *args, 
     }
     Py_INCREF(t); /* the heap's reference */
     t->when_is_int = 0;
+    t->when_is_nan = when != when;
     return (PyObject *)t;
 }
 

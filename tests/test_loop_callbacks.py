@@ -2,10 +2,10 @@
 handler API: the same assertions on uringloop and on stock asyncio."""
 
 import asyncio
-import math
 import contextvars
 import gc
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -126,6 +126,18 @@ def test_timer_cancel_prevents_run(loop):
     loop.call_later(0.1, loop.stop)
     loop.run_forever()
     assert seen == list(range(1, 50, 2))
+
+
+def test_a_nan_deadline_runs_and_holds_no_other_timer_back(loop):
+    # asyncio takes call_later(nan) and runs it once it reaches the top of
+    # its heap; uringloop's heap left it at the top, never due, and no timer
+    # ran again (the loop hung)
+    seen = []
+    h = loop.call_later(float("nan"), seen.append, "nan")
+    loop.call_at(float("nan"), seen.append, "nan at")
+    assert math.isnan(h.when())
+    loop.run_until_complete(asyncio.sleep(0.01))  # a timer behind them
+    assert sorted(seen) == ["nan", "nan at"]
 
 
 def test_none_delay_and_when_are_rejected(loop):

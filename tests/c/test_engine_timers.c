@@ -1,4 +1,5 @@
 /* Timer heap: ordering by (when, seq), removal from any position. */
+#include <math.h>
 #include <string.h>
 
 #include "ue.h"
@@ -85,10 +86,34 @@ static void test_remove_anywhere(void)
     free(loop.heap);
 }
 
+/* A NaN deadline compares false with everything: in the heap as it is, it
+ * stuck at the top, never fell due, and held back every timer behind it
+ * (call_later(float("nan")) hung the loop). It is due at once instead. */
+static void test_nan_deadline_is_due_at_once(void)
+{
+    memset(&loop, 0, sizeof loop);
+    for (int i = 0; i < 10; i++) {
+        ue_timer_init(&timers[i]);
+        ue_timer_add(&loop, &timers[i], i == 5 ? NAN : (double)i);
+    }
+    check_heap_invariant();
+    CHECK(ue_timer_first(&loop) == &timers[5]);
+    CHECK(ue_timer_first(&loop)->when < 0.0);
+    ue_timer_remove(&loop, &timers[5]);
+    for (int i = 0; i < 10; i++) {
+        if (i == 5)
+            continue;
+        CHECK(ue_timer_first(&loop) == &timers[i]);
+        ue_timer_remove(&loop, &timers[i]);
+    }
+    free(loop.heap);
+}
+
 int main(void)
 {
     RUN(test_pop_order);
     RUN(test_equal_deadlines_are_fifo);
     RUN(test_remove_anywhere);
+    RUN(test_nan_deadline_is_due_at_once);
     return TEST_EXIT();
 }
