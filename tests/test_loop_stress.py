@@ -101,12 +101,26 @@ async def echo_once(rng, port, client_ssl, stats):
         await asyncio.sleep(rng.random() * 0.01)
         transport.abort()
     else:
-        await asyncio.wait_for(client.done, 20)
+        await wait_or_describe(client, client.done, payload)
         got = bytes(client.got)
         assert got == payload[:len(got)], "corrupt echo"
         stats["complete" if len(got) == len(payload) else "cut"] += 1
         transport.close()
-    await asyncio.wait_for(client.lost, 20)
+    await wait_or_describe(client, client.lost, payload)
+
+
+async def wait_or_describe(client, fut, payload):
+    """Waits for one of the client's futures; on a timeout, says where the
+    client's transport stands (the test's failure message has the seed)."""
+    try:
+        await asyncio.wait_for(fut, 20)
+    except asyncio.TimeoutError:
+        t = client.transport
+        ssl_protocol = getattr(t, "_ssl_protocol", None)
+        raise AssertionError({"waited for": "done" if fut is client.done else "lost", "got": len(client.got),
+                              "sent": len(payload), "reading": t.is_reading(), "closing": t.is_closing(),
+                              "ssl state": getattr(ssl_protocol, "_state", None),
+                              "tcp transport": repr(getattr(ssl_protocol, "_transport", None))}) from None
 
 
 @pytest.mark.parametrize("tls", [False, True])
@@ -133,7 +147,10 @@ def test_stream_transports_under_random_clients(loop, no_fd_leak, tls):
         await server.wait_closed()
         return stats
 
-    stats, errors = run_collecting_errors(loop, main)
+    try:
+        stats, errors = run_collecting_errors(loop, main)
+    except AssertionError as exc:
+        raise AssertionError(f"seed {seed}: {exc}") from None
     assert stats["complete"] > 50, (seed, stats)
     assert not errors, (seed, errors[:5])
 
