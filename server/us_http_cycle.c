@@ -343,7 +343,8 @@ us_httpcycle *us_httpcycle_new(us_httpconn *c, uh_parser *p, const uh_request *r
     cy->conn = (us_httpconn *)Py_NewRef(c);
     cy->expected_len = -1;
     cy->req_flags = req->flags;
-    cy->keep_alive = (req->flags & UH_REQ_KEEP_ALIVE) && !srv->draining;
+    /* a keep-alive timeout <= 0 turns keep-alive off, as gunicorn's keepalive does */
+    cy->keep_alive = (req->flags & UH_REQ_KEEP_ALIVE) && !srv->draining && srv->keepalive_timeout > 0;
     cy->head_request = req->method == HTTP_HEAD;
     cy->http10 = req->http_minor == 0;
     cy->body_complete = !(req->flags & UH_REQ_HAS_BODY);

@@ -32,6 +32,20 @@ def test_keep_alive_timeout_closes_idle_connections(tmp_path):
         assert srv.stop() == 0
 
 
+def test_keep_alive_timeout_of_zero_turns_keep_alive_off(tmp_path):
+    # as gunicorn's keepalive <= 0: each response says connection: close, so
+    # that no client sends a second request into a connection about to close
+    # (the deadline is checked once a second: a bare close came up to 1 s late)
+    with serve("apps.wire_app:app", "--timeout-keep-alive", "0", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(get("/"))
+            rd = Reader(s)
+            r = rd.response()
+            assert r.status == 200 and r.header("connection") == "close"
+            assert rd.closed(timeout=5)
+        assert srv.stop() == 0
+
+
 def test_slow_headers_are_cut_off(tmp_path):
     with serve("apps.wire_app:app", "--timeout-request-header", "1", tmp_path=str(tmp_path)) as srv:
         with connect(srv.port) as s:

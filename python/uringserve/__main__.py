@@ -111,7 +111,8 @@ def build_parser():
           help="an extra response header NAME:VALUE (repeatable).")
     p.add("--server-header", action=argparse.BooleanOptionalAction, default=True, help="send 'server: uringserve'.")
     p.add("--date-header", action=argparse.BooleanOptionalAction, default=True, help="send a Date header.")
-    p.add("--timeout-keep-alive", type=float, default=5, help="close idle keep-alive connections after this many s.")
+    p.add("--timeout-keep-alive", type=float, default=5,
+          help="close idle keep-alive connections after this many s (0: no keep-alive).")
     p.add("--timeout-graceful-shutdown", type=float, default=None,
           help="on shutdown, wait this long for requests in flight, then cancel them.")
     p.add("--timeout-request-header", type=float, default=30,
