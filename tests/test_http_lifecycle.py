@@ -302,6 +302,13 @@ def test_cli_bad_option():
     assert r.returncode == 2 and "unrecognized arguments: --no-such-option" in r.stderr
 
 
+def test_cli_port_out_of_range_is_refused_before_the_app_starts():
+    for port in ("70000", "-1"):
+        r = run_cli("apps.wire_app:app", "--port", port)
+        assert r.returncode == 2 and "argument --port: must be 0-65535" in r.stderr, r.stderr
+        assert "startup" not in r.stderr
+
+
 def test_cli_missing_module_and_attribute():
     r = run_cli("no_such_module_xyz:app", "--port", str(free_port()))
     assert r.returncode == 1

@@ -50,6 +50,13 @@ def _positive_int(value):
     return n
 
 
+def _port(value):
+    n = int(value)
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError("must be 0-65535")
+    return n
+
+
 def _bool(value):
     """uvicorn's boolean option values (click's): true/false, 1/0, yes/no, on/off."""
     v = value.strip().lower()
@@ -72,7 +79,7 @@ def build_parser():
     p.add_argument("app", nargs="?", default=os.environ.get("URINGSERVE_APP"),
                    help="the application, as module:attribute [env: URINGSERVE_APP]")
     p.add("--host", default="127.0.0.1", help="bind to this address (IPv4 or IPv6).")
-    p.add("--port", type=int, default=8000, help="bind to this port.")
+    p.add("--port", type=_port, default=8000, help="bind to this port.")
     p.add("--uds", default=None, help="bind to this Unix domain socket.")
     p.add("--uds-mode", type=lambda v: int(v, 8), default=0o666, help="permission bits of the --uds socket (octal).")
     p.add("--fd", type=_fd, default=None, help="serve on this already-bound socket (systemd socket activation).")
