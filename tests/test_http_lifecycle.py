@@ -303,10 +303,15 @@ def test_cli_bad_option():
 
 
 def test_cli_port_out_of_range_is_refused_before_the_app_starts():
+    # from the environment too (a positive-integer option there gave a traceback)
     for port in ("70000", "-1"):
         r = run_cli("apps.wire_app:app", "--port", port)
         assert r.returncode == 2 and "argument --port: must be 0-65535" in r.stderr, r.stderr
         assert "startup" not in r.stderr
+    r = run_cli("apps.wire_app:app", env={"URINGSERVE_PORT": "70000"})
+    assert r.returncode == 2 and "invalid value '70000' in URINGSERVE_PORT: must be 0-65535" in r.stderr, r.stderr
+    r = run_cli("apps.wire_app:app", env={"URINGSERVE_WORKERS": "0"})
+    assert r.returncode == 2 and "in URINGSERVE_WORKERS: must be a positive integer" in r.stderr, r.stderr
 
 
 def test_cli_missing_module_and_attribute():

@@ -29,8 +29,9 @@ class _EnvDefaults(argparse.ArgumentParser):
                 conv = kw.get("type", str)
                 try:
                     kw["default"] = conv(raw)
-                except (TypeError, ValueError):
-                    self.error(f"invalid value {raw!r} in {env}")
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                    reason = f": {exc}" if isinstance(exc, argparse.ArgumentTypeError) else ""
+                    self.error(f"invalid value {raw!r} in {env}{reason}")
         kw.setdefault("help", "")
         kw["help"] += f" [env: {env}]"
         return self.add_argument(*flags, **kw)
