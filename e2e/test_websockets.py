@@ -81,7 +81,14 @@ def test_subprotocol_scope_and_close_codes(ws_server):
             async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/refuse"):
                 pass
         assert refused.value.response.status_code == 403
+        # an app that returns without a word is a failed one, as for uvicorn
+        # and hypercorn (it was refused with 403, as if it had closed)
+        with pytest.raises(InvalidStatus) as failed:
+            async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/silent"):
+                pass
+        assert failed.value.response.status_code == 500
     asyncio.run(go())
+    assert "ASGI callable returned without sending handshake." in ws_server.log
 
 
 def test_denial_response_reaches_the_client(ws_server):

@@ -82,6 +82,10 @@ async def refuse(ws: WebSocket):
     await ws.close(code=1008)
 
 
+async def silent(ws: WebSocket):
+    return  # neither accepts nor closes
+
+
 async def deny(ws: WebSocket):
     # the WebSocket Denial Response extension: an HTTP response of the app's
     await ws.send_denial_response(PlainTextResponse("no entry " * 3, status_code=401,
@@ -110,6 +114,7 @@ async def plain(request):
 app = Starlette(routes=[
     WebSocketRoute("/ws", echo),
     WebSocketRoute("/refuse", refuse),
+    WebSocketRoute("/silent", silent),
     WebSocketRoute("/deny", deny),
     WebSocketRoute("/deny-injected", deny_injected),
     WebSocketRoute("/flood", flood),

@@ -213,7 +213,10 @@ class WebSocketSession(asyncio.Protocol):
             if self.denial is not None:
                 self._send_denial()  # ended without its last body message
             elif not self.response_sent:
-                self._reject(403, "")  # the app neither accepted nor closed: refused
+                # the app neither accepted nor closed: its bug, answered as
+                # uvicorn and hypercorn answer it
+                logger.error("ASGI callable returned without sending handshake.")
+                self._reject(500, "Internal Server Error")
             elif not self.closed:
                 self.server_close(1000)
         finally:
