@@ -77,6 +77,12 @@ def test_subprotocol_scope_and_close_codes(ws_server):
             import json
             assert json.loads(await ws.recv()) == {"path": "/info", "scheme": "ws", "query": "a=1",
                                                    "type": "websocket"}
+        # behind a trusted proxy (127.0.0.1 by default), its X-Forwarded-Proto
+        # names the scheme, as http(s) or ws(s) (wss was ignored)
+        for proto in ("https", "wss"):
+            async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/info",
+                                          additional_headers={"X-Forwarded-Proto": proto}) as ws:
+                assert json.loads(await ws.recv())["scheme"] == "wss"
         with pytest.raises(InvalidStatus) as refused:
             async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/refuse"):
                 pass

@@ -134,6 +134,9 @@ def test_proxy_headers_trusted_and_not(tmp_path):
     with serve("apps.wire_app:app", tmp_path=str(tmp_path)) as srv:  # default: trust 127.0.0.1
         scope = json.loads(request(srv.port, fwd).body)
         assert scope["client"] == ["203.0.113.7", 0] and scope["scheme"] == "https"
+        for proto, scheme in [(b"wss", "https"), (b"ws", "http")]:  # as a WebSocket proxy may say it
+            scope = json.loads(request(srv.port, fwd.replace(b"https", proto)).body)
+            assert scope["scheme"] == scheme
         assert srv.stop() == 0
     with serve("apps.wire_app:app", "--forwarded-allow-ips", "10.0.0.0/8", tmp_path=str(tmp_path)) as srv:
         scope = json.loads(request(srv.port, fwd).body)

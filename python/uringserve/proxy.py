@@ -66,6 +66,10 @@ class ProxyHeaders:
                 forwarded_for = value.decode("latin-1")
         if proto in ("http", "https"):
             scope["scheme"] = proto
+        elif proto in ("ws", "wss"):
+            # as uvicorn takes them; this scope is HTTP's, and a WebSocket
+            # session makes its ws/wss from it
+            scope["scheme"] = "https" if proto == "wss" else "http"
         if forwarded_for:
             host = self.trusted.client_from(forwarded_for)
             if host:
