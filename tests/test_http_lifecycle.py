@@ -230,6 +230,8 @@ def test_lifespan_unsupported_app(tmp_path):
         assert request(srv.port, get("/")).body == b"plain"
         assert srv.stop() == 0
     assert "ASGI 'lifespan' protocol appears unsupported." in srv.log
+    # followed, as with uvicorn, by the line that log watchers wait for
+    assert "Application startup complete." in srv.log.split("appears unsupported.")[1]
     r = run_cli("apps.plain_app:app", "--port", str(free_port()), "--lifespan", "on")
     assert r.returncode == 3 and "Application startup failed" in r.stderr
 

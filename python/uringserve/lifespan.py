@@ -31,7 +31,7 @@ class Lifespan:
         if self.startup_failed or (self.error_occurred and self.mode == "on"):
             logger.error("Application startup failed. Exiting.")
             self.should_exit = True
-        elif not self.unsupported:
+        else:  # also when the app has no lifespan: log watchers wait for this line, as with uvicorn
             logger.info("Application startup complete.")
 
     async def shutdown(self):
