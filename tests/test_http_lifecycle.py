@@ -300,6 +300,27 @@ def test_graceful_shutdown_timeout_cancels(tmp_path):
         assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in srv.log
 
 
+def test_a_second_ctrl_c_forces_the_quit(tmp_path):
+    # as uvicorn's: the wait for connections ends, and the lifespan shutdown
+    # is skipped (the log said the graceful timeout had been exceeded, and
+    # the app's shutdown ran anyway)
+    with serve("apps.wire_app:app", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(get("/slow?30"))
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            srv.proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while "Waiting for connections to close" not in srv.log and time.monotonic() < deadline:
+                time.sleep(0.02)
+            srv.proc.send_signal(signal.SIGINT)
+            assert Reader(s).closed(timeout=10)
+            assert srv.proc.wait(10) == 0
+            assert time.monotonic() - t0 < 5
+        assert "Cancel 1 running task(s), forced to quit" in srv.log
+        assert "Waiting for application shutdown" not in srv.log and "Finished server process" in srv.log
+
+
 # ---- the command line ----
 
 def test_cli_bad_option():

@@ -291,12 +291,13 @@ class Server:
         if core.stats["tasks"] or core.stats["connections"]:
             n = core.cancel_all()
             if n:
-                logger.error("Cancel %s running task(s), timeout graceful shutdown exceeded", n)
+                why = "forced to quit" if self.force_exit else "timeout graceful shutdown exceeded"
+                logger.error("Cancel %s running task(s), %s", n, why)
             for _ in range(10):
                 if not core.stats["tasks"]:
                     break
                 await asyncio.sleep(0.01)
-        if self.lifespan is not None:
+        if self.lifespan is not None and not self.force_exit:  # a forced quit skips it, as uvicorn's does
             await self.lifespan.shutdown()
         logger.info("Finished server process [%d]", os.getpid())
 
