@@ -148,6 +148,19 @@ static int uh_value_has(const char *v, uint32_t n, const char *tok, uint32_t tn)
     return 0;
 }
 
+/* The target forms an ASGI scope can carry: origin-form ("/p?q"),
+ * absolute-form with an http(s) scheme, and "*" for OPTIONS. llhttp also
+ * takes CONNECT's authority-form ("host:443"), which would reach the app as
+ * a path without its leading slash; nothing in ASGI can tunnel it. */
+static int uh_target_ok(const char *u, size_t n, int method)
+{
+    if (n && u[0] == '/')
+        return 1;
+    if (n == 1 && u[0] == '*')
+        return method == HTTP_OPTIONS;
+    return (n > 7 && strncasecmp(u, "http://", 7) == 0) || (n > 8 && strncasecmp(u, "https://", 8) == 0);
+}
+
 /* What llhttp checks (CL with TE, duplicate or invalid CL, a TE that does
  * not end in chunked) is checked here again, so that a lenient flag turned
  * on later cannot reopen request smuggling. */
@@ -186,6 +199,8 @@ static int uh_on_headers_complete(llhttp_t *ll)
     }
     if (uh_check_framing(p) < 0)
         return -1;
+    if (!uh_target_ok(uh_str(p, r->url), r->url.len, ll->method))
+        return uh_fail(p, 400, "Invalid request target");
     r->method = ll->method;
     r->http_minor = ll->http_minor;
     r->headers = p->headers;

@@ -276,6 +276,9 @@ BAD_REQUESTS = {
     "http/0.9 request line": (b"GET /\r\n\r\n", 505),
     "bare lf in header": (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\nb\r\n\r\n", 400),
     "long target": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    # authority-form reached the app as a path without its slash
+    "connect": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 400),
+    "other scheme": (b"GET ftp://example.com/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     "too many headers": (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120))
                          + b"\r\n", 431),
     "huge header": (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n", 431),

@@ -129,6 +129,13 @@ static void test_rejections(void)
     CHECK(parse_status("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", NULL) == 400);
     CHECK(parse_status("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", NULL) == 400);
     CHECK(parse_status("GET / HTTP/1.1\r\nHost : x\r\n\r\n", NULL) == 400);
+    /* target forms: CONNECT's authority-form and other schemes are refused */
+    CHECK(parse_status("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", NULL) == 400);
+    CHECK(parse_status("GET ftp://example.com/x HTTP/1.1\r\nHost: x\r\n\r\n", NULL) == 400);
+    CHECK(parse_status("GET * HTTP/1.1\r\nHost: x\r\n\r\n", NULL) == 400);
+    CHECK(parse_status("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", NULL) == 0);
+    CHECK(parse_status("GET http://example.com/x?q HTTP/1.1\r\nHost: x\r\n\r\n", NULL) == 0);
+    CHECK(parse_status("GET HTTPS://example.com HTTP/1.1\r\nHost: x\r\n\r\n", NULL) == 0);
     uh_limits small = {16, 3, 10, 200};
     CHECK(parse_status("GET /0123456789abcdefg HTTP/1.1\r\nHost: x\r\n\r\n", &small) == 414);
     CHECK(parse_status("GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n", &small) == 431);
