@@ -6,13 +6,14 @@
  * ahead, answered in order) and a queue of response segments sent with one
  * sendmsg per loop iteration.
  *
- * Time limits (keep-alive, slow headers, lingering close) are one deadline
- * per connection checked by tick(), which the Python side calls once a
- * second.
+ * Time limits (keep-alive, slow headers, lingering close, the drain's
+ * grace) are one deadline per connection, in one list per kind, under one
+ * loop timer ("deadlines" below).
  */
 #include "us_http.h"
 
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -90,6 +91,133 @@ static void conn_maybe_free(us_httpconn *c);
 static void conn_parse_pending(us_httpconn *c);
 static void conn_drain(us_httpconn *c);
 
+/* ---- deadlines ----
+ *
+ * Keep-alive, slow headers, lingering close and the drain's grace: each is
+ * one fixed duration, so appending a connection to its kind's list keeps
+ * the list in deadline order, and setting, moving or clearing a deadline
+ * is a few pointer writes. One loop timer covers the earliest head; it is
+ * moved only when a new deadline falls before it, and a deadline cleared
+ * early leaves it in place (it then finds nothing due and re-arms). */
+
+static double deadline_duration(const us_httpserver *srv, int kind)
+{
+    switch (kind) {
+    case US_DL_HEADER:
+        return srv->header_timeout;
+    case US_DL_KEEPALIVE:
+        return srv->keepalive_timeout;
+    case US_DL_LINGER:
+        return US_HTTP_LINGER_SECONDS;
+    default:
+        return US_HTTP_DRAIN_GRACE;
+    }
+}
+
+static void conn_clear_deadline(us_httpconn *c)
+{
+    c->deadline = 0;
+    if (c->dl_kind == US_DL_NONE)
+        return;
+    us_deadline_list *list = &c->srv->deadlines[c->dl_kind];
+    if (c->dl_prev)
+        c->dl_prev->dl_next = c->dl_next;
+    else
+        list->head = c->dl_next;
+    if (c->dl_next)
+        c->dl_next->dl_prev = c->dl_prev;
+    else
+        list->tail = c->dl_prev;
+    c->dl_prev = c->dl_next = NULL;
+    c->dl_kind = US_DL_NONE;
+}
+
+static void server_disarm_expiry(us_httpserver *srv)
+{
+    if (!srv->expiry)
+        return;
+    PyObject *r = PyObject_CallMethod(srv->expiry, "cancel", NULL);
+    if (!r)
+        PyErr_WriteUnraisable((PyObject *)srv);
+    Py_XDECREF(r);
+    Py_CLEAR(srv->expiry);
+}
+
+/* Makes the loop call server._expire() at `when` (or earlier). Called from
+ * I/O callbacks, some with an exception being handled: it is kept. */
+static void server_arm_expiry(us_httpserver *srv, double when)
+{
+    if (srv->expiry && srv->expiry_at <= when)
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    server_disarm_expiry(srv);
+    double delay = when - ue_now();
+    PyObject *cb = PyObject_GetAttrString((PyObject *)srv, "_expire");
+    if (cb) {
+        srv->expiry = PyObject_CallMethod((PyObject *)srv->loop, "call_later", "dO", delay > 0 ? delay : 0.0, cb);
+        Py_DECREF(cb);
+    }
+    if (srv->expiry)
+        srv->expiry_at = when;
+    else
+        PyErr_WriteUnraisable((PyObject *)srv); /* a closed loop: nothing would run on it anyway */
+    PyErr_Restore(et, ev, tb);
+}
+
+/* Starts the connection's deadline of `kind` now; a kind whose duration is
+ * not a positive finite number sets none (no limit). */
+static void conn_set_deadline(us_httpconn *c, int kind)
+{
+    conn_clear_deadline(c);
+    double d = deadline_duration(c->srv, kind);
+    if (c->closed || !(d > 0) || isinf(d))
+        return;
+    us_deadline_list *list = &c->srv->deadlines[kind];
+    c->deadline = ue_now() + d;
+    c->dl_kind = (signed char)kind;
+    c->dl_prev = list->tail;
+    if (list->tail)
+        list->tail->dl_next = c;
+    else
+        list->head = c;
+    list->tail = c;
+    server_arm_expiry(c->srv, c->deadline);
+}
+
+/* A deadline passed: a connection that owes its client nothing closes
+ * (one with a request in progress has had its deadline cleared). */
+static void conn_expire(us_httpconn *c)
+{
+    int idle = c->lingering || !c->ncycles;
+    conn_clear_deadline(c);
+    if (!idle)
+        return;
+    Py_INCREF(c);
+    c->dead = 1;
+    conn_close(c);
+    Py_DECREF(c);
+}
+
+static PyObject *server_expire(us_httpserver *srv, PyObject *unused)
+{
+    (void)unused;
+    Py_CLEAR(srv->expiry);
+    /* 1 ms of slack: a timer that fires a hair early must not re-arm for
+     * the same instant */
+    double now = ue_now() + 1e-3, next = INFINITY;
+    for (int k = 0; k < US_DL_KINDS; k++) {
+        us_httpconn *c;
+        while ((c = srv->deadlines[k].head) != NULL && c->deadline <= now)
+            conn_expire(c);
+        if (c && c->deadline < next)
+            next = c->deadline;
+    }
+    if (next < INFINITY)
+        server_arm_expiry(srv, next);
+    Py_RETURN_NONE;
+}
+
 /* Upgrade: websocket on a connection with nothing else in flight. */
 static int conn_is_websocket(us_httpconn *c, uh_parser *p, const uh_request *req)
 {
@@ -118,7 +246,7 @@ static int conn_on_head(void *ud, uh_parser *p, const uh_request *req)
         }
         Py_XSETREF(c->ws_scope, us_http_build_scope(c, p, req));
         if (c->ws_scope) {
-            c->deadline = 0;
+            conn_clear_deadline(c);
             c->srv->requests++;
             return UH_CB_UPGRADE;
         }
@@ -136,7 +264,7 @@ static int conn_on_head(void *ud, uh_parser *p, const uh_request *req)
     }
     c->cycles[c->ncycles++] = cy; /* the connection's reference */
     c->parsing = cy;
-    c->deadline = 0;
+    conn_clear_deadline(c);
     c->srv->requests++;
     if (us_httpcycle_start(cy) < 0)
         PyErr_Clear(); /* already answered with a 500 */
@@ -316,7 +444,7 @@ void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy)
         return;
     }
     if (!c->ncycles)
-        c->deadline = ue_now() + c->srv->keepalive_timeout;
+        conn_set_deadline(c, US_DL_KEEPALIVE);
     if (c->parse_paused && c->ncycles < US_HTTP_MAX_PIPELINE && !c->no_more)
         conn_parse_pending(c);
 }
@@ -430,8 +558,10 @@ static void conn_feed(us_httpconn *c, const char *data, size_t len, int from_pen
     } else if (from_pending) {
         c->pending_off += used;
     }
-    if (!c->ncycles && uh_parser_in_head(&c->parser) && c->deadline == 0)
-        c->deadline = ue_now() + c->srv->header_timeout;
+    /* a request head has begun: the keep-alive wait is over, and the head
+     * has header_timeout from here (the drain's grace stands) */
+    if (!c->ncycles && uh_parser_in_head(&c->parser) && (c->dl_kind == US_DL_NONE || c->dl_kind == US_DL_KEEPALIVE))
+        conn_set_deadline(c, US_DL_HEADER);
     for (int i = 0; i < c->ncycles; i++)
         us_httpcycle_wake(c->cycles[i]);
     if (c->body_buffered > US_HTTP_READ_HIGH && !c->read_paused) {
@@ -703,7 +833,7 @@ static void conn_close(us_httpconn *c)
         c->lingering = 1;
         c->no_more = 1;
         shutdown(c->fd, SHUT_WR);
-        c->deadline = ue_now() + US_HTTP_LINGER_SECONDS;
+        conn_set_deadline(c, US_DL_LINGER);
         if (c->read_paused) {
             c->read_paused = 0;
             if (conn_arm_recv(c) < 0)
@@ -713,7 +843,7 @@ static void conn_close(us_httpconn *c)
             return;
     }
     c->closed = 1;
-    c->deadline = 0;
+    conn_clear_deadline(c);
     for (int i = 0; i < c->ncycles; i++) {
         us_httpcycle_disconnect(c->cycles[i]);
         conn_release_cycle(c->cycles[i]);
@@ -782,6 +912,8 @@ static void conn_dealloc(us_httpconn *c)
     Py_CLEAR(c->ws_scope);
     if (c->fd >= 0)
         close(c->fd);
+    if (c->srv)
+        conn_clear_deadline(c); /* cleared at the close already; never left dangling */
     Py_CLEAR(c->srv);
     tp->tp_free(c);
     Py_DECREF(tp);
@@ -814,6 +946,7 @@ static void server_new_conn(us_httpserver *srv, int fd, PyObject *client, PyObje
         return;
     }
     memset((char *)c + sizeof(PyObject), 0, sizeof *c - sizeof(PyObject));
+    c->dl_kind = US_DL_NONE;
     c->srv = (us_httpserver *)Py_NewRef(srv);
     c->fd = fd;
     c->client = Py_XNewRef(client);
@@ -828,7 +961,7 @@ static void server_new_conn(us_httpserver *srv, int fd, PyObject *client, PyObje
         srv->conns->prev = c;
     srv->conns = c;
     srv->nconns++;
-    c->deadline = ue_now() + srv->header_timeout;
+    conn_set_deadline(c, US_DL_HEADER);
     if (conn_arm_recv(c) < 0) {
         PyErr_WriteUnraisable((PyObject *)c);
         c->dead = 1;
@@ -1078,16 +1211,14 @@ static PyObject *server_stop_accepting(us_httpserver *srv, PyObject *unused)
  * request yet is different: its client has no reason to retry, and the
  * request is usually already on its way. It keeps reading for up to
  * US_HTTP_DRAIN_GRACE seconds and its request is served with Connection:
- * close; server_tick() closes it if nothing came. */
-#define US_HTTP_DRAIN_GRACE 1.0
+ * close; its deadline closes it if nothing came. */
 static void conn_drain(us_httpconn *c)
 {
     if (c->closed)
         return;
     if (!c->used && !c->ncycles) {
-        double grace = ue_now() + US_HTTP_DRAIN_GRACE;
-        if (!c->deadline || c->deadline > grace)
-            c->deadline = grace;
+        if (!c->deadline || c->deadline > ue_now() + US_HTTP_DRAIN_GRACE)
+            conn_set_deadline(c, US_DL_GRACE);
         return;
     }
     c->no_more = 1;
@@ -1139,6 +1270,7 @@ static PyObject *server_cancel_all(us_httpserver *srv, PyObject *unused)
         Py_DECREF(c);
         c = next;
     }
+    server_disarm_expiry(srv); /* every deadline went with its connection */
     return PyLong_FromLong(cancelled);
 }
 
@@ -1154,29 +1286,13 @@ static void listener_retry(us_listener *l)
         PyErr_WriteUnraisable((PyObject *)l->srv);
 }
 
-/* Once a second: connections past their deadline close, and listeners out
- * of descriptors try again. */
+/* Once a second: listeners out of descriptors try again. */
 static PyObject *server_tick(us_httpserver *srv, PyObject *unused)
 {
     (void)unused;
     for (int i = 0; i < srv->nlisteners; i++)
         if (srv->listeners[i]->starved)
             listener_retry(srv->listeners[i]);
-    double now = ue_now();
-    us_httpconn *c = srv->conns;
-    while (c) {
-        us_httpconn *next = c->next;
-        if (c->deadline && now >= c->deadline && !c->closed) {
-            Py_INCREF(c);
-            if (c->lingering || !c->ncycles) {
-                c->dead = 1; /* nothing is owed to this client */
-                conn_close(c);
-            }
-            c->deadline = 0;
-            Py_DECREF(c);
-        }
-        c = next;
-    }
     Py_RETURN_NONE;
 }
 
@@ -1328,6 +1444,7 @@ static int server_traverse(us_httpserver *srv, visitproc visit, void *arg)
     Py_VISIT(srv->state);
     Py_VISIT(srv->context);
     Py_VISIT(srv->scope_template);
+    Py_VISIT(srv->expiry);
     for (int i = 0; i < srv->nlisteners; i++)
         Py_VISIT(srv->listeners[i]->sock);
     Py_VISIT(Py_TYPE(srv));
@@ -1344,6 +1461,7 @@ static int server_clear(us_httpserver *srv)
     Py_CLEAR(srv->state);
     Py_CLEAR(srv->context);
     Py_CLEAR(srv->scope_template);
+    server_disarm_expiry(srv);
     return 0;
 }
 
@@ -1410,7 +1528,10 @@ static PyMethodDef server_methods[] = {
      "Close idle connections now and the others after their current response."},
     {"cancel_all", (PyCFunction)server_cancel_all, METH_NOARGS,
      "Cancel the running application tasks and close every connection; returns how many tasks."},
-    {"tick", (PyCFunction)server_tick, METH_NOARGS, "Close connections past their deadline (call once a second)."},
+    {"tick", (PyCFunction)server_tick, METH_NOARGS,
+     "Retry accepting on listeners out of descriptors (call once a second)."},
+    {"_expire", (PyCFunction)server_expire, METH_NOARGS,
+     "Close the connections whose deadline has passed (the timer's)."},
     {"close", (PyCFunction)server_close, METH_NOARGS, "stop_accepting() and cancel_all()."},
     {NULL},
 };

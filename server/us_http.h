@@ -20,6 +20,7 @@
 #define US_HTTP_WRITE_HIGH (64 * 1024) /* queued response bytes that make send() wait */
 #define US_HTTP_WRITE_LOW (16 * 1024)
 #define US_HTTP_LINGER_SECONDS 2.0
+#define US_HTTP_DRAIN_GRACE 1.0 /* for a first request on a connection made before the drain */
 
 /* A piece of response: bytes (obj) or a range of an open file (fd). */
 typedef struct us_seg {
@@ -37,6 +38,23 @@ typedef struct us_segq {
 typedef struct us_httpserver us_httpserver;
 typedef struct us_httpconn us_httpconn;
 typedef struct us_httpcycle us_httpcycle;
+
+/* A connection waits for at most one deadline at a time. Each kind has one
+ * fixed duration, so the connections waiting for it are in deadline order
+ * when appended: a list per kind, whose heads the server's one timer
+ * covers (see us_http.c, "deadlines"). */
+enum us_deadline_kind {
+    US_DL_NONE = -1,
+    US_DL_HEADER = 0, /* a request head is due: header_timeout */
+    US_DL_KEEPALIVE,  /* idle between requests: keepalive_timeout */
+    US_DL_LINGER,     /* closing: the client's FIN is due, US_HTTP_LINGER_SECONDS */
+    US_DL_GRACE,      /* draining: a first request is due, US_HTTP_DRAIN_GRACE */
+    US_DL_KINDS
+};
+
+typedef struct us_deadline_list {
+    us_httpconn *head, *tail;
+} us_deadline_list;
 
 typedef struct us_listener {
     ue_op op;
@@ -79,6 +97,9 @@ struct us_httpserver {
     char cancelled; /* cancel_all() ran: late accepts are closed */
     uh_date_cache date;
     uh_buf scratch; /* response heads are built here */
+    us_deadline_list deadlines[US_DL_KINDS];
+    PyObject *expiry; /* the loop's TimerHandle for the earliest deadline, or NULL */
+    double expiry_at; /* its deadline (ue_now() clock) */
 };
 
 struct us_httpconn {
@@ -98,8 +119,10 @@ struct us_httpconn {
     int sent_iov;   /* segments in the send in flight */
     struct iovec iov[64];
     struct msghdr msg;
-    PyObject *client, *sockname; /* scope tuples, made on first use */
-    double deadline;             /* keep-alive, header or linger deadline; 0: none */
+    PyObject *client, *sockname;    /* scope tuples, made on first use */
+    double deadline;                /* ue_now() seconds; 0: none */
+    us_httpconn *dl_prev, *dl_next; /* in srv->deadlines[dl_kind] */
+    signed char dl_kind;            /* enum us_deadline_kind */
     char in_list, parse_paused, no_more, read_paused, eof, dead, closing;
     char queued_flush, lingering, closed, close_after, upgrading;
     char used;          /* a request head has arrived (see server_drain) */

@@ -32,10 +32,59 @@ def test_keep_alive_timeout_closes_idle_connections(tmp_path):
         assert srv.stop() == 0
 
 
+def test_keep_alive_and_header_timeouts_fire_on_time(tmp_path):
+    # Each deadline has its own timer: no longer up to a second late (they
+    # were checked once a second). Four tries each, so that a check once a
+    # second could not pass them all by luck.
+    with serve("apps.wire_app:app", "--timeout-keep-alive", "0.3", "--timeout-request-header", "0.3",
+               tmp_path=str(tmp_path)) as srv:
+        for _ in range(4):
+            with connect(srv.port) as s:
+                s.sendall(get("/"))
+                rd = Reader(s)
+                assert rd.response().status == 200
+                t0 = time.monotonic()
+                assert rd.closed(timeout=5)
+                assert 0.25 < time.monotonic() - t0 < 0.75
+            with connect(srv.port) as s:
+                t0 = time.monotonic()
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finished
+                assert Reader(s).closed(timeout=5)
+                assert 0.2 < time.monotonic() - t0 < 0.75
+        assert srv.stop() == 0
+
+
+def test_a_request_begun_ends_the_keep_alive_wait(tmp_path):
+    # The keep-alive timeout is for an idle connection; once the next request
+    # has begun, its head has --timeout-request-header (uvicorn cancels its
+    # keep-alive timer on the first byte too).
+    with serve("apps.wire_app:app", "--timeout-keep-alive", "0.5", "--timeout-request-header", "5",
+               tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(get("/"))
+            rd = Reader(s)
+            assert rd.response().status == 200
+            time.sleep(0.2)
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            time.sleep(1.8)  # past the keep-alive deadline, even checked once a second
+            s.sendall(b"Host: x\r\n\r\n")
+            assert rd.response().status == 200
+        assert srv.stop() == 0
+
+
+def test_a_request_header_timeout_of_zero_is_no_limit(tmp_path):
+    with serve("apps.wire_app:app", "--timeout-request-header", "0", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            time.sleep(1.5)
+            s.sendall(b"Host: x\r\n\r\n")
+            assert Reader(s).response().status == 200
+        assert srv.stop() == 0
+
+
 def test_keep_alive_timeout_of_zero_turns_keep_alive_off(tmp_path):
     # as gunicorn's keepalive <= 0: each response says connection: close, so
     # that no client sends a second request into a connection about to close
-    # (the deadline is checked once a second: a bare close came up to 1 s late)
     with serve("apps.wire_app:app", "--timeout-keep-alive", "0", tmp_path=str(tmp_path)) as srv:
         with connect(srv.port) as s:
             s.sendall(get("/"))

@@ -124,7 +124,7 @@ def build_parser():
     p.add("--timeout-graceful-shutdown", type=float, default=None,
           help="on shutdown, wait this long for requests in flight, then cancel them.")
     p.add("--timeout-request-header", type=float, default=30,
-          help="close a connection whose request headers take longer than this (slowloris).")
+          help="close a connection whose request headers take longer than this (slowloris; 0: no limit).")
     p.add("--timeout-worker-healthcheck", type=float, default=5,
           help="with --workers or --reload: kill and replace a worker silent for this many seconds.")
     p.add("--limit-concurrency", type=_positive_int, default=None,
