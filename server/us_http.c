@@ -1242,10 +1242,27 @@ static PyObject *server_drain(us_httpserver *srv, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* End of the grace period: cancel the apps still running and close. */
-static PyObject *server_cancel_all(us_httpserver *srv, PyObject *unused)
+/* A cancelled app on this connection can still be answered 500: nothing
+ * of its response has been written. */
+static int conn_owes_500(const us_httpconn *c)
 {
-    (void)unused;
+    for (int i = 0; i < c->ncycles; i++) {
+        const us_httpcycle *cy = c->cycles[i];
+        if (cy->task && !cy->head_written && !cy->response_complete && !cy->disconnected)
+            return 1;
+    }
+    return 0;
+}
+
+/* End of the grace period: cancel the apps still running (with `msg`, as
+ * uvicorn's) and close every connection, except those where a cancelled app
+ * has not started its response: they stop reading, get the 500 the
+ * cancellation brings (cycle_finished) and close after it. */
+static PyObject *server_cancel_all(us_httpserver *srv, PyObject *args)
+{
+    PyObject *msg = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:cancel_all", &msg))
+        return NULL;
     srv->draining = 1;
     srv->cancelled = 1;
     int cancelled = 0;
@@ -1253,7 +1270,8 @@ static PyObject *server_cancel_all(us_httpserver *srv, PyObject *unused)
         for (int i = 0; i < c->ncycles; i++) {
             PyObject *t = c->cycles[i]->task;
             if (t) {
-                PyObject *r = PyObject_CallMethod(t, "cancel", NULL);
+                PyObject *r = msg == Py_None ? PyObject_CallMethod(t, "cancel", NULL)
+                                             : PyObject_CallMethod(t, "cancel", "O", msg);
                 if (!r)
                     return NULL;
                 Py_DECREF(r);
@@ -1264,13 +1282,16 @@ static PyObject *server_cancel_all(us_httpserver *srv, PyObject *unused)
     us_httpconn *c = srv->conns;
     while (c) {
         us_httpconn *next = c->next;
-        Py_INCREF(c);
-        c->dead = 1;
-        conn_close(c);
-        Py_DECREF(c);
+        if (!c->closed && conn_owes_500(c)) {
+            c->no_more = 1;
+        } else {
+            Py_INCREF(c);
+            c->dead = 1;
+            conn_close(c);
+            Py_DECREF(c);
+        }
         c = next;
     }
-    server_disarm_expiry(srv); /* every deadline went with its connection */
     return PyLong_FromLong(cancelled);
 }
 
@@ -1300,7 +1321,12 @@ static PyObject *server_close(us_httpserver *srv, PyObject *unused)
 {
     PyObject *r = server_stop_accepting(srv, unused);
     Py_XDECREF(r);
-    return r ? server_cancel_all(srv, unused) : NULL;
+    if (!r)
+        return NULL;
+    PyObject *noargs = PyTuple_New(0);
+    r = noargs ? server_cancel_all(srv, noargs) : NULL;
+    Py_XDECREF(noargs);
+    return r;
 }
 
 static PyObject *server_get_stats(us_httpserver *srv, void *closure)
@@ -1526,8 +1552,9 @@ static PyMethodDef server_methods[] = {
     {"stop_accepting", (PyCFunction)server_stop_accepting, METH_NOARGS, "Cancel every accept."},
     {"drain", (PyCFunction)server_drain, METH_NOARGS,
      "Close idle connections now and the others after their current response."},
-    {"cancel_all", (PyCFunction)server_cancel_all, METH_NOARGS,
-     "Cancel the running application tasks and close every connection; returns how many tasks."},
+    {"cancel_all", (PyCFunction)server_cancel_all, METH_VARARGS,
+     "cancel_all(msg=None): cancel the running application tasks (with msg) and close every connection, but "
+     "those where a cancelled app has not started its response: they close after its 500. Returns how many tasks."},
     {"tick", (PyCFunction)server_tick, METH_NOARGS,
      "Retry accepting on listeners out of descriptors (call once a second)."},
     {"_expire", (PyCFunction)server_expire, METH_NOARGS,

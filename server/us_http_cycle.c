@@ -996,7 +996,15 @@ static PySendResult runner_settle(us_runner *r, PySendResult status, PyObject **
     } else if (is_passthrough(cy->srv->st)) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
-        cycle_finished(cy, NULL, 1);
+        if (cy->srv->cancelled && PyErr_GivenExceptionMatches(et, cy->srv->st->CancelledError)) {
+            /* the shutdown's cancel: reported as the app's exception */
+            PyErr_NormalizeException(&et, &ev, &tb);
+            if (ev && tb)
+                PyException_SetTraceback(ev, tb);
+            cycle_finished(cy, ev, 1);
+        } else {
+            cycle_finished(cy, NULL, 1);
+        }
         PyErr_Restore(et, ev, tb);
     } else {
         PyObject *et, *ev, *tb;
@@ -1261,17 +1269,27 @@ static int client_gone_error(PyObject *exc)
 }
 
 /* The app is done: `exc` is what it raised (NULL when it returned), or it
- * was cancelled. Reports failures and frees what the run held. */
+ * was cancelled (`exc` is then the CancelledError of the server's shutdown,
+ * or NULL). Reports failures and frees what the run held. */
 static void cycle_finished(us_httpcycle *cy, PyObject *exc, int cancelled)
 {
     cy->srv->ntasks--;
-    if (exc && cy->disconnected && client_gone_error(exc)) {
+    if (cancelled) {
+        /* the graceful shutdown timed out: as uvicorn, the cancellation is
+         * logged as the app's exception and answered 500 if no response
+         * had started (server_cancel_all kept the connection for it) */
+        if (exc && !cy->disconnected) {
+            app_failed(cy, "Exception in ASGI application\n", exc);
+        } else {
+            if (exc)
+                us_http_log_error(cy->srv, "Exception in ASGI application\n", exc);
+            if (!cy->response_complete)
+                abandon(cy);
+        }
+    } else if (exc && cy->disconnected && client_gone_error(exc)) {
         abandon(cy); /* the client left: not an application error */
     } else if (exc) {
         app_failed(cy, "Exception in ASGI application\n", exc);
-    } else if (cancelled) {
-        if (!cy->response_complete)
-            abandon(cy);
     } else if (!cy->response_started) {
         if (!cy->disconnected)
             app_failed(cy, "ASGI callable returned without starting response.", NULL);

@@ -337,16 +337,32 @@ def test_workers_share_the_socket_by_busyness(tmp_path):
 
 
 def test_graceful_shutdown_timeout_cancels(tmp_path):
+    # as uvicorn's: a cancelled app whose response had not started is
+    # answered 500 (its connection used to close without a word), one whose
+    # response had begun is cut off, and each CancelledError is logged
     with serve("apps.wire_app:app", "--timeout-graceful-shutdown", "0.5", tmp_path=str(tmp_path)) as srv:
-        with connect(srv.port) as s:
+        with connect(srv.port) as s, connect(srv.port) as s2:
             s.sendall(get("/slow?30"))
-            time.sleep(0.2)
+            s2.sendall(get("/slow-stream?30"))
+            rd2 = Reader(s2)
+            assert rd2._until(b"begun,")
             t0 = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
-            assert Reader(s).closed(timeout=10)
+            rd = Reader(s)
+            r = rd.response()
+            assert r.status == 500 and r.header("connection") == "close" and r.body == b"Internal Server Error"
+            assert rd.closed(timeout=10)
+            s2.settimeout(10)
+            rest = rd2.buf
+            while chunk := s2.recv(65536):
+                rest += chunk
+            assert b"done" not in rest and not rest.endswith(b"0\r\n\r\n")  # cut off: no last chunk
             assert srv.proc.wait(10) == 0
             assert time.monotonic() - t0 < 5
-        assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in srv.log
+        log = srv.log
+        assert "Cancel 2 running task(s), timeout graceful shutdown exceeded" in log
+        assert log.count("Exception in ASGI application") == 2
+        assert "CancelledError: Task cancelled, timeout graceful shutdown exceeded" in log
 
 
 def test_a_second_ctrl_c_forces_the_quit(tmp_path):

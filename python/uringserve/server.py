@@ -289,13 +289,16 @@ class Server:
                     self.on_tick()  # still alive: a supervisor's heartbeat must not lapse while draining
             await asyncio.sleep(0.05)
         if core.stats["tasks"] or core.stats["connections"]:
-            n = core.cancel_all()
+            # as uvicorn's: each cancelled app's CancelledError is logged as
+            # its exception, and a request whose response had not started
+            # gets a 500; its connection closes after it
+            msg = None if self.force_exit else "Task cancelled, timeout graceful shutdown exceeded"
+            n = core.cancel_all(msg)
             if n:
                 why = "forced to quit" if self.force_exit else "timeout graceful shutdown exceeded"
                 logger.error("Cancel %s running task(s), %s", n, why)
-            for _ in range(10):
-                if not core.stats["tasks"]:
-                    break
+            end = time.monotonic() + 1.0  # for the 500s to go out and their clients to close
+            while (core.stats["tasks"] or core.stats["connections"]) and time.monotonic() < end:
                 await asyncio.sleep(0.01)
         if self.lifespan is not None and not self.force_exit:  # a forced quit skips it, as uvicorn's does
             await self.lifespan.shutdown()

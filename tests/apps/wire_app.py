@@ -119,6 +119,11 @@ async def app(scope, receive, send):
         delay = float(scope["query_string"] or b"0.5")
         await asyncio.sleep(delay)
         await respond(send, body=b"slow done")
+    elif path == "/slow-stream":  # a response begun, then a long wait
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"begun,", "more_body": True})
+        await asyncio.sleep(float(scope["query_string"] or b"0.5"))
+        await send({"type": "http.response.body", "body": b"done", "more_body": False})
     elif path == "/file":
         name = scope["query_string"].decode()
         await send({"type": "http.response.start", "status": 200,
