@@ -82,6 +82,19 @@ void us_http_log_error(us_httpserver *srv, const char *message, PyObject *exc)
     PyErr_Restore(et, ev, tb);
 }
 
+void us_http_log_warning(us_httpserver *srv, const char *message)
+{
+    if (!srv->log_warning)
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *r = PyObject_CallFunction(srv->log_warning, "s", message);
+    if (!r)
+        PyErr_WriteUnraisable(srv->log_warning);
+    Py_XDECREF(r);
+    PyErr_Restore(et, ev, tb);
+}
+
 /* ---- connections ---- */
 
 static void conn_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
@@ -465,6 +478,8 @@ static void conn_parse_error(us_httpconn *c)
 {
     int status = c->parser.error_status ? c->parser.error_status : 400;
     const char *reason = c->parser.error_reason ? c->parser.error_reason : "Invalid HTTP request received.";
+    if (status < 500)
+        us_http_log_warning(c->srv, "Invalid HTTP request received."); /* as uvicorn's */
     c->no_more = 1;
     us_httpcycle *cy = c->parsing;
     c->parsing = NULL;
@@ -1357,28 +1372,18 @@ static int set_limit(PyObject *kw, const char *name, uint32_t *out)
 
 static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"loop",
-                             "app",
-                             "log_error",
-                             "access_log",
-                             "proxy",
-                             "root_path",
-                             "headers",
-                             "date_header",
-                             "keepalive_timeout",
-                             "header_timeout",
-                             "limit_concurrency",
-                             "limits",
-                             "websocket",
-                             "scheme",
-                             NULL};
-    PyObject *loop, *app, *log_error, *access_log = Py_None, *proxy = Py_None, *root_path = NULL, *headers = NULL;
+    static char *kwlist[] = {
+        "loop",    "app",         "log_error",         "log_warning",    "access_log",        "proxy",  "root_path",
+        "headers", "date_header", "keepalive_timeout", "header_timeout", "limit_concurrency", "limits", "websocket",
+        "scheme",  NULL};
+    PyObject *loop, *app, *log_error, *log_warning = Py_None, *access_log = Py_None, *proxy = Py_None,
+                                      *root_path = NULL, *headers = NULL;
     PyObject *limits = NULL, *websocket = Py_None, *scheme = NULL;
     int date_header = 1;
     double keepalive = 5.0, header_timeout = 30.0;
     Py_ssize_t limit_concurrency = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$OOUOpddnO!OU:HttpServer", kwlist, &loop, &app, &log_error,
-                                     &access_log, &proxy, &root_path, &headers, &date_header, &keepalive,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$OOOUOpddnO!OU:HttpServer", kwlist, &loop, &app, &log_error,
+                                     &log_warning, &access_log, &proxy, &root_path, &headers, &date_header, &keepalive,
                                      &header_timeout, &limit_concurrency, &PyDict_Type, &limits, &websocket, &scheme))
         return -1;
     if (!PyObject_TypeCheck(loop, srv->st->LoopCoreType)) {
@@ -1388,6 +1393,7 @@ static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
     Py_XSETREF(srv->loop, (us_loop *)Py_NewRef(loop));
     Py_XSETREF(srv->app, Py_NewRef(app));
     Py_XSETREF(srv->log_error, Py_NewRef(log_error));
+    Py_XSETREF(srv->log_warning, log_warning == Py_None ? NULL : Py_NewRef(log_warning));
     Py_XSETREF(srv->access_log, access_log == Py_None ? NULL : Py_NewRef(access_log));
     Py_XSETREF(srv->proxy, proxy == Py_None ? NULL : Py_NewRef(proxy));
     Py_XSETREF(srv->websocket, websocket == Py_None ? NULL : Py_NewRef(websocket));
@@ -1464,6 +1470,7 @@ static int server_traverse(us_httpserver *srv, visitproc visit, void *arg)
     Py_VISIT(srv->loop);
     Py_VISIT(srv->app);
     Py_VISIT(srv->log_error);
+    Py_VISIT(srv->log_warning);
     Py_VISIT(srv->access_log);
     Py_VISIT(srv->proxy);
     Py_VISIT(srv->websocket);
@@ -1481,6 +1488,7 @@ static int server_clear(us_httpserver *srv)
 {
     Py_CLEAR(srv->app);
     Py_CLEAR(srv->log_error);
+    Py_CLEAR(srv->log_warning);
     Py_CLEAR(srv->access_log);
     Py_CLEAR(srv->proxy);
     Py_CLEAR(srv->websocket);

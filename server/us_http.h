@@ -72,6 +72,7 @@ struct us_httpserver {
     us_loop *loop;
     PyObject *app;
     PyObject *log_error;      /* callable(message, exc or None) */
+    PyObject *log_warning;    /* callable(message) or NULL */
     PyObject *access_log;     /* callable(scope, status) or None */
     PyObject *proxy;          /* callable(scope) or None: applies X-Forwarded-* */
     PyObject *websocket;      /* callable(fd, scope, leftover) taking upgraded connections, or NULL */
@@ -155,6 +156,7 @@ void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy);
 void us_httpconn_body_consumed(us_httpconn *c, Py_ssize_t n);
 int us_httpconn_is_head(const us_httpconn *c, const us_httpcycle *cy);
 void us_http_log_error(us_httpserver *srv, const char *message, PyObject *exc);
+void us_http_log_warning(us_httpserver *srv, const char *message);
 
 /* us_http_cycle.c */
 extern PyType_Spec us_httpcycle_spec, us_done_spec, us_runner_spec;

@@ -642,6 +642,8 @@ PyObject *us_http_simple_response(us_httpserver *srv, int status, const char *te
 
 /* Answers this request with a plain-text error and ends the connection
  * after it. */
+static void access_log(us_httpcycle *cy);
+
 int us_httpcycle_error_response(us_httpcycle *cy, int status, const char *text)
 {
     cy->response_started = 1;
@@ -951,10 +953,16 @@ static void app_failed(us_httpcycle *cy, const char *message, PyObject *exc)
 {
     us_http_log_error(cy->srv, message, exc);
     if (!cy->head_written && !cy->response_complete) {
-        /* nothing reached the client yet: it can still get a clean 500 */
+        /* nothing reached the client yet: it can still get a clean 500
+         * (logged as uvicorn's, unless the app's own start was) */
+        int logged = cy->response_started;
         Py_CLEAR(cy->headers);
+        Py_INCREF(cy); /* the response completes at once, and its connection may let go of it */
         if (us_httpcycle_error_response(cy, 500, "Internal Server Error") < 0)
             PyErr_WriteUnraisable((PyObject *)cy);
+        else if (!logged)
+            access_log(cy);
+        Py_DECREF(cy);
     } else if (!cy->response_complete) {
         abandon(cy);
     }
@@ -1182,7 +1190,13 @@ int us_httpcycle_start(us_httpcycle *cy)
     us_httpserver *srv = cy->srv;
     if (srv->limit_concurrency && (srv->nconns > srv->limit_concurrency || srv->ntasks >= srv->limit_concurrency)) {
         cy->rejected = 1;
-        return us_httpcycle_error_response(cy, 503, "Service Unavailable");
+        us_http_log_warning(srv, "Exceeded concurrency limit."); /* uvicorn's words and access line */
+        Py_INCREF(cy); /* the response completes at once, and its connection may let go of it */
+        int rc = us_httpcycle_error_response(cy, 503, "Service Unavailable");
+        if (rc == 0)
+            access_log(cy);
+        Py_DECREF(cy);
+        return rc;
     }
     PyObject *recv = PyCFunction_New(&cycle_receive_def, (PyObject *)cy);
     PyObject *send = recv ? PyCFunction_New(&cycle_send_def, (PyObject *)cy) : NULL;

@@ -116,6 +116,9 @@ def test_limit_concurrency_answers_503(tmp_path):
             assert Reader(slow).response().body == b"slow done"
         assert request(srv.port, get("/")).status == 200
         assert srv.stop() == 0
+        # uvicorn's warning and access line
+        assert "WARNING:  Exceeded concurrency limit." in srv.log
+        assert '"GET / HTTP/1.1" 503 Service Unavailable' in srv.log
 
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is new in 3.12")

@@ -298,6 +298,15 @@ def test_malformed_request_gets_4xx_and_close(server, name):
     alive(server.port)
 
 
+def test_malformed_request_is_logged_as_uvicorn_does(server):
+    before = server.log.count("WARNING:  Invalid HTTP request received.")
+    request(server.port, b"BROKEN\r\n\r\n")
+    deadline = time.monotonic() + 5
+    while server.log.count("WARNING:  Invalid HTTP request received.") == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.log.count("WARNING:  Invalid HTTP request received.") == before + 1
+
+
 def test_error_after_good_pipelined_requests(server):
     with connect(server.port) as s:
         s.sendall(get("/slow?0.1") + get("/") + b"BROKEN\r\n\r\n")
@@ -336,6 +345,7 @@ def test_exception_before_response_is_500_and_logged(server):
     assert "Exception in ASGI application" in server.log
     assert "ValueError: boom before the response" in server.log
     assert "Traceback" in server.log
+    assert '"GET /raise-before HTTP/1.1" 500 Internal Server Error' in server.log  # the access line, as uvicorn's
     alive(server.port)
 
 

@@ -144,6 +144,7 @@ class Server:
         self.websockets = self._websocket_handler(loop, app, access)
         self.core = HttpServer(
             loop, app, _log_error,
+            log_warning=logger.warning,
             websocket=self.websockets,
             access_log=access,
             proxy=proxy,
