@@ -96,7 +96,11 @@ typedef struct us_loop {
     int recv_pool_ready;
     unsigned recv_pool_gen; /* bumped whenever the pool is made anew */
 
-    Py_ssize_t sockops_inflight;
+    Py_ssize_t sockops_inflight; /* and waiting in sock_queue */
+    /* sock_* ops run one at a time per socket and direction (receive, send),
+     * in call order: [fd * 2 + direction] is the last op of that queue. */
+    struct us_sockop **sock_queue;
+    int sock_queue_cap;
     char stopping, closed, debug, running, closing;
 
     /* The scheduler's clock is the monotonic clock read in C, unless a
@@ -177,5 +181,6 @@ void us_httpconn_flush(PyObject *conn);
 /* us_sockops.c */
 extern PyType_Spec us_sockop_spec;
 PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
+void us_loop_sock_queue_reset(us_loop *loop);
 
 #endif

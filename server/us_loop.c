@@ -221,6 +221,7 @@ static void loop_dealloc(us_loop *self)
     ue_epoll_close(&self->ep);
     PyMem_Free(self->ready);
     PyMem_Free(self->flush);
+    PyMem_Free(self->sock_queue);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -457,6 +458,7 @@ static int loop_prepare_ring(us_loop *self)
     int rebuilt = 0;
     if (ue_loop_forked(&self->ue)) {
         self->sockops_inflight = 0; /* the parent's ops cannot complete here */
+        us_loop_sock_queue_reset(self);
         rebuilt = 1;
     }
     int ret = rebuilt ? -EEXIST : ue_loop_start(&self->ue);

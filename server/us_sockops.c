@@ -7,6 +7,12 @@
  * completion: when data arrives for a future that was already cancelled, it
  * is handed to loop._sock_stash(), and the next sock_recv* / sock_accept on
  * that socket returns it first, so cancelling loses no data.
+ *
+ * Receives on one socket run one at a time, in call order, and so do
+ * sock_sendall() calls: a later call waits in the socket's queue until the
+ * one before it is over. Two receives in flight at once would be served in
+ * the kernel's order, the later call first (asyncio's second call replaces
+ * the first, which then never completes), and two sends could interleave.
  */
 #include "us.h"
 
@@ -29,7 +35,7 @@ enum us_sock_kind {
     US_SK_ACCEPT = 7,
 };
 
-typedef struct {
+typedef struct us_sockop {
     PyObject_HEAD ue_op op;
     us_loop *loop;
     PyObject *fut;
@@ -44,6 +50,8 @@ typedef struct {
     struct iovec iov;
     struct sockaddr_storage addr;
     socklen_t addrlen;
+    struct us_sockop *queued_next; /* the op waiting for this one (holds its reference) */
+    char queued;                   /* waiting for the op before it: not in the kernel yet */
 } us_sockop;
 
 /* ---- socket addresses ---- */
@@ -218,8 +226,8 @@ static void sockop_dealloc(us_sockop *s)
 static PyObject *sockop_cancel(us_sockop *s, PyObject *unused)
 {
     (void)unused;
-    if (!s->loop || !s->loop->ue_ready)
-        Py_RETURN_NONE;
+    if (!s->loop || !s->loop->ue_ready || s->queued)
+        Py_RETURN_NONE; /* a queued op is dropped when its turn comes (sock_queue_advance) */
     /* A connect whose poll has fired but whose retry has not run yet is
      * past an async cancel's reach, and the retry calls connect() again: on
      * a socket a later sock_connect() is already using. Cancelled
@@ -378,6 +386,108 @@ report:
 }
 
 static int sockop_prep(us_sockop *s, struct io_uring_sqe *sqe);
+static void sockop_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags);
+
+/* ---- the per-socket queues ---- */
+
+/* 0: receives, 1: sends, -1: not queued (accept, connect, sendto). */
+static int sock_queue_dir(int kind)
+{
+    if (kind <= US_SK_RECVFROM_INTO)
+        return 0;
+    return kind == US_SK_SENDALL ? 1 : -1;
+}
+
+static us_sockop **sock_queue_slot(us_loop *loop, int fd, int dir, int grow)
+{
+    if (fd >= loop->sock_queue_cap) {
+        if (!grow)
+            return NULL;
+        int cap = loop->sock_queue_cap ? loop->sock_queue_cap : 64;
+        while (cap <= fd)
+            cap *= 2;
+        us_sockop **v = PyMem_Realloc(loop->sock_queue, (size_t)cap * 2 * sizeof *v);
+        if (!v) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memset(v + (size_t)loop->sock_queue_cap * 2, 0, (size_t)(cap - loop->sock_queue_cap) * 2 * sizeof *v);
+        loop->sock_queue = v;
+        loop->sock_queue_cap = cap;
+    }
+    return &loop->sock_queue[fd * 2 + dir];
+}
+
+/* A forked child: the parent's ops will never complete here. */
+void us_loop_sock_queue_reset(us_loop *loop)
+{
+    if (loop->sock_queue)
+        memset(loop->sock_queue, 0, (size_t)loop->sock_queue_cap * 2 * sizeof *loop->sock_queue);
+}
+
+static int sockop_submit(us_sockop *s)
+{
+    struct io_uring_sqe *sqe = ue_sqe(&s->loop->ue);
+    if (!sqe) {
+        PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
+        return -1;
+    }
+    sockop_prep(s, sqe);
+    ue_op_arm(&s->loop->ue, &s->op, sqe, sockop_cb);
+    return 0;
+}
+
+/* Drops a queued op that will not run (cancelled meanwhile, the loop
+ * closing, or no room to submit it); its future is left as it is. */
+static void sockop_drop_queued(us_sockop *s)
+{
+    s->queued = 0;
+    s->loop->sockops_inflight--;
+    if (s->fut) {
+        if (PyObject_SetAttr(s->fut, s->loop->st->s_uring_op, Py_None) < 0)
+            PyErr_Clear();
+        Py_CLEAR(s->fut);
+    }
+    Py_DECREF(s); /* the queue's reference */
+}
+
+/* `s` is over: the op waiting behind it goes to the kernel. */
+static void sock_queue_advance(us_sockop *s)
+{
+    us_loop *loop = s->loop;
+    int dir = sock_queue_dir(s->kind);
+    if (dir < 0)
+        return;
+    us_sockop **slot = sock_queue_slot(loop, s->fd, dir, 0);
+    if (slot && *slot == s)
+        *slot = NULL;
+    us_sockop *next = s->queued_next;
+    s->queued_next = NULL;
+    while (next) {
+        us_sockop *after = next->queued_next;
+        int live = !loop->closing && next->fut && future_is_done(next->fut, loop->st) == 0;
+        if (live && sockop_submit(next) == 0) {
+            next->queued = 0; /* the queue's reference is now the in-flight one */
+            return;
+        }
+        if (live) { /* no room in the ring: the caller hears of it */
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            PyObject *r = ev ? PyObject_CallMethodOneArg(next->fut, loop->st->s_set_exception, ev) : NULL;
+            Py_XDECREF(r);
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+        }
+        PyErr_Clear();
+        next->queued_next = NULL;
+        if (slot && *slot == next)
+            *slot = NULL;
+        sockop_drop_queued(next);
+        next = after;
+    }
+}
 
 static void sockop_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 {
@@ -410,6 +520,7 @@ static void sockop_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
             PyErr_Clear();
         Py_CLEAR(s->fut);
     }
+    sock_queue_advance(s);
     Py_DECREF(s); /* the in-flight reference */
 }
 
@@ -570,6 +681,23 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     s->fut = PyObject_Vectorcall(st->sock_future, kwargs, 0, st->kw_loop);
     if (!s->fut)
         goto fail;
+    /* Behind an op of the same socket and direction: wait for its end. An op
+     * of another socket object is a descriptor closed and reused: not ours
+     * to wait for. */
+    int dir = sock_queue_dir(s->kind);
+    us_sockop **slot = dir >= 0 ? sock_queue_slot(loop, fd, dir, 1) : NULL;
+    if (dir >= 0 && !slot)
+        goto fail;
+    us_sockop *ahead = slot ? *slot : NULL;
+    if (ahead && ahead->sock == s->sock) {
+        if (PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0)
+            goto fail;
+        ahead->queued_next = s; /* our reference becomes the queue's */
+        s->queued = 1;
+        *slot = s;
+        loop->sockops_inflight++;
+        return Py_NewRef(s->fut);
+    }
     /* sock_sendall() offers the data to the kernel at once, as asyncio and
      * uvloop do, and completes without yielding when it all fits: callers
      * order their next steps on that (uvloop's test_sock_send_before_cancel
@@ -590,15 +718,10 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
         Py_DECREF(s);
         return fut;
     }
-    if (PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0)
+    if (PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0 || sockop_submit(s) < 0)
         goto fail;
-    struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
-    if (!sqe) {
-        PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
-        goto fail;
-    }
-    sockop_prep(s, sqe);
-    ue_op_arm(&loop->ue, &s->op, sqe, sockop_cb);
+    if (slot)
+        *slot = s;
     loop->sockops_inflight++;
     /* asyncio starts a connect before sock_connect() first yields, and
      * callers rely on it (connect, then a blocking accept elsewhere): push

@@ -491,6 +491,56 @@ def test_cancelled_sock_recv_loses_no_data(loop):
     run(loop, main())
 
 
+def test_concurrent_sock_recvs_on_one_socket_are_served_in_call_order(loop, loop_kind):
+    # asyncio's second sock_recv() replaces the first, which never completes;
+    # uringloop had both in the kernel at once, and the kernel served the
+    # later call first. Now they queue: each call gets the bytes in the
+    # order it was made, a cancelled one in the queue is skipped.
+    async def main():
+        a, b = tcp_pair()
+        first = asyncio.ensure_future(loop.sock_recv(b, 3))
+        second = asyncio.ensure_future(loop.sock_recv(b, 3))
+        gone = asyncio.ensure_future(loop.sock_recv_into(b, bytearray(3)))
+        third = asyncio.ensure_future(loop.sock_recv(b, 3))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        a.send(b"abcdefghi")
+        if loop_kind == "asyncio":
+            done, _ = await asyncio.wait([first, second, third], timeout=0.5)
+            assert done == {third} and third.result() == b"abc"
+            first.cancel()
+            second.cancel()
+        else:
+            assert await asyncio.gather(first, second, third) == [b"abc", b"def", b"ghi"]
+        assert gone.cancelled()
+        a.close()
+        b.close()
+
+    run(loop, main())
+
+
+def test_concurrent_sock_sendalls_on_one_socket_do_not_interleave(loop, loop_kind):
+    if loop_kind == "asyncio":
+        pytest.skip("asyncio's second sock_sendall() replaces the first's writer: the first never completes")
+    payload = os.urandom(4 * 1024 * 1024)
+
+    async def main():
+        a, b = tcp_pair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        senders = [asyncio.ensure_future(loop.sock_sendall(a, payload)),
+                   asyncio.ensure_future(loop.sock_sendall(a, b"SECOND")),
+                   asyncio.ensure_future(loop.sock_sendall(a, payload[::-1]))]
+        got = bytearray()
+        while len(got) < 2 * len(payload) + 6:
+            got += await loop.sock_recv(b, 1 << 16)
+        await asyncio.gather(*senders)
+        assert bytes(got) == payload + b"SECOND" + payload[::-1]
+        a.close()
+        b.close()
+
+    run(loop, main(), timeout=30)
+
+
 def test_cancelled_sock_recv_into_loses_no_data(loop):
     async def main():
         a, b = tcp_pair()
