@@ -1063,25 +1063,44 @@ static PyObject *stream_write(us_stream *s, PyObject *data)
     Py_RETURN_NONE;
 }
 
+/* All or nothing, as asyncio's: an item that is not bytes-like is refused
+ * before any is written (asyncio joins them, or from 3.12 takes a
+ * memoryview of each, first), with that step's message. */
 static PyObject *stream_writelines(us_stream *s, PyObject *seq)
 {
     if (stream_read_pipe_has_no(s, "writelines") < 0)
         return NULL;
-    PyObject *it = PyObject_GetIter(seq), *item;
-    if (!it)
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *items = PySequence_List(seq); /* "'int' object is not iterable" */
+#else
+    PyObject *items = PySequence_Fast(seq, "can only join an iterable");
+#endif
+    if (!items)
         return NULL;
-    while ((item = PyIter_Next(it)) != NULL) {
-        PyObject *r = stream_write(s, item);
-        Py_DECREF(item);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(items, i);
+        if (PyObject_CheckBuffer(item))
+            continue;
+#if PY_VERSION_HEX >= 0x030C0000
+        PyErr_Format(PyExc_TypeError, "memoryview: a bytes-like object is required, not '%.200s'",
+                     Py_TYPE(item)->tp_name);
+#else
+        PyErr_Format(PyExc_TypeError, "sequence item %zd: expected a bytes-like object, %.80s found", i,
+                     Py_TYPE(item)->tp_name);
+#endif
+        Py_DECREF(items);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *r = stream_write(s, PySequence_Fast_GET_ITEM(items, i));
         if (!r) {
-            Py_DECREF(it);
+            Py_DECREF(items);
             return NULL;
         }
         Py_DECREF(r);
     }
-    Py_DECREF(it);
-    if (PyErr_Occurred())
-        return NULL;
+    Py_DECREF(items);
     Py_RETURN_NONE;
 }
 

@@ -100,6 +100,29 @@ def test_echo_protocol_roundtrip_and_callbacks_once(loop):
     run(loop, main())
 
 
+def test_writelines_refuses_a_bad_item_before_writing_any(loop):
+    # asyncio joins the items (from 3.12: takes a memoryview of each) before
+    # it writes: an item that is not bytes-like raises that step's error and
+    # nothing goes out. uringloop wrote the items before it.
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, asyncio.Protocol)
+        with pytest.raises(TypeError) as info:
+            tr.writelines([b"sent?", "text"])
+        assert str(info.value) == ("memoryview: a bytes-like object is required, not 'str'"
+                                   if sys.version_info >= (3, 12)
+                                   else "sequence item 1: expected a bytes-like object, str found")
+        with pytest.raises(TypeError):
+            tr.writelines(5)
+        tr.write(b"next")
+        await asyncio.sleep(0.05)  # uringloop sends at the end of the iteration
+        peer.settimeout(5)
+        assert peer.recv(100) == b"next"
+        tr.close()
+        peer.close()
+
+    run(loop, main())
+
+
 _cvar = contextvars.ContextVar("uringloop_test_cvar", default="outer")
 
 
