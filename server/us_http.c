@@ -1273,11 +1273,8 @@ static int conn_owes_500(const us_httpconn *c)
  * uvicorn's) and close every connection, except those where a cancelled app
  * has not started its response: they stop reading, get the 500 the
  * cancellation brings (cycle_finished) and close after it. */
-static PyObject *server_cancel_all(us_httpserver *srv, PyObject *args)
+static PyObject *server_cancel_all_with(us_httpserver *srv, PyObject *msg)
 {
-    PyObject *msg = Py_None;
-    if (!PyArg_ParseTuple(args, "|O:cancel_all", &msg))
-        return NULL;
     srv->draining = 1;
     srv->cancelled = 1;
     int cancelled = 0;
@@ -1285,8 +1282,7 @@ static PyObject *server_cancel_all(us_httpserver *srv, PyObject *args)
         for (int i = 0; i < c->ncycles; i++) {
             PyObject *t = c->cycles[i]->task;
             if (t) {
-                PyObject *r = msg == Py_None ? PyObject_CallMethod(t, "cancel", NULL)
-                                             : PyObject_CallMethod(t, "cancel", "O", msg);
+                PyObject *r = PyObject_CallMethod(t, "cancel", "O", msg); /* cancel(None) is cancel() */
                 if (!r)
                     return NULL;
                 Py_DECREF(r);
@@ -1308,6 +1304,14 @@ static PyObject *server_cancel_all(us_httpserver *srv, PyObject *args)
         c = next;
     }
     return PyLong_FromLong(cancelled);
+}
+
+static PyObject *server_cancel_all(us_httpserver *srv, PyObject *args)
+{
+    PyObject *msg = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:cancel_all", &msg))
+        return NULL;
+    return server_cancel_all_with(srv, msg);
 }
 
 /* A listener that ran out of descriptors tries again. */
@@ -1336,12 +1340,7 @@ static PyObject *server_close(us_httpserver *srv, PyObject *unused)
 {
     PyObject *r = server_stop_accepting(srv, unused);
     Py_XDECREF(r);
-    if (!r)
-        return NULL;
-    PyObject *noargs = PyTuple_New(0);
-    r = noargs ? server_cancel_all(srv, noargs) : NULL;
-    Py_XDECREF(noargs);
-    return r;
+    return r ? server_cancel_all_with(srv, Py_None) : NULL;
 }
 
 static PyObject *server_get_stats(us_httpserver *srv, void *closure)

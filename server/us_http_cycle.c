@@ -642,8 +642,6 @@ PyObject *us_http_simple_response(us_httpserver *srv, int status, const char *te
 
 /* Answers this request with a plain-text error and ends the connection
  * after it. */
-static void access_log(us_httpcycle *cy);
-
 int us_httpcycle_error_response(us_httpcycle *cy, int status, const char *text)
 {
     cy->response_started = 1;
@@ -826,6 +824,20 @@ static void access_log(us_httpcycle *cy)
     Py_XDECREF(r);
 }
 
+/* The server's own answer to a request an app was given (or would have
+ * been): an error response with its access line, as uvicorn's goes through
+ * send(). The line is left out when the app's own start was logged. */
+static int answer_with_error(us_httpcycle *cy, int status, const char *text)
+{
+    int logged = cy->response_started;
+    Py_INCREF(cy); /* the response completes at once, and its connection may let go of it */
+    int rc = us_httpcycle_error_response(cy, status, text);
+    if (rc == 0 && !logged)
+        access_log(cy);
+    Py_DECREF(cy);
+    return rc;
+}
+
 static PyObject *send_start(us_httpcycle *cy, PyObject *msg, PyObject *type)
 {
     us_state *st = cy->srv->st;
@@ -953,16 +965,10 @@ static void app_failed(us_httpcycle *cy, const char *message, PyObject *exc)
 {
     us_http_log_error(cy->srv, message, exc);
     if (!cy->head_written && !cy->response_complete) {
-        /* nothing reached the client yet: it can still get a clean 500
-         * (logged as uvicorn's, unless the app's own start was) */
-        int logged = cy->response_started;
+        /* nothing reached the client yet: it can still get a clean 500 */
         Py_CLEAR(cy->headers);
-        Py_INCREF(cy); /* the response completes at once, and its connection may let go of it */
-        if (us_httpcycle_error_response(cy, 500, "Internal Server Error") < 0)
+        if (answer_with_error(cy, 500, "Internal Server Error") < 0)
             PyErr_WriteUnraisable((PyObject *)cy);
-        else if (!logged)
-            access_log(cy);
-        Py_DECREF(cy);
     } else if (!cy->response_complete) {
         abandon(cy);
     }
@@ -1190,13 +1196,8 @@ int us_httpcycle_start(us_httpcycle *cy)
     us_httpserver *srv = cy->srv;
     if (srv->limit_concurrency && (srv->nconns > srv->limit_concurrency || srv->ntasks >= srv->limit_concurrency)) {
         cy->rejected = 1;
-        us_http_log_warning(srv, "Exceeded concurrency limit."); /* uvicorn's words and access line */
-        Py_INCREF(cy); /* the response completes at once, and its connection may let go of it */
-        int rc = us_httpcycle_error_response(cy, 503, "Service Unavailable");
-        if (rc == 0)
-            access_log(cy);
-        Py_DECREF(cy);
-        return rc;
+        us_http_log_warning(srv, "Exceeded concurrency limit."); /* uvicorn's words */
+        return answer_with_error(cy, 503, "Service Unavailable");
     }
     PyObject *recv = PyCFunction_New(&cycle_receive_def, (PyObject *)cy);
     PyObject *send = recv ? PyCFunction_New(&cycle_send_def, (PyObject *)cy) : NULL;

@@ -437,17 +437,23 @@ static int sockop_submit(us_sockop *s)
     return 0;
 }
 
+/* The op is over: its future no longer cancels it. */
+static void sockop_forget_future(us_sockop *s)
+{
+    if (!s->fut)
+        return;
+    if (PyObject_SetAttr(s->fut, s->loop->st->s_uring_op, Py_None) < 0)
+        PyErr_Clear();
+    Py_CLEAR(s->fut);
+}
+
 /* Drops a queued op that will not run (cancelled meanwhile, the loop
  * closing, or no room to submit it); its future is left as it is. */
 static void sockop_drop_queued(us_sockop *s)
 {
     s->queued = 0;
     s->loop->sockops_inflight--;
-    if (s->fut) {
-        if (PyObject_SetAttr(s->fut, s->loop->st->s_uring_op, Py_None) < 0)
-            PyErr_Clear();
-        Py_CLEAR(s->fut);
-    }
+    sockop_forget_future(s);
     Py_DECREF(s); /* the queue's reference */
 }
 
@@ -515,11 +521,7 @@ static void sockop_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     }
     loop->sockops_inflight--;
     sockop_finish(s, res);
-    if (s->fut) {
-        if (PyObject_SetAttr(s->fut, loop->st->s_uring_op, Py_None) < 0)
-            PyErr_Clear();
-        Py_CLEAR(s->fut);
-    }
+    sockop_forget_future(s);
     sock_queue_advance(s);
     Py_DECREF(s); /* the in-flight reference */
 }
@@ -731,8 +733,7 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     /* The in-flight reference: released by the final CQE. */
     return Py_NewRef(s->fut);
 fail:
-    if (s->fut && PyObject_SetAttr(s->fut, st->s_uring_op, Py_None) < 0)
-        PyErr_Clear();
+    sockop_forget_future(s);
     Py_DECREF(s);
     return NULL;
 }
