@@ -39,12 +39,19 @@ typedef struct us_state {
     PyObject *handle_repr; /* callable(handle) -> str */
     PyObject *sock_future; /* Future subclass whose cancel() cancels the op */
     PyObject *future_type; /* asyncio.futures.Future, for create_future() */
+    PyObject *ssl_socket;  /* ssl.SSLSocket, which sock_* calls refuse; None without ssl */
+
+    /* _socket.socket, whose fields sock_* reads without a method call:
+     * offsets from its member descriptors (fd_off is -1 when the layout is
+     * not the one expected, and fileno() is called instead). */
+    PyTypeObject *socket_type;
+    Py_ssize_t socket_fd_off, socket_family_off, socket_type_off;
 
     /* interned strings */
     PyObject *s_call_exception_handler, *s_message, *s_exception, *s_handle;
     PyObject *s_source_traceback, *s_check_thread, *s_check_callback;
     PyObject *s_current_handle, *s_slow_callback, *s_loop, *s_uring_op;
-    PyObject *s_sock_stash, *s_set_result, *s_set_exception, *s_done;
+    PyObject *s_sock_stash, *s_set_result, *s_set_exception, *s_done, *s_gettimeout;
     PyObject *s_call_soon, *s_call_at, *s_call_soon_threadsafe;
     PyObject *s_data_received, *s_get_buffer, *s_buffer_updated;
     PyObject *kw_loop; /* ("loop",) */

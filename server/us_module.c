@@ -3,6 +3,8 @@
  */
 #include "us.h"
 
+#include <structmember.h>
+
 static struct PyModuleDef us_module_def;
 
 us_state *us_state_of_type(PyTypeObject *tp)
@@ -76,12 +78,49 @@ done:
 static PyObject *mod_set_hooks(PyObject *mod, PyObject *args)
 {
     us_state *st = PyModule_GetState(mod);
-    PyObject *handle_repr, *sock_future;
-    if (!PyArg_ParseTuple(args, "OO:_set_hooks", &handle_repr, &sock_future))
+    PyObject *handle_repr, *sock_future, *ssl_socket;
+    if (!PyArg_ParseTuple(args, "OOO:_set_hooks", &handle_repr, &sock_future, &ssl_socket))
         return NULL;
     Py_XSETREF(st->handle_repr, Py_NewRef(handle_repr));
     Py_XSETREF(st->sock_future, Py_NewRef(sock_future));
+    Py_XSETREF(st->ssl_socket, Py_NewRef(ssl_socket));
     Py_RETURN_NONE;
+}
+
+/* The offset of one of _socket.socket's int members ("family", "type"). */
+static Py_ssize_t socket_member_offset(PyTypeObject *tp, const char *name)
+{
+    PyObject *d = PyDict_GetItemString(tp->tp_dict, name); /* borrowed */
+    if (!d || !PyObject_TypeCheck(d, &PyMemberDescr_Type))
+        return -1;
+    PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+    return m->type == T_INT ? m->offset : -1;
+}
+
+/* _socket.socket's fields, read directly by the sock_* calls. Its C struct
+ * starts with the descriptor, then family and type (socketmodule.h); the
+ * descriptor's offset is taken only when the members sit where that layout
+ * puts them. */
+static int socket_fields_init(us_state *st)
+{
+    PyObject *mod = PyImport_ImportModule("_socket");
+    if (!mod)
+        return -1;
+    st->socket_type = (PyTypeObject *)PyObject_GetAttrString(mod, "socket");
+    Py_DECREF(mod);
+    if (!st->socket_type)
+        return -1;
+    if (!PyType_Check(st->socket_type)) {
+        PyErr_SetString(PyExc_TypeError, "_socket.socket is not a type");
+        return -1;
+    }
+    st->socket_family_off = socket_member_offset(st->socket_type, "family");
+    st->socket_type_off = socket_member_offset(st->socket_type, "type");
+    st->socket_fd_off = -1;
+    if (st->socket_family_off == (Py_ssize_t)(sizeof(PyObject) + sizeof(int)) &&
+        st->socket_type_off == st->socket_family_off + (Py_ssize_t)sizeof(int))
+        st->socket_fd_off = (Py_ssize_t)sizeof(PyObject);
+    return 0;
 }
 
 static PyObject *mod_probe(PyObject *mod, PyObject *unused)
@@ -191,6 +230,9 @@ static int us_module_exec(PyObject *m)
     if (!st->future_type)
         return -1;
 
+    if (socket_fields_init(st) < 0)
+        return -1;
+
     PyObject *fh = PyImport_ImportModule("asyncio.format_helpers");
     if (!fh)
         return -1;
@@ -215,6 +257,7 @@ static int us_module_exec(PyObject *m)
     INTERN(s_set_result, "set_result");
     INTERN(s_set_exception, "set_exception");
     INTERN(s_done, "done");
+    INTERN(s_gettimeout, "gettimeout");
     INTERN(s_call_soon, "call_soon");
     INTERN(s_call_at, "call_at");
     INTERN(s_call_soon_threadsafe, "call_soon_threadsafe");
@@ -244,6 +287,8 @@ static int us_module_exec(PyObject *m)
     X(handle_repr)                                                                                                     \
     X(sock_future)                                                                                                     \
     X(future_type)                                                                                                     \
+    X(ssl_socket)                                                                                                      \
+    X(socket_type)                                                                                                     \
     X(kw_loop)
 
 static int us_module_traverse(PyObject *m, visitproc visit, void *arg)

@@ -572,8 +572,16 @@ static int sockop_prep(us_sockop *s, struct io_uring_sqe *sqe)
     return 0;
 }
 
-static int sock_fd(PyObject *sock)
+static int sock_fd(us_state *st, PyObject *sock)
 {
+    if (st->socket_fd_off >= 0 && PyObject_TypeCheck(sock, st->socket_type)) {
+        int fd = *(int *)((char *)sock + st->socket_fd_off);
+        if (fd >= 0)
+            return fd;
+        errno = EBADF; /* a closed socket.socket */
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     int fd = PyObject_AsFileDescriptor(sock);
     if (fd < 0 && PyErr_ExceptionMatches(PyExc_ValueError)) {
         PyErr_Clear();
@@ -581,6 +589,52 @@ static int sock_fd(PyObject *sock)
         PyErr_SetFromErrno(PyExc_OSError);
     }
     return fd;
+}
+
+/* asyncio's checks at the start of every sock_* call (BaseEventLoop's
+ * _check_ssl_socket, and the blocking socket refused in debug mode). */
+static int sock_check(us_loop *loop, PyObject *sock)
+{
+    us_state *st = loop->st;
+    if (st->ssl_socket && st->ssl_socket != Py_None) {
+        int is_ssl = PyObject_IsInstance(sock, st->ssl_socket);
+        if (is_ssl) {
+            if (is_ssl > 0)
+                PyErr_SetString(PyExc_TypeError, "Socket cannot be of type SSLSocket");
+            return -1;
+        }
+    }
+    if (!loop->debug)
+        return 0;
+    PyObject *timeout = PyObject_CallMethodNoArgs(sock, st->s_gettimeout);
+    if (!timeout)
+        return -1;
+    PyObject *zero = PyLong_FromLong(0);
+    int blocking = zero ? PyObject_RichCompareBool(timeout, zero, Py_NE) : -1;
+    Py_XDECREF(zero);
+    Py_DECREF(timeout);
+    if (blocking > 0)
+        PyErr_SetString(PyExc_ValueError, "the socket must be non-blocking");
+    return blocking ? -1 : 0;
+}
+
+/* AF_UNIX SOCK_DGRAM or SOCK_SEQPACKET, which sock_sendall() sends to by
+ * readiness (see _sock_send_by_poll in uringloop/_loop.py). */
+static int sock_is_unix_datagram(us_state *st, PyObject *sock, int fd)
+{
+    if (st->socket_family_off >= 0 && st->socket_type_off >= 0 && PyObject_TypeCheck(sock, st->socket_type)) {
+        int family = *(int *)((char *)sock + st->socket_family_off);
+        int type = *(int *)((char *)sock + st->socket_type_off);
+        return family == AF_UNIX && type != SOCK_STREAM;
+    }
+    int family = 0, type = 0;
+    socklen_t flen = sizeof family, tlen = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &family, &flen) < 0 ||
+        getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return family == AF_UNIX && type != SOCK_STREAM;
 }
 
 static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
@@ -663,11 +717,19 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
             PyErr_SetString(PyExc_ValueError, "unknown socket operation");
         return NULL;
     }
-    if (us_loop_check_open(loop) < 0)
+    if (sock_check(loop, args[1]) < 0 || us_loop_check_open(loop) < 0)
         return NULL;
-    int fd = sock_fd(args[1]);
+    int fd = sock_fd(st, args[1]);
     if (fd < 0)
         return NULL;
+    if (kind == US_SK_SENDALL) {
+        int dgram = sock_is_unix_datagram(st, args[1], fd);
+        if (dgram) {
+            if (dgram > 0)
+                PyErr_SetString(st->AddressFallback, "uringloop: sock_sendall() to a Unix datagram socket");
+            return NULL;
+        }
+    }
     us_sockop *s = PyObject_GC_New(us_sockop, st->SockOpType);
     if (!s)
         return NULL;

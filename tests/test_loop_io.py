@@ -642,14 +642,44 @@ def test_sock_sendfile(loop):
     run(loop, main())
 
 
+def every_sock_call(loop, sock):
+    """One coroutine of each sock_* method on `sock`, by name."""
+    addr = ("127.0.0.1", 9)
+    return {
+        "sock_recv": lambda: loop.sock_recv(sock, 1),
+        "sock_recv_into": lambda: loop.sock_recv_into(sock, bytearray(1)),
+        "sock_recvfrom": lambda: loop.sock_recvfrom(sock, 1),
+        "sock_recvfrom_into": lambda: loop.sock_recvfrom_into(sock, bytearray(1)),
+        "sock_sendall": lambda: loop.sock_sendall(sock, b"x"),
+        "sock_sendto": lambda: loop.sock_sendto(sock, b"x", addr),
+        "sock_connect": lambda: loop.sock_connect(sock, addr),
+        "sock_accept": lambda: loop.sock_accept(sock),
+    }
+
+
 def test_debug_mode_requires_nonblocking_socket(loop):
     loop.set_debug(True)
 
     async def main():
-        s = socket.socket()  # blocking
-        with pytest.raises(ValueError, match="non-blocking"):
-            await loop.sock_recv(s, 1)
-        s.close()
+        with socket.socket() as s:  # blocking
+            for name, call in every_sock_call(loop, s).items():
+                with pytest.raises(ValueError, match="the socket must be non-blocking"):
+                    await call()
+                assert s.fileno() >= 0, name
+
+    run(loop, main())
+
+
+def test_sock_calls_refuse_an_ssl_socket(loop):
+    ssl = pytest.importorskip("ssl")
+
+    async def main():
+        ctx = ssl.create_default_context()
+        with ctx.wrap_socket(socket.socket(), do_handshake_on_connect=False, server_hostname="x") as s:
+            s.setblocking(False)
+            for name, call in every_sock_call(loop, s).items():
+                with pytest.raises(TypeError, match="^Socket cannot be of type SSLSocket$"):
+                    await call()
 
     run(loop, main())
 
@@ -658,9 +688,12 @@ def test_sock_op_on_closed_socket(loop):
     async def main():
         a, b = tcp_pair()
         a.close()
-        with pytest.raises(OSError) as info:
-            await loop.sock_recv(a, 10)
-        assert info.value.errno == errno.EBADF
+        for name, call in every_sock_call(loop, a).items():
+            if name in ("sock_connect", "sock_sendto"):
+                continue  # asyncio makes them fail elsewhere, with other errors
+            with pytest.raises(OSError) as info:
+                await call()
+            assert info.value.errno == errno.EBADF, name
         b.close()
 
     run(loop, main())

@@ -71,7 +71,7 @@ def _handle_repr(handle):
     return "<{}>".format(" ".join(info))
 
 
-_core._set_hooks(_handle_repr, _SockFuture)
+_core._set_hooks(_handle_repr, _SockFuture, base_events.ssl.SSLSocket if base_events.ssl else None)
 
 
 def _sighandler_noop(signum, frame):
@@ -86,6 +86,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         self._signal_handlers = {}
         self._ssock = self._csock = None
         self._sock_stashes = weakref.WeakKeyDictionary()
+        self._sock_stashed = False  # something may be in _sock_stashes
         self._transports = weakref.WeakValueDictionary()
         self._acceptors = {}
         self._shared_sockets = weakref.WeakSet()  # listening sockets that came in through sock=
@@ -281,31 +282,37 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         if self._debug and sock.gettimeout() != 0:
             raise ValueError("the socket must be non-blocking")
 
+    # A cancelled op whose data had already come hands it to _sock_stash();
+    # the next call of the same kind on that socket returns it first. The
+    # C side makes asyncio's checks (_check_sock) in _sock_op, so the calls
+    # below make them only on the way to a stash.
+
     def _sock_stash(self, sock, kind, value):
         """Called by the core when a cancelled op had already taken data."""
         groups = self._sock_stashes.get(sock)
         if groups is None:
             groups = self._sock_stashes[sock] = {}
         groups.setdefault(_STASH_GROUP[kind], collections.deque()).append(value)
+        self._sock_stashed = True
 
     def _stash_pop(self, sock, kind):
+        self._check_sock(sock)
+        value = None
         groups = self._sock_stashes.get(sock)
-        if not groups:
-            return None
-        group = _STASH_GROUP[kind]
-        queue = groups.get(group)
-        if not queue:
-            return None
-        value = queue.popleft()
-        if not queue:
-            del groups[group]
-            if not groups:
-                del self._sock_stashes[sock]
+        queue = groups.get(_STASH_GROUP[kind]) if groups else None
+        if queue:
+            value = queue.popleft()
+            if not queue:
+                del groups[_STASH_GROUP[kind]]
+                if not groups:
+                    del self._sock_stashes[sock]
+        self._sock_stashed = bool(self._sock_stashes)
         return value
 
     def _stash_push_front(self, sock, kind, value):
         groups = self._sock_stashes.setdefault(sock, {})
         groups.setdefault(_STASH_GROUP[kind], collections.deque()).appendleft(value)
+        self._sock_stashed = True
 
     @staticmethod
     def _copy_into(buf, data):
@@ -315,8 +322,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         return n
 
     async def sock_recv(self, sock, n):
-        self._check_sock(sock)
-        if self._sock_stashes:
+        if self._sock_stashed:
             data = self._stash_pop(sock, _RECV)
             if data is not None:
                 if len(data) > n:
@@ -326,8 +332,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         return await self._sock_op(_RECV, sock, n)
 
     async def sock_recv_into(self, sock, buf):
-        self._check_sock(sock)
-        if self._sock_stashes:
+        if self._sock_stashed:
             data = self._stash_pop(sock, _RECV_INTO)
             if data is not None:
                 n = self._copy_into(buf, data)
@@ -337,16 +342,14 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         return await self._sock_op(_RECV_INTO, sock, buf)
 
     async def sock_recvfrom(self, sock, bufsize):
-        self._check_sock(sock)
-        if self._sock_stashes:
+        if self._sock_stashed:
             item = self._stash_pop(sock, _RECVFROM)
             if item is not None:
                 return item[0][:bufsize], item[1]
         return await self._sock_op(_RECVFROM, sock, bufsize)
 
     async def sock_recvfrom_into(self, sock, buf, nbytes=0):
-        self._check_sock(sock)
-        if self._sock_stashes:
+        if self._sock_stashed:
             item = self._stash_pop(sock, _RECVFROM_INTO)
             if item is not None:
                 data = item[0][:nbytes] if nbytes else item[0]
@@ -354,11 +357,12 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         return await self._sock_op(_RECVFROM_INTO, sock, buf, nbytes)
 
     async def sock_sendall(self, sock, data):
-        self._check_sock(sock)
-        if _unix_datagrams(sock):
-            await self._sock_send_by_poll(sock, "send", data)
-            return None
-        return await self._sock_op(_SENDALL, sock, data)
+        try:
+            return await self._sock_op(_SENDALL, sock, data)
+        except _core.AddressFallback:  # a Unix datagram socket
+            pass
+        await self._sock_send_by_poll(sock, "send", data)
+        return None
 
     async def _sock_send_by_poll(self, sock, method, *args):
         """sock.<method>(*args), waiting for the socket to be writable while
@@ -428,8 +432,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
             self._remove_writer(fd)
 
     async def sock_accept(self, sock):
-        self._check_sock(sock)
-        item = self._stash_pop(sock, _ACCEPT) if self._sock_stashes else None
+        item = self._stash_pop(sock, _ACCEPT) if self._sock_stashed else None
         if item is None:
             item = await self._sock_op(_ACCEPT, sock)
         fd, address = item
