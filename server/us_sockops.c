@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -228,12 +229,6 @@ static PyObject *sockop_cancel(us_sockop *s, PyObject *unused)
     (void)unused;
     if (!s->loop || !s->loop->ue_ready || s->queued)
         Py_RETURN_NONE; /* a queued op is dropped when its turn comes (sock_queue_advance) */
-    /* A connect whose poll has fired but whose retry has not run yet is
-     * past an async cancel's reach, and the retry calls connect() again: on
-     * a socket a later sock_connect() is already using. Cancelled
-     * synchronously, the op is over (cancelled or completed) on return. */
-    if (s->kind == US_SK_CONNECT && ue_op_cancel_sync(&s->loop->ue, &s->op) == 0)
-        Py_RETURN_NONE;
     if (ue_op_cancel(&s->loop->ue, &s->op) < 0) {
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
         return NULL;
@@ -354,6 +349,16 @@ static void sockop_finish(us_sockop *s, int32_t res)
             goto report;
         Py_DECREF(r);
         return;
+    }
+    if (s->kind == US_SK_CONNECT && res >= 0) {
+        /* Writable: the connect is over, and SO_ERROR says how. Read only
+         * for a live future, since reading clears it (a cancelled
+         * sock_connect() leaves it to the next connect(), as asyncio does). */
+        int err = 0;
+        socklen_t elen = sizeof err;
+        if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0)
+            err = errno;
+        res = -err;
     }
     PyObject *r;
     if (res < 0) {
@@ -561,8 +566,8 @@ static int sockop_prep(us_sockop *s, struct io_uring_sqe *sqe)
         s->msg.msg_iovlen = 1;
         io_uring_prep_sendmsg(sqe, s->fd, &s->msg, MSG_NOSIGNAL);
         break;
-    case US_SK_CONNECT:
-        io_uring_prep_connect(sqe, s->fd, (struct sockaddr *)&s->addr, s->addrlen);
+    case US_SK_CONNECT: /* connect() is under way: wait for its end, as asyncio's writer does */
+        io_uring_prep_poll_add(sqe, s->fd, POLLOUT);
         break;
     case US_SK_ACCEPT:
         s->addrlen = sizeof s->addr;
@@ -703,6 +708,20 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
     }
 }
 
+/* sock_connect() calls connect() at once, as asyncio does: 1 when it has
+ * connected, 0 when it is under way (the op then waits for writability),
+ * -1 with its error raised (asyncio raises what socket.connect() raised,
+ * while a failure found later is "Connect call failed"). */
+static int sockop_connect_now(us_sockop *s)
+{
+    if (connect(s->fd, (struct sockaddr *)&s->addr, s->addrlen) == 0)
+        return 1;
+    if (errno == EINPROGRESS || errno == EAGAIN || errno == EINTR)
+        return 0;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
 /* loop._sock_op(kind, sock, [arg, [arg2]]) -> future */
 PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -773,7 +792,10 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
         if (n > 0)
             s->done = (size_t)n;
     }
-    if (s->kind == US_SK_SENDALL && s->done == s->len) {
+    int now_done = s->kind == US_SK_SENDALL && s->done == s->len;
+    if (s->kind == US_SK_CONNECT && (now_done = sockop_connect_now(s)) < 0)
+        goto fail;
+    if (now_done) {
         PyObject *r = PyObject_CallMethodOneArg(s->fut, st->s_set_result, Py_None);
         if (!r)
             goto fail;
@@ -787,11 +809,6 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     if (slot)
         *slot = s;
     loop->sockops_inflight++;
-    /* asyncio starts a connect before sock_connect() first yields, and
-     * callers rely on it (connect, then a blocking accept elsewhere): push
-     * it to the kernel now instead of with the next iteration's batch. */
-    if (s->kind == US_SK_CONNECT && loop->ue.enabled)
-        (void)ue_submit(&loop->ue); /* on failure it goes with the next batch */
     /* The in-flight reference: released by the final CQE. */
     return Py_NewRef(s->fut);
 fail:

@@ -689,12 +689,44 @@ def test_sock_op_on_closed_socket(loop):
         a, b = tcp_pair()
         a.close()
         for name, call in every_sock_call(loop, a).items():
-            if name in ("sock_connect", "sock_sendto"):
-                continue  # asyncio makes them fail elsewhere, with other errors
             with pytest.raises(OSError) as info:
                 await call()
             assert info.value.errno == errno.EBADF, name
+            assert info.value.strerror == os.strerror(errno.EBADF), name
         b.close()
+
+    run(loop, main())
+
+
+def test_sock_connect_errors_are_asyncios(loop):
+    """connect() runs in the call, as asyncio's does: its own error comes as
+    socket.connect() raised it, a failure found later is "Connect call
+    failed", and the next connect() after one reports the kernel's
+    ECONNABORTED once before it connects."""
+
+    async def main():
+        with socket.socket() as s:
+            s.setblocking(False)
+            with pytest.raises(OSError) as info:  # TCP refuses a multicast peer at once
+                await loop.sock_connect(s, ("224.0.0.1", 80))
+            assert (info.value.errno, info.value.strerror) == (errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
+        with socket.socket() as listener, socket.socket() as s:
+            listener.bind(("127.0.0.1", 0))
+            addr = listener.getsockname()
+            s.setblocking(False)
+            outcomes = []
+            for attempt in range(3):
+                if attempt == 1:
+                    listener.listen()
+                try:
+                    await loop.sock_connect(s, addr)
+                except OSError as exc:
+                    outcomes.append((type(exc), exc.errno, exc.strerror))
+                else:
+                    outcomes.append("connected")
+            assert outcomes == [(ConnectionRefusedError, errno.ECONNREFUSED, f"Connect call failed {addr}"),
+                                (ConnectionAbortedError, errno.ECONNABORTED, os.strerror(errno.ECONNABORTED)),
+                                "connected"]
 
     run(loop, main())
 

@@ -399,14 +399,15 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         address = await self._sock_resolve(sock, address)
         if sock.family in _NATIVE_ADDR_FAMILIES:
             try:
-                return await self._sock_op(_CONNECT, sock, address)
+                # connect() runs here: what it raises is raised as it is
+                fut = self._sock_op(_CONNECT, sock, address)
             except _core.AddressFallback:
                 pass
-            except OSError as exc:
-                if sock.family == socket.AF_UNIX:
-                    # a Unix connect() fails at once, and asyncio raises what it gave
-                    raise OSError(exc.errno, os.strerror(exc.errno)) from None
-                raise OSError(exc.errno, f"Connect call failed {address}") from None
+            else:
+                try:
+                    return await fut
+                except OSError as exc:  # a connect that failed once under way
+                    raise OSError(exc.errno, f"Connect call failed {address}") from None
         return await self._sock_connect_by_poll(sock, address)
 
     async def _sock_connect_by_poll(self, sock, address):
