@@ -623,23 +623,22 @@ static int sock_check(us_loop *loop, PyObject *sock)
     return blocking ? -1 : 0;
 }
 
-/* AF_UNIX SOCK_DGRAM or SOCK_SEQPACKET, which sock_sendall() sends to by
- * readiness (see _sock_send_by_poll in uringloop/_loop.py). */
-static int sock_is_unix_datagram(us_state *st, PyObject *sock, int fd)
+/* The socket's family and type: read from a socket.socket, else asked of
+ * the kernel. */
+static int sock_family_type(us_state *st, PyObject *sock, int fd, int *family, int *type)
 {
     if (st->socket_family_off >= 0 && st->socket_type_off >= 0 && PyObject_TypeCheck(sock, st->socket_type)) {
-        int family = *(int *)((char *)sock + st->socket_family_off);
-        int type = *(int *)((char *)sock + st->socket_type_off);
-        return family == AF_UNIX && type != SOCK_STREAM;
+        *family = *(int *)((char *)sock + st->socket_family_off);
+        *type = *(int *)((char *)sock + st->socket_type_off);
+        return 0;
     }
-    int family = 0, type = 0;
-    socklen_t flen = sizeof family, tlen = sizeof type;
-    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &family, &flen) < 0 ||
-        getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) < 0) {
+    socklen_t flen = sizeof *family, tlen = sizeof *type;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, family, &flen) < 0 ||
+        getsockopt(fd, SOL_SOCKET, SO_TYPE, type, &tlen) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    return family == AF_UNIX && type != SOCK_STREAM;
+    return 0;
 }
 
 static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
@@ -692,12 +691,9 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
         a = b;
         /* fallthrough */
     case US_SK_CONNECT: {
-        int family = 0;
-        socklen_t flen = sizeof family;
-        if (getsockopt(s->fd, SOL_SOCKET, SO_DOMAIN, &family, &flen) < 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
+        int family = 0, type = 0;
+        if (sock_family_type(s->loop->st, s->sock, s->fd, &family, &type) < 0)
             return -1;
-        }
         int r = sockaddr_from_py(family, a, &s->addr, &s->addrlen);
         if (r == -2)
             PyErr_Format(s->loop->st->AddressFallback, "uringloop: address %R is not numeric for family %d", a, family);
@@ -742,10 +738,13 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     if (fd < 0)
         return NULL;
     if (kind == US_SK_SENDALL) {
-        int dgram = sock_is_unix_datagram(st, args[1], fd);
-        if (dgram) {
-            if (dgram > 0)
-                PyErr_SetString(st->AddressFallback, "uringloop: sock_sendall() to a Unix datagram socket");
+        /* AF_UNIX SOCK_DGRAM or SOCK_SEQPACKET: sent to by readiness (see
+         * _sock_send_by_poll in uringloop/_loop.py) */
+        int family = 0, type = 0;
+        if (sock_family_type(st, args[1], fd, &family, &type) < 0)
+            return NULL;
+        if (family == AF_UNIX && type != SOCK_STREAM) {
+            PyErr_SetString(st->AddressFallback, "uringloop: sock_sendall() to a Unix datagram socket");
             return NULL;
         }
     }
