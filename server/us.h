@@ -26,6 +26,7 @@ typedef struct us_state {
     PyTypeObject *SockOpType;
     PyTypeObject *StreamType;
     PyTypeObject *AcceptorType;
+    PyTypeObject *DgramReaderType;
     PyTypeObject *SSLProtocolCoreType, *SSLAppTransportCoreType; /* us_ssl.c */
     struct us_ssl_state *ssl;                                    /* set by _core._ssl_setup() */
     PyObject *UnavailableError;                                  /* uringloop.IOUringUnavailableError */
@@ -189,5 +190,11 @@ void us_httpconn_flush(PyObject *conn);
 extern PyType_Spec us_sockop_spec;
 PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
 void us_loop_sock_queue_reset(us_loop *loop);
+PyObject *us_sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len);
+
+/* us_dgram.c */
+extern PyType_Spec us_dgram_reader_spec;
+PyObject *us_dgram_reader_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
+int us_dgram_run(PyObject *r);
 
 #endif

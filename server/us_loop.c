@@ -493,6 +493,8 @@ static int run_io_item(us_state *st, PyObject *item)
         return us_stream_run(item);
     if (Py_TYPE(item) == st->AcceptorType)
         return us_acceptor_run(item);
+    if (Py_TYPE(item) == st->DgramReaderType)
+        return us_dgram_run(item);
     return us_fdwatch_run(item);
 }
 
@@ -855,6 +857,7 @@ static PyMethodDef loop_methods[] = {
     {"_sock_op", (PyCFunction)(void (*)(void))us_loop_sock_op, METH_FASTCALL, NULL},
     {"_stream_new", (PyCFunction)(void (*)(void))us_stream_new, METH_FASTCALL, NULL},
     {"_acceptor_new", (PyCFunction)(void (*)(void))us_acceptor_new, METH_FASTCALL, NULL},
+    {"_dgram_reader", (PyCFunction)(void (*)(void))us_dgram_reader_new, METH_FASTCALL, NULL},
     {"_uring_info", (PyCFunction)loop_uring_info, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };

@@ -192,6 +192,7 @@ static int us_module_exec(PyObject *m)
                  !(st->SockOpType = add_type(m, &us_sockop_spec, NULL)) ||
                  !(st->StreamType = add_type(m, &us_stream_spec, stream_bases)) ||
                  !(st->AcceptorType = add_type(m, &us_acceptor_spec, NULL)) ||
+                 !(st->DgramReaderType = add_type(m, &us_dgram_reader_spec, NULL)) ||
                  !(st->SSLProtocolCoreType = add_type(m, &us_sslprotocol_spec, NULL)) ||
                  !(st->SSLAppTransportCoreType = add_type(m, &us_ssltransport_spec, NULL));
     Py_XDECREF(stream_bases);
@@ -278,6 +279,7 @@ static int us_module_exec(PyObject *m)
     X(SockOpType)                                                                                                      \
     X(StreamType)                                                                                                      \
     X(AcceptorType)                                                                                                    \
+    X(DgramReaderType)                                                                                                 \
     X(SSLProtocolCoreType)                                                                                             \
     X(SSLAppTransportCoreType)                                                                                         \
     X(UnavailableError)                                                                                                \

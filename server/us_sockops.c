@@ -57,7 +57,7 @@ typedef struct us_sockop {
 
 /* ---- socket addresses ---- */
 
-static PyObject *sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len)
+PyObject *us_sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len)
 {
     char host[INET6_ADDRSTRLEN];
     if (len == 0)
@@ -281,15 +281,15 @@ static PyObject *sockop_result(us_sockop *s, int32_t res)
     case US_SK_RECVFROM: {
         if ((size_t)res < s->len && _PyBytes_Resize(&s->obj, res) < 0)
             return NULL;
-        PyObject *addr = sockaddr_to_py(&s->addr, s->msg.msg_namelen);
+        PyObject *addr = us_sockaddr_to_py(&s->addr, s->msg.msg_namelen);
         return addr ? Py_BuildValue("(ON)", s->obj, addr) : NULL;
     }
     case US_SK_RECVFROM_INTO: {
-        PyObject *addr = sockaddr_to_py(&s->addr, s->msg.msg_namelen);
+        PyObject *addr = us_sockaddr_to_py(&s->addr, s->msg.msg_namelen);
         return addr ? Py_BuildValue("(iN)", res, addr) : NULL;
     }
     case US_SK_ACCEPT: {
-        PyObject *addr = sockaddr_to_py(&s->addr, s->addrlen);
+        PyObject *addr = us_sockaddr_to_py(&s->addr, s->addrlen);
         return addr ? Py_BuildValue("(iN)", res, addr) : NULL;
     }
     default:
@@ -308,7 +308,7 @@ static PyObject *sockop_leftover(us_sockop *s, int32_t res)
         PyObject *data = PyBytes_FromStringAndSize(s->view.buf, res);
         if (!data || s->kind == US_SK_RECV_INTO)
             return data;
-        PyObject *addr = sockaddr_to_py(&s->addr, s->msg.msg_namelen);
+        PyObject *addr = us_sockaddr_to_py(&s->addr, s->msg.msg_namelen);
         return addr ? Py_BuildValue("(NN)", data, addr) : (Py_DECREF(data), NULL);
     }
     if (s->kind == US_SK_RECV || s->kind == US_SK_RECVFROM)

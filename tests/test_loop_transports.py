@@ -1279,6 +1279,126 @@ def test_udp_error_received_for_refused_port(loop):
 
 
 
+def test_udp_reading_goes_on_after_error_received_raises(loop):
+    """asyncio's reader stays registered when error_received() raises: the
+    exception goes to the handler and the next datagram is delivered."""
+    handled = []
+    loop.set_exception_handler(lambda lp, ctx: handled.append(ctx.get("exception")))
+
+    class Raising(DatagramRecorder):
+        def error_received(self, exc):
+            super().error_received(exc)
+            raise RuntimeError("error_received failed")
+
+    async def main():
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        addr = peer.getsockname()
+        peer.close()  # nobody there for now: ICMP port unreachable
+        tr, pr = await loop.create_datagram_endpoint(lambda: Raising(loop), remote_addr=addr)
+        for _ in range(50):
+            tr.sendto(b"anyone?")
+            await asyncio.sleep(0.01)
+            if pr.errors:
+                break
+        assert pr.errors and isinstance(pr.errors[0], ConnectionRefusedError)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(addr)
+        peer.sendto(b"after the error", tr.get_extra_info("sockname"))
+        for _ in range(100):
+            if pr.datagrams:
+                break
+            await asyncio.sleep(0.01)
+        assert [d for d, _ in pr.datagrams] == [b"after the error"]
+        assert any(isinstance(e, RuntimeError) and str(e) == "error_received failed" for e in handled), handled
+        peer.close()
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("family", ["udp", "unix"])
+def test_a_datagram_burst_arrives_whole_and_in_order_across_pause_and_resume(loop, family, tmp_path):
+    """Several datagrams waiting at each wake-up, of sizes up to 60 KiB, with
+    reading paused and resumed in the middle: none lost, none reordered.
+    UDP drops what its receive buffer cannot hold, so the sender keeps at
+    most 8 datagrams and 128 KiB unread."""
+    sizes = [1 + (i * 7919) % 60000 for i in range(300)]
+
+    async def main():
+        if family == "udp":
+            tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), local_addr=("127.0.0.1", 0))
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        else:
+            path = str(tmp_path / "rx")
+            tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), local_addr=path,
+                                                         family=socket.AF_UNIX)
+            tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        tr.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        dest = tr.get_extra_info("sockname")
+        tx.setblocking(False)
+        sent = 0
+        paused_once = False
+        for _ in range(4000):
+            while sent < len(sizes):
+                unread = range(len(pr.datagrams), sent)
+                if len(unread) >= 8 or sum(sizes[i] for i in unread) + sizes[sent] > 128 << 10:
+                    break
+                try:
+                    tx.sendto(bytes([sent % 251]) * sizes[sent], dest)
+                except BlockingIOError:
+                    break
+                sent += 1
+            if not paused_once and len(pr.datagrams) > 20:
+                paused_once = True
+                tr.pause_reading()
+                before = len(pr.datagrams)
+                while sent < len(sizes) and len(range(before, sent)) < 8:  # some wait while paused
+                    try:
+                        tx.sendto(bytes([sent % 251]) * min(sizes[sent], 1000), dest)
+                    except BlockingIOError:
+                        break
+                    sizes[sent] = min(sizes[sent], 1000)
+                    sent += 1
+                await asyncio.sleep(0.05)
+                assert len(pr.datagrams) == before  # nothing delivered while paused
+                tr.resume_reading()
+            if len(pr.datagrams) == len(sizes):
+                break
+            await asyncio.sleep(0.001)
+        assert paused_once
+        assert [len(d) for d, _ in pr.datagrams] == sizes
+        assert all(d == bytes([i % 251]) * sizes[i] for i, (d, _) in enumerate(pr.datagrams))
+        tx.close()
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_datagram_received_runs_in_the_context_the_endpoint_was_made_in(loop):
+    var = contextvars.ContextVar("var", default="unset")
+
+    class Seeing(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(var.get(), addr)
+
+    async def main():
+        var.set("at creation")
+        tr, pr = await loop.create_datagram_endpoint(lambda: Seeing(loop), local_addr=("127.0.0.1", 0))
+        var.set("later")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.sendto(b"x", tr.get_extra_info("sockname"))
+            await pr.got.wait()
+        assert [d for d, _ in pr.datagrams] == ["at creation"]
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
 async def _drain_dgrams(sock):
     """Reads until nothing more comes for 50 ms (the transport may send
     whenever a datagram leaves the queue)."""

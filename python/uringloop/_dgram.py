@@ -1,8 +1,9 @@
 """The datagram transport of uringloop: UDP and Unix datagram sockets.
 
-Reading keeps one io_uring RECVMSG in flight (``_core`` sock op) and hands
-each datagram to ``datagram_received``; pause_reading() cancels it (a
-datagram that completes before the cancel is stashed by the core and
+Reading is the C ``DgramReader`` (server/us_dgram.c): one io_uring RECVMSG
+in flight, each datagram handed to ``_datagram_received`` from the ready
+queue, and what else is waiting read in the same turn; pause_reading()
+cancels the op (a datagram that completes before the cancel is kept and
 delivered first on resume). ``sendto`` tries the kernel at once, as asyncio
 does; when the socket is full the datagram is buffered and the loop's writer
 watch (an io_uring poll) says when to try again, as in asyncio's selector
@@ -19,8 +20,6 @@ import sys
 from asyncio import exceptions, transports, trsock
 from asyncio.log import logger
 
-_RECVFROM = 2  # _core sock op code (server/us_sockops.c)
-_MAX_DATAGRAM = 256 * 1024
 _FULL, _FAILED = object(), object()  # outcomes of DatagramTransport._try_send
 # From 3.13 on asyncio sends empty datagrams (before, sendto(b"") did nothing)
 # and counts 8 bytes of header per buffered datagram, so that empty ones count
@@ -48,7 +47,7 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         self._address = address
         self._buffer = collections.deque()
         self._buffer_size = 0
-        self._reading = None  # the future of the RECVMSG in flight
+        self._reader = loop._dgram_reader(sock, self._datagram_received, self._read_error)
         self._paused = False
         self._closing = False
         self._conn_lost = 0
@@ -61,49 +60,28 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
     # ---- reading ----
 
     def _start_reading(self):
-        if self._paused or self._closing or self._reading is not None or self._sock is None:
+        if self._paused or self._closing or self._sock is None:
             return
-        if self._loop._sock_stashes:
-            item = self._loop._stash_pop(self._sock, _RECVFROM)
-            if item is not None:  # arrived while a cancel was in flight
-                self._loop.call_soon(self._deliver, item)
-                return
-        self._reading = self._loop._sock_op(_RECVFROM, self._sock, _MAX_DATAGRAM)
-        self._reading.add_done_callback(self._on_datagram)
+        self._reader.start()
 
-    def _on_datagram(self, fut):
-        self._reading = None
-        if fut.cancelled() or self._closing:
-            return
-        exc = fut.exception()
-        if exc is None:
-            self._deliver(fut.result())
-        elif isinstance(exc, OSError):
-            self._protocol.error_received(exc)
-            self._start_reading()
-        else:
-            self._fatal_error(exc, "Fatal read error on datagram transport")
-
-    def _deliver(self, item):
-        if self._closing:
-            return
-        data, addr = item
+    def _datagram_received(self, data, addr):
+        """Called by the reader for each datagram."""
         try:
             self._protocol.datagram_received(data, addr)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.datagram_received() call failed.")
-            return
-        self._start_reading()
+
+    def _read_error(self, exc):
+        """Called by the reader when a receive failed (an OSError)."""
+        self._protocol.error_received(exc)
 
     def pause_reading(self):
         if self._closing or self._paused:
             return
         self._paused = True
-        if self._reading is not None:
-            self._reading.cancel()
-            self._reading = None
+        self._reader.stop()
 
     def resume_reading(self):
         if self._closing or not self._paused:
@@ -201,9 +179,7 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         if self._closing:
             return
         self._closing = True
-        if self._reading is not None:
-            self._reading.cancel()
-            self._reading = None
+        self._reader.close()
         if not self._buffer:
             self._conn_lost += 1
             self._loop.call_soon(self._call_connection_lost, None)
@@ -223,9 +199,7 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         self._buffer.clear()
         self._buffer_size = 0
         self._closing = True
-        if self._reading is not None:
-            self._reading.cancel()
-            self._reading = None
+        self._reader.close()
         self._stop_writing()
         self._conn_lost += 1
         self._loop.call_soon(self._call_connection_lost, exc)
