@@ -4,7 +4,7 @@
  * back, and repeats, for SECONDS. Prints one JSON line: round trips, elapsed
  * time and latency percentiles.
  *
- *     echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH [deflate]]
+ *     echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH [deflate] | udp]
  *
  * With WS_PATH each connection first upgrades to a WebSocket at that path,
  * then each message is one binary frame of MSGSIZE bytes, masked as a
@@ -13,6 +13,11 @@
  * JSON-like text uncompressed (a client may), so the server inflates
  * nothing and compresses every reply; the reply's length comes from its
  * frame header.
+ *
+ * With "udp" each connection is a connected UDP socket that sends one
+ * datagram of MSGSIZE bytes and waits for it to come back. A datagram the
+ * server's receive buffer dropped is sent again after 200 ms; the JSON line
+ * then counts it under "resent".
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -184,15 +189,16 @@ static void record(double seconds)
 int main(int argc, char **argv)
 {
     if (argc < 6 || argc > 8) {
-        fprintf(stderr, "usage: echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH [deflate]]\n");
+        fprintf(stderr, "usage: echo_client HOST PORT CONNS MSGSIZE SECONDS [WS_PATH [deflate] | udp]\n");
         return 2;
     }
+    int udp = argc == 7 && strcmp(argv[6], "udp") == 0;
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
     inet_pton(AF_INET, argv[1], &addr.sin_addr);
     int nconns = atoi(argv[3]);
     size_t payload = (size_t)atol(argv[4]);
     double duration = atof(argv[5]);
-    const char *ws_path = argc >= 7 ? argv[6] : NULL;
+    const char *ws_path = argc >= 7 && !udp ? argv[6] : NULL;
     int deflate = argc == 8 && strcmp(argv[7], "deflate") == 0;
     /* msgsize is what goes out, insize what comes back */
     size_t msgsize = payload, insize = payload;
@@ -208,13 +214,14 @@ int main(int argc, char **argv)
     conn_t *conns = calloc((size_t)nconns, sizeof *conns);
     int ep = epoll_create1(0);
     for (int i = 0; i < nconns; i++) {
-        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        int fd = socket(AF_INET, udp ? SOCK_DGRAM : SOCK_STREAM, 0);
         if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
             perror("connect");
             return 1;
         }
         int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (!udp)
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         if (ws_path) {
             ws_handshake(fd, ws_path, deflate);
             conns[i].frame = malloc(insize);
@@ -232,11 +239,18 @@ int main(int argc, char **argv)
         conns[i].started = now();
         pump_write(ep, &conns[i], out, msgsize);
     }
-    uint64_t round_trips = 0;
+    uint64_t round_trips = 0, resent = 0;
     struct epoll_event events[256];
     int active = nconns;
     while (active > 0) {
-        int n = epoll_wait(ep, events, 256, 1000);
+        int n = epoll_wait(ep, events, 256, udp ? 50 : 1000);
+        for (int i = 0; udp && i < nconns; i++) { /* dropped on the way: send again */
+            conn_t *c = &conns[i];
+            if (!c->done && now() - c->started > 0.2 && write(c->fd, out, msgsize) == (ssize_t)msgsize) {
+                c->started = now();
+                resent++;
+            }
+        }
         for (int e = 0; e < n; e++) {
             conn_t *c = events[e].data.ptr;
             if (c->done)
@@ -250,11 +264,17 @@ int main(int argc, char **argv)
                 ssize_t r = read(c->fd, into, insize - c->received);
                 if (r < 0 && (errno == EAGAIN || errno == EINTR))
                     break;
+                if (r < 0 && udp && errno == ECONNREFUSED)
+                    break; /* the server is not there yet or any more: resent on time */
                 if (r <= 0) {
                     fprintf(stderr, "read: %s\n", r == 0 ? "connection closed" : strerror(errno));
                     return 1;
                 }
                 c->received += (size_t)r;
+                if (udp && (size_t)r != insize) {
+                    fprintf(stderr, "udp: a datagram of %zd bytes, not %zu\n", r, insize);
+                    return 1;
+                }
                 if (c->frame ? !ws_frame_complete((unsigned char *)c->frame, c->received) : c->received < insize)
                     continue;
                 double t = now();
@@ -276,9 +296,9 @@ int main(int argc, char **argv)
     }
     double elapsed = now() - t0;
     qsort(lat, lat_len, sizeof *lat, cmp_u32);
-    printf("{\"round_trips\": %llu, \"seconds\": %.4f, \"p50_us\": %u, \"p99_us\": %u}\n",
+    printf("{\"round_trips\": %llu, \"seconds\": %.4f, \"p50_us\": %u, \"p99_us\": %u, \"resent\": %llu}\n",
            (unsigned long long)round_trips, elapsed, lat_len ? lat[lat_len / 2] : 0,
-           lat_len ? lat[(size_t)(lat_len * 0.99)] : 0);
+           lat_len ? lat[(size_t)(lat_len * 0.99)] : 0, (unsigned long long)resent);
     for (int i = 0; i < nconns; i++)
         close(conns[i].fd);
     return 0;

@@ -176,11 +176,20 @@ def work_echo_server(loop, port, kind):
         def data_received(self, data):
             self.transport.write(data)
 
+    class EchoDatagrams(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
     async def main():
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         if kind == "protocol":
             server = await loop.create_server(EchoProtocol, "127.0.0.1", port, backlog=1024)
+        elif kind == "datagram":
+            server, _ = await loop.create_datagram_endpoint(EchoDatagrams, local_addr=("127.0.0.1", port))
         elif kind == "streams":
             server = await asyncio.start_server(stream_client, "127.0.0.1", port, backlog=1024)
         else:
@@ -308,10 +317,11 @@ def echo_server(loop_name, kind="sockets"):
             server.kill()
 
 
-def run_client(client_exe, port, conns, size, seconds):
+def run_client(client_exe, port, conns, size, seconds, kind="sockets"):
     """bench/echo_client.c pinned to CLIENT_CORE; its JSON result."""
     out = subprocess.run(["taskset", "-c", CLIENT_CORE, client_exe, "127.0.0.1", str(port), str(conns), str(size),
-                          str(seconds)], capture_output=True, text=True, check=True)
+                          str(seconds)] + (["udp"] if kind == "datagram" else []),
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -328,7 +338,7 @@ def per_round_trip(r, before, after):
 def run_echo(loop_name, conns, size, seconds, client_exe, kind="sockets"):
     with echo_server(loop_name, kind) as (server, port):
         before = cpu_times(server.pid)
-        r = run_client(client_exe, port, conns, size, seconds)
+        r = run_client(client_exe, port, conns, size, seconds, kind)
         after = cpu_times(server.pid)
     return per_round_trip(r, before, after)
 
@@ -340,10 +350,11 @@ def main():
     p.add_argument("--n", type=int, default=0)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--kinds", default="protocol,streams,sockets", help="matrix rows to run (comma-separated)")
+    p.add_argument("--kinds", default="protocol,streams,sockets",
+                   help="matrix rows to run (comma-separated); also datagram: a UDP echo, DatagramProtocol")
     p.add_argument("--sizes", default="1,10,100", help="matrix message sizes in KiB")
     p.add_argument("--conns", default="1,10,100", help="matrix connection counts")
-    p.add_argument("--kind", default="sockets", choices=("sockets", "streams", "protocol"))
+    p.add_argument("--kind", default="sockets", choices=("sockets", "streams", "protocol", "datagram"))
     p.add_argument("--rounds", type=int, default=1,
                    help="matrix: runs of each cell per loop, interleaved; the median (by CPU per round trip) is kept")
     p.add_argument("--matrix", action="store_true",

@@ -1258,19 +1258,27 @@ def test_udp_sendto_after_close_is_dropped():
     assert errors == []
 
 
+async def _endpoint_refused_by_its_peer(loop, protocol_class):
+    """A UDP endpoint connected to a port nobody listens on, once its
+    protocol has been told (ICMP port unreachable): (transport, protocol,
+    the peer's address)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    addr = probe.getsockname()
+    probe.close()
+    tr, pr = await loop.create_datagram_endpoint(lambda: protocol_class(loop), remote_addr=addr)
+    for _ in range(50):
+        tr.sendto(b"anyone?")
+        await asyncio.sleep(0.01)
+        if pr.errors:
+            break
+    assert pr.errors and isinstance(pr.errors[0], ConnectionRefusedError)
+    return tr, pr, addr
+
+
 def test_udp_error_received_for_refused_port(loop):
     async def main():
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()
-        probe.close()  # nobody listens there: ICMP port unreachable
-        tr, pr = await loop.create_datagram_endpoint(lambda: DatagramRecorder(loop), remote_addr=dead)
-        for _ in range(20):
-            tr.sendto(b"anyone?")
-            await asyncio.sleep(0.01)
-            if pr.errors:
-                break
-        assert pr.errors and isinstance(pr.errors[0], ConnectionRefusedError)
+        tr, pr, _ = await _endpoint_refused_by_its_peer(loop, DatagramRecorder)
         assert not tr.is_closing()  # errors are reported, the endpoint lives on
         tr.close()
         await pr.lost
@@ -1291,17 +1299,7 @@ def test_udp_reading_goes_on_after_error_received_raises(loop):
             raise RuntimeError("error_received failed")
 
     async def main():
-        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        peer.bind(("127.0.0.1", 0))
-        addr = peer.getsockname()
-        peer.close()  # nobody there for now: ICMP port unreachable
-        tr, pr = await loop.create_datagram_endpoint(lambda: Raising(loop), remote_addr=addr)
-        for _ in range(50):
-            tr.sendto(b"anyone?")
-            await asyncio.sleep(0.01)
-            if pr.errors:
-                break
-        assert pr.errors and isinstance(pr.errors[0], ConnectionRefusedError)
+        tr, pr, addr = await _endpoint_refused_by_its_peer(loop, Raising)
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         peer.bind(addr)
         peer.sendto(b"after the error", tr.get_extra_info("sockname"))
