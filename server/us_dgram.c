@@ -107,24 +107,46 @@ static PyObject *dgram_item(us_dgram_reader *r, size_t n)
     return item;
 }
 
+/* The current exception to the exception handler, as asyncio's Handle
+ * reports a callback's: "Exception in callback <fn's source>". */
+static int dgram_report(us_dgram_reader *r, PyObject *fn)
+{
+    us_state *st = r->loop->st;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *empty = PyTuple_New(0);
+    PyObject *source = empty ? PyObject_CallFunctionObjArgs(st->format_callback_source, fn, empty, NULL) : NULL;
+    PyObject *msg = source ? PyUnicode_FromFormat("Exception in callback %U", source) : NULL;
+    if (!msg)
+        PyErr_Clear(); /* the handler gets the generic message */
+    Py_XDECREF(empty);
+    Py_XDECREF(source);
+    PyErr_Restore(et, ev, tb);
+    int rc = us_report_exception(r->loop, msg, NULL);
+    Py_XDECREF(msg);
+    return rc;
+}
+
 /* Calls fn(*args) (args: a tuple, stolen). SystemExit and KeyboardInterrupt
  * stop the loop (-1); anything else the callback let out goes to the
- * exception handler, and reading goes on. */
+ * exception handler, and reading goes on, as on asyncio's loop, where the
+ * protocol's callbacks run inside the reader's handle. */
 static int dgram_call(us_dgram_reader *r, PyObject *fn, PyObject *args)
 {
     if (!args)
         return us_report_exception(r->loop, NULL, NULL);
     Py_INCREF(fn); /* close() from inside the callback drops the reader's reference */
     PyObject *res = PyObject_Call(fn, args, NULL);
-    Py_DECREF(fn);
     Py_DECREF(args);
-    if (res) {
+    int rc = 0;
+    if (res)
         Py_DECREF(res);
-        return 0;
-    }
-    if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
-        return -1;
-    return us_report_exception(r->loop, NULL, NULL);
+    else if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        rc = -1;
+    else
+        rc = dgram_report(r, fn);
+    Py_DECREF(fn);
+    return rc;
 }
 
 static int dgram_live(us_dgram_reader *r)

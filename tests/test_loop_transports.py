@@ -1316,6 +1316,34 @@ def test_udp_reading_goes_on_after_error_received_raises(loop):
     run(loop, main())
 
 
+def test_an_exception_from_datagram_received_is_reported_and_reading_goes_on(loop):
+    handled = []
+    loop.set_exception_handler(lambda lp, ctx: handled.append(ctx))
+
+    class Raising(DatagramRecorder):
+        def datagram_received(self, data, addr):
+            super().datagram_received(data, addr)
+            if data == b"raise":
+                raise RuntimeError("datagram_received failed")
+
+    async def main():
+        tr, pr = await loop.create_datagram_endpoint(lambda: Raising(loop), local_addr=("127.0.0.1", 0))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for data in (b"raise", b"after"):
+                tx.sendto(data, tr.get_extra_info("sockname"))
+                pr.got.clear()
+                await pr.got.wait()
+        assert [d for d, _ in pr.datagrams] == [b"raise", b"after"]
+        assert not tr.is_closing()
+        [ctx] = handled
+        assert isinstance(ctx["exception"], RuntimeError) and str(ctx["exception"]) == "datagram_received failed"
+        assert ctx["message"].startswith("Exception in callback ")
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
 @pytest.mark.parametrize("family", ["udp", "unix"])
 def test_a_datagram_burst_arrives_whole_and_in_order_across_pause_and_resume(loop, family, tmp_path):
     """Several datagrams waiting at each wake-up, of sizes up to 60 KiB, with

@@ -65,13 +65,10 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         self._reader.start()
 
     def _datagram_received(self, data, addr):
-        """Called by the reader for each datagram."""
-        try:
-            self._protocol.datagram_received(data, addr)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.datagram_received() call failed.")
+        """Called by the reader for each datagram. What datagram_received()
+        raises goes to the exception handler and reading goes on, as with
+        asyncio's reader callback (uvloop closes the transport instead)."""
+        self._protocol.datagram_received(data, addr)
 
     def _read_error(self, exc):
         """Called by the reader when a receive failed (an OSError)."""
