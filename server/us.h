@@ -109,6 +109,10 @@ typedef struct us_loop {
      * in call order: [fd * 2 + direction] is the last op of that queue. */
     struct us_sockop **sock_queue;
     int sock_queue_cap;
+    /* [fd] is set while a transport may own the descriptor: sock_* calls
+     * then ask loop._ensure_fd_no_transport(), as asyncio's do */
+    unsigned char *transport_fds;
+    int transport_fds_cap;
     char stopping, closed, debug, running, closing;
 
     /* The scheduler's clock is the monotonic clock read in C, unless a
@@ -191,6 +195,7 @@ extern PyType_Spec us_sockop_spec;
 PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
 void us_loop_sock_queue_reset(us_loop *loop);
 PyObject *us_sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len);
+PyObject *us_loop_transport_fd_added(us_loop *loop, PyObject *fd);
 
 /* us_dgram.c */
 extern PyType_Spec us_dgram_reader_spec;

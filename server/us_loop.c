@@ -222,6 +222,7 @@ static void loop_dealloc(us_loop *self)
     PyMem_Free(self->ready);
     PyMem_Free(self->flush);
     PyMem_Free(self->sock_queue);
+    PyMem_Free(self->transport_fds);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -855,6 +856,7 @@ static PyMethodDef loop_methods[] = {
     {"_get_reader", (PyCFunction)loop_get_reader, METH_O, NULL},
     {"_get_writer", (PyCFunction)loop_get_writer, METH_O, NULL},
     {"_sock_op", (PyCFunction)(void (*)(void))us_loop_sock_op, METH_FASTCALL, NULL},
+    {"_transport_fd_added", (PyCFunction)us_loop_transport_fd_added, METH_O, NULL},
     {"_stream_new", (PyCFunction)(void (*)(void))us_stream_new, METH_FASTCALL, NULL},
     {"_acceptor_new", (PyCFunction)(void (*)(void))us_acceptor_new, METH_FASTCALL, NULL},
     {"_dgram_reader", (PyCFunction)(void (*)(void))us_dgram_reader_new, METH_FASTCALL, NULL},

@@ -18,6 +18,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -704,6 +705,47 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
     }
 }
 
+/* loop._transport_fd_added(fd): a transport now owns fd. */
+PyObject *us_loop_transport_fd_added(us_loop *loop, PyObject *arg)
+{
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    if (v < 0 || v > INT_MAX / 2)
+        Py_RETURN_NONE;
+    int fd = (int)v;
+    if (fd >= loop->transport_fds_cap) {
+        int cap = loop->transport_fds_cap ? loop->transport_fds_cap : 64;
+        while (cap <= fd)
+            cap *= 2;
+        unsigned char *flags = PyMem_Realloc(loop->transport_fds, (size_t)cap);
+        if (!flags)
+            return PyErr_NoMemory();
+        memset(flags + loop->transport_fds_cap, 0, (size_t)(cap - loop->transport_fds_cap));
+        loop->transport_fds = flags;
+        loop->transport_fds_cap = cap;
+    }
+    loop->transport_fds[fd] = 1;
+    Py_RETURN_NONE;
+}
+
+/* asyncio refuses a sock_* call that has to wait on a descriptor a live
+ * transport owns (RuntimeError from _ensure_fd_no_transport). The flag
+ * keeps that Python check off descriptors no transport was ever given;
+ * once it finds none there (closed, or taken back as sendfile does), the
+ * flag is cleared until the next transport. */
+static int sock_check_no_transport(us_loop *loop, int fd)
+{
+    if (fd >= loop->transport_fds_cap || !loop->transport_fds[fd])
+        return 0;
+    PyObject *r = PyObject_CallMethod((PyObject *)loop, "_ensure_fd_no_transport", "i", fd);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    loop->transport_fds[fd] = 0;
+    return 0;
+}
+
 /* sock_connect() calls connect() at once, as asyncio does: 1 when it has
  * connected, 0 when it is under way (the op then waits for writability),
  * -1 with its error raised (asyncio raises what socket.connect() raised,
@@ -772,7 +814,7 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
         goto fail;
     us_sockop *ahead = slot ? *slot : NULL;
     if (ahead && ahead->sock == s->sock) {
-        if (PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0)
+        if (sock_check_no_transport(loop, fd) < 0 || PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0)
             goto fail;
         ahead->queued_next = s; /* our reference becomes the queue's */
         s->queued = 1;
@@ -803,7 +845,8 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
         Py_DECREF(s);
         return fut;
     }
-    if (PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0 || sockop_submit(s) < 0)
+    if (sock_check_no_transport(loop, fd) < 0 || PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0 ||
+        sockop_submit(s) < 0)
         goto fail;
     if (slot)
         *slot = s;

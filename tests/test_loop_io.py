@@ -698,6 +698,38 @@ def test_sock_op_on_closed_socket(loop):
     run(loop, main())
 
 
+def test_sock_calls_that_would_wait_on_a_transports_socket_are_refused(loop):
+    """asyncio's _ensure_fd_no_transport(): a sock_* call that has to wait
+    on a descriptor a live transport owns raises RuntimeError (one that
+    completes at once does not); once the transport is closed, the number
+    is free for sock_* calls again."""
+
+    async def main():
+        srv = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        addr = srv.sockets[0].getsockname()
+        s = socket.socket()
+        s.setblocking(False)
+        await loop.sock_connect(s, addr)
+        tr, _ = await loop.create_connection(asyncio.Protocol, sock=s)
+        await loop.sock_sendall(s, b"fits")  # sent at once: no check, as on asyncio
+        for call in (lambda: loop.sock_recv(s, 10), lambda: loop.sock_recv_into(s, bytearray(5)),
+                     lambda: loop.sock_sendall(s, b"x" * 50_000_000)):
+            with pytest.raises(RuntimeError, match=f"^File descriptor {s.fileno()} is used by transport "):
+                await call()
+        fd = s.fileno()
+        tr.close()
+        await asyncio.sleep(0.01)
+        with socket.socket() as again:
+            again.setblocking(False)
+            await loop.sock_connect(again, addr)
+            assert again.fileno() == fd  # the same number, no transport now
+            await loop.sock_sendall(again, b"x" * 5_000_000)
+        srv.close()
+        await srv.wait_closed()
+
+    run(loop, main())
+
+
 def test_sock_connect_errors_are_asyncios(loop):
     """connect() runs in the call, as asyncio's does: its own error comes as
     socket.connect() raised it, a failure found later is "Connect call

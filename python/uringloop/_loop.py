@@ -43,6 +43,20 @@ def _unix_datagrams(sock):
     return sock.family == socket.AF_UNIX and sock.type != socket.SOCK_STREAM
 
 
+class _TransportRegistry(weakref.WeakValueDictionary):
+    """fd -> transport, as asyncio's loop keeps it; the C core is told of
+    each fd a transport takes, so that sock_* calls on it make asyncio's
+    _ensure_fd_no_transport() check and others skip it."""
+
+    def __init__(self, loop):
+        super().__init__()
+        self._fd_added = loop._transport_fd_added
+
+    def __setitem__(self, fd, transport):
+        super().__setitem__(fd, transport)
+        self._fd_added(fd)
+
+
 class _SockFuture(asyncio.Future):
     """The future of one io_uring socket operation: cancelling it cancels the op."""
 
@@ -87,7 +101,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         self._ssock = self._csock = None
         self._sock_stashes = weakref.WeakKeyDictionary()
         self._sock_stashed = False  # something may be in _sock_stashes
-        self._transports = weakref.WeakValueDictionary()
+        self._transports = _TransportRegistry(self)
         self._acceptors = {}
         self._shared_sockets = weakref.WeakSet()  # listening sockets that came in through sock=
         self._unix_server_inodes = {}  # listening Unix socket -> inode of its file, to unlink on close
