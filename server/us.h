@@ -143,6 +143,8 @@ typedef struct us_timer_handle {
 /* us_module.c */
 us_state *us_state_of_type(PyTypeObject *tp);
 int us_report_exception(us_loop *loop, PyObject *message, PyObject *handle);
+int us_report_callback_exception(us_loop *loop, PyObject *cb, PyObject *args, PyObject *handle);
+PyObject *us_oserror_from_res(int32_t res);
 
 /* us_handle.c */
 void us_handle_freelist_clear(us_state *st);

@@ -107,26 +107,6 @@ static PyObject *dgram_item(us_dgram_reader *r, size_t n)
     return item;
 }
 
-/* The current exception to the exception handler, as asyncio's Handle
- * reports a callback's: "Exception in callback <fn's source>". */
-static int dgram_report(us_dgram_reader *r, PyObject *fn)
-{
-    us_state *st = r->loop->st;
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyObject *empty = PyTuple_New(0);
-    PyObject *source = empty ? PyObject_CallFunctionObjArgs(st->format_callback_source, fn, empty, NULL) : NULL;
-    PyObject *msg = source ? PyUnicode_FromFormat("Exception in callback %U", source) : NULL;
-    if (!msg)
-        PyErr_Clear(); /* the handler gets the generic message */
-    Py_XDECREF(empty);
-    Py_XDECREF(source);
-    PyErr_Restore(et, ev, tb);
-    int rc = us_report_exception(r->loop, msg, NULL);
-    Py_XDECREF(msg);
-    return rc;
-}
-
 /* Calls fn(*args) (args: a tuple, stolen). SystemExit and KeyboardInterrupt
  * stop the loop (-1); anything else the callback let out goes to the
  * exception handler, and reading goes on, as on asyncio's loop, where the
@@ -137,14 +117,17 @@ static int dgram_call(us_dgram_reader *r, PyObject *fn, PyObject *args)
         return us_report_exception(r->loop, NULL, NULL);
     Py_INCREF(fn); /* close() from inside the callback drops the reader's reference */
     PyObject *res = PyObject_Call(fn, args, NULL);
-    Py_DECREF(args);
     int rc = 0;
     if (res)
         Py_DECREF(res);
     else if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
         rc = -1;
-    else
-        rc = dgram_report(r, fn);
+    else { /* "Exception in callback <fn's source>()", as asyncio reports its reader's */
+        PyObject *none = PyTuple_New(0);
+        rc = none ? us_report_callback_exception(r->loop, fn, none, NULL) : -1;
+        Py_XDECREF(none);
+    }
+    Py_DECREF(args);
     Py_DECREF(fn);
     return rc;
 }
@@ -170,14 +153,10 @@ static int dgram_error(us_dgram_reader *r, int err)
 {
     if (!dgram_live(r) || !r->error)
         return 0;
-    errno = err;
-    PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyErr_NormalizeException(&et, &ev, &tb);
-    Py_XDECREF(et);
-    Py_XDECREF(tb);
-    return dgram_call(r, r->error, ev ? PyTuple_Pack(1, ev) : NULL);
+    PyObject *exc = us_oserror_from_res(-err);
+    PyObject *args = exc ? PyTuple_Pack(1, exc) : NULL;
+    Py_XDECREF(exc);
+    return dgram_call(r, r->error, args);
 }
 
 /* Reads what else is waiting, up to US_DGRAM_BATCH datagrams. */

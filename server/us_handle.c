@@ -74,17 +74,7 @@ int us_handle_run(us_handle *h)
     } else if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
         rc = -1;
     } else {
-        /* Formatting the message runs Python code: park the exception. */
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        PyObject *src = PyObject_CallFunctionObjArgs(h->loop->st->format_callback_source, cb, args, NULL);
-        PyObject *msg = src ? PyUnicode_FromFormat("Exception in callback %U", src) : NULL;
-        Py_XDECREF(src);
-        if (!msg)
-            PyErr_Clear();
-        PyErr_Restore(et, ev, tb);
-        rc = us_report_exception(h->loop, msg, (PyObject *)h);
-        Py_XDECREF(msg);
+        rc = us_report_callback_exception(h->loop, cb, args, (PyObject *)h);
     }
     Py_DECREF(cb);
     Py_DECREF(args);

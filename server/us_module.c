@@ -3,6 +3,7 @@
  */
 #include "us.h"
 
+#include <errno.h>
 #include <structmember.h>
 
 static struct PyModuleDef us_module_def;
@@ -73,6 +74,37 @@ done:
     Py_XDECREF(msg);
     Py_XDECREF(ev);
     return rc;
+}
+
+/* Reports the current exception of callback cb(*args) as asyncio's Handle
+ * does: "Exception in callback <cb's source>" (formatting runs Python
+ * code, so the exception is parked meanwhile). */
+int us_report_callback_exception(us_loop *loop, PyObject *cb, PyObject *args, PyObject *handle)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *src = PyObject_CallFunctionObjArgs(loop->st->format_callback_source, cb, args, NULL);
+    PyObject *msg = src ? PyUnicode_FromFormat("Exception in callback %U", src) : NULL;
+    Py_XDECREF(src);
+    if (!msg)
+        PyErr_Clear(); /* the handler gets the generic message */
+    PyErr_Restore(et, ev, tb);
+    int rc = us_report_exception(loop, msg, handle);
+    Py_XDECREF(msg);
+    return rc;
+}
+
+/* OSError (the errno's subclass) for a negative errno result, or NULL. */
+PyObject *us_oserror_from_res(int32_t res)
+{
+    errno = -res;
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    return ev;
 }
 
 static PyObject *mod_set_hooks(PyObject *mod, PyObject *args)

@@ -287,18 +287,6 @@ static int stream_callback_failed(us_stream *s, const char *message)
     return 0;
 }
 
-static PyObject *oserror_from_res(int32_t res)
-{
-    errno = -res;
-    PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyErr_NormalizeException(&et, &ev, &tb);
-    Py_XDECREF(et);
-    Py_XDECREF(tb);
-    return ev;
-}
-
 /* ---- reading ---- */
 
 static void stream_fail_reading(us_stream *s);
@@ -345,7 +333,7 @@ static void stream_bulk_poll_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t fl
         s->bulk_ready = 1;
         stream_schedule_ready(s);
     } else if (res < 0 && res != -ECANCELED && !s->closing) {
-        Py_XSETREF(s->in_error, oserror_from_res(res));
+        Py_XSETREF(s->in_error, us_oserror_from_res(res));
         stream_schedule_ready(s);
     }
     if (flags & IORING_CQE_F_MORE)
@@ -383,7 +371,7 @@ static void stream_bulk_read(us_stream *s)
     } else if (n == 0) {
         s->in_eof = 1;
     } else if (errno != EAGAIN && errno != EINTR) {
-        Py_XSETREF(s->in_error, oserror_from_res(-errno));
+        Py_XSETREF(s->in_error, us_oserror_from_res(-errno));
     }
     Py_XDECREF(data);
     if (!s->bulk || s->in_eof || s->in_error) {
@@ -537,7 +525,7 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     } else if (res == -ENOBUFS) {
         ue_bufring_starved(&loop->recv_pool); /* and the recv is armed again below */
     } else if (res < 0 && res != -ECANCELED && !s->closing) {
-        Py_XSETREF(s->in_error, oserror_from_res(res));
+        Py_XSETREF(s->in_error, us_oserror_from_res(res));
         stream_schedule_ready(s);
     }
     if (res >= US_BULK_ENTER && s->kind == US_STREAM_SOCKET && !s->bulk) {
@@ -828,7 +816,7 @@ static void stream_shutdown_write(us_stream *s)
         return;
     s->eof_sent = 1;
     if (shutdown(s->fd, SHUT_WR) < 0 && errno != ENOTCONN) {
-        PyObject *exc = oserror_from_res(-errno);
+        PyObject *exc = us_oserror_from_res(-errno);
         stream_fatal_error(s, exc, "Fatal error on socket shutdown");
         Py_XDECREF(exc);
     }
@@ -909,7 +897,7 @@ static void stream_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     s->loop->sockops_inflight--;
     if (res < 0) {
         if (res != -ECANCELED && !s->conn_lost) {
-            PyObject *exc = oserror_from_res(res);
+            PyObject *exc = us_oserror_from_res(res);
             stream_fatal_error(s, exc, "Fatal write error on socket transport");
             Py_XDECREF(exc);
         }
@@ -967,7 +955,7 @@ static void stream_send_now(us_stream *s)
     if (sent > 0) {
         stream_consume(s, (size_t)sent);
     } else if (sent < 0 && errno != EAGAIN && errno != EINTR) {
-        PyObject *exc = oserror_from_res(-errno);
+        PyObject *exc = us_oserror_from_res(-errno);
         stream_fatal_error(s, exc, "Fatal write error on socket transport");
         Py_XDECREF(exc);
     }
