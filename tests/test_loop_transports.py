@@ -1338,6 +1338,7 @@ def test_an_exception_from_datagram_received_is_reported_and_reading_goes_on(loo
         [ctx] = handled
         assert isinstance(ctx["exception"], RuntimeError) and str(ctx["exception"]) == "datagram_received failed"
         assert ctx["message"].startswith("Exception in callback ")
+        assert not ctx["handle"].cancelled()  # the reader's handle, as asyncio's context has it
         tr.close()
         await pr.lost
 
