@@ -1,6 +1,5 @@
 """Signal handlers and Ctrl-C, on uringloop and on stock asyncio."""
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -11,7 +10,6 @@ import time
 
 import pytest
 
-from conftest import run
 
 
 def test_signal_handler_runs_with_args(loop):

@@ -14,7 +14,6 @@ import os
 import socket
 import ssl
 import sys
-import threading
 
 import pytest
 

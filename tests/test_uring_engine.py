@@ -14,7 +14,6 @@ import threading
 import pytest
 
 import uringloop
-from conftest import run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

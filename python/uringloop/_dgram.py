@@ -14,10 +14,9 @@ Semantics follow asyncio's selector datagram transport.
 """
 
 import collections
-import socket
 import sys
 
-from asyncio import exceptions, transports, trsock
+from asyncio import transports, trsock
 from asyncio.log import logger
 
 _FULL, _FAILED = object(), object()  # outcomes of DatagramTransport._try_send

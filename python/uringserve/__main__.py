@@ -6,8 +6,6 @@ import argparse
 import os
 import sys
 
-from . import __version__
-
 
 class _EnvDefaults(argparse.ArgumentParser):
     """Defaults come from URINGSERVE_* variables when they are set."""
