@@ -1345,11 +1345,28 @@ static PyObject *stream_get_protocol(us_stream *s, PyObject *unused)
     return Py_NewRef(s->protocol ? s->protocol : Py_None);
 }
 
+/* The layouts of asyncio's reprs. A socket: "<name [closing |closed ]fd=N
+ * read=polling|idle write=<polling|idle, bufsize=N>>", the read and write
+ * parts only while the transport and its loop are open. A pipe: "<name
+ * [closing |closed ]fd=N polling|idle|open|closed[ bufsize=N]>", "open"
+ * once the loop is closed, the size for a write pipe. */
 static PyObject *stream_repr(us_stream *s)
 {
-    const char *state = s->lost_done ? "closed" : s->closing ? "closing" : "open";
-    return PyUnicode_FromFormat("<StreamTransport fd=%d %s read=%s write=<bufsize=%zd>>", s->fd, state,
-                                s->read_paused ? "paused" : "polling", s->wbuf);
+    const char *state = s->lost_done ? "closed " : s->closing ? "closing " : "";
+    int loop_open = s->loop && !s->loop->closed;
+    const char *reading = s->read_paused || s->closing ? "idle" : "polling";
+    const char *writing = s->wbuf ? "polling" : "idle";
+    if (s->kind == US_STREAM_SOCKET) {
+        if (s->lost_done || !loop_open)
+            return PyUnicode_FromFormat("<StreamTransport %sfd=%d>", state, s->fd);
+        return PyUnicode_FromFormat("<StreamTransport %sfd=%d read=%s write=<%s, bufsize=%zd>>", state, s->fd, reading,
+                                    writing, s->wbuf);
+    }
+    if (s->lost_done || !loop_open)
+        return PyUnicode_FromFormat("<StreamTransport %sfd=%d %s>", state, s->fd, s->lost_done ? "closed" : "open");
+    if (s->kind == US_STREAM_READ_PIPE)
+        return PyUnicode_FromFormat("<StreamTransport %sfd=%d %s>", state, s->fd, reading);
+    return PyUnicode_FromFormat("<StreamTransport %sfd=%d %s bufsize=%zd>", state, s->fd, writing, s->wbuf);
 }
 
 /* loop._stream_new(sock, protocol, extra, server) */

@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import gc
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -98,6 +99,51 @@ def test_echo_protocol_roundtrip_and_callbacks_once(loop):
         await server.wait_closed()
 
     run(loop, main())
+
+
+def test_transport_reprs_have_asyncios_layout(loop):
+    """"<Name [closing |closed ]fd=N read=polling|idle write=<polling|idle,
+    bufsize=N>>", as asyncio's socket and datagram transports show it."""
+
+    def shows(tr, pattern):
+        assert re.fullmatch(r"<\w+ " + pattern + ">", repr(tr)), repr(tr)
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        shows(tr, r"fd=\d+ read=polling write=<idle, bufsize=0>")
+        tr.pause_reading()
+        shows(tr, r"fd=\d+ read=idle write=<idle, bufsize=0>")
+        tr.resume_reading()
+        tr.write(b"x" * (16 << 20))  # more than the socket buffers hold: the peer does not read
+        shows(tr, r"fd=\d+ read=polling write=<polling, bufsize=[1-9]\d*>")
+        tr.close()
+        assert repr(tr).split()[1] == "closing"
+        tr.abort()
+        await pr.lost
+        shows(tr, r"closed fd=\d+")
+        peer.close()
+
+        dg, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        shows(dg, r"fd=\d+ read=polling write=<idle, bufsize=0>")
+        dg.pause_reading()
+        shows(dg, r"fd=\d+ read=idle write=<idle, bufsize=0>")
+        dg.close()
+        await asyncio.sleep(0.01)
+        shows(dg, r"closed fd=\d+")
+
+        r, w = os.pipe()
+        rp, rpr = await loop.connect_read_pipe(lambda: Recorder(loop), os.fdopen(r, "rb", 0))
+        wp, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(w, "wb", 0))
+        shows(rp, r"fd=\d+ polling")
+        shows(wp, r"fd=\d+ idle bufsize=0")
+        wp.close()
+        await rpr.lost
+        shows(rp, r"closed fd=\d+ closed")
+        return wp
+
+    wp = run(loop, main())
+    loop.close()
+    shows(wp, r"closed fd=\d+ closed")
 
 
 def test_writelines_refuses_a_bad_item_before_writing_any(loop):

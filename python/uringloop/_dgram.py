@@ -53,8 +53,14 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
         self._writing = False  # the writer watch is armed
 
     def __repr__(self):
-        state = "closed" if self._sock is None else "closing" if self._closing else "open"
-        return f"<uringloop DatagramTransport fd={self._sock_fd} {state}>"
+        # asyncio's layout, with this class's name
+        closing = "closed " if self._sock is None else "closing " if self._closing else ""
+        if self._sock is None or self._loop.is_closed():
+            return f"<DatagramTransport {closing}fd={self._sock_fd}>"
+        read = "idle" if self._paused else "polling"
+        size = self.get_write_buffer_size()
+        write = f"<{'polling' if size else 'idle'}, bufsize={size}>"
+        return f"<DatagramTransport {closing}fd={self._sock_fd} read={read} write={write}>"
 
     # ---- reading ----
 
