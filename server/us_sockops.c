@@ -86,106 +86,156 @@ PyObject *us_sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len)
     }
 }
 
-static int port_from_py(PyObject *o, uint16_t *port)
+/* A numeric host ("1.2.3.4", "::1", "fe80::1%eth0") and the other fields
+ * into *ss. Returns -2 when the host is not numeric. */
+static int ip_sockaddr(int family, const char *host, uint16_t port, unsigned long flowinfo, unsigned long scope_id,
+                       struct sockaddr_storage *ss, socklen_t *len)
 {
-    long p = PyLong_AsLong(o);
-    if (p == -1 && PyErr_Occurred())
-        return -1;
-    if (p < 0 || p > 65535) {
-        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535.");
-        return -1;
-    }
-    *port = htons((uint16_t)p);
-    return 0;
-}
-
-/* Numeric addresses only: uringloop.Loop resolves names first, as asyncio
- * does. Returns -2 (no exception) for a family handled in Python. */
-static int sockaddr_from_py(int family, PyObject *addr, struct sockaddr_storage *ss, socklen_t *len)
-{
-    memset(ss, 0, sizeof *ss);
-    if (family == AF_INET || family == AF_INET6) {
-        const char *host;
-        PyObject *port;
-        if (!PyTuple_Check(addr) || PyTuple_GET_SIZE(addr) < 2 ||
-            !(host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(addr, 0)))) {
-            if (!PyErr_Occurred())
-                PyErr_Format(PyExc_TypeError, "%s address must be a tuple (host, port)",
-                             family == AF_INET ? "AF_INET" : "AF_INET6");
-            return -1;
-        }
-        port = PyTuple_GET_ITEM(addr, 1);
-        if (family == AF_INET) {
-            struct sockaddr_in *a = (struct sockaddr_in *)ss;
-            a->sin_family = AF_INET;
-            if (port_from_py(port, &a->sin_port) < 0)
-                return -1;
-            if (inet_pton(AF_INET, host, &a->sin_addr) != 1)
-                return -2;
-            *len = sizeof *a;
-            return 0;
-        }
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
-        a->sin6_family = AF_INET6;
-        if (port_from_py(port, &a->sin6_port) < 0)
-            return -1;
-        if (PyTuple_GET_SIZE(addr) > 2) {
-            unsigned long v = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 2));
-            if (v == (unsigned long)-1 && PyErr_Occurred())
-                return -1;
-            a->sin6_flowinfo = htonl((uint32_t)v);
-        }
-        if (PyTuple_GET_SIZE(addr) > 3) {
-            unsigned long v = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 3));
-            if (v == (unsigned long)-1 && PyErr_Occurred())
-                return -1;
-            a->sin6_scope_id = (uint32_t)v;
-        }
-        char buf[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
-        const char *pct = strchr(host, '%');
-        if (pct) {
-            size_t n = (size_t)(pct - host);
-            if (n >= sizeof buf)
-                return -2;
-            memcpy(buf, host, n);
-            buf[n] = 0;
-            unsigned idx = if_nametoindex(pct + 1);
-            if (!idx)
-                return -2;
-            a->sin6_scope_id = idx;
-            host = buf;
-        }
-        if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1)
+    if (family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)ss;
+        a->sin_family = AF_INET;
+        a->sin_port = htons(port);
+        if (inet_pton(AF_INET, host, &a->sin_addr) != 1)
             return -2;
         *len = sizeof *a;
         return 0;
     }
-    if (family == AF_UNIX) {
-        struct sockaddr_un *a = (struct sockaddr_un *)ss;
-        PyObject *path = NULL;
-        if (PyUnicode_Check(addr)) {
-            if (!PyUnicode_FSConverter(addr, &path))
-                return -1;
-        } else if (PyBytes_Check(addr)) {
-            path = Py_NewRef(addr);
-        } else {
-            PyErr_SetString(PyExc_TypeError, "AF_UNIX address must be str or bytes");
-            return -1;
-        }
-        Py_ssize_t n = PyBytes_GET_SIZE(path);
-        const char *p = PyBytes_AS_STRING(path);
-        int abstract = n == 0 || p[0] == 0;
-        if ((size_t)n + (abstract ? 0 : 1) > sizeof a->sun_path) {
-            Py_DECREF(path);
-            PyErr_SetString(PyExc_OSError, "AF_UNIX path too long");
-            return -1;
-        }
-        a->sun_family = AF_UNIX;
-        memcpy(a->sun_path, p, (size_t)n);
-        *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + (size_t)n + (abstract ? 0 : 1));
-        Py_DECREF(path);
-        return 0;
+    struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+    a->sin6_family = AF_INET6;
+    a->sin6_port = htons(port);
+    a->sin6_flowinfo = htonl((uint32_t)flowinfo);
+    a->sin6_scope_id = (uint32_t)scope_id;
+    char buf[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
+    const char *pct = strchr(host, '%');
+    if (pct) {
+        size_t n = (size_t)(pct - host);
+        if (n >= sizeof buf)
+            return -2;
+        memcpy(buf, host, n);
+        buf[n] = 0;
+        unsigned idx = if_nametoindex(pct + 1);
+        if (!idx)
+            return -2;
+        a->sin6_scope_id = idx;
+        host = buf;
     }
+    if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1)
+        return -2;
+    *len = sizeof *a;
+    return 0;
+}
+
+/* A Unix socket path: str (file system encoding) or any bytes-like object,
+ * as the socket module takes it; an empty or NUL-led one is abstract. */
+static int unix_sockaddr_from_py(PyObject *addr, struct sockaddr_storage *ss, socklen_t *len)
+{
+    struct sockaddr_un *a = (struct sockaddr_un *)ss;
+    PyObject *obj = PyUnicode_Check(addr) ? PyUnicode_EncodeFSDefault(addr) : Py_NewRef(addr);
+    Py_buffer path;
+    if (!obj)
+        return -1;
+    if (PyObject_GetBuffer(obj, &path, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(obj);
+        return -1;
+    }
+    const char *p = path.buf;
+    size_t n = (size_t)path.len;
+    int abstract = n == 0 || p[0] == 0;
+    int rc = 0;
+    if (n + (abstract ? 0 : 1) > sizeof a->sun_path) {
+        PyErr_SetString(PyExc_OSError, "AF_UNIX path too long");
+        rc = -1;
+    } else {
+        a->sun_family = AF_UNIX;
+        memcpy(a->sun_path, p, n);
+        *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (abstract ? 0 : 1));
+    }
+    PyBuffer_Release(&path);
+    Py_DECREF(obj);
+    return rc;
+}
+
+/* An IP address tuple's host: str, bytes or bytearray, as the socket
+ * module's converter takes it. Returns a new bytes object or NULL. */
+static PyObject *ip_host_from_py(PyObject *host)
+{
+    if (PyUnicode_Check(host))
+        return PyUnicode_AsEncodedString(host, "ascii", NULL); /* not ASCII: not numeric */
+    if (PyBytes_Check(host))
+        return Py_NewRef(host);
+    if (PyByteArray_Check(host))
+        return PyBytes_FromStringAndSize(PyByteArray_AS_STRING(host), PyByteArray_GET_SIZE(host));
+    PyErr_Format(PyExc_TypeError, "str, bytes or bytearray expected, not %s", Py_TYPE(host)->tp_name);
+    return NULL;
+}
+
+/* The fields of an AF_INET/AF_INET6 tuple, checked as the socket module
+ * checks them, with its messages: `caller` is "sendto" or "connect". */
+static int ip_fields_from_py(int family, const char *caller, PyObject *addr, PyObject **host, long *port,
+                             unsigned long *flowinfo, unsigned long *scope_id)
+{
+    const char *fam = family == AF_INET ? "AF_INET" : "AF_INET6";
+    Py_ssize_t n = PyTuple_Check(addr) ? PyTuple_GET_SIZE(addr) : -1;
+    if (n < 0) {
+        PyErr_Format(PyExc_TypeError, "%s(): %s address must be tuple, not %.500s", caller, fam,
+                     Py_TYPE(addr)->tp_name);
+        return -1;
+    }
+    if (family == AF_INET ? n != 2 : n < 2 || n > 4) {
+        PyErr_SetString(PyExc_TypeError, family == AF_INET
+                                             ? "AF_INET address must be a pair (host, port)"
+                                             : "AF_INET6 address must be a tuple (host, port[, flowinfo[, scopeid]])");
+        return -1;
+    }
+    if (!(*host = ip_host_from_py(PyTuple_GET_ITEM(addr, 0)))) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeError)) /* a name for the resolver, not an error yet */
+            PyErr_Clear();
+        return -1;
+    }
+    int overflow;
+    *port = PyLong_AsLongAndOverflow(PyTuple_GET_ITEM(addr, 1), &overflow);
+    if (*port == -1 && PyErr_Occurred())
+        goto fail;
+    if (overflow || *port < 0 || *port > 65535) {
+        PyErr_Format(PyExc_OverflowError, "%s(): port must be 0-65535.", caller);
+        goto fail;
+    }
+    unsigned long *rest[2] = {flowinfo, scope_id};
+    for (Py_ssize_t i = 2; i < n; i++) {
+        *rest[i - 2] = PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(addr, i));
+        if (*rest[i - 2] == (unsigned long)-1 && PyErr_Occurred())
+            goto fail;
+    }
+    if (*flowinfo > 0xfffff) {
+        PyErr_Format(PyExc_OverflowError, "%s(): flowinfo must be 0-1048575.", caller);
+        goto fail;
+    }
+    return 0;
+fail:
+    Py_CLEAR(*host);
+    return -1;
+}
+
+/* Numeric addresses only: uringloop.Loop resolves names first, as asyncio
+ * does. Returns -2 (no exception) for a name or a family handled in
+ * Python. Errors are the socket module's, with its messages. */
+static int sockaddr_from_py(int family, const char *caller, PyObject *addr, struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof *ss);
+    if (family == AF_INET || family == AF_INET6) {
+        PyObject *host = NULL;
+        long port;
+        unsigned long flowinfo = 0, scope_id = 0;
+        if (ip_fields_from_py(family, caller, addr, &host, &port, &flowinfo, &scope_id) < 0)
+            return PyErr_Occurred() ? -1 : -2;
+        int r = strlen(PyBytes_AS_STRING(host)) != (size_t)PyBytes_GET_SIZE(host)
+                    ? -2
+                    : ip_sockaddr(family, PyBytes_AS_STRING(host), (uint16_t)port, flowinfo, scope_id, ss, len);
+        Py_DECREF(host);
+        return r;
+    }
+    if (family == AF_UNIX)
+        return unix_sockaddr_from_py(addr, ss, len);
     return -2;
 }
 
@@ -653,7 +703,8 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
         if (n == -1 && PyErr_Occurred())
             return -1;
         if (n < 0) {
-            PyErr_SetString(PyExc_ValueError, "negative buffersize in recv");
+            PyErr_SetString(PyExc_ValueError,
+                            s->kind == US_SK_RECV ? "negative buffersize in recv" : "negative buffersize in recvfrom");
             return -1;
         }
         s->obj = PyBytes_FromStringAndSize(NULL, n);
@@ -662,8 +713,12 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
     }
     case US_SK_RECV_INTO:
     case US_SK_RECVFROM_INTO: {
-        if (PyObject_GetBuffer(a, &s->view, PyBUF_WRITABLE) < 0)
+        if (PyObject_GetBuffer(a, &s->view, PyBUF_WRITABLE) < 0) { /* the message of the socket module's "w*" */
+            PyErr_Format(PyExc_TypeError, "%s() argument 1 must be read-write bytes-like object, not %.50s",
+                         s->kind == US_SK_RECV_INTO ? "recv_into" : "recvfrom_into",
+                         a == Py_None ? "None" : Py_TYPE(a)->tp_name);
             return -1;
+        }
         s->has_view = 1;
         s->len = (size_t)s->view.len;
         if (s->kind == US_SK_RECVFROM_INTO && b != Py_None) {
@@ -695,7 +750,8 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
         int family = 0, type = 0;
         if (sock_family_type(s->loop->st, s->sock, s->fd, &family, &type) < 0)
             return -1;
-        int r = sockaddr_from_py(family, a, &s->addr, &s->addrlen);
+        const char *caller = s->kind == US_SK_CONNECT ? "connect" : "sendto";
+        int r = sockaddr_from_py(family, caller, a, &s->addr, &s->addrlen);
         if (r == -2)
             PyErr_Format(s->loop->st->AddressFallback, "uringloop: address %R is not numeric for family %d", a, family);
         return r < 0 ? -1 : 0;

@@ -763,6 +763,68 @@ def test_sock_connect_errors_are_asyncios(loop):
     run(loop, main())
 
 
+def test_sock_argument_errors_are_the_socket_modules(loop):
+    """asyncio hands the arguments to the socket method, so a bad address,
+    a read-only buffer or a negative size raises what that method raises,
+    with its message; a host given as bytes or as a name is sent to."""
+
+    def raised(call):
+        try:
+            call()
+        except Exception as exc:
+            return type(exc), str(exc)
+        raise AssertionError("no error")
+
+    async def araised(call):
+        try:
+            await call()
+        except Exception as exc:
+            return type(exc), str(exc)
+        raise AssertionError("no error")
+
+    async def main():
+        a, b = socket.socketpair()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        try:
+            await check_against_the_socket_module(a, udp, rx)
+        finally:
+            for sock in (a, b, udp, rx):
+                sock.close()
+
+    async def check_against_the_socket_module(a, udp, rx):
+        for sock in (a, udp, rx):
+            sock.setblocking(False)
+        port = rx.getsockname()[1]
+        cases = [
+            (udp, "sendto", (b"x", None)),
+            (udp, "sendto", (b"x", ("127.0.0.1",))),
+            (udp, "sendto", (b"x", ("127.0.0.1", 1, 2))),
+            (udp, "sendto", (b"x", ("127.0.0.1", "x"))),
+            (udp, "sendto", (b"x", ("127.0.0.1", 70000))),
+            (udp, "sendto", (b"x", ("127.0.0.1", -1))),
+            (udp, "sendto", (b"x", (5, 9))),
+            (a, "sendto", (b"x", None)),
+            (a, "sendto", (b"x", 5)),
+            (a, "recv_into", (b"abc",)),
+            (a, "recv_into", (memoryview(bytearray(6))[::2],)),
+            (udp, "recvfrom_into", (b"abc",)),
+            (a, "recv", (-1,)),
+            (udp, "recvfrom", (-1,)),
+        ]
+        for sock, name, args in cases:
+            expected = raised(lambda: getattr(sock, name)(*args))
+            got = await araised(lambda: getattr(loop, f"sock_{name}")(sock, *args))
+            assert got == expected, (name, args)
+        await loop.sock_sendto(udp, b"by bytes", (b"127.0.0.1", port))
+        await loop.sock_sendto(udp, b"by name", ("localhost", port))
+        assert (await loop.sock_recvfrom(rx, 100))[0] == b"by bytes"
+        assert (await loop.sock_recvfrom(rx, 100))[0] == b"by name"
+
+    run(loop, main())
+
+
 def test_sock_send_to_a_full_unix_datagram_peer_waits_and_keeps_the_data(loop):
     # A Unix datagram socket whose peer is full: an io_uring send copies the
     # data out of the request before failing with EAGAIN, and the kernel's

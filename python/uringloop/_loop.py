@@ -399,13 +399,19 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
         return address
 
     async def sock_sendto(self, sock, data, address):
+        # asyncio passes the address to socket.sendto(), which checks it and
+        # resolves a name there and then (blocking). The C op checks it with
+        # the socket module's messages; only a name goes to the resolver.
         self._check_sock(sock)
-        address = await self._sock_resolve(sock, address)
         if sock.family in _NATIVE_ADDR_FAMILIES and not _unix_datagrams(sock):
             try:
                 return await self._sock_op(_SENDTO, sock, data, address)
             except _core.AddressFallback:
-                pass
+                address = await self._sock_resolve(sock, address)
+                try:
+                    return await self._sock_op(_SENDTO, sock, data, address)
+                except _core.AddressFallback:
+                    pass
         return await self._sock_send_by_poll(sock, "sendto", data, address)
 
     async def sock_connect(self, sock, address):
