@@ -997,14 +997,10 @@ static int stream_write_pipe_cannot_read(us_stream *s)
     return -1;
 }
 
-static PyObject *stream_write(us_stream *s, PyObject *data)
+/* write() of any bytes-like object (writelines() takes them all, as
+ * asyncio's join does). */
+static PyObject *stream_write_buffer(us_stream *s, PyObject *data)
 {
-    if (stream_read_pipe_has_no(s, "write") < 0)
-        return NULL;
-    if (!PyObject_CheckBuffer(data)) {
-        PyErr_Format(PyExc_TypeError, "data argument must be a bytes-like object, not '%s'", Py_TYPE(data)->tp_name);
-        return NULL;
-    }
     if (s->eof_requested) {
         PyErr_SetString(PyExc_RuntimeError, "Cannot call write() after write_eof()");
         return NULL;
@@ -1051,6 +1047,19 @@ static PyObject *stream_write(us_stream *s, PyObject *data)
     Py_RETURN_NONE;
 }
 
+static PyObject *stream_write(us_stream *s, PyObject *data)
+{
+    if (stream_read_pipe_has_no(s, "write") < 0)
+        return NULL;
+    if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data)) { /* asyncio's types */
+        const char *name = strrchr(Py_TYPE(data)->tp_name, '.');                         /* type(data).__name__ */
+        PyErr_Format(PyExc_TypeError, "data argument must be a bytes-like object, not '%s'",
+                     name ? name + 1 : Py_TYPE(data)->tp_name);
+        return NULL;
+    }
+    return stream_write_buffer(s, data);
+}
+
 /* All or nothing, as asyncio's: an item that is not bytes-like is refused
  * before any is written (asyncio joins them, or from 3.12 takes a
  * memoryview of each, first), with that step's message. */
@@ -1081,7 +1090,7 @@ static PyObject *stream_writelines(us_stream *s, PyObject *seq)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *r = stream_write(s, PySequence_Fast_GET_ITEM(items, i));
+        PyObject *r = stream_write_buffer(s, PySequence_Fast_GET_ITEM(items, i));
         if (!r) {
             Py_DECREF(items);
             return NULL;

@@ -4,6 +4,7 @@ half-close, abort, closing from callbacks, TLS, Unix sockets, many
 connections, and faults (resets, writes after close, servers closed with
 clients attached), with file descriptors counted before and after."""
 
+import array
 import asyncio
 import contextvars
 import gc
@@ -144,6 +145,29 @@ def test_transport_reprs_have_asyncios_layout(loop):
     wp = run(loop, main())
     loop.close()
     shows(wp, r"closed fd=\d+ closed")
+
+
+def test_write_takes_asyncios_types_and_writelines_any_bytes_like(loop):
+    # asyncio's write() takes bytes, bytearray and memoryview only;
+    # writelines() joins (from 3.12: takes a memoryview of) each item, so
+    # any bytes-like object goes. uringloop's write() took any buffer.
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, asyncio.Protocol)
+        with pytest.raises(TypeError, match="^data argument must be a bytes-like object, not 'array'$"):
+            tr.write(array.array("B", b"no"))
+        tr.write(b"a")
+        tr.write(bytearray(b"b"))
+        tr.write(memoryview(b"c"))
+        tr.writelines([array.array("B", b"d")])
+        tr.close()
+        peer.setblocking(False)
+        got = b""
+        while len(got) < 4:
+            got += await loop.sock_recv(peer, 10)
+        assert got == b"abcd"
+        peer.close()
+
+    run(loop, main())
 
 
 def test_writelines_refuses_a_bad_item_before_writing_any(loop):
