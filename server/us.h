@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -145,6 +146,12 @@ us_state *us_state_of_type(PyTypeObject *tp);
 int us_report_exception(us_loop *loop, PyObject *message, PyObject *handle);
 int us_report_callback_exception(us_loop *loop, PyObject *cb, PyObject *args, PyObject *handle);
 PyObject *us_oserror_from_res(int32_t res);
+/* type(o).__name__: tp_name without its module ("array.array" -> "array"). */
+static inline const char *us_type_name(PyObject *o)
+{
+    const char *dot = strrchr(Py_TYPE(o)->tp_name, '.');
+    return dot ? dot + 1 : Py_TYPE(o)->tp_name;
+}
 
 /* us_handle.c */
 void us_handle_freelist_clear(us_state *st);

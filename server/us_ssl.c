@@ -638,7 +638,7 @@ PyType_Spec us_sslprotocol_spec = {
 static PyObject *sslt_write(PyObject *self, PyObject *data)
 {
     if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data))
-        return PyErr_Format(PyExc_TypeError, "data: expecting a bytes-like instance, got %s", Py_TYPE(data)->tp_name);
+        return PyErr_Format(PyExc_TypeError, "data: expecting a bytes-like instance, got %s", us_type_name(data));
     int nonempty = PyObject_IsTrue(data);
     if (nonempty <= 0)
         return nonempty < 0 ? NULL : Py_NewRef(Py_None);

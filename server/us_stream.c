@@ -1052,9 +1052,7 @@ static PyObject *stream_write(us_stream *s, PyObject *data)
     if (stream_read_pipe_has_no(s, "write") < 0)
         return NULL;
     if (!PyBytes_Check(data) && !PyByteArray_Check(data) && !PyMemoryView_Check(data)) { /* asyncio's types */
-        const char *name = strrchr(Py_TYPE(data)->tp_name, '.');                         /* type(data).__name__ */
-        PyErr_Format(PyExc_TypeError, "data argument must be a bytes-like object, not '%s'",
-                     name ? name + 1 : Py_TYPE(data)->tp_name);
+        PyErr_Format(PyExc_TypeError, "data argument must be a bytes-like object, not '%s'", us_type_name(data));
         return NULL;
     }
     return stream_write_buffer(s, data);

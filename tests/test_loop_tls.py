@@ -7,6 +7,7 @@ close, BufferedProtocol apps and paused reading. The peer is a plain socket
 driving an ``ssl.SSLObject`` in a thread, so the bytes on the wire (and how
 they are grouped into segments) are the test's choice."""
 
+import array
 import asyncio
 import hashlib
 import logging
@@ -332,6 +333,8 @@ def test_write_argument_errors_and_writes_after_close(loop, caplog):
         transport = await proto.made
         with pytest.raises(TypeError, match="data: expecting a bytes-like instance, got str"):
             transport.write("text")
+        with pytest.raises(TypeError, match="^data: expecting a bytes-like instance, got array$"):
+            transport.write(array.array("B", b"no"))  # type(data).__name__, not "array.array"
         transport.write(b"")
         transport.write(bytearray(b"ok"))
         assert await in_thread(peer.read_all, 2) == b"ok"
