@@ -402,6 +402,20 @@ static int loop_now(us_loop *self, double *now)
     return *now == -1.0 && PyErr_Occurred() ? -1 : 0;
 }
 
+/* asyncio's call_later() computes self.time() + delay: a delay of another
+ * type gets that addition's result, or its TypeError. */
+static int when_by_addition(double now, PyObject *delay, double *when)
+{
+    PyObject *t = PyFloat_FromDouble(now);
+    PyObject *sum = t ? PyNumber_Add(t, delay) : NULL;
+    Py_XDECREF(t);
+    if (!sum)
+        return -1;
+    *when = PyFloat_AsDouble(sum);
+    Py_DECREF(sum);
+    return *when == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *loop_call_later(us_loop *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -413,13 +427,17 @@ static PyObject *loop_call_later(us_loop *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "delay must not be None");
         return NULL;
     }
-    double delay = PyFloat_AsDouble(args[0]);
-    if (delay == -1.0 && PyErr_Occurred())
-        return NULL;
-    double now;
+    double now, when;
     if (loop_now(self, &now) < 0)
         return NULL;
-    return schedule_at(self, now + delay, args + 1, nargs - 1, kwnames, "call_later");
+    if (PyFloat_Check(args[0]) || PyLong_Check(args[0])) {
+        double delay = PyFloat_AsDouble(args[0]);
+        if (delay == -1.0 && PyErr_Occurred())
+            return NULL;
+        when = now + delay;
+    } else if (when_by_addition(now, args[0], &when) < 0)
+        return NULL;
+    return schedule_at(self, when, args + 1, nargs - 1, kwnames, "call_later");
 }
 
 void us_timer_cancelled(us_loop *loop, us_timer_handle *t)
@@ -669,14 +687,32 @@ static PyObject *loop_run_forever_inner(us_loop *self, PyObject *unused)
 
 /* ---- readers and writers (the watch objects live in us_fdwatch.c) ---- */
 
+/* The fd of an int or of an object's fileno(), with the errors of asyncio's
+ * selectors: "Invalid file object: ..." and "Invalid file descriptor: -1". */
 static int fd_from_object(PyObject *obj)
 {
     int fd = PyObject_AsFileDescriptor(obj);
-    if (fd < 0 && PyErr_ExceptionMatches(PyExc_TypeError)) {
+    if (fd >= 0)
+        return fd;
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) {
         PyErr_Clear();
         PyErr_Format(PyExc_ValueError, "Invalid file object: %R", obj);
+    } else if (PyErr_ExceptionMatches(PyExc_ValueError)) { /* a negative number */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyObject *n = PyLong_Check(obj) ? Py_NewRef(obj) : PyObject_CallMethod(obj, "fileno", NULL);
+        if (n && PyLong_Check(n)) {
+            PyErr_Format(PyExc_ValueError, "Invalid file descriptor: %S", n);
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+        } else {
+            PyErr_Clear();
+            PyErr_Restore(et, ev, tb);
+        }
+        Py_XDECREF(n);
     }
-    return fd;
+    return -1;
 }
 
 static PyObject *add_watch(us_loop *self, PyObject *dict, short events, PyObject *const *args, Py_ssize_t nargsf)

@@ -3,6 +3,7 @@ handler API: the same assertions on uringloop and on stock asyncio."""
 
 import asyncio
 import contextvars
+import fractions
 import gc
 import logging
 import math
@@ -145,6 +146,16 @@ def test_none_delay_and_when_are_rejected(loop):
         loop.call_later(None, print)
     with pytest.raises(TypeError):
         loop.call_at(None, print)
+
+
+def test_call_later_adds_the_delay_to_the_time_as_asyncio_does(loop):
+    # asyncio schedules at self.time() + delay: a delay of another type gets
+    # that addition's TypeError, or its sum
+    with pytest.raises(TypeError, match=r"^unsupported operand type\(s\) for \+: 'float' and 'str'$"):
+        loop.call_later("1", print)
+    handle = loop.call_later(fractions.Fraction(1, 2), print)
+    assert type(handle.when()) is float and 0.4 < handle.when() - loop.time() <= 0.5
+    handle.cancel()
 
 
 def test_sleep_duration(loop):

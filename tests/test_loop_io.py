@@ -186,6 +186,19 @@ def test_an_fd_number_reused_after_remove_reader_is_watched_anew(loop):
             s.close()
 
 
+def test_add_reader_and_writer_refuse_a_negative_fd_with_the_selectors_message(loop):
+    class NoFile:
+        def fileno(self):
+            return -1
+
+    for add in (loop.add_reader, loop.add_writer):
+        for fd in (-1, NoFile()):
+            with pytest.raises(ValueError, match="^Invalid file descriptor: -1$"):
+                add(fd, print)
+        with pytest.raises(ValueError, match="^Invalid file object: 'x'$"):
+            add("x", print)
+
+
 def test_add_reader_on_closed_fd_raises(loop):
     a, b = socket.socketpair()
     fd = a.fileno()
