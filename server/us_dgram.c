@@ -107,22 +107,6 @@ static PyObject *dgram_item(us_dgram_reader *r, size_t n)
     return item;
 }
 
-/* Reports the exception fn let out as "Exception in callback <fn's
- * source>()", with a Handle of fn in the context, as asyncio reports its
- * reader's (made here, not per datagram: only errors pay for it). */
-static int dgram_report(us_dgram_reader *r, PyObject *fn)
-{
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    us_handle *h = us_handle_new(r->loop, r->loop->st->HandleType, fn, NULL, 0, r->context);
-    PyErr_Restore(et, ev, tb); /* a failed Handle: the generic message */
-    if (!h)
-        return us_report_exception(r->loop, NULL, NULL);
-    int rc = us_report_callback_exception(r->loop, fn, h->args, (PyObject *)h);
-    Py_DECREF(h);
-    return rc;
-}
-
 /* Calls fn(*args) (args: a tuple, stolen). SystemExit and KeyboardInterrupt
  * stop the loop (-1); anything else the callback let out goes to the
  * exception handler, and reading goes on, as on asyncio's loop, where the
@@ -138,8 +122,8 @@ static int dgram_call(us_dgram_reader *r, PyObject *fn, PyObject *args)
         Py_DECREF(res);
     else if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
         rc = -1;
-    else
-        rc = dgram_report(r, fn);
+    else /* "Exception in callback <fn's source>()", as asyncio reports its reader's */
+        rc = us_report_call_exception(r->loop, fn, NULL, 0, r->context);
     Py_DECREF(args);
     Py_DECREF(fn);
     return rc;

@@ -94,6 +94,23 @@ int us_report_callback_exception(us_loop *loop, PyObject *cb, PyObject *args, Py
     return rc;
 }
 
+/* The same for a call the loop made without a Handle (a protocol callback
+ * from C): a Handle of cb(*args) in `context` is made now, only because
+ * there is an error to report, so that the handler's context has the
+ * "handle" that asyncio's gives. */
+int us_report_call_exception(us_loop *loop, PyObject *cb, PyObject *const *args, Py_ssize_t nargs, PyObject *context)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    us_handle *h = us_handle_new(loop, loop->st->HandleType, cb, args, nargs, context);
+    PyErr_Restore(et, ev, tb); /* a failed Handle: the generic message */
+    if (!h)
+        return us_report_exception(loop, NULL, NULL);
+    int rc = us_report_callback_exception(loop, cb, h->args, (PyObject *)h);
+    Py_DECREF(h);
+    return rc;
+}
+
 /* OSError (the errno's subclass) for a negative errno result, or NULL. */
 PyObject *us_oserror_from_res(int32_t res)
 {

@@ -670,6 +670,18 @@ static int stream_deliver(us_stream *s)
     return 0;
 }
 
+static int stream_report_lost_error(us_stream *s, PyObject *protocol)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *cb = PyObject_GetAttrString(protocol, "connection_lost");
+    PyObject *exc = s->lost_exc ? s->lost_exc : Py_None;
+    PyErr_Restore(et, ev, tb); /* no bound method: the generic message */
+    int rc = cb ? us_report_call_exception(s->loop, cb, &exc, 1, s->context) : us_report_exception(s->loop, NULL, NULL);
+    Py_XDECREF(cb);
+    return rc;
+}
+
 /* connection_lost(exc), then the socket is closed: every op is final. */
 static int stream_call_connection_lost(us_stream *s)
 {
@@ -682,11 +694,8 @@ static int stream_call_connection_lost(us_stream *s)
         if (!r) {
             if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
                 rc = -1;
-            else {
-                PyObject *msg = PyUnicode_FromFormat("Exception in callback %R.connection_lost()", protocol);
-                rc = us_report_exception(s->loop, msg, NULL);
-                Py_XDECREF(msg);
-            }
+            else /* asyncio runs it from a Handle: "Exception in callback ...", with that handle */
+                rc = stream_report_lost_error(s, protocol);
         }
         Py_XDECREF(r);
     }

@@ -623,6 +623,31 @@ def test_eof_right_behind_large_data_is_seen(loop):
     run(loop, main())
 
 
+def test_an_exception_from_connection_lost_is_reported_with_a_handle(loop):
+    # asyncio calls connection_lost() from a Handle: the handler's context
+    # has "Exception in callback …(None)", the exception and that handle
+    handled = []
+    loop.set_exception_handler(lambda lp, ctx: handled.append(ctx))
+
+    class Raising(Recorder):
+        def connection_lost(self, exc):
+            super().connection_lost(exc)
+            raise RuntimeError("connection_lost failed")
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Raising(loop))
+        tr.close()
+        await pr.lost
+        await asyncio.sleep(0.01)
+        peer.close()
+        [ctx] = handled
+        assert isinstance(ctx["exception"], RuntimeError) and str(ctx["exception"]) == "connection_lost failed"
+        assert re.fullmatch(r"Exception in callback \S+\(None\)", ctx["message"]), ctx["message"]
+        assert not ctx["handle"].cancelled()
+
+    run(loop, main())
+
+
 def test_connection_lost_runs_after_callbacks_scheduled_before_it(loop):
     # asyncio schedules connection_lost() with call_soon(), after every
     # callback scheduled before the transport was lost. StreamReader relies
