@@ -692,6 +692,18 @@ static int sock_family_type(us_state *st, PyObject *sock, int fd, int *family, i
     return 0;
 }
 
+/* A size argument as the socket module's "n" format reads it: any object
+ * with __index__ ("'float' object cannot be interpreted as an integer"). */
+static Py_ssize_t size_from_py(PyObject *o)
+{
+    PyObject *i = PyNumber_Index(o);
+    if (!i)
+        return -1;
+    Py_ssize_t n = PyLong_AsSsize_t(i);
+    Py_DECREF(i);
+    return n;
+}
+
 static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *a = nargs > 2 ? args[2] : Py_None;
@@ -699,7 +711,7 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
     switch (s->kind) {
     case US_SK_RECV:
     case US_SK_RECVFROM: {
-        Py_ssize_t n = PyLong_AsSsize_t(a);
+        Py_ssize_t n = size_from_py(a);
         if (n == -1 && PyErr_Occurred())
             return -1;
         if (n < 0) {
@@ -722,7 +734,7 @@ static int sockop_setup(us_sockop *s, PyObject *const *args, Py_ssize_t nargs)
         s->has_view = 1;
         s->len = (size_t)s->view.len;
         if (s->kind == US_SK_RECVFROM_INTO && b != Py_None) {
-            Py_ssize_t n = PyLong_AsSsize_t(b);
+            Py_ssize_t n = size_from_py(b);
             if (n == -1 && PyErr_Occurred())
                 return -1;
             if (n < 0 || n > s->view.len) {
@@ -816,6 +828,32 @@ static int sockop_connect_now(us_sockop *s)
     return -1;
 }
 
+/* A receive of 0 bytes. socket.recv(0) and recv_into() of an empty buffer
+ * return b"" and 0 without a syscall, and asyncio returns that at once;
+ * recvfrom(0) asks the kernel, which answers at once when data waits.
+ * io_uring's receive of 0 bytes waits for data either way. 1 when done,
+ * 0 for EAGAIN (the op then waits), -1 with recvfrom()'s error raised. */
+static int sockop_recv_nothing_now(us_sockop *s)
+{
+    if (s->kind == US_SK_RECV || s->kind == US_SK_RECV_INTO)
+        return 1;
+    void *buf = s->kind == US_SK_RECVFROM ? PyBytes_AS_STRING(s->obj) : s->view.buf;
+    socklen_t alen = sizeof s->addr;
+    if (recvfrom(s->fd, buf, 0, MSG_DONTWAIT, (struct sockaddr *)&s->addr, &alen) >= 0) {
+        s->msg.msg_namelen = alen;
+        return 1;
+    }
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+        return 0;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
+static int sockop_receives(int kind)
+{
+    return kind == US_SK_RECV || kind == US_SK_RECV_INTO || kind == US_SK_RECVFROM || kind == US_SK_RECVFROM_INTO;
+}
+
 /* loop._sock_op(kind, sock, [arg, [arg2]]) -> future */
 PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -892,8 +930,12 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     int now_done = s->kind == US_SK_SENDALL && s->done == s->len;
     if (s->kind == US_SK_CONNECT && (now_done = sockop_connect_now(s)) < 0)
         goto fail;
+    if (sockop_receives(s->kind) && s->len == 0 && (now_done = sockop_recv_nothing_now(s)) < 0)
+        goto fail;
     if (now_done) {
-        PyObject *r = PyObject_CallMethodOneArg(s->fut, st->s_set_result, Py_None);
+        PyObject *res = sockop_receives(s->kind) ? sockop_result(s, 0) : Py_NewRef(Py_None);
+        PyObject *r = res ? PyObject_CallMethodOneArg(s->fut, st->s_set_result, res) : NULL;
+        Py_XDECREF(res);
         if (!r)
             goto fail;
         Py_DECREF(r);

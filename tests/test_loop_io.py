@@ -825,6 +825,11 @@ def test_sock_argument_errors_are_the_socket_modules(loop):
             (udp, "recvfrom_into", (b"abc",)),
             (a, "recv", (-1,)),
             (udp, "recvfrom", (-1,)),
+            (a, "recv", (1.5,)),
+            (a, "recv", ("5",)),
+            (udp, "recvfrom", (1.5,)),
+            (udp, "recvfrom_into", (bytearray(3), 1.5)),
+            (udp, "recvfrom_into", (bytearray(3), 5)),
         ]
         for sock, name, args in cases:
             expected = raised(lambda: getattr(sock, name)(*args))
@@ -834,6 +839,25 @@ def test_sock_argument_errors_are_the_socket_modules(loop):
         await loop.sock_sendto(udp, b"by name", ("localhost", port))
         assert (await loop.sock_recvfrom(rx, 100))[0] == b"by bytes"
         assert (await loop.sock_recvfrom(rx, 100))[0] == b"by name"
+
+    run(loop, main())
+
+
+def test_a_receive_of_zero_bytes_returns_at_once(loop):
+    # socket.recv(0) and recv_into() of an empty buffer return without a
+    # syscall, and asyncio returns their b"" and 0 at once; io_uring's
+    # receive of 0 bytes would wait for data
+    async def main():
+        a, b = tcp_pair()
+        try:
+            assert await asyncio.wait_for(loop.sock_recv(a, 0), 1) == b""
+            assert await asyncio.wait_for(loop.sock_recv_into(a, bytearray()), 1) == 0
+            b.send(b"kept")
+            assert await asyncio.wait_for(loop.sock_recv(a, 0), 1) == b""
+            assert await loop.sock_recv(a, 10) == b"kept"
+        finally:
+            a.close()
+            b.close()
 
     run(loop, main())
 
