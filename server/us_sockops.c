@@ -86,8 +86,9 @@ PyObject *us_sockaddr_to_py(const struct sockaddr_storage *ss, socklen_t len)
     }
 }
 
-/* A numeric host ("1.2.3.4", "::1", "fe80::1%eth0") and the other fields
- * into *ss. Returns -2 when the host is not numeric. */
+/* A numeric host ("1.2.3.4", "::1", "fe80::1%eth0", or the socket
+ * module's "" and "<broadcast>") and the other fields into *ss. Returns -2
+ * when the host is a name. */
 static int ip_sockaddr(int family, const char *host, uint16_t port, unsigned long flowinfo, unsigned long scope_id,
                        struct sockaddr_storage *ss, socklen_t *len)
 {
@@ -95,7 +96,10 @@ static int ip_sockaddr(int family, const char *host, uint16_t port, unsigned lon
         struct sockaddr_in *a = (struct sockaddr_in *)ss;
         a->sin_family = AF_INET;
         a->sin_port = htons(port);
-        if (inet_pton(AF_INET, host, &a->sin_addr) != 1)
+        /* the socket module's two names: "" is any address, "<broadcast>" the broadcast one */
+        if (!host[0] || !strcmp(host, "<broadcast>"))
+            a->sin_addr.s_addr = htonl(host[0] ? INADDR_BROADCAST : INADDR_ANY);
+        else if (inet_pton(AF_INET, host, &a->sin_addr) != 1)
             return -2;
         *len = sizeof *a;
         return 0;
@@ -105,6 +109,11 @@ static int ip_sockaddr(int family, const char *host, uint16_t port, unsigned lon
     a->sin6_port = htons(port);
     a->sin6_flowinfo = htonl((uint32_t)flowinfo);
     a->sin6_scope_id = (uint32_t)scope_id;
+    *len = sizeof *a;
+    if (!host[0]) { /* any address, as for AF_INET */
+        a->sin6_addr = in6addr_any;
+        return 0;
+    }
     char buf[INET6_ADDRSTRLEN + IF_NAMESIZE + 2];
     const char *pct = strchr(host, '%');
     if (pct) {
@@ -119,10 +128,7 @@ static int ip_sockaddr(int family, const char *host, uint16_t port, unsigned lon
         a->sin6_scope_id = idx;
         host = buf;
     }
-    if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1)
-        return -2;
-    *len = sizeof *a;
-    return 0;
+    return inet_pton(AF_INET6, host, &a->sin6_addr) == 1 ? 0 : -2;
 }
 
 /* A Unix socket path: str (file system encoding) or any bytes-like object,

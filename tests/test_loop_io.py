@@ -779,7 +779,8 @@ def test_sock_connect_errors_are_asyncios(loop):
 def test_sock_argument_errors_are_the_socket_modules(loop):
     """asyncio hands the arguments to the socket method, so a bad address,
     a read-only buffer or a negative size raises what that method raises,
-    with its message; a host given as bytes or as a name is sent to."""
+    with its message; a host given as bytes, as a name or as the socket
+    module's "" is sent to."""
 
     def raised(call):
         try:
@@ -830,6 +831,7 @@ def test_sock_argument_errors_are_the_socket_modules(loop):
             (udp, "recvfrom", (1.5,)),
             (udp, "recvfrom_into", (bytearray(3), 1.5)),
             (udp, "recvfrom_into", (bytearray(3), 5)),
+            (udp, "sendto", (b"x", ("<broadcast>", 9))),  # the socket module's name; no SO_BROADCAST
         ]
         for sock, name, args in cases:
             expected = raised(lambda: getattr(sock, name)(*args))
@@ -837,8 +839,10 @@ def test_sock_argument_errors_are_the_socket_modules(loop):
             assert got == expected, (name, args)
         await loop.sock_sendto(udp, b"by bytes", (b"127.0.0.1", port))
         await loop.sock_sendto(udp, b"by name", ("localhost", port))
+        await loop.sock_sendto(udp, b"to any", ("", port))  # "": the socket module's any address
         assert (await loop.sock_recvfrom(rx, 100))[0] == b"by bytes"
         assert (await loop.sock_recvfrom(rx, 100))[0] == b"by name"
+        assert (await loop.sock_recvfrom(rx, 100))[0] == b"to any"
 
     run(loop, main())
 
