@@ -95,14 +95,19 @@ int us_report_callback_exception(us_loop *loop, PyObject *cb, PyObject *args, Py
 }
 
 /* The same for a call the loop made without a Handle (a protocol callback
- * from C): a Handle of cb(*args) in `context` is made now, only because
+ * from C): a Handle of cb(*args) in a copy of `context` is made now, only because
  * there is an error to report, so that the handler's context has the
  * "handle" that asyncio's gives. */
 int us_report_call_exception(us_loop *loop, PyObject *cb, PyObject *const *args, Py_ssize_t nargs, PyObject *context)
 {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    us_handle *h = us_handle_new(loop, loop->st->HandleType, cb, args, nargs, context);
+    /* A copy: the caller still runs in `context`, and from 3.13 the
+     * handler is run in the handle's context, which cannot be entered twice
+     * (asyncio reports after its Handle has left the context). */
+    PyObject *copy = context ? PyContext_Copy(context) : PyContext_CopyCurrent();
+    us_handle *h = copy ? us_handle_new(loop, loop->st->HandleType, cb, args, nargs, copy) : NULL;
+    Py_XDECREF(copy);
     PyErr_Restore(et, ev, tb); /* a failed Handle: the generic message */
     if (!h)
         return us_report_exception(loop, NULL, NULL);

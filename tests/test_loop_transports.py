@@ -625,7 +625,8 @@ def test_eof_right_behind_large_data_is_seen(loop):
 
 def test_an_exception_from_connection_lost_is_reported_with_a_handle(loop):
     # asyncio calls connection_lost() from a Handle: the handler's context
-    # has "Exception in callback …(None)", the exception and that handle
+    # has "Exception in callback …(None)", the exception and that handle;
+    # from 3.13 the handler runs in that handle's context
     handled = []
     loop.set_exception_handler(lambda lp, ctx: handled.append(ctx))
 
@@ -642,7 +643,8 @@ def test_an_exception_from_connection_lost_is_reported_with_a_handle(loop):
         peer.close()
         [ctx] = handled
         assert isinstance(ctx["exception"], RuntimeError) and str(ctx["exception"]) == "connection_lost failed"
-        assert re.fullmatch(r"Exception in callback \S+\(None\)", ctx["message"]), ctx["message"]
+        # (3.13 shows a callback's arguments only in debug mode)
+        assert re.fullmatch(r"Exception in callback \S+\((None)?\)", ctx["message"]), ctx["message"]
         assert not ctx["handle"].cancelled()
 
     run(loop, main())
