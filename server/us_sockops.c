@@ -161,24 +161,34 @@ static int unix_sockaddr_from_py(PyObject *addr, struct sockaddr_storage *ss, so
     return rc;
 }
 
-/* An IP address tuple's host: str, bytes or bytearray, as the socket
- * module's converter takes it. Returns a new bytes object or NULL. */
-static PyObject *ip_host_from_py(PyObject *host)
+/* An IP address tuple's host as the socket module's converter takes it
+ * (str, bytes, bytearray), borrowed: no copy per call; *n is its length.
+ * NULL with TypeError for another type; NULL without an error for a str
+ * that is not ASCII, which can only be a name for the resolver. */
+static const char *ip_host_chars(PyObject *host, Py_ssize_t *n)
 {
-    if (PyUnicode_Check(host))
-        return PyUnicode_AsEncodedString(host, "ascii", NULL); /* not ASCII: not numeric */
-    if (PyBytes_Check(host))
-        return Py_NewRef(host);
-    if (PyByteArray_Check(host))
-        return PyBytes_FromStringAndSize(PyByteArray_AS_STRING(host), PyByteArray_GET_SIZE(host));
-    PyErr_Format(PyExc_TypeError, "str, bytes or bytearray expected, not %s", Py_TYPE(host)->tp_name);
-    return NULL;
+    const char *p;
+    if (PyUnicode_Check(host)) {
+        if (!PyUnicode_IS_ASCII(host))
+            return NULL;
+        p = PyUnicode_AsUTF8AndSize(host, n);
+    } else if (PyBytes_Check(host)) {
+        p = PyBytes_AS_STRING(host);
+        *n = PyBytes_GET_SIZE(host);
+    } else if (PyByteArray_Check(host)) {
+        p = PyByteArray_AS_STRING(host);
+        *n = PyByteArray_GET_SIZE(host);
+    } else {
+        PyErr_Format(PyExc_TypeError, "str, bytes or bytearray expected, not %s", Py_TYPE(host)->tp_name);
+        return NULL;
+    }
+    return p;
 }
 
 /* The fields of an AF_INET/AF_INET6 tuple, checked as the socket module
  * checks them, with its messages: `caller` is "sendto" or "connect". */
-static int ip_fields_from_py(int family, const char *caller, PyObject *addr, PyObject **host, long *port,
-                             unsigned long *flowinfo, unsigned long *scope_id)
+static int ip_fields_from_py(int family, const char *caller, PyObject *addr, const char **host, Py_ssize_t *host_len,
+                             long *port, unsigned long *flowinfo, unsigned long *scope_id)
 {
     const char *fam = family == AF_INET ? "AF_INET" : "AF_INET6";
     Py_ssize_t n = PyTuple_Check(addr) ? PyTuple_GET_SIZE(addr) : -1;
@@ -193,33 +203,27 @@ static int ip_fields_from_py(int family, const char *caller, PyObject *addr, PyO
                                              : "AF_INET6 address must be a tuple (host, port[, flowinfo[, scopeid]])");
         return -1;
     }
-    if (!(*host = ip_host_from_py(PyTuple_GET_ITEM(addr, 0)))) {
-        if (PyErr_ExceptionMatches(PyExc_UnicodeError)) /* a name for the resolver, not an error yet */
-            PyErr_Clear();
-        return -1;
-    }
+    if (!(*host = ip_host_chars(PyTuple_GET_ITEM(addr, 0), host_len)))
+        return -1; /* with no error set: a name for the resolver */
     int overflow;
     *port = PyLong_AsLongAndOverflow(PyTuple_GET_ITEM(addr, 1), &overflow);
     if (*port == -1 && PyErr_Occurred())
-        goto fail;
+        return -1;
     if (overflow || *port < 0 || *port > 65535) {
         PyErr_Format(PyExc_OverflowError, "%s(): port must be 0-65535.", caller);
-        goto fail;
+        return -1;
     }
     unsigned long *rest[2] = {flowinfo, scope_id};
     for (Py_ssize_t i = 2; i < n; i++) {
         *rest[i - 2] = PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(addr, i));
         if (*rest[i - 2] == (unsigned long)-1 && PyErr_Occurred())
-            goto fail;
+            return -1;
     }
     if (*flowinfo > 0xfffff) {
         PyErr_Format(PyExc_OverflowError, "%s(): flowinfo must be 0-1048575.", caller);
-        goto fail;
+        return -1;
     }
     return 0;
-fail:
-    Py_CLEAR(*host);
-    return -1;
 }
 
 /* Numeric addresses only: uringloop.Loop resolves names first, as asyncio
@@ -229,16 +233,15 @@ static int sockaddr_from_py(int family, const char *caller, PyObject *addr, stru
 {
     memset(ss, 0, sizeof *ss);
     if (family == AF_INET || family == AF_INET6) {
-        PyObject *host = NULL;
+        const char *host;
+        Py_ssize_t host_len;
         long port;
         unsigned long flowinfo = 0, scope_id = 0;
-        if (ip_fields_from_py(family, caller, addr, &host, &port, &flowinfo, &scope_id) < 0)
+        if (ip_fields_from_py(family, caller, addr, &host, &host_len, &port, &flowinfo, &scope_id) < 0)
             return PyErr_Occurred() ? -1 : -2;
-        int r = strlen(PyBytes_AS_STRING(host)) != (size_t)PyBytes_GET_SIZE(host)
-                    ? -2
-                    : ip_sockaddr(family, PyBytes_AS_STRING(host), (uint16_t)port, flowinfo, scope_id, ss, len);
-        Py_DECREF(host);
-        return r;
+        if (strlen(host) != (size_t)host_len) /* a NUL inside: the resolver's to refuse */
+            return -2;
+        return ip_sockaddr(family, host, (uint16_t)port, flowinfo, scope_id, ss, len);
     }
     if (family == AF_UNIX)
         return unix_sockaddr_from_py(addr, ss, len);
