@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set-up, then the whole test suite: formatting, the C engine tests (ctest),
-# the Python tests (pytest, each loop test on uringloop and on asyncio, plus
-# CPython's own asyncio tests), and both again under ASan+UBSan.
+# Set-up, then the whole test suite: formatting, static analysis, the C
+# engine tests (ctest), the Python tests (pytest, each loop test on uringloop
+# and on asyncio, plus CPython's own asyncio tests), and both again under
+# ASan+UBSan.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,6 +18,9 @@ C_SOURCES=$(git ls-files 'loop/*.[ch]' 'http/*.[ch]' 'server/*.[ch]' 'tests/c/*.
 
 log "clang-format --dry-run --Werror (C sources)"
 clang-format --dry-run --Werror $C_SOURCES
+
+log "static analysis (gcc -fanalyzer, clang --analyze)"
+bash scripts/analyze.sh
 
 log "C engine tests (ctest, -Werror)"
 cmake -S . -B build/ctest -G Ninja -DURING_BUILD_TESTS=ON -DURING_BUILD_MODULE=OFF -DURING_WERROR=ON >/dev/null

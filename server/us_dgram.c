@@ -167,7 +167,10 @@ static int dgram_drain(us_dgram_reader *r)
                 return 0;
             return dgram_error(r, errno);
         }
-        if (dgram_deliver(r, dgram_item(r, (size_t)n)) < 0)
+        PyObject *item = dgram_item(r, (size_t)n);
+        if (!item) /* out of memory: the datagram is lost, reading goes on */
+            return us_report_exception(r->loop, NULL, NULL);
+        if (dgram_deliver(r, item) < 0)
             return -1;
     }
     return 0;
