@@ -99,6 +99,7 @@ typedef struct us_loop {
     /* streams with writes queued this iteration (strong references) */
     PyObject **flush;
     Py_ssize_t flush_len, flush_cap;
+    Py_ssize_t flushers; /* streams and connections that hold a place in it */
 
     /* provided buffers for the streams' multishot recv, made on first use */
     ue_bufring recv_pool;
@@ -187,6 +188,8 @@ PyObject *us_acceptor_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
 int us_acceptor_run(PyObject *a);
 ue_bufring *us_loop_recv_pool(us_loop *loop);
 int us_loop_add_flush(us_loop *loop, PyObject *stream);
+int us_loop_flush_reserve(us_loop *loop);
+void us_loop_flush_unreserve(us_loop *loop);
 
 /* us_http.c */
 int us_http_module_init(PyObject *m, us_state *st);

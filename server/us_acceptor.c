@@ -129,7 +129,11 @@ int us_acceptor_run(PyObject *o)
                 close(v);
             continue;
         }
-        PyObject *r = PyObject_CallFunction(a->callback, "i", v);
+        PyObject *arg = PyLong_FromLong(v);
+        if (!arg && v >= 0)
+            close(v); /* out of memory before the callback could take it */
+        PyObject *r = arg ? PyObject_CallOneArg(a->callback, arg) : NULL;
+        Py_XDECREF(arg);
         if (r) {
             Py_DECREF(r);
         } else if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {

@@ -346,8 +346,10 @@ static void conn_schedule_flush(us_httpconn *c)
     if (c->queued_flush || c->closed)
         return;
     c->queued_flush = 1;
-    if (us_loop_add_flush(c->srv->loop, Py_NewRef(c)) < 0)
+    if (us_loop_add_flush(c->srv->loop, Py_NewRef(c)) < 0) { /* not with a reserved place */
+        c->queued_flush = 0;
         PyErr_WriteUnraisable((PyObject *)c);
+    }
 }
 
 int us_httpconn_is_head(const us_httpconn *c, const us_httpcycle *cy)
@@ -929,6 +931,8 @@ static void conn_dealloc(us_httpconn *c)
         close(c->fd);
     if (c->srv)
         conn_clear_deadline(c); /* cleared at the close already; never left dangling */
+    if (c->srv && c->flush_reserved)
+        us_loop_flush_unreserve(c->srv->loop);
     Py_CLEAR(c->srv);
     tp->tp_free(c);
     Py_DECREF(tp);
@@ -954,13 +958,17 @@ PyType_Spec us_httpconn_spec = {
  * not know them (adopt()). */
 static void server_new_conn(us_httpserver *srv, int fd, PyObject *client, PyObject *sockname)
 {
-    us_httpconn *c = PyObject_GC_New(us_httpconn, srv->st->HttpConnType);
+    int reserved = us_loop_flush_reserve(srv->loop) == 0;
+    us_httpconn *c = reserved ? PyObject_GC_New(us_httpconn, srv->st->HttpConnType) : NULL;
     if (!c) {
+        if (reserved)
+            us_loop_flush_unreserve(srv->loop);
         close(fd);
         PyErr_WriteUnraisable((PyObject *)srv);
         return;
     }
     memset((char *)c + sizeof(PyObject), 0, sizeof *c - sizeof(PyObject));
+    c->flush_reserved = 1;
     c->dl_kind = US_DL_NONE;
     c->srv = (us_httpserver *)Py_NewRef(srv);
     c->fd = fd;

@@ -125,7 +125,7 @@ struct us_httpconn {
     us_httpconn *dl_prev, *dl_next; /* in srv->deadlines[dl_kind] */
     signed char dl_kind;            /* enum us_deadline_kind */
     char in_list, parse_paused, no_more, read_paused, eof, dead, closing;
-    char queued_flush, lingering, closed, close_after, upgrading;
+    char queued_flush, lingering, closed, close_after, upgrading, flush_reserved;
     char used;          /* a request head has arrived (see server_drain) */
     PyObject *ws_scope; /* the upgrade request's scope, until handed over */
     PyObject *tail;     /* an error response sent after the cycles, then close */

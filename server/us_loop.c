@@ -562,6 +562,32 @@ ue_bufring *us_loop_recv_pool(us_loop *loop)
     return &loop->recv_pool;
 }
 
+/* A stream or HTTP connection reserves its place in the flush list when it
+ * is made, so that scheduling its flush (inside write(), or in a completion
+ * where nobody could be told) never has to grow the list: a failure there
+ * would leave the data it queued unsent. Each is in the list at most once
+ * an iteration, so the list never outgrows the reservations. */
+int us_loop_flush_reserve(us_loop *loop)
+{
+    if (loop->flushers >= loop->flush_cap) {
+        Py_ssize_t cap = loop->flush_cap ? loop->flush_cap * 2 : 64;
+        PyObject **f = PyMem_Realloc(loop->flush, (size_t)cap * sizeof *f);
+        if (!f) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        loop->flush = f;
+        loop->flush_cap = cap;
+    }
+    loop->flushers++;
+    return 0;
+}
+
+void us_loop_flush_unreserve(us_loop *loop)
+{
+    loop->flushers--;
+}
+
 int us_loop_add_flush(us_loop *loop, PyObject *stream)
 {
     if (loop->flush_len == loop->flush_cap) {

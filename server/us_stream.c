@@ -96,7 +96,7 @@ typedef struct us_stream {
     PyObject *empty_waiter; /* loop.sendfile(): resolved when writes drain */
     char buffered;          /* 1 a BufferedProtocol, US_PROTO_SSL uringloop's SSLProtocol (fed without get_buffer) */
     char closing, read_paused, protocol_paused;
-    char eof_requested, eof_sent, queued_flush;
+    char eof_requested, eof_sent, queued_flush, flush_reserved;
     int queued_ready; /* entries of this stream in the ready queue (at most 2) */
     char lost_pending, lost_ready, lost_done;
     PyObject *context;      /* see stream_enter_context() */
@@ -768,8 +768,10 @@ static void stream_schedule_flush(us_stream *s)
     if (s->queued_flush || ue_op_busy(&s->send_op))
         return;
     s->queued_flush = 1;
-    if (us_loop_add_flush(s->loop, Py_NewRef(s)) < 0)
+    if (us_loop_add_flush(s->loop, Py_NewRef(s)) < 0) { /* not with a reserved place */
+        s->queued_flush = 0;
         PyErr_WriteUnraisable((PyObject *)s);
+    }
 }
 
 /* Calls protocol.pause_writing() or resume_writing(); a failure goes to the
@@ -1414,10 +1416,12 @@ PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
     s->inbound = PyList_New(0);
     s->context = PyContext_CopyCurrent();
     PyObject_GC_Track(s);
-    if (!s->inbound || !s->context || stream_set_limits(s, 64 * 1024, 16 * 1024) < 0) {
+    if (!s->inbound || !s->context || stream_set_limits(s, 64 * 1024, 16 * 1024) < 0 ||
+        us_loop_flush_reserve(loop) < 0) {
         Py_DECREF(s);
         return NULL;
     }
+    s->flush_reserved = 1;
     stream_set_protocol_obj(s, args[1]);
     return (PyObject *)s;
 }
@@ -1467,6 +1471,10 @@ static int stream_clear(us_stream *s)
         Py_DECREF(s->wq[s->wq_head]);
         s->wq_head = (s->wq_head + 1) % s->wq_cap;
         s->wq_len--;
+    }
+    if (s->flush_reserved && s->loop) {
+        s->flush_reserved = 0;
+        us_loop_flush_unreserve(s->loop);
     }
     Py_CLEAR(s->loop);
     return 0;

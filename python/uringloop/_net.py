@@ -96,18 +96,29 @@ class NetworkMixin:
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
         _set_nodelay(sock)
         transport = self._stream_new(sock, protocol, _socket_extra(sock, extra), server)
-        self._transports[sock.fileno()] = transport
+        fd = sock.fileno()
+        handles = []
+        try:
+            # the same order as asyncio: connection_made, then reading, then the waiter
+            handles.append(self.call_soon(protocol.connection_made, transport))
+            handles.append(self.call_soon(transport._start))
+            if waiter is not None:
+                handles.append(self.call_soon(futures._set_result_unless_cancelled, waiter, None))
+            self._transports[fd] = transport
+        except BaseException:
+            # Out of memory halfway: nothing of this transport may run later,
+            # since the caller closes the socket and its fd can be reused
+            # (asyncio's loop would still start reading on it).
+            for handle in handles:
+                handle.cancel()
+            self._transports.pop(fd, None)
+            raise
         if server is not None:
             # 3.13's Server tracks its transports (close_clients(), abort_clients())
             if _SERVER_TRACKS_TRANSPORTS:
                 server._attach(transport)
             else:
                 server._attach()
-        # the same order as asyncio: connection_made, then reading, then the waiter
-        self.call_soon(protocol.connection_made, transport)
-        self.call_soon(transport._start)
-        if waiter is not None:
-            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
         return transport
 
     def _make_ssl_transport(self, rawsock, protocol, sslcontext, waiter=None, *, server_side=False,
@@ -305,6 +316,7 @@ class NetworkMixin:
                        ssl_shutdown_timeout=_SSL_SHUTDOWN_TIMEOUT):
         if sock in self._acceptors:
             return
+        family, type_, proto = sock.family, sock.type, sock.proto
 
         def on_accept(fd):
             if fd < 0:
@@ -317,17 +329,27 @@ class NetworkMixin:
                 })
                 self.call_later(constants.ACCEPT_RETRY_DELAY, acceptor.resume)
                 return
-            conn = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-            conn.setblocking(False)
             try:
-                peer = conn.getpeername()
-            except OSError:
-                peer = None
-            if self._debug:
-                logger.debug("%r got a new connection from %r: %r", server, peer, conn)
-            self.create_task(self._accept_connection2(
-                protocol_factory, conn, {"peername": peer}, sslcontext, server,
-                ssl_handshake_timeout, ssl_shutdown_timeout))
+                conn = socket.socket(family, type_, proto, fileno=fd)
+            except BaseException:
+                os.close(fd)  # not taken by a socket object: nothing else will close it
+                raise
+            try:
+                conn.setblocking(False)
+                try:
+                    peer = conn.getpeername()
+                except OSError:
+                    peer = None
+                if self._debug:
+                    logger.debug("%r got a new connection from %r: %r", server, peer, conn)
+                self.create_task(self._accept_connection2(
+                    protocol_factory, conn, {"peername": peer}, sslcontext, server,
+                    ssl_handshake_timeout, ssl_shutdown_timeout))
+            except BaseException:
+                # (out of memory) the client sees its connection end now,
+                # not when the exception and its frames are let go
+                conn.close()
+                raise
 
         # Accepted connections are set up in (a copy of) the context that
         # started serving, as asyncio's reader handle for the socket has it.
