@@ -1341,9 +1341,29 @@ static PyObject *stream_get_extra_info(us_stream *s, PyObject *args, PyObject *k
     return Py_NewRef(v ? v : dflt);
 }
 
+/* 1 if obj has the attribute, 0 if not, -1 with an error other than
+ * AttributeError raised (PyObject_HasAttrString would swallow a MemoryError
+ * and take a BufferedProtocol for a plain one). */
+static int stream_has_attr(PyObject *obj, const char *name)
+{
+    PyObject *v = PyObject_GetAttrString(obj, name);
+    if (v) {
+        Py_DECREF(v);
+        return 1;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+        return -1;
+    PyErr_Clear();
+    return 0;
+}
+
 static int stream_set_protocol_obj(us_stream *s, PyObject *protocol)
 {
-    int has = PyObject_HasAttrString(protocol, "get_buffer") && PyObject_HasAttrString(protocol, "buffer_updated");
+    int has = stream_has_attr(protocol, "get_buffer");
+    if (has > 0)
+        has = stream_has_attr(protocol, "buffer_updated");
+    if (has < 0)
+        return -1;
     Py_XSETREF(s->protocol, Py_NewRef(protocol));
     s->buffered = (char)has;
     if (has && PyObject_TypeCheck(protocol, s->loop->st->SSLProtocolCoreType))
@@ -1353,7 +1373,8 @@ static int stream_set_protocol_obj(us_stream *s, PyObject *protocol)
 
 static PyObject *stream_set_protocol(us_stream *s, PyObject *protocol)
 {
-    stream_set_protocol_obj(s, protocol);
+    if (stream_set_protocol_obj(s, protocol) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1422,7 +1443,10 @@ PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     s->flush_reserved = 1;
-    stream_set_protocol_obj(s, args[1]);
+    if (stream_set_protocol_obj(s, args[1]) < 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
     return (PyObject *)s;
 }
 

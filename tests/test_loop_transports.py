@@ -1683,3 +1683,29 @@ def test_closing_the_loop_with_connections_left_open(loop):
     with pytest.raises(RuntimeError, match="closed"):
         kept[1][1][1].transport.abort()
     del kept  # left to the garbage collector, as asyncio leaves them: no_fd_leak checks
+
+
+def test_an_error_reading_a_protocols_buffer_methods_is_raised():
+    """uringloop tells a BufferedProtocol by its get_buffer and
+    buffer_updated attributes. An error other than AttributeError while
+    reading them (a MemoryError) is raised by set_protocol(); before, it was
+    swallowed and a BufferedProtocol was then fed as a plain Protocol."""
+
+    class Failing(asyncio.BufferedProtocol):
+        def __getattribute__(self, name):
+            if name == "get_buffer":
+                raise MemoryError("no room")
+            return object.__getattribute__(self, name)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        transport, protocol = await loop.create_connection(asyncio.Protocol, *server.sockets[0].getsockname())
+        with pytest.raises(MemoryError, match="no room"):
+            transport.set_protocol(Failing())
+        assert transport.get_protocol() is protocol  # unchanged
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+    uringloop.run(main())
