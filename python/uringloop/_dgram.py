@@ -29,6 +29,10 @@ _HEADER_SIZE = 8 if _SENDS_EMPTY else 0
 
 class DatagramTransport(transports._FlowControlMixin, transports.DatagramTransport):
     def __init__(self, loop, sock, protocol, address=None, extra=None):
+        # _sock is set last: a transport whose making failed (out of memory)
+        # leaves the socket to its caller, and __del__ finds nothing to close
+        self._sock = None
+        self._closing = False
         super().__init__(extra, loop)
         self._extra["socket"] = trsock.TransportSocket(sock)
         try:
@@ -40,17 +44,16 @@ class DatagramTransport(transports._FlowControlMixin, transports.DatagramTranspo
                 self._extra["peername"] = sock.getpeername()
             except OSError:
                 self._extra["peername"] = None
-        self._sock = sock
         self._sock_fd = sock.fileno()
         self._protocol = protocol
         self._address = address
         self._buffer = collections.deque()
         self._buffer_size = 0
-        self._reader = loop._dgram_reader(sock, self._datagram_received, self._read_error)
         self._paused = False
-        self._closing = False
         self._conn_lost = 0
         self._writing = False  # the writer watch is armed
+        self._reader = loop._dgram_reader(sock, self._datagram_received, self._read_error)
+        self._sock = sock
 
     def __repr__(self):
         # asyncio's layout, with this class's name

@@ -504,11 +504,17 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
 
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         transport = DatagramTransport(self, sock, protocol, address, extra)
-        self._transports[sock.fileno()] = transport
-        self.call_soon(protocol.connection_made, transport)
-        self.call_soon(transport._start_reading)
+        calls = [(protocol.connection_made, transport), (transport._start_reading,)]
         if waiter is not None:
-            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
+            calls.append((futures._set_result_unless_cancelled, waiter, None))
+        fd = sock.fileno()
+        self._call_soon_all(calls)
+        try:
+            self._transports[fd] = transport
+        except BaseException:
+            self._cancel_all(calls)
+            self._transports.pop(fd, None)
+            raise
         return transport
 
 

@@ -93,24 +93,41 @@ class NetworkMixin:
 
     # ---- stream transports ----
 
+    def _call_soon_all(self, calls):
+        """Schedules each (callback, *args) of calls in order, or none of
+        them: if one cannot be scheduled (out of memory), those already
+        scheduled are cancelled and the error raised. A transport made
+        halfway must not start later, since its caller then closes the
+        socket and the fd can be reused (asyncio's loop would still start
+        reading on it). Each call's handle takes its place in calls, which
+        _cancel_all() undoes; replacing an item allocates nothing, where an
+        append could fail after its call_soon() had scheduled the handle."""
+        for i in range(len(calls)):
+            try:
+                calls[i] = self.call_soon(*calls[i])
+            except BaseException:
+                self._cancel_all(calls)
+                raise
+
+    @staticmethod
+    def _cancel_all(calls):
+        for handle in calls:
+            if not isinstance(handle, tuple):  # scheduled
+                handle.cancel()
+
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
         _set_nodelay(sock)
         transport = self._stream_new(sock, protocol, _socket_extra(sock, extra), server)
+        calls = [(protocol.connection_made, transport), (transport._start,)]
+        if waiter is not None:
+            calls.append((futures._set_result_unless_cancelled, waiter, None))
         fd = sock.fileno()
-        handles = []
+        # the same order as asyncio: connection_made, then reading, then the waiter
+        self._call_soon_all(calls)
         try:
-            # the same order as asyncio: connection_made, then reading, then the waiter
-            handles.append(self.call_soon(protocol.connection_made, transport))
-            handles.append(self.call_soon(transport._start))
-            if waiter is not None:
-                handles.append(self.call_soon(futures._set_result_unless_cancelled, waiter, None))
             self._transports[fd] = transport
         except BaseException:
-            # Out of memory halfway: nothing of this transport may run later,
-            # since the caller closes the socket and its fd can be reused
-            # (asyncio's loop would still start reading on it).
-            for handle in handles:
-                handle.cancel()
+            self._cancel_all(calls)
             self._transports.pop(fd, None)
             raise
         if server is not None:
@@ -191,13 +208,14 @@ class NetworkMixin:
         info = dict(extra) if extra else {}
         info["pipe"] = pipe
         transport = self._stream_new(pipe, protocol, info, None, kind)
-        self.call_soon(protocol.connection_made, transport)
+        calls = [(protocol.connection_made, transport)]
         # A read pipe starts reading; a write pipe (socket or FIFO, not a
         # character device) starts watching for its reader to go away.
         if kind == _READ_PIPE or not stat.S_ISCHR(mode):
-            self.call_soon(transport._start)
+            calls.append((transport._start,))
         if waiter is not None:
-            self.call_soon(futures._set_result_unless_cancelled, waiter, None)
+            calls.append((futures._set_result_unless_cancelled, waiter, None))
+        self._call_soon_all(calls)
         return transport
 
     def _make_read_pipe_transport(self, pipe, protocol, waiter=None, extra=None):
