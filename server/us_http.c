@@ -1189,6 +1189,7 @@ static PyObject *server_adopt(us_httpserver *srv, PyObject *args, PyObject *kw)
         return NULL;
     if (!srv->loop->ue_ready) {
         PyErr_SetString(PyExc_RuntimeError, "uringserve: adopt() needs a running uringloop");
+        close(fd); /* the caller gave it up (socket.detach()): ours to close */
         return NULL;
     }
     /* Non-blocking, as accept4() makes ours: sendfile() (pathsend) is a

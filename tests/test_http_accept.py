@@ -5,6 +5,8 @@ loop enters the ring."""
 import asyncio
 import socket
 
+import pytest
+
 import uringloop
 from uringloop._core import HttpServer
 
@@ -135,3 +137,22 @@ def test_out_of_descriptors_waits_and_logs_instead_of_spinning():
             c.close()
         lsock.close()
         loop.close()
+
+
+def test_adopt_on_a_closed_loop_closes_the_descriptor():
+    """adopt() takes a descriptor its caller has given up (the TLS bridge
+    detaches its end of a socketpair): when it refuses it, it closes it."""
+    import os
+
+    loop = uringloop.new_event_loop()
+    core = HttpServer(loop, hello, log_error)
+    loop.close()
+    ours, theirs = socket.socketpair()
+    fd = theirs.detach()
+    try:
+        with pytest.raises(RuntimeError, match="needs a running uringloop"):
+            core.adopt(fd, None, None)
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    finally:
+        ours.close()

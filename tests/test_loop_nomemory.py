@@ -149,3 +149,127 @@ def test_a_transport_that_fails_to_be_made_never_starts(kind):
     finally:
         loop.close()
     assert failed > 5 and made >= 20, (failed, made)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_listener_that_fails_to_start_serving_accepts_nothing():
+    """One allocation fails at each index of _start_serving() in turn (what
+    create_server() calls for each listening socket): when it raises, no
+    connection may be accepted on that socket later, and when it returns,
+    connections are served."""
+    import asyncio
+    import socket
+
+    import _testcapi
+
+    import uringloop
+
+    loop = uringloop.new_event_loop()
+    failed = served = 0
+    try:
+        for index in range(300):
+            listener = socket.create_server(("127.0.0.1", 0))
+            listener.setblocking(False)
+            made = []
+            _testcapi.set_nomemory(index, index + 1)
+            try:
+                loop._start_serving(lambda: made.append(1) or _Recorder(), listener)
+                started = True
+            except MemoryError:
+                started = False
+            finally:
+                _testcapi.remove_mem_hooks()
+            client = socket.create_connection(listener.getsockname())
+            loop.run_until_complete(asyncio.sleep(0.01))
+            if started:
+                served += 1
+                assert made == [1], index
+                loop._stop_serving(listener)
+            else:
+                failed += 1
+                assert made == [], index
+                assert listener not in loop._acceptors, index
+                listener.close()
+            client.close()
+            loop.run_until_complete(asyncio.sleep(0))
+            if served >= 20:  # past the last allocation the call makes
+                break
+    finally:
+        loop.close()
+    assert failed >= 3 and served >= 20, (failed, served)
+
+
+def test_a_child_that_fails_to_be_watched_leaves_nothing_behind():
+    """One allocation fails at each index of _watch_child() in turn: when it
+    raises, its pidfd is closed and forgotten; when it returns, the child's
+    exit is reported."""
+    import asyncio
+    import os
+    import subprocess as sp
+
+    import _testcapi
+
+    import uringloop
+
+    class Transport:
+        def __init__(self):
+            self.exited = []
+
+        def _process_exited(self, returncode):
+            self.exited.append(returncode)
+
+    loop = uringloop.new_event_loop()
+    failed = watched = 0
+    try:
+        for index in range(200):
+            child = sp.Popen(["sleep", "0.01"])
+            transport = Transport()
+            fds = len(os.listdir("/proc/self/fd"))
+            _testcapi.set_nomemory(index, index + 1)
+            try:
+                loop._watch_child(child.pid, transport)
+                ok = True
+            except MemoryError:
+                ok = False
+            finally:
+                _testcapi.remove_mem_hooks()
+            if ok:
+                watched += 1
+                loop.run_until_complete(asyncio.sleep(0.1))
+                assert transport.exited == [0], index
+            else:
+                failed += 1
+                assert len(os.listdir("/proc/self/fd")) == fds, index
+                assert child.pid not in loop._child_pidfds, index
+                child.wait()
+            if watched >= 10:
+                break
+    finally:
+        loop.close()
+    assert failed >= 3 and watched >= 10, (failed, watched)
+
+
+def test_a_child_that_cannot_be_watched_is_ended():
+    """When the loop cannot watch a child it has just started (out of
+    memory), subprocess creation raises, and the child is killed and reaped
+    then: nothing else would ever reap it."""
+    import asyncio
+    import os
+
+    import uringloop
+
+    loop = uringloop.new_event_loop()
+    started = []
+
+    def cannot_watch(pid, transport):
+        started.append(pid)
+        raise MemoryError("no room")
+
+    loop._watch_child = cannot_watch
+    try:
+        with pytest.raises(MemoryError, match="no room"):
+            loop.run_until_complete(asyncio.create_subprocess_exec("sleep", "30"))
+        [pid] = started
+        assert not os.path.exists(f"/proc/{pid}"), "the child still runs, or is a zombie"
+    finally:
+        loop.close()

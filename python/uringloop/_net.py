@@ -238,7 +238,17 @@ class NetworkMixin:
         else:
             transp = _SubprocessTransport(self, protocol, args, shell, stdin, stdout, stderr, bufsize,
                                           waiter=waiter, extra=extra, **kwargs)
-            self._watch_child(transp.get_pid(), transp)
+            try:
+                self._watch_child(transp.get_pid(), transp)
+            except BaseException:
+                # Nothing would reap it: kill it and wait for it here (a
+                # killed child is gone within microseconds).
+                transp.close()
+                try:
+                    os.waitpid(transp.get_pid(), 0)
+                except ChildProcessError:
+                    pass
+                raise
         try:
             await waiter
         except (SystemExit, KeyboardInterrupt):
@@ -275,8 +285,14 @@ class NetworkMixin:
         except ProcessLookupError:
             self.call_soon(self._child_exited, pid, None, transp)
             return
-        self._child_pidfds[pid] = pidfd
-        self._add_reader(pidfd, self._child_exited, pid, pidfd, transp)
+        try:
+            self._child_pidfds[pid] = pidfd
+            self._add_reader(pidfd, self._child_exited, pid, pidfd, transp)
+        except BaseException:
+            # (out of memory) not watched: the caller ends the child
+            self._child_pidfds.pop(pid, None)
+            os.close(pidfd)
+            raise
 
     def _child_exited(self, pid, pidfd, transp):
         if pidfd is not None:
@@ -373,7 +389,13 @@ class NetworkMixin:
         # started serving, as asyncio's reader handle for the socket has it.
         context = contextvars.copy_context()
         acceptor = self._acceptor_new(sock, lambda fd: context.run(on_accept, fd), sock in self._shared_sockets)
-        self._acceptors[sock] = acceptor
+        try:
+            self._acceptors[sock] = acceptor
+        except BaseException:
+            # (out of memory) the caller sees serving fail: nothing may be
+            # accepted on the socket behind its back
+            acceptor.cancel()
+            raise
 
     async def _accept_connection2(self, protocol_factory, conn, extra, sslcontext=None, server=None,
                                   ssl_handshake_timeout=constants.SSL_HANDSHAKE_TIMEOUT,

@@ -50,10 +50,12 @@ class TLSBridge(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.tls = transport
+        # the addresses first: once detached, the fd is adopt()'s to close
+        client = _addr(transport.get_extra_info("peername"))
+        server = _addr(transport.get_extra_info("sockname"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.core.adopt(theirs.detach(), _addr(transport.get_extra_info("peername")),
-                            _addr(transport.get_extra_info("sockname")))
+            self.core.adopt(theirs.detach(), client, server)
         except BaseException:
             ours.close()
             transport.abort()
