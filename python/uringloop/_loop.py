@@ -19,7 +19,7 @@ import sys
 import threading
 import weakref
 
-from asyncio import base_events, coroutines, events, exceptions, format_helpers, futures
+from asyncio import base_events, coroutines, events, exceptions, format_helpers
 from asyncio.log import logger
 
 from . import _core
@@ -504,17 +504,7 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
 
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         transport = DatagramTransport(self, sock, protocol, address, extra)
-        calls = [(protocol.connection_made, transport), (transport._start_reading,)]
-        if waiter is not None:
-            calls.append((futures._set_result_unless_cancelled, waiter, None))
-        fd = sock.fileno()
-        self._call_soon_all(calls)
-        try:
-            self._transports[fd] = transport
-        except BaseException:
-            self._cancel_all(calls)
-            self._transports.pop(fd, None)
-            raise
+        self._start_transport(sock.fileno(), transport, protocol, transport._start_reading, waiter)
         return transport
 
 

@@ -115,14 +115,13 @@ class NetworkMixin:
             if not isinstance(handle, tuple):  # scheduled
                 handle.cancel()
 
-    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
-        _set_nodelay(sock)
-        transport = self._stream_new(sock, protocol, _socket_extra(sock, extra), server)
-        calls = [(protocol.connection_made, transport), (transport._start,)]
+    def _start_transport(self, fd, transport, protocol, start_reading, waiter):
+        """Schedules connection_made(), then reading, then the waiter (the
+        order asyncio has), and registers the transport as fd's: all of it
+        or, out of memory, none of it."""
+        calls = [(protocol.connection_made, transport), (start_reading,)]
         if waiter is not None:
             calls.append((futures._set_result_unless_cancelled, waiter, None))
-        fd = sock.fileno()
-        # the same order as asyncio: connection_made, then reading, then the waiter
         self._call_soon_all(calls)
         try:
             self._transports[fd] = transport
@@ -130,6 +129,11 @@ class NetworkMixin:
             self._cancel_all(calls)
             self._transports.pop(fd, None)
             raise
+
+    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+        _set_nodelay(sock)
+        transport = self._stream_new(sock, protocol, _socket_extra(sock, extra), server)
+        self._start_transport(sock.fileno(), transport, protocol, transport._start, waiter)
         if server is not None:
             # 3.13's Server tracks its transports (close_clients(), abort_clients())
             if _SERVER_TRACKS_TRANSPORTS:
