@@ -22,9 +22,11 @@ an exception in a task's step or wakeup): that task never resumes on any
 loop.
 
     python nomemory_child.py canary START STOP
+    python nomemory_child.py canary-functions START STOP
 
-runs the same faults against the interpreter's own asyncio alone: an
-interpreter that crashes there cannot tell uringloop's faults from its own.
+run the same faults against the interpreter's own asyncio alone, or
+against making a Python function: an interpreter that crashes there cannot
+tell uringloop's faults from its own.
 
 Prints a line per index and exits 1 if any check failed. A crash, or a
 sanitizer report in the ASan+UBSan run, is the test's to see.
@@ -459,8 +461,35 @@ def canary(index):
     return True
 
 
+def _make_function():
+    return lambda: 1
+
+
+def canary_functions(index):
+    """A function made while the index-th allocation fails, then the same
+    code made into functions again. CPython 3.12.1 and 3.13.0 crash here, in
+    the garbage collector after a failed MAKE_FUNCTION (so any Python code
+    that defines a function inside the fault window, as _start_serving()
+    does, can corrupt the interpreter); 3.11 survives."""
+    _testcapi.set_nomemory(index, index + 1)
+    try:
+        _make_function()
+    except MemoryError:
+        pass
+    finally:
+        _testcapi.remove_mem_hooks()
+    for _ in range(200):
+        _make_function()()
+
+
 def main():
     kind, start, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if kind == "canary-functions":
+        for i in range(start, stop):
+            canary_functions(i)
+            gc.collect()
+        print("canary: survived", flush=True)
+        return
     if kind == "canary":
         for i in range(start, stop):
             canary(i)
