@@ -458,7 +458,6 @@ def canary(index):
     except Exception:
         pass
     loop.close()
-    return True
 
 
 def _make_function():
@@ -482,17 +481,14 @@ def canary_functions(index):
         _make_function()()
 
 
+CANARIES = {"canary": canary, "canary-functions": canary_functions}
+
+
 def main():
     kind, start, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    if kind == "canary-functions":
+    if kind in CANARIES:
         for i in range(start, stop):
-            canary_functions(i)
-            gc.collect()
-        print("canary: survived", flush=True)
-        return
-    if kind == "canary":
-        for i in range(start, stop):
-            canary(i)
+            CANARIES[kind](i)
             gc.collect()
         print("canary: survived", flush=True)
         return

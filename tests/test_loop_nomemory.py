@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("_testcapi")  # CPython builds ship it (Debian: libpython3.x-stdlib)
+_testcapi = pytest.importorskip("_testcapi")  # CPython builds ship it (Debian: libpython3.x-stdlib)
 
 CHILD = Path(__file__).with_name("nomemory_child.py")
 
@@ -79,6 +79,21 @@ def test_an_allocation_failure_loses_nothing_unsaid(kind, interpreter_survives_f
 
 
 
+_RAISED = object()
+
+
+def _with_allocation_failing(index, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with its index-th allocation failing: what it
+    returns, or _RAISED if it raised MemoryError."""
+    _testcapi.set_nomemory(index, index + 1)
+    try:
+        return fn(*args, **kwargs)
+    except MemoryError:
+        return _RAISED
+    finally:
+        _testcapi.remove_mem_hooks()
+
+
 class _Recorder:
     def __init__(self):
         self.events = []
@@ -125,7 +140,6 @@ def test_a_transport_that_fails_to_be_made_never_starts(kind):
     that handle escaped the cancelling, ran, and started reading."""
     import asyncio
 
-    import _testcapi
 
     import uringloop
 
@@ -137,17 +151,10 @@ def test_a_transport_that_fails_to_be_made_never_starts(kind):
         for index in range(400):
             end, send, close = _endpoints(kind)
             protocol, waiter = _Recorder(), loop.create_future()
-            transport = None
-            _testcapi.set_nomemory(index, index + 1)
-            try:
-                transport = make(end, protocol, waiter=waiter)
-            except MemoryError:
-                pass
-            finally:
-                _testcapi.remove_mem_hooks()
+            transport = _with_allocation_failing(index, make, end, protocol, waiter=waiter)
             send()
             loop.run_until_complete(asyncio.sleep(0.005))
-            if transport is None:
+            if transport is _RAISED:
                 failed += 1
                 assert protocol.events == [] and not waiter.done(), (index, protocol.events)
                 assert end.fileno() not in loop._transports, index
@@ -173,7 +180,6 @@ def test_a_listener_that_fails_to_start_serving_accepts_nothing(interpreter_surv
     import asyncio
     import socket
 
-    import _testcapi
 
     import uringloop
 
@@ -189,14 +195,7 @@ def test_a_listener_that_fails_to_start_serving_accepts_nothing(interpreter_surv
                 made.append(1)
                 return _Recorder()
 
-            _testcapi.set_nomemory(index, index + 1)
-            try:
-                loop._start_serving(factory, listener)
-                started = True
-            except MemoryError:
-                started = False
-            finally:
-                _testcapi.remove_mem_hooks()
+            started = _with_allocation_failing(index, loop._start_serving, factory, listener) is not _RAISED
             client = socket.create_connection(listener.getsockname())
             loop.run_until_complete(asyncio.sleep(0.01))
             if started:
@@ -225,7 +224,6 @@ def test_a_child_that_fails_to_be_watched_leaves_nothing_behind():
     import os
     import subprocess as sp
 
-    import _testcapi
 
     import uringloop
 
@@ -243,14 +241,7 @@ def test_a_child_that_fails_to_be_watched_leaves_nothing_behind():
             child = sp.Popen(["sleep", "0.01"])
             transport = Transport()
             fds = len(os.listdir("/proc/self/fd"))
-            _testcapi.set_nomemory(index, index + 1)
-            try:
-                loop._watch_child(child.pid, transport)
-                ok = True
-            except MemoryError:
-                ok = False
-            finally:
-                _testcapi.remove_mem_hooks()
+            ok = _with_allocation_failing(index, loop._watch_child, child.pid, transport) is not _RAISED
             if ok:
                 watched += 1
                 loop.run_until_complete(asyncio.sleep(0.1))
