@@ -1378,6 +1378,35 @@ static int set_limit(PyObject *kw, const char *name, uint32_t *out)
     return 0;
 }
 
+/* The headers every response carries (`headers=`, uvicorn's --header):
+ * a `server` header replaces the default one, the rest are added. */
+static int server_set_headers(us_httpserver *srv, PyObject *headers)
+{
+    srv->extra_headers.len = 0;
+    srv->server_line.len = 0;
+    if (!headers)
+        return 0;
+    PyObject *seq = PySequence_Fast(headers, "headers must be a sequence of (name, value) pairs");
+    if (!seq)
+        return -1;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        const char *name, *value;
+        Py_ssize_t nlen, vlen;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#y#", &name, &nlen, &value, &vlen)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        uh_buf *dst = nlen == 6 && strncasecmp(name, "server", 6) == 0 ? &srv->server_line : &srv->extra_headers;
+        if (uh_put_header(dst, name, (size_t)nlen, value, (size_t)vlen) < 0) {
+            PyErr_Format(PyExc_ValueError, "invalid header %R", PySequence_Fast_GET_ITEM(seq, i));
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
 static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {
@@ -1425,28 +1454,8 @@ static int server_init(us_httpserver *srv, PyObject *args, PyObject *kw)
         set_limit(limits, "max_field_size", &srv->limits.max_field_size) < 0 ||
         set_limit(limits, "max_head_size", &srv->limits.max_head_size) < 0)
         return -1;
-    srv->extra_headers.len = 0;
-    srv->server_line.len = 0;
-    if (headers) {
-        PyObject *seq = PySequence_Fast(headers, "headers must be a sequence of (name, value) pairs");
-        if (!seq)
-            return -1;
-        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
-            const char *name, *value;
-            Py_ssize_t nlen, vlen;
-            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#y#", &name, &nlen, &value, &vlen)) {
-                Py_DECREF(seq);
-                return -1;
-            }
-            uh_buf *dst = nlen == 6 && strncasecmp(name, "server", 6) == 0 ? &srv->server_line : &srv->extra_headers;
-            if (uh_put_header(dst, name, (size_t)nlen, value, (size_t)vlen) < 0) {
-                Py_DECREF(seq);
-                PyErr_Format(PyExc_ValueError, "invalid header %R", PySequence_Fast_GET_ITEM(seq, i));
-                return -1;
-            }
-        }
-        Py_DECREF(seq);
-    }
+    if (server_set_headers(srv, headers) < 0)
+        return -1;
     PyObject *asyncio = PyImport_ImportModule("asyncio");
     if (!asyncio)
         return -1;

@@ -395,86 +395,105 @@ static int as_bytes(PyObject *o, const char **p, Py_ssize_t *n)
     return -1;
 }
 
-/* Serializes the head into srv->scratch. `final_len` is the whole body's
- * length when the first body message is also the last, else -1. */
-static int write_head(us_httpcycle *cy, int64_t final_len)
+/* Headers the app set that the server would otherwise add. */
+typedef struct {
+    char server, date, connection;
+} us_head_seen;
+
+static int set_expected_len(us_httpcycle *cy, const char *v, Py_ssize_t vl)
 {
-    us_httpserver *srv = cy->srv;
-    uh_buf *b = &srv->scratch;
-    b->len = 0;
-    if (uh_put_status_line(b, cy->status) < 0) {
-        PyErr_Format(PyExc_RuntimeError, "invalid HTTP status code %d", cy->status);
+    char tmp[32];
+    size_t k = (size_t)vl < sizeof tmp - 1 ? (size_t)vl : sizeof tmp - 1;
+    memcpy(tmp, v, k);
+    tmp[k] = 0;
+    char *end;
+    long long cl = strtoll(tmp, &end, 10);
+    if (k == 0 || *end || cl < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "invalid Content-Length in the ASGI response headers");
         return -1;
     }
-    int has_server = 0, has_date = 0, has_connection = 0;
-    if (cy->headers) {
-        PyObject *seq = PySequence_Fast(cy->headers, "ASGI response headers must be an iterable of pairs");
-        if (!seq)
-            return -1;
-        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
-            PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
-            PyObject *ps = PySequence_Fast(pair, "ASGI response headers must be (name, value) pairs");
-            if (!ps || PySequence_Fast_GET_SIZE(ps) != 2) {
-                if (ps)
-                    PyErr_SetString(PyExc_TypeError, "ASGI response headers must be (name, value) pairs");
-                Py_XDECREF(ps);
-                Py_DECREF(seq);
-                return -1;
-            }
-            const char *n, *v;
-            Py_ssize_t nl, vl;
-            if (as_bytes(PySequence_Fast_GET_ITEM(ps, 0), &n, &nl) < 0 ||
-                as_bytes(PySequence_Fast_GET_ITEM(ps, 1), &v, &vl) < 0) {
-                Py_DECREF(ps);
-                Py_DECREF(seq);
-                return -1;
-            }
-            if (name_is(n, nl, "content-length")) {
-                char tmp[32];
-                size_t k = (size_t)vl < sizeof tmp - 1 ? (size_t)vl : sizeof tmp - 1;
-                memcpy(tmp, v, k);
-                tmp[k] = 0;
-                char *end;
-                long long cl = strtoll(tmp, &end, 10);
-                if (k == 0 || *end || cl < 0) {
-                    Py_DECREF(ps);
-                    Py_DECREF(seq);
-                    PyErr_SetString(PyExc_RuntimeError, "invalid Content-Length in the ASGI response headers");
-                    return -1;
-                }
-                cy->expected_len = cl;
-            } else if (name_is(n, nl, "transfer-encoding")) {
-                Py_DECREF(ps);
-                continue; /* the server frames the body itself */
-            } else if (name_is(n, nl, "connection")) {
-                has_connection = 1;
-                if (vl == 5 && strncasecmp(v, "close", 5) == 0)
-                    cy->keep_alive = 0;
-            } else if (name_is(n, nl, "server")) {
-                has_server = 1;
-            } else if (name_is(n, nl, "date")) {
-                has_date = 1;
-            }
-            int rc = uh_put_header(b, n, (size_t)nl, v, (size_t)vl);
-            Py_DECREF(ps);
-            if (rc < 0) {
-                Py_DECREF(seq);
-                PyErr_Format(PyExc_RuntimeError, "invalid ASGI response header %R", pair);
-                return -1;
-            }
-        }
-        Py_DECREF(seq);
+    cy->expected_len = cl;
+    return 0;
+}
+
+/* One (name, value) pair of the app's headers into the head, noting what
+ * the server must know of it. */
+static int put_app_header(us_httpcycle *cy, uh_buf *b, PyObject *pair, us_head_seen *seen)
+{
+    PyObject *ps = PySequence_Fast(pair, "ASGI response headers must be (name, value) pairs");
+    if (!ps)
+        return -1;
+    int rc = -1;
+    const char *n, *v;
+    Py_ssize_t nl, vl;
+    if (PySequence_Fast_GET_SIZE(ps) != 2) {
+        PyErr_SetString(PyExc_TypeError, "ASGI response headers must be (name, value) pairs");
+        goto done;
     }
-    if (!has_server && srv->server_line.len && uh_buf_append(b, srv->server_line.data, srv->server_line.len) < 0)
+    if (as_bytes(PySequence_Fast_GET_ITEM(ps, 0), &n, &nl) < 0 ||
+        as_bytes(PySequence_Fast_GET_ITEM(ps, 1), &v, &vl) < 0)
+        goto done;
+    if (name_is(n, nl, "content-length")) {
+        if (set_expected_len(cy, v, vl) < 0)
+            goto done;
+    } else if (name_is(n, nl, "transfer-encoding")) {
+        rc = 0; /* the server frames the body itself */
+        goto done;
+    } else if (name_is(n, nl, "connection")) {
+        seen->connection = 1;
+        if (vl == 5 && strncasecmp(v, "close", 5) == 0)
+            cy->keep_alive = 0;
+    } else if (name_is(n, nl, "server")) {
+        seen->server = 1;
+    } else if (name_is(n, nl, "date")) {
+        seen->date = 1;
+    }
+    rc = uh_put_header(b, n, (size_t)nl, v, (size_t)vl);
+    if (rc < 0)
+        PyErr_Format(PyExc_RuntimeError, "invalid ASGI response header %R", pair);
+done:
+    Py_DECREF(ps);
+    return rc;
+}
+
+static int put_app_headers(us_httpcycle *cy, uh_buf *b, us_head_seen *seen)
+{
+    if (!cy->headers)
+        return 0;
+    PyObject *seq = PySequence_Fast(cy->headers, "ASGI response headers must be an iterable of pairs");
+    if (!seq)
+        return -1;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        if (put_app_header(cy, b, PySequence_Fast_GET_ITEM(seq, i), seen) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* server, the configured extra headers, date */
+static int put_server_headers(us_httpserver *srv, uh_buf *b, const us_head_seen *seen)
+{
+    if (!seen->server && srv->server_line.len && uh_buf_append(b, srv->server_line.data, srv->server_line.len) < 0)
         return -1;
     if (srv->extra_headers.len && uh_buf_append(b, srv->extra_headers.data, srv->extra_headers.len) < 0)
         return -1;
-    if (srv->date_header && !has_date) {
+    if (srv->date_header && !seen->date) {
         size_t dl;
         const char *d = uh_date_line(&srv->date, time(NULL), &dl);
         if (uh_buf_append(b, d, dl) < 0)
             return -1;
     }
+    return 0;
+}
+
+/* How the body is framed when the app gave no length: the whole body's
+ * length if it is known, else chunked (HTTP/1.1) or the close (HTTP/1.0);
+ * then whether the connection stays open. */
+static int put_framing(us_httpcycle *cy, uh_buf *b, int64_t final_len, const us_head_seen *seen)
+{
     int body_allowed = !cy->head_request && uh_status_allows_body(cy->status);
     if (uh_status_allows_body(cy->status) && cy->expected_len < 0) {
         if (final_len >= 0) {
@@ -492,11 +511,27 @@ static int write_head(us_httpcycle *cy, int64_t final_len)
     }
     if (cy->srv->draining)
         cy->keep_alive = 0;
-    if (!cy->keep_alive && !has_connection && uh_buf_append(b, "connection: close\r\n", 19) < 0)
+    if (!cy->keep_alive && !seen->connection && uh_buf_append(b, "connection: close\r\n", 19) < 0)
         return -1;
-    if (cy->keep_alive && cy->http10 && !has_connection && uh_buf_append(b, "connection: keep-alive\r\n", 24) < 0)
+    if (cy->keep_alive && cy->http10 && !seen->connection && uh_buf_append(b, "connection: keep-alive\r\n", 24) < 0)
         return -1;
-    if (uh_buf_append(b, "\r\n", 2) < 0)
+    return 0;
+}
+
+/* Serializes the head into srv->scratch. `final_len` is the whole body's
+ * length when the first body message is also the last, else -1. */
+static int write_head(us_httpcycle *cy, int64_t final_len)
+{
+    us_httpserver *srv = cy->srv;
+    uh_buf *b = &srv->scratch;
+    b->len = 0;
+    if (uh_put_status_line(b, cy->status) < 0) {
+        PyErr_Format(PyExc_RuntimeError, "invalid HTTP status code %d", cy->status);
+        return -1;
+    }
+    us_head_seen seen = {0, 0, 0};
+    if (put_app_headers(cy, b, &seen) < 0 || put_server_headers(srv, b, &seen) < 0 ||
+        put_framing(cy, b, final_len, &seen) < 0 || uh_buf_append(b, "\r\n", 2) < 0)
         return -1;
     cy->head_written = 1;
     Py_CLEAR(cy->headers);
@@ -870,6 +905,47 @@ static PyObject *send_start(us_httpcycle *cy, PyObject *msg, PyObject *type)
     return Py_NewRef(st->done_none);
 }
 
+/* http.response.body after the start */
+static int send_body_msg(us_httpcycle *cy, PyObject *msg)
+{
+    us_state *st = cy->srv->st;
+    PyObject *body = msg_get(msg, st->h_body);
+    PyObject *more_o = body || !PyErr_Occurred() ? msg_get(msg, st->h_more_body) : NULL;
+    int more = more_o ? PyObject_IsTrue(more_o) : 0;
+    Py_XDECREF(more_o);
+    int rc;
+    if (PyErr_Occurred() || more < 0) {
+        rc = -1;
+    } else if (!cy->conn) {
+        rc = 0; /* the connection is gone: the body goes nowhere */
+        if (!more)
+            mark_complete(cy);
+    } else {
+        rc = write_body(cy, body ? body : st->h_empty_bytes, more);
+    }
+    Py_XDECREF(body);
+    return rc;
+}
+
+/* http.response.pathsend (the ASGI extension) after the start */
+static int send_pathsend_msg(us_httpcycle *cy, PyObject *msg)
+{
+    PyObject *path = msg_get(msg, cy->srv->st->h_path);
+    int rc;
+    if (!path) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_KeyError, "http.response.pathsend needs a 'path'");
+        rc = -1;
+    } else if (!cy->conn) {
+        rc = 0;
+        mark_complete(cy);
+    } else {
+        rc = write_file(cy, path);
+    }
+    Py_XDECREF(path);
+    return rc;
+}
+
 static PyObject *cycle_send(PyObject *self, PyObject *msg)
 {
     us_httpcycle *cy = (us_httpcycle *)self;
@@ -905,31 +981,9 @@ static PyObject *cycle_send(PyObject *self, PyObject *msg)
     }
     int rc;
     if (PyUnicode_Compare(type, st->h_t_body) == 0) {
-        PyObject *body = msg_get(msg, st->h_body);
-        PyObject *more_o = body || !PyErr_Occurred() ? msg_get(msg, st->h_more_body) : NULL;
-        int more = more_o ? PyObject_IsTrue(more_o) : 0;
-        Py_XDECREF(more_o);
-        if (PyErr_Occurred() || more < 0)
-            rc = -1;
-        else if (!cy->conn) {
-            rc = 0; /* the connection is gone: the body goes nowhere */
-            if (!more)
-                mark_complete(cy);
-        } else
-            rc = write_body(cy, body ? body : st->h_empty_bytes, more);
-        Py_XDECREF(body);
+        rc = send_body_msg(cy, msg);
     } else if (PyUnicode_Compare(type, st->h_t_pathsend) == 0) {
-        PyObject *path = msg_get(msg, st->h_path);
-        if (!path) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_KeyError, "http.response.pathsend needs a 'path'");
-            rc = -1;
-        } else if (!cy->conn) {
-            rc = 0;
-            mark_complete(cy);
-        } else
-            rc = write_file(cy, path);
-        Py_XDECREF(path);
+        rc = send_pathsend_msg(cy, msg);
     } else {
         rc = -1;
         if (!PyErr_Occurred())
@@ -1191,6 +1245,73 @@ static PyObject *runner_new(us_httpcycle *cy, PyObject *coro)
     return (PyObject *)r;
 }
 
+/* app(scope, receive, send), as what the runner steps: the coroutine, or
+ * the iterator that any other awaitable's __await__ returns. */
+static PyObject *app_call(us_httpcycle *cy)
+{
+    PyObject *recv = PyCFunction_New(&cycle_receive_def, (PyObject *)cy);
+    PyObject *send = recv ? PyCFunction_New(&cycle_send_def, (PyObject *)cy) : NULL;
+    PyObject *coro = NULL;
+    if (send) {
+        PyObject *args[3] = {cy->scope, recv, send};
+        coro = PyObject_Vectorcall(cy->srv->app, args, 3, NULL);
+    }
+    Py_XDECREF(recv);
+    Py_XDECREF(send);
+    if (coro && !PyCoro_CheckExact(coro)) {
+        PyAsyncMethods *am = Py_TYPE(coro)->tp_as_async;
+        PyObject *it = am && am->am_await ? am->am_await(coro) : NULL;
+        if (!it && !PyErr_Occurred())
+            PyErr_Format(PyExc_TypeError, "the ASGI application returned %R, which is not awaitable", coro);
+        Py_SETREF(coro, it);
+    }
+    return coro;
+}
+
+/* The Task that runs `runner`, made through the loop's task factory if it
+ * has one. The Task copies the current context: the server's, as an
+ * asyncio server's protocol creates its tasks in the context it started
+ * in. NULL with an exception. */
+static PyObject *task_new(us_httpserver *srv, PyObject *runner)
+{
+    int entered = 0; /* 1: entered, -1: could not enter */
+    if (srv->context)
+        entered = PyContext_Enter(srv->context) < 0 ? -1 : 1;
+    PyObject *task = NULL;
+    PyObject *factory = entered < 0 ? NULL : PyObject_GetAttr((PyObject *)srv->loop, srv->s_task_factory);
+    if (factory == Py_None) {
+        PyObject *args[2] = {runner, (PyObject *)srv->loop};
+        task = PyObject_Vectorcall(srv->task_type, args, 1, srv->st->kw_loop);
+    } else if (factory) {
+        task = PyObject_CallMethod((PyObject *)srv->loop, "create_task", "O", runner);
+    }
+    Py_XDECREF(factory);
+    if (entered == 1) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (PyContext_Exit(srv->context) < 0) /* a task factory left a context entered */
+            PyErr_WriteUnraisable((PyObject *)srv);
+        PyErr_Restore(et, ev, tb);
+    }
+    return task;
+}
+
+/* The app could not be called or its task not made: the exception raised
+ * is the app's failure (a 500 and its traceback in the log). */
+static int app_start_failed(us_httpcycle *cy)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (ev && tb)
+        PyException_SetTraceback(ev, tb);
+    app_failed(cy, "Exception in ASGI application\n", ev);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(tb);
+    return -1;
+}
+
 int us_httpcycle_start(us_httpcycle *cy)
 {
     us_httpserver *srv = cy->srv;
@@ -1199,51 +1320,17 @@ int us_httpcycle_start(us_httpcycle *cy)
         us_http_log_warning(srv, "Exceeded concurrency limit."); /* uvicorn's words */
         return answer_with_error(cy, 503, "Service Unavailable");
     }
-    PyObject *recv = PyCFunction_New(&cycle_receive_def, (PyObject *)cy);
-    PyObject *send = recv ? PyCFunction_New(&cycle_send_def, (PyObject *)cy) : NULL;
-    PyObject *coro = NULL, *task = NULL;
-    if (send) {
-        PyObject *args[3] = {cy->scope, recv, send};
-        coro = PyObject_Vectorcall(srv->app, args, 3, NULL);
-    }
-    Py_XDECREF(recv);
-    Py_XDECREF(send);
-    if (coro && !PyCoro_CheckExact(coro)) {
-        /* any awaitable: run the iterator its __await__ returns */
-        PyAsyncMethods *am = Py_TYPE(coro)->tp_as_async;
-        PyObject *it = am && am->am_await ? am->am_await(coro) : NULL;
-        if (!it && !PyErr_Occurred())
-            PyErr_Format(PyExc_TypeError, "the ASGI application returned %R, which is not awaitable", coro);
-        Py_SETREF(coro, it);
-    }
+    PyObject *coro = app_call(cy);
     if (coro)
         Py_SETREF(coro, runner_new(cy, coro));
+    PyObject *task = NULL;
     int settled = 0; /* the app already ran to its end (an eager task) */
     if (coro) {
         /* Counted first: with an eager task factory (3.12) the app runs, and
          * may finish, inside create_task(), while its request is still being
          * parsed; the cycle then settles (cycle_finished) before we are back. */
         srv->ntasks++;
-        /* The Task copies the current context: the server's, as an asyncio
-         * server's protocol creates its tasks in the context it started in. */
-        int entered = 0; /* 1: entered, -1: could not enter */
-        if (srv->context)
-            entered = PyContext_Enter(srv->context) < 0 ? -1 : 1;
-        PyObject *factory = entered < 0 ? NULL : PyObject_GetAttr((PyObject *)srv->loop, srv->s_task_factory);
-        if (factory == Py_None) {
-            PyObject *args[2] = {coro, (PyObject *)srv->loop};
-            task = PyObject_Vectorcall(srv->task_type, args, 1, srv->st->kw_loop);
-        } else if (factory) {
-            task = PyObject_CallMethod((PyObject *)srv->loop, "create_task", "O", coro);
-        }
-        Py_XDECREF(factory);
-        if (entered == 1) {
-            PyObject *et, *ev, *tb;
-            PyErr_Fetch(&et, &ev, &tb);
-            if (PyContext_Exit(srv->context) < 0) /* a task factory left a context entered */
-                PyErr_WriteUnraisable((PyObject *)srv);
-            PyErr_Restore(et, ev, tb);
-        }
+        task = task_new(srv, coro);
         us_runner *runner = (us_runner *)coro;
         if (!task) {
             /* the runner never ran: the cycle is settled below */
@@ -1253,18 +1340,8 @@ int us_httpcycle_start(us_httpcycle *cy)
         settled = task && !runner->cy;
         Py_DECREF(coro);
     }
-    if (!task) {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        PyErr_NormalizeException(&et, &ev, &tb);
-        if (ev && tb)
-            PyException_SetTraceback(ev, tb);
-        app_failed(cy, "Exception in ASGI application\n", ev);
-        Py_XDECREF(et);
-        Py_XDECREF(ev);
-        Py_XDECREF(tb);
-        return -1;
-    }
+    if (!task)
+        return app_start_failed(cy);
     if (settled)
         Py_DECREF(task); /* done: nothing to cancel at shutdown */
     else

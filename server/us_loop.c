@@ -620,23 +620,27 @@ static void flush_writes(us_loop *self)
     self->flush_len = 0;
 }
 
-static int loop_run_once(us_loop *self)
+/* How long the iteration may wait: 0 when callbacks are ready, until the
+ * first timer, or -1 (no limit). -2 with an exception. */
+static double loop_timeout(us_loop *self)
+{
+    if (self->ready_len || self->stopping)
+        return 0;
+    ue_timer *first = ue_timer_first(&self->ue);
+    if (!first)
+        return -1;
+    double now;
+    if (loop_now(self, &now) < 0)
+        return -2;
+    double timeout = first->when - now;
+    return timeout < 0 ? 0 : timeout > US_MAX_TIMEOUT ? US_MAX_TIMEOUT : timeout;
+}
+
+/* Submits what is queued, waits up to `timeout` and runs the completions'
+ * callbacks. */
+static int loop_poll(us_loop *self, double timeout)
 {
     ue_loop *ue = &self->ue;
-    if (self->flush_len)
-        flush_writes(self);
-    ue_timer *first = ue_timer_first(ue);
-    double timeout, now;
-    if (self->ready_len || self->stopping)
-        timeout = 0;
-    else if (first) {
-        if (loop_now(self, &now) < 0)
-            return -1;
-        timeout = first->when - now;
-        timeout = timeout < 0 ? 0 : timeout > US_MAX_TIMEOUT ? US_MAX_TIMEOUT : timeout;
-    } else
-        timeout = -1;
-
     int ret = 0;
     if (self->recv_pool_ready)
         ue_bufring_refill(&self->recv_pool);
@@ -659,22 +663,30 @@ static int loop_run_once(us_loop *self)
     if (ret < 0 && ret != -EINTR)
         return set_errno_error(ret);
     ue_dispatch(ue);
-    if (PyErr_Occurred())
-        return -1;
+    return PyErr_Occurred() ? -1 : 0;
+}
 
-    /* Due timers join the ready queue; the heap's reference moves with them.
-     * asyncio adds its clock resolution (1 ns for CLOCK_MONOTONIC). */
+/* Due timers join the ready queue; the heap's reference moves with them.
+ * asyncio adds its clock resolution (1 ns for CLOCK_MONOTONIC). */
+static int loop_expire_timers(us_loop *self)
+{
+    double now;
     if (loop_now(self, &now) < 0)
         return -1;
     double end = now + 1e-9;
-    while ((first = ue_timer_first(ue)) != NULL && first->when < end) {
-        ue_timer_remove(ue, first);
+    ue_timer *first;
+    while ((first = ue_timer_first(&self->ue)) != NULL && first->when < end) {
+        ue_timer_remove(&self->ue, first);
         if (us_ready_push(self, (PyObject *)US_CONTAINER(first, us_timer_handle, timer)) < 0)
             return -1;
     }
+    return 0;
+}
 
-    /* Run only what is ready now; what these callbacks schedule waits for
-     * the next iteration, as in asyncio. */
+/* Runs only what is ready now; what these callbacks schedule waits for the
+ * next iteration, as in asyncio. */
+static int loop_run_ready(us_loop *self)
+{
     Py_ssize_t ntodo = self->ready_len;
     for (Py_ssize_t i = 0; i < ntodo && self->ready_len; i++) {
         PyObject *item = ready_pop(self);
@@ -684,6 +696,18 @@ static int loop_run_once(us_loop *self)
             return -1;
     }
     return 0;
+}
+
+/* One iteration, as asyncio's _run_once: the writes queued since the last
+ * one go out, then wait, completions, due timers, ready callbacks. */
+static int loop_run_once(us_loop *self)
+{
+    if (self->flush_len)
+        flush_writes(self);
+    double timeout = loop_timeout(self);
+    if (timeout == -2 || loop_poll(self, timeout) < 0 || loop_expire_timers(self) < 0)
+        return -1;
+    return loop_run_ready(self);
 }
 
 static PyObject *loop_run_once_method(us_loop *self, PyObject *unused)

@@ -376,6 +376,50 @@ static PyObject *sockop_leftover(us_sockop *s, int32_t res)
     return NULL;
 }
 
+/* The op completed after its future was done (cancelled): what it took
+ * (data, or an accepted socket) goes to the loop's stash for the next call
+ * of its kind. -1 with an exception. */
+static int sockop_stash_late(us_sockop *s, int32_t res)
+{
+    us_state *st = s->loop->st;
+    if (res < 0)
+        return 0;
+    PyObject *left = sockop_leftover(s, res);
+    if (!left) {
+        if (s->kind == US_SK_ACCEPT)
+            close(res);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *kind = PyLong_FromLong(s->kind);
+    PyObject *r =
+        kind ? PyObject_CallMethodObjArgs((PyObject *)s->loop, st->s_sock_stash, s->sock, kind, left, NULL) : NULL;
+    Py_XDECREF(kind);
+    Py_DECREF(left);
+    if (!r)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The future gets the kernel's error as the OSError socket calls raise. */
+static PyObject *sockop_fail_future(us_sockop *s, int32_t res)
+{
+    errno = -res;
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (tb)
+        PyException_SetTraceback(ev, tb);
+    PyObject *r = PyObject_CallMethodOneArg(s->fut, s->loop->st->s_set_exception, ev);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(tb);
+    return r;
+}
+
+/* An op's final completion: its future gets the result or the error (an
+ * accepted socket nobody waits for any more is closed). */
 static void sockop_finish(us_sockop *s, int32_t res)
 {
     us_loop *loop = s->loop;
@@ -387,29 +431,10 @@ static void sockop_finish(us_sockop *s, int32_t res)
         return;
     }
     int done = future_is_done(fut, st);
-    if (done < 0)
+    if (done < 0 || (done && sockop_stash_late(s, res) < 0))
         goto report;
-    if (done) {
-        if (res < 0)
-            return;
-        PyObject *left = sockop_leftover(s, res);
-        if (!left) {
-            if (s->kind == US_SK_ACCEPT)
-                close(res);
-            if (PyErr_Occurred())
-                goto report;
-            return;
-        }
-        PyObject *kind = PyLong_FromLong(s->kind);
-        PyObject *r =
-            kind ? PyObject_CallMethodObjArgs((PyObject *)loop, st->s_sock_stash, s->sock, kind, left, NULL) : NULL;
-        Py_XDECREF(kind);
-        Py_DECREF(left);
-        if (!r)
-            goto report;
-        Py_DECREF(r);
+    if (done)
         return;
-    }
     if (s->kind == US_SK_CONNECT && res >= 0) {
         /* Writable: the connect is over, and SO_ERROR says how. Read only
          * for a live future, since reading clears it (a cancelled
@@ -420,21 +445,11 @@ static void sockop_finish(us_sockop *s, int32_t res)
             err = errno;
         res = -err;
     }
+    if (res == -ECANCELED)
+        return; /* cancelled without the future's knowledge: loop teardown */
     PyObject *r;
     if (res < 0) {
-        if (res == -ECANCELED)
-            return; /* cancelled without the future's knowledge: loop teardown */
-        errno = -res;
-        PyErr_SetFromErrno(PyExc_OSError);
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        PyErr_NormalizeException(&et, &ev, &tb);
-        if (tb)
-            PyException_SetTraceback(ev, tb);
-        r = PyObject_CallMethodOneArg(fut, st->s_set_exception, ev);
-        Py_XDECREF(et);
-        Py_XDECREF(ev);
-        Py_XDECREF(tb);
+        r = sockop_fail_future(s, res);
     } else {
         PyObject *value = sockop_result(s, res);
         if (!value)
@@ -863,6 +878,86 @@ static int sockop_receives(int kind)
     return kind == US_SK_RECV || kind == US_SK_RECV_INTO || kind == US_SK_RECVFROM || kind == US_SK_RECVFROM_INTO;
 }
 
+/* sock_sendall() to an AF_UNIX SOCK_DGRAM or SOCK_SEQPACKET socket is
+ * sent by readiness (see _sock_send_by_poll in uringloop/_loop.py): raises
+ * AddressFallback for the caller to take that way. */
+static int sock_sendall_by_ring(us_state *st, PyObject *sock, int fd)
+{
+    int family = 0, type = 0;
+    if (sock_family_type(st, sock, fd, &family, &type) < 0)
+        return -1;
+    if (family == AF_UNIX && type != SOCK_STREAM) {
+        PyErr_SetString(st->AddressFallback, "uringloop: sock_sendall() to a Unix datagram socket");
+        return -1;
+    }
+    return 0;
+}
+
+/* The op of _sock_op(kind, sock, ...), its arguments taken and its future
+ * made; NULL with an exception. */
+static us_sockop *sockop_new(us_loop *loop, long kind, int fd, PyObject *const *args, Py_ssize_t nargs)
+{
+    us_state *st = loop->st;
+    us_sockop *s = PyObject_GC_New(us_sockop, st->SockOpType);
+    if (!s)
+        return NULL;
+    memset(&s->op, 0, sizeof *s - offsetof(us_sockop, op));
+    s->loop = (us_loop *)Py_NewRef(loop);
+    s->sock = Py_NewRef(args[1]);
+    s->kind = (uint8_t)kind;
+    s->fd = fd;
+    PyObject_GC_Track(s);
+    PyObject *kwargs[1] = {(PyObject *)loop};
+    if (sockop_setup(s, args, nargs) < 0 || !(s->fut = PyObject_Vectorcall(st->sock_future, kwargs, 0, st->kw_loop))) {
+        sockop_forget_future(s);
+        Py_DECREF(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* Whether the op is done without the ring: 1 done, 0 not, -1 with an
+ * exception. sock_sendall() offers the data to the kernel at once, as
+ * asyncio and uvloop do, and completes without yielding when it all fits:
+ * callers order their next steps on that (uvloop's
+ * test_sock_send_before_cancel cancels a pending sock_recv() right after;
+ * had the send waited for the ring, the recv would already hold the
+ * reply). Only the rest of a short send, or a send to a full socket, goes
+ * through the ring. */
+static int sockop_try_now(us_sockop *s)
+{
+    if (s->kind == US_SK_SENDALL) {
+        if (s->len) {
+            ssize_t n = send(s->fd, s->view.buf, s->len, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (n > 0)
+                s->done = (size_t)n;
+        }
+        return s->done == s->len;
+    }
+    if (s->kind == US_SK_CONNECT)
+        return sockop_connect_now(s);
+    if (sockop_receives(s->kind) && s->len == 0)
+        return sockop_recv_nothing_now(s);
+    return 0;
+}
+
+/* The future of an op done at once, resolved; the op is released. */
+static PyObject *sockop_resolve_now(us_sockop *s)
+{
+    PyObject *res = sockop_receives(s->kind) ? sockop_result(s, 0) : Py_NewRef(Py_None);
+    PyObject *r = res ? PyObject_CallMethodOneArg(s->fut, s->loop->st->s_set_result, res) : NULL;
+    Py_XDECREF(res);
+    if (!r) {
+        sockop_forget_future(s);
+        Py_DECREF(s);
+        return NULL;
+    }
+    Py_DECREF(r);
+    PyObject *fut = Py_NewRef(s->fut);
+    Py_DECREF(s);
+    return fut;
+}
+
 /* loop._sock_op(kind, sock, [arg, [arg2]]) -> future */
 PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -880,34 +975,11 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
     if (sock_check(loop, args[1]) < 0 || us_loop_check_open(loop) < 0)
         return NULL;
     int fd = sock_fd(st, args[1]);
-    if (fd < 0)
+    if (fd < 0 || (kind == US_SK_SENDALL && sock_sendall_by_ring(st, args[1], fd) < 0))
         return NULL;
-    if (kind == US_SK_SENDALL) {
-        /* AF_UNIX SOCK_DGRAM or SOCK_SEQPACKET: sent to by readiness (see
-         * _sock_send_by_poll in uringloop/_loop.py) */
-        int family = 0, type = 0;
-        if (sock_family_type(st, args[1], fd, &family, &type) < 0)
-            return NULL;
-        if (family == AF_UNIX && type != SOCK_STREAM) {
-            PyErr_SetString(st->AddressFallback, "uringloop: sock_sendall() to a Unix datagram socket");
-            return NULL;
-        }
-    }
-    us_sockop *s = PyObject_GC_New(us_sockop, st->SockOpType);
+    us_sockop *s = sockop_new(loop, kind, fd, args, nargs);
     if (!s)
         return NULL;
-    memset(&s->op, 0, sizeof *s - offsetof(us_sockop, op));
-    s->loop = (us_loop *)Py_NewRef(loop);
-    s->sock = Py_NewRef(args[1]);
-    s->kind = (uint8_t)kind;
-    s->fd = fd;
-    PyObject_GC_Track(s);
-    if (sockop_setup(s, args, nargs) < 0)
-        goto fail;
-    PyObject *kwargs[1] = {(PyObject *)loop};
-    s->fut = PyObject_Vectorcall(st->sock_future, kwargs, 0, st->kw_loop);
-    if (!s->fut)
-        goto fail;
     /* Behind an op of the same socket and direction: wait for its end. An op
      * of another socket object is a descriptor closed and reused: not ours
      * to wait for. */
@@ -925,33 +997,11 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
         loop->sockops_inflight++;
         return Py_NewRef(s->fut);
     }
-    /* sock_sendall() offers the data to the kernel at once, as asyncio and
-     * uvloop do, and completes without yielding when it all fits: callers
-     * order their next steps on that (uvloop's test_sock_send_before_cancel
-     * cancels a pending sock_recv() right after; had the send waited for
-     * the ring, the recv would already hold the reply). Only the rest of a
-     * short send, or a send to a full socket, goes through the ring. */
-    if (s->kind == US_SK_SENDALL && s->len) {
-        ssize_t n = send(fd, s->view.buf, s->len, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n > 0)
-            s->done = (size_t)n;
-    }
-    int now_done = s->kind == US_SK_SENDALL && s->done == s->len;
-    if (s->kind == US_SK_CONNECT && (now_done = sockop_connect_now(s)) < 0)
+    int now_done = sockop_try_now(s);
+    if (now_done < 0)
         goto fail;
-    if (sockop_receives(s->kind) && s->len == 0 && (now_done = sockop_recv_nothing_now(s)) < 0)
-        goto fail;
-    if (now_done) {
-        PyObject *res = sockop_receives(s->kind) ? sockop_result(s, 0) : Py_NewRef(Py_None);
-        PyObject *r = res ? PyObject_CallMethodOneArg(s->fut, st->s_set_result, res) : NULL;
-        Py_XDECREF(res);
-        if (!r)
-            goto fail;
-        Py_DECREF(r);
-        PyObject *fut = Py_NewRef(s->fut);
-        Py_DECREF(s);
-        return fut;
-    }
+    if (now_done)
+        return sockop_resolve_now(s);
     if (sock_check_no_transport(loop, fd) < 0 || PyObject_SetAttr(s->fut, st->s_uring_op, (PyObject *)s) < 0 ||
         sockop_submit(s) < 0)
         goto fail;

@@ -156,3 +156,18 @@ def test_adopt_on_a_closed_loop_closes_the_descriptor():
             os.fstat(fd)
     finally:
         ours.close()
+
+
+def test_an_invalid_default_header_is_named_whatever_the_iterable():
+    """headers= (uvicorn's --header) may be any iterable of pairs; the error
+    names the pair it refuses. The message used to be built from the list
+    made of a generator after that list was freed (a use-after-free the
+    ASan+UBSan pass reports)."""
+    loop = uringloop.new_event_loop()
+    try:
+        for headers in ([(b"x-bad", b"a\r\nb")], (pair for pair in [(b"x-bad", b"a\r\nb")])):
+            with pytest.raises(ValueError, match="invalid header.*x-bad"):
+                HttpServer(loop, hello, log_error, headers=headers)
+        HttpServer(loop, hello, log_error, headers=(pair for pair in [(b"x-good", b"yes")]))
+    finally:
+        loop.close()
