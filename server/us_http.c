@@ -19,6 +19,7 @@
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/sendfile.h>
 #include <poll.h>
 #include <unistd.h>
@@ -846,7 +847,7 @@ static void conn_close(us_httpconn *c)
     if (c->closed)
         return;
     us_loop *loop = c->srv->loop;
-    if (!c->lingering && !c->dead && !c->eof && !ue_op_busy(&c->send_op) && !c->wq.len) {
+    if (!c->lingering && !c->dead && !c->no_linger && !c->eof && !ue_op_busy(&c->send_op) && !c->wq.len) {
         c->lingering = 1;
         c->no_more = 1;
         shutdown(c->fd, SHUT_WR);
@@ -1228,6 +1229,20 @@ static PyObject *server_stop_accepting(us_httpserver *srv, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* An idle connection where nothing of a next request has come, neither
+ * parsed nor waiting in the socket: closing it sends a FIN, not a reset, and
+ * there is no response a reset could destroy, so a drain closes it at once
+ * instead of lingering. A pooled client closes its end only when it next
+ * uses the connection, so lingering for its FIN held up the exit by
+ * US_HTTP_LINGER_SECONDS (uvicorn closes idle connections at once). */
+static int conn_nothing_unread(us_httpconn *c)
+{
+    int unread = 0;
+    if (uh_parser_in_head(&c->parser) || c->pending.len > c->pending_off)
+        return 0;
+    return ioctl(c->fd, FIONREAD, &unread) == 0 && unread == 0;
+}
+
 /* Graceful shutdown: busy connections close after their current response
  * (sent with Connection: close); idle keep-alive connections close now
  * (a client retries a request that fails on a reused connection before
@@ -1247,6 +1262,7 @@ static void conn_drain(us_httpconn *c)
     }
     c->no_more = 1;
     if (!c->ncycles) {
+        c->no_linger = conn_nothing_unread(c);
         Py_INCREF(c);
         conn_close(c);
         Py_DECREF(c);

@@ -127,6 +127,7 @@ struct us_httpconn {
     char in_list, parse_paused, no_more, read_paused, eof, dead, closing;
     char queued_flush, lingering, closed, close_after, upgrading, flush_reserved;
     char used;          /* a request head has arrived (see server_drain) */
+    char no_linger;     /* closes at once: nothing came that a reset could cost (conn_drain) */
     PyObject *ws_scope; /* the upgrade request's scope, until handed over */
     PyObject *tail;     /* an error response sent after the cycles, then close */
 };

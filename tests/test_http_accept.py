@@ -171,3 +171,67 @@ def test_an_invalid_default_header_is_named_whatever_the_iterable():
         HttpServer(loop, hello, log_error, headers=(pair for pair in [(b"x-good", b"yes")]))
     finally:
         loop.close()
+
+
+async def _connections_after(core, seconds):
+    """The server's connection count once it is 0, or after `seconds`."""
+    end = asyncio.get_running_loop().time() + seconds
+    while core.stats["connections"] and asyncio.get_running_loop().time() < end:
+        await asyncio.sleep(0.01)
+    return core.stats["connections"]
+
+
+def _drain_with_one_client(after_response):
+    """A client gets one response on a keep-alive connection, then does
+    `after_response(client)` and keeps its socket open; the server drains.
+    Returns (connections 1 s after the drain, whether the client saw the
+    server close, connections once the client has closed)."""
+    loop = uringloop.new_event_loop()
+    lsock = listener()
+    client = None
+    try:
+
+        async def main():
+            nonlocal client
+            core = HttpServer(loop, hello, log_error)
+            core.listen(lsock)
+            client = socket.create_connection(lsock.getsockname(), timeout=5)
+            client.sendall(get("/"))
+            rd = Reader(client)
+            r = await loop.run_in_executor(None, rd.response)
+            assert r.status == 200 and r.header("connection") != "close"
+            after_response(client)
+            await asyncio.sleep(0.05)  # what the client sent has come
+            core.stop_accepting()
+            core.drain()
+            during = await _connections_after(core, 1.0)  # the lingering close waits 2 s
+            closed = await loop.run_in_executor(None, rd.closed, 5)
+            client.close()
+            return during, closed, await _connections_after(core, 5.0)
+
+        return loop.run_until_complete(asyncio.wait_for(main(), 20))
+    finally:
+        if client is not None:
+            client.close()
+        lsock.close()
+        loop.close()
+
+
+def test_a_drain_closes_an_idle_connection_without_waiting_for_its_client():
+    """An idle keep-alive connection with nothing of a next request closes
+    at once on a drain: nothing a reset could destroy. A pooled client
+    closes its end only when it next uses the connection, and waiting for
+    its FIN held up the server's exit by the 2 s of the lingering close
+    (uvicorn closes idle connections at once)."""
+    during, closed, after = _drain_with_one_client(lambda client: None)
+    assert during == 0
+    assert closed and after == 0
+
+
+def test_a_drain_lingers_where_a_next_request_has_begun():
+    """Where part of a next request has come, the drain's close lingers: the
+    server shuts down its sending side and reads until the client's FIN, so
+    that the unread bytes do not turn the close into a reset."""
+    during, closed, after = _drain_with_one_client(lambda client: client.sendall(b"GET / HT"))
+    assert during == 1
+    assert closed and after == 0
