@@ -132,12 +132,13 @@ PyObject *us_oserror_from_res(int32_t res)
 static PyObject *mod_set_hooks(PyObject *mod, PyObject *args)
 {
     us_state *st = PyModule_GetState(mod);
-    PyObject *handle_repr, *sock_future, *ssl_socket;
-    if (!PyArg_ParseTuple(args, "OOO:_set_hooks", &handle_repr, &sock_future, &ssl_socket))
+    PyObject *handle_repr, *sock_future, *ssl_socket, *transport_socket;
+    if (!PyArg_ParseTuple(args, "OOOO:_set_hooks", &handle_repr, &sock_future, &ssl_socket, &transport_socket))
         return NULL;
     Py_XSETREF(st->handle_repr, Py_NewRef(handle_repr));
     Py_XSETREF(st->sock_future, Py_NewRef(sock_future));
     Py_XSETREF(st->ssl_socket, Py_NewRef(ssl_socket));
+    Py_XSETREF(st->transport_socket, Py_NewRef(transport_socket));
     Py_RETURN_NONE;
 }
 
@@ -344,6 +345,7 @@ static int us_module_exec(PyObject *m)
     X(sock_future)                                                                                                     \
     X(future_type)                                                                                                     \
     X(ssl_socket)                                                                                                      \
+    X(transport_socket)                                                                                                \
     X(socket_type)                                                                                                     \
     X(kw_loop)
 

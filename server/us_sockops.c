@@ -893,6 +893,20 @@ static int sock_sendall_by_ring(us_state *st, PyObject *sock, int fd)
     return 0;
 }
 
+/* get_extra_info("socket") of a transport is a TransportSocket, which has
+ * none of the socket methods the sock_* calls use: asyncio fails on the
+ * first it calls with AttributeError, so the transport's socket is never
+ * read or written behind its back. */
+static int sock_not_a_transport_socket(us_state *st, PyObject *sock, long kind)
+{
+    static const char *const method[] = {"recv", "recv_into", "recvfrom", "recvfrom_into",
+                                         "send", "sendto",    "connect",  "accept"};
+    if ((PyObject *)Py_TYPE(sock) != st->transport_socket)
+        return 0;
+    PyErr_Format(PyExc_AttributeError, "'%.50s' object has no attribute '%s'", Py_TYPE(sock)->tp_name, method[kind]);
+    return -1;
+}
+
 /* The op of _sock_op(kind, sock, ...), its arguments taken and its future
  * made; NULL with an exception. */
 static us_sockop *sockop_new(us_loop *loop, long kind, int fd, PyObject *const *args, Py_ssize_t nargs)
@@ -972,7 +986,8 @@ PyObject *us_loop_sock_op(us_loop *loop, PyObject *const *args, Py_ssize_t nargs
             PyErr_SetString(PyExc_ValueError, "unknown socket operation");
         return NULL;
     }
-    if (sock_check(loop, args[1]) < 0 || us_loop_check_open(loop) < 0)
+    if (sock_check(loop, args[1]) < 0 || sock_not_a_transport_socket(st, args[1], kind) < 0 ||
+        us_loop_check_open(loop) < 0)
         return NULL;
     int fd = sock_fd(st, args[1]);
     if (fd < 0 || (kind == US_SK_SENDALL && sock_sendall_by_ring(st, args[1], fd) < 0))

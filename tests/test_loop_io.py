@@ -697,6 +697,36 @@ def test_sock_calls_refuse_an_ssl_socket(loop):
     run(loop, main())
 
 
+def test_sock_calls_refuse_a_transports_transport_socket(loop):
+    """get_extra_info("socket") is a TransportSocket, which from 3.11 has
+    none of the socket methods the sock_* calls use: each call fails with
+    AttributeError naming the method, as on asyncio, and nothing is read
+    from or written to the transport's socket behind its back."""
+    got = []
+
+    class Keep(asyncio.Protocol):
+        def data_received(self, data):
+            got.append(data)
+
+    async def main():
+        srv = await loop.create_server(Keep, "127.0.0.1", 0)
+        tr, _ = await loop.create_connection(asyncio.Protocol, *srv.sockets[0].getsockname())
+        ts = tr.get_extra_info("socket")
+        methods = {"sock_sendall": "send"}
+        for name, call in every_sock_call(loop, ts).items():
+            method = methods.get(name, name[len("sock_"):])
+            with pytest.raises(AttributeError, match=f"^'TransportSocket' object has no attribute '{method}'$"):
+                await call()
+        tr.write(b"only this")
+        await asyncio.sleep(0.05)
+        assert b"".join(got) == b"only this"
+        tr.close()
+        srv.close()
+        await srv.wait_closed()
+
+    run(loop, main())
+
+
 def test_sock_op_on_closed_socket(loop):
     async def main():
         a, b = tcp_pair()

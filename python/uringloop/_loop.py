@@ -19,7 +19,7 @@ import sys
 import threading
 import weakref
 
-from asyncio import base_events, coroutines, events, exceptions, format_helpers
+from asyncio import base_events, coroutines, events, exceptions, format_helpers, trsock
 from asyncio.log import logger
 
 from . import _core
@@ -85,7 +85,10 @@ def _handle_repr(handle):
     return "<{}>".format(" ".join(info))
 
 
-_core._set_hooks(_handle_repr, _SockFuture, base_events.ssl.SSLSocket if base_events.ssl else None)
+# From 3.11 a TransportSocket has no recv(), send() etc.: sock_* calls given
+# one fail as asyncio's do (3.10's still had them, deprecated).
+_core._set_hooks(_handle_repr, _SockFuture, base_events.ssl.SSLSocket if base_events.ssl else None,
+                 None if hasattr(trsock.TransportSocket, "recv") else trsock.TransportSocket)
 
 
 def _sighandler_noop(signum, frame):
