@@ -293,6 +293,24 @@ def test_graceful_shutdown_lets_the_request_finish(tmp_path):
         assert srv.proc.wait(10) == 0
 
 
+def test_graceful_shutdown_does_not_wait_for_an_idle_clients_fin(tmp_path):
+    """A pooled client keeps its idle keep-alive connection open until it
+    next uses it. The shutdown closes that connection at once, as uvicorn's:
+    it neither waits for the client's FIN (the lingering close's 2 s) nor
+    logs that it waits for connections; the client sees the close."""
+    with serve("apps.wire_app:app", tmp_path=str(tmp_path)) as srv:
+        with connect(srv.port) as s:
+            s.sendall(get("/"))
+            rd = Reader(s)
+            assert rd.response().status == 200
+            srv.proc.send_signal(signal.SIGINT)
+            assert srv.proc.wait(10) == 0  # with the client's socket still open
+            assert rd.closed(timeout=5)
+        log = srv.log
+    assert "Finished server process" in log
+    assert "Waiting for connections to close" not in log
+
+
 def test_graceful_shutdown_serves_a_new_connections_first_request(tmp_path):
     """Idle keep-alive connections close at once (their clients retry), but a
     connection that has not brought its first request yet gets it served,

@@ -273,6 +273,11 @@ class Server:
                     pass
             sock.close()
         core.drain()
+        # as uvicorn's: the idle connections the drain closed get up to 0.1 s
+        # to go before "Waiting for connections to close" counts them
+        settle = time.monotonic() + 0.1
+        while core.stats["connections"] and time.monotonic() < settle and not self.force_exit:
+            await asyncio.sleep(0.01)
         timeout = self.config.timeout_graceful_shutdown
         if self.websockets is not None and self.websockets.sessions:
             await self.websockets.shutdown(5.0 if timeout is None else float(timeout))
