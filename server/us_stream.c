@@ -1080,6 +1080,11 @@ static PyObject *stream_writelines(us_stream *s, PyObject *seq)
     PyObject *items = PySequence_List(seq); /* "'int' object is not iterable" */
 #else
     PyObject *items = PySequence_Fast(seq, "can only join an iterable");
+    /* that is the caller's own list: copied, since the protocol's
+     * pause_writing() may change it while the items are written (asyncio
+     * joins them first) */
+    if (items == seq && PyList_Check(items))
+        Py_SETREF(items, PyList_GetSlice(items, 0, PyList_GET_SIZE(items)));
 #endif
     if (!items)
         return NULL;

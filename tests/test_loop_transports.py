@@ -193,6 +193,45 @@ def test_writelines_refuses_a_bad_item_before_writing_any(loop):
     run(loop, main())
 
 
+def test_writelines_sends_every_item_when_pause_writing_empties_the_list(loop):
+    """The protocol's pause_writing() runs while writelines() writes, and
+    may change the list it was given (a producer that clears its batch once
+    it is told to stop). asyncio joins the items before it writes, so all of
+    them go out; uringloop's C writelines() went on reading the caller's
+    list as the items were written, and crashed on 3.10 and 3.11."""
+    chunk = 1 << 23  # more than the socket takes at once: the first write pauses
+
+    class ClearsOnPause(asyncio.Protocol):
+        def __init__(self):
+            self.batch = [b"a" * chunk, b"b" * chunk, b"c" * chunk]
+
+        def pause_writing(self):
+            self.batch.clear()
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, ClearsOnPause)
+        tr.set_write_buffer_limits(high=1, low=0)
+        tr.writelines(pr.batch)
+        assert pr.batch == []
+        got = await loop.run_in_executor(None, read_exactly, peer, 3 * chunk)
+        assert got[:1] + got[chunk:chunk + 1] + got[-1:] == b"abc"
+        tr.close()
+        peer.close()
+
+    run(loop, main(), timeout=30)
+
+
+def read_exactly(sock, n):
+    sock.settimeout(10)
+    buf = bytearray()
+    while len(buf) < n:
+        data = sock.recv(n - len(buf))
+        if not data:
+            break
+        buf += data
+    return bytes(buf)
+
+
 _cvar = contextvars.ContextVar("uringloop_test_cvar", default="outer")
 
 
