@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import uringloop
+
 from conftest import tls_contexts
 
 SECONDS = 3
@@ -233,4 +235,148 @@ def test_sock_operations_under_random_cancellations(loop, no_fd_leak):
 
     stats, errors = run_collecting_errors(loop, main)
     assert stats["complete"] > 20 and stats["cancelled"] > 10, (seed, stats)
+    assert not errors, (seed, errors[:5])
+
+
+# ---- transport calls from inside the protocol's callbacks ----
+
+CALLS = ["write", "big_write", "writelines", "writelines_of_bytearrays", "close", "abort", "pause_reading",
+         "resume_reading", "write_eof", "limits", "set_protocol", "sizes", "close_soon", "nothing"]
+# What a call made at a moment it does not fit may raise, as on asyncio (a write after write_eof(), ...).
+REFUSALS = (RuntimeError, ValueError, NotImplementedError, AttributeError)
+
+
+class Reentrant(asyncio.Protocol):
+    """Each callback makes random transport calls: a close from
+    pause_writing(), a write from connection_lost(), a new protocol from
+    data_received(), and the list given to writelines() cleared, or an item
+    of it grown, from the pause_writing() that the writing calls."""
+
+    def __init__(self, rng, book, transport=None, depth=0):
+        self.rng, self.book, self.transport, self.depth = rng, book, transport, depth
+        self.batch = []
+
+    def act(self):
+        for _ in range(self.rng.randrange(3)):
+            try:
+                self.call(self.rng.choice(CALLS))
+            except REFUSALS:
+                pass
+
+    def call(self, name):
+        tr, rng = self.transport, self.rng
+        if name == "write":
+            tr.write(rng.randbytes(rng.choice([1, 100, 5000, 70000])))
+        elif name == "big_write":
+            tr.write(b"z" * rng.choice([1 << 20, 3 << 20]))
+        elif name == "writelines":
+            tr.writelines([b"w" * rng.randrange(1, 100000) for _ in range(rng.randrange(1, 5))])
+        elif name == "writelines_of_bytearrays":
+            self.batch = [bytearray(rng.randrange(1, 300000)) for _ in range(rng.randrange(1, 5))]
+            tr.writelines(self.batch)
+        elif name == "close":
+            tr.close()
+        elif name == "abort":
+            tr.abort()
+        elif name == "pause_reading":
+            tr.pause_reading()
+        elif name == "resume_reading":
+            tr.resume_reading()
+        elif name == "write_eof" and tr.can_write_eof():
+            tr.write_eof()
+        elif name == "limits":
+            tr.set_write_buffer_limits(high=rng.choice([0, 1, 100, 65536, None]))
+        elif name == "set_protocol" and self.depth < 3:
+            tr.set_protocol(Reentrant(rng, self.book, tr, self.depth + 1))
+        elif name == "sizes":
+            tr.get_write_buffer_size(), tr.get_write_buffer_limits(), tr.is_closing(), tr.get_extra_info("peername")
+        elif name == "close_soon":
+            asyncio.get_running_loop().call_soon(tr.close)
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.book["made"].append(transport)
+        self.act()
+
+    def data_received(self, data):
+        if self.rng.random() < 0.3:
+            self.batch.clear()
+        self.act()
+
+    def eof_received(self):
+        self.act()
+        return self.rng.random() < 0.5
+
+    def pause_writing(self):
+        if self.batch and self.rng.random() < 0.5:
+            self.batch.clear()
+        elif self.batch:
+            try:
+                self.batch[0].extend(b"x" * 1000)
+            except BufferError:  # exported while it is being written
+                pass
+        self.act()
+
+    def resume_writing(self):
+        self.act()
+
+    def connection_lost(self, exc):
+        self.book["lost"][id(self.transport)] = self.book["lost"].get(id(self.transport), 0) + 1
+        self.act()
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_transport_calls_from_inside_every_protocol_callback(no_fd_leak, family, tmp_path):
+    """Random transport calls from inside every protocol callback, on both
+    ends: nothing crashes or hangs, every transport's connection_lost() runs
+    exactly once (to whichever protocol it has then), no descriptor is left,
+    and the exception handler hears nothing.
+    On uringloop only: stock asyncio fails it with its own errors (a close()
+    and an abort() from callbacks schedule connection_lost() twice, the
+    second meeting a transport already torn down; resume_reading() after
+    close() adds a reader for a closed descriptor). Not over TLS: asyncio's
+    SSL protocol, which uringloop runs too, breaks under these calls ("cannot
+    switch state from UNWRAPPED to SHUTDOWN", and on stock asyncio sockets
+    left open)."""
+    loop = uringloop.new_event_loop()
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    book = {"made": [], "lost": {}}
+    path = str(tmp_path / "s")
+
+    async def connect():
+        if family == "unix":
+            return await loop.create_unix_connection(lambda: Reentrant(rng, book), path)
+        return await loop.create_connection(lambda: Reentrant(rng, book), "127.0.0.1", port)
+
+    async def main():
+        nonlocal port
+        if family == "unix":
+            server = await loop.create_unix_server(lambda: Reentrant(rng, book), path)
+        else:
+            server = await loop.create_server(lambda: Reentrant(rng, book), "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+        end = time.monotonic() + SECONDS
+        while time.monotonic() < end:
+            await asyncio.wait_for(connect(), 10)
+            await asyncio.sleep(rng.random() * 0.005)
+        server.close()
+        for transport in book["made"]:
+            if id(transport) not in book["lost"]:  # asyncio's abort() after its connection_lost() fails
+                transport.abort()
+        deadline = time.monotonic() + 10
+        while len(book["lost"]) < len(book["made"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await server.wait_closed()
+
+    port = None
+    try:
+        _, errors = run_collecting_errors(loop, main)
+    except AssertionError as exc:
+        raise AssertionError(f"seed {seed}: {exc}") from None
+    finally:
+        loop.close()
+    assert len(book["made"]) > 100, seed
+    counts = [book["lost"].get(id(t), 0) for t in book["made"]]
+    assert counts == [1] * len(counts), (seed, [(t, n) for t, n in zip(book["made"], counts) if n != 1][:5])
     assert not errors, (seed, errors[:5])
