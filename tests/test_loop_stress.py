@@ -8,6 +8,7 @@ nothing hangs, no descriptor is left open, and the loop's exception handler
 is not called."""
 
 import asyncio
+import os
 import random
 import socket
 import time
@@ -370,6 +371,44 @@ def test_transport_calls_from_inside_every_protocol_callback(no_fd_leak, family,
         await server.wait_closed()
 
     port = None
+    try:
+        _, errors = run_collecting_errors(loop, main)
+    except AssertionError as exc:
+        raise AssertionError(f"seed {seed}: {exc}") from None
+    finally:
+        loop.close()
+    assert len(book["made"]) > 100, seed
+    counts = [book["lost"].get(id(t), 0) for t in book["made"]]
+    assert counts == [1] * len(counts), (seed, [(t, n) for t, n in zip(book["made"], counts) if n != 1][:5])
+    assert not errors, (seed, errors[:5])
+
+
+def test_pipe_transport_calls_from_inside_every_protocol_callback(no_fd_leak):
+    """The same random calls on pipe transports: a read and a write pipe
+    transport on each os.pipe(), made without pause until the time is up.
+    Calls a one-way pipe does not have raise, as asyncio's (AttributeError,
+    NotImplementedError). uringloop only: stock asyncio reports errors of its
+    own here too (connection_lost() scheduled after the transport was torn
+    down, a write pipe's reader callback after close)."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    book = {"made": [], "lost": {}}
+    loop = uringloop.new_event_loop()
+
+    async def main():
+        end = time.monotonic() + SECONDS
+        while time.monotonic() < end:
+            r, w = os.pipe()
+            await loop.connect_read_pipe(lambda: Reentrant(rng, book), os.fdopen(r, "rb", buffering=0))
+            await loop.connect_write_pipe(lambda: Reentrant(rng, book), os.fdopen(w, "wb", buffering=0))
+            await asyncio.sleep(rng.random() * 0.005)
+        for transport in book["made"]:
+            if id(transport) not in book["lost"]:
+                transport.close()
+        deadline = time.monotonic() + 10
+        while len(book["lost"]) < len(book["made"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     try:
         _, errors = run_collecting_errors(loop, main)
     except AssertionError as exc:
