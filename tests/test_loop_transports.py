@@ -193,7 +193,7 @@ def test_writelines_refuses_a_bad_item_before_writing_any(loop):
     run(loop, main())
 
 
-def test_writelines_sends_every_item_when_pause_writing_empties_the_list(loop):
+def test_writelines_sends_every_item_when_pause_writing_empties_the_list(loop, loop_kind):
     """The protocol's pause_writing() runs while writelines() writes, and
     may change the list it was given (a producer that clears its batch once
     it is told to stop). asyncio joins the items before it writes, so all of
@@ -212,7 +212,8 @@ def test_writelines_sends_every_item_when_pause_writing_empties_the_list(loop):
         tr, pr, peer = await connected_to_raw_peer(loop, ClearsOnPause)
         tr.set_write_buffer_limits(high=1, low=0)
         tr.writelines(pr.batch)
-        assert pr.batch == []
+        if loop_kind == "uringloop":  # paused while writing: the case under test (asyncio 3.12's
+            assert pr.batch == []     # writelines() does not call pause_writing() at all)
         got = await loop.run_in_executor(None, read_exactly, peer, 3 * chunk)
         assert got[:1] + got[chunk:chunk + 1] + got[-1:] == b"abc"
         tr.close()
