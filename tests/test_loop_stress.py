@@ -326,6 +326,32 @@ class Reentrant(asyncio.Protocol):
         self.act()
 
 
+async def _end_every_transport(book, end):
+    """Ends (abort or close) each transport that has not been lost, and
+    waits up to 10 s for every connection_lost()."""
+    for transport in book["made"]:
+        if id(transport) not in book["lost"]:  # asyncio's abort() after its connection_lost() fails
+            end(transport)
+    deadline = time.monotonic() + 10
+    while len(book["lost"]) < len(book["made"]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def _check_reentrant_run(loop, main, seed, book):
+    """Runs main() on the loop, then closes it: more than 100 transports
+    made, each lost exactly once, nothing reported."""
+    try:
+        _, errors = run_collecting_errors(loop, main)
+    except AssertionError as exc:
+        raise AssertionError(f"seed {seed}: {exc}") from None
+    finally:
+        loop.close()
+    assert len(book["made"]) > 100, seed
+    counts = [book["lost"].get(id(t), 0) for t in book["made"]]
+    assert counts == [1] * len(counts), (seed, [(t, n) for t, n in zip(book["made"], counts) if n != 1][:5])
+    assert not errors, (seed, errors[:5])
+
+
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 def test_transport_calls_from_inside_every_protocol_callback(no_fd_leak, family, tmp_path):
     """Random transport calls from inside every protocol callback, on both
@@ -362,25 +388,11 @@ def test_transport_calls_from_inside_every_protocol_callback(no_fd_leak, family,
             await asyncio.wait_for(connect(), 10)
             await asyncio.sleep(rng.random() * 0.005)
         server.close()
-        for transport in book["made"]:
-            if id(transport) not in book["lost"]:  # asyncio's abort() after its connection_lost() fails
-                transport.abort()
-        deadline = time.monotonic() + 10
-        while len(book["lost"]) < len(book["made"]) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await _end_every_transport(book, lambda transport: transport.abort())
         await server.wait_closed()
 
     port = None
-    try:
-        _, errors = run_collecting_errors(loop, main)
-    except AssertionError as exc:
-        raise AssertionError(f"seed {seed}: {exc}") from None
-    finally:
-        loop.close()
-    assert len(book["made"]) > 100, seed
-    counts = [book["lost"].get(id(t), 0) for t in book["made"]]
-    assert counts == [1] * len(counts), (seed, [(t, n) for t, n in zip(book["made"], counts) if n != 1][:5])
-    assert not errors, (seed, errors[:5])
+    _check_reentrant_run(loop, main, seed, book)
 
 
 def test_pipe_transport_calls_from_inside_every_protocol_callback(no_fd_leak):
@@ -402,20 +414,6 @@ def test_pipe_transport_calls_from_inside_every_protocol_callback(no_fd_leak):
             await loop.connect_read_pipe(lambda: Reentrant(rng, book), os.fdopen(r, "rb", buffering=0))
             await loop.connect_write_pipe(lambda: Reentrant(rng, book), os.fdopen(w, "wb", buffering=0))
             await asyncio.sleep(rng.random() * 0.005)
-        for transport in book["made"]:
-            if id(transport) not in book["lost"]:
-                transport.close()
-        deadline = time.monotonic() + 10
-        while len(book["lost"]) < len(book["made"]) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await _end_every_transport(book, lambda transport: transport.close())
 
-    try:
-        _, errors = run_collecting_errors(loop, main)
-    except AssertionError as exc:
-        raise AssertionError(f"seed {seed}: {exc}") from None
-    finally:
-        loop.close()
-    assert len(book["made"]) > 100, seed
-    counts = [book["lost"].get(id(t), 0) for t in book["made"]]
-    assert counts == [1] * len(counts), (seed, [(t, n) for t, n in zip(book["made"], counts) if n != 1][:5])
-    assert not errors, (seed, errors[:5])
+    _check_reentrant_run(loop, main, seed, book)
