@@ -337,9 +337,10 @@ async def _end_every_transport(book, end):
         await asyncio.sleep(0.01)
 
 
-def _check_reentrant_run(loop, main, seed, book):
+def _check_reentrant_run(loop, main, seed, book, tolerated=lambda context: False):
     """Runs main() on the loop, then closes it: more than 100 transports
-    made, each lost exactly once, nothing reported."""
+    made, each lost exactly once, nothing reported but what `tolerated`
+    accepts."""
     try:
         _, errors = run_collecting_errors(loop, main)
     except AssertionError as exc:
@@ -349,6 +350,7 @@ def _check_reentrant_run(loop, main, seed, book):
     assert len(book["made"]) > 100, seed
     counts = [book["lost"].get(id(t), 0) for t in book["made"]]
     assert counts == [1] * len(counts), (seed, [(t, n) for t, n in zip(book["made"], counts) if n != 1][:5])
+    errors = [context for context in errors if not tolerated(context)]
     assert not errors, (seed, errors[:5])
 
 
@@ -361,10 +363,8 @@ def test_transport_calls_from_inside_every_protocol_callback(no_fd_leak, family,
     On uringloop only: stock asyncio fails it with its own errors (a close()
     and an abort() from callbacks schedule connection_lost() twice, the
     second meeting a transport already torn down; resume_reading() after
-    close() adds a reader for a closed descriptor). Not over TLS: asyncio's
-    SSL protocol, which uringloop runs too, breaks under these calls ("cannot
-    switch state from UNWRAPPED to SHUTDOWN", and on stock asyncio sockets
-    left open)."""
+    close() adds a reader for a closed descriptor). Over TLS, see the next
+    test."""
     loop = uringloop.new_event_loop()
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
@@ -393,6 +393,53 @@ def test_transport_calls_from_inside_every_protocol_callback(no_fd_leak, family,
 
     port = None
     _check_reentrant_run(loop, main, seed, book)
+
+
+# What asyncio's SSL protocol itself reports under these calls, on both loops
+# (uringloop runs it too, with its per-record methods in C): a write from
+# connection_lost() makes it call pause_writing() or resume_writing() on the
+# app protocol it has already dropped, and a close() that follows an abort()
+# or a peer's close_notify asks a state change it refuses.
+SSLPROTO_OWN_ERRORS = (
+    (AttributeError, "'NoneType' object has no attribute 'pause_writing'"),
+    (AttributeError, "'NoneType' object has no attribute 'resume_writing'"),
+    (RuntimeError, "cannot switch state from SSLProtocolState.UNWRAPPED to SSLProtocolState.SHUTDOWN"),
+)
+
+
+def _is_sslproto_own_error(context):
+    exc = context.get("exception")
+    return any(type(exc) is kind and str(exc).startswith(text) for kind, text in SSLPROTO_OWN_ERRORS)
+
+
+def test_tls_transport_calls_from_inside_every_protocol_callback(loop, no_fd_leak):
+    """The same random calls over TLS, on both ends of connections made
+    with ssl= (uringloop's SSL protocol is asyncio's with its per-record
+    methods in C, so these calls reach that C code from every callback):
+    nothing crashes or hangs, every app transport's connection_lost() runs
+    exactly once, no descriptor is left. The exception handler may hear
+    only the errors asyncio's SSL protocol itself makes under these calls
+    (SSLPROTO_OWN_ERRORS), on both loops; anything else fails."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    book = {"made": [], "lost": {}}
+    server_ctx, client_ctx = tls_contexts()
+    timeouts = {"ssl_handshake_timeout": 5, "ssl_shutdown_timeout": 2}
+
+    async def main():
+        server = await loop.create_server(lambda: Reentrant(rng, book), "127.0.0.1", 0, ssl=server_ctx, **timeouts)
+        port = server.sockets[0].getsockname()[1]
+        end = time.monotonic() + SECONDS
+        while time.monotonic() < end:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: Reentrant(rng, book), "127.0.0.1", port, ssl=client_ctx,
+                                       server_hostname="localhost", **timeouts), 10)
+            await asyncio.sleep(rng.random() * 0.005)
+        server.close()
+        await _end_every_transport(book, lambda transport: transport.abort())
+        await server.wait_closed()
+
+    _check_reentrant_run(loop, main, seed, book, tolerated=_is_sslproto_own_error)
 
 
 def test_pipe_transport_calls_from_inside_every_protocol_callback(no_fd_leak):
