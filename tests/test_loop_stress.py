@@ -2,15 +2,20 @@
 operations, on uringloop and on stock asyncio: an echo server and many
 clients that write random sizes in random pieces, pause and resume reading
 on both sides, half-close, close or abort at random moments, and cancel
-`sock_*` calls with timeouts. Seeded (the seed is in the failure message).
+`sock_*` calls with timeouts. Then re-entrancy: random transport calls
+from inside every protocol callback, on stream transports (TCP, Unix, TLS),
+pipes and subprocesses. Seeded (the seed is in the failure message).
 What must hold: every echo that completes is byte for byte what was sent,
-nothing hangs, no descriptor is left open, and the loop's exception handler
-is not called."""
+nothing hangs, no descriptor is left open, every transport is lost exactly
+once, and the loop's exception handler is not called."""
 
 import asyncio
 import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -464,3 +469,122 @@ def test_pipe_transport_calls_from_inside_every_protocol_callback(no_fd_leak):
         await _end_every_transport(book, lambda transport: transport.close())
 
     _check_reentrant_run(loop, main, seed, book)
+
+
+# ---- subprocess transports: calls from inside the SubprocessProtocol's callbacks ----
+
+SUBPROCESS_CALLS = ["write", "big_write", "close_stdin", "write_eof", "pause_reading", "resume_reading", "close_pipe",
+                    "kill", "terminate", "close", "signal", "queries", "nothing"]
+# The child echoes its stdin to stdout, and the first bytes of each read to stderr.
+ECHO_CHILD = "import os\nwhile d := os.read(0, 65536):\n    os.write(1, d)\n    os.write(2, d[:10])\n"
+
+
+class ReentrantSubprocess(asyncio.SubprocessProtocol):
+    """Each callback makes random calls on the subprocess transport and on
+    its pipe transports: kill() from pipe_data_received(), a write to stdin
+    from process_exited(), close() from pipe_connection_lost(), ..."""
+
+    def __init__(self, rng, book):
+        self.rng, self.book = rng, book
+        self.transport, self.pipes = None, ()
+
+    def act(self):
+        for _ in range(self.rng.randrange(3)):
+            try:
+                self.call(self.rng.choice(SUBPROCESS_CALLS))
+            except REFUSALS + (ProcessLookupError,):
+                pass
+
+    def call(self, name):
+        tr, rng = self.transport, self.rng
+        stdin, out = tr.get_pipe_transport(0), tr.get_pipe_transport(rng.choice([1, 2]))
+        if name == "write" and stdin:
+            stdin.write(rng.randbytes(rng.choice([1, 100, 5000, 70000])))
+        elif name == "big_write" and stdin:
+            stdin.write(b"z" * (1 << 20))
+        elif name == "close_stdin" and stdin:
+            stdin.close()
+        elif name == "write_eof" and stdin and stdin.can_write_eof():
+            stdin.write_eof()
+        elif name == "pause_reading" and out:
+            out.pause_reading()
+        elif name == "resume_reading" and out:
+            out.resume_reading()
+        elif name == "close_pipe" and out:
+            out.close()
+        elif name == "kill":
+            tr.kill()
+        elif name == "terminate":
+            tr.terminate()
+        elif name == "close":
+            tr.close()
+        elif name == "signal":
+            tr.send_signal(signal.SIGCONT)
+        elif name == "queries":
+            tr.get_returncode(), tr.get_pid(), tr.is_closing()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.pipes = [fd for fd in (0, 1, 2) if transport.get_pipe_transport(fd)]
+        self.book["made"].append(self)
+        self.act()
+
+    def pipe_data_received(self, fd, data):
+        self.act()
+
+    def _count(self, what):
+        self.book[what][id(self)] = self.book[what].get(id(self), 0) + 1
+        self.act()
+
+    def pipe_connection_lost(self, fd, exc):
+        self._count(f"pipe_lost_{fd}")
+
+    def process_exited(self):
+        self._count("exited")
+
+    def connection_lost(self, exc):
+        self._count("lost")
+
+
+def test_subprocess_transport_calls_from_inside_every_protocol_callback(loop, no_fd_leak):
+    """Random calls on a subprocess transport and its pipes from inside
+    every SubprocessProtocol callback, with stderr a pipe, STDOUT or
+    DEVNULL: nothing crashes or hangs, process_exited() and
+    connection_lost() run once per child and pipe_connection_lost() once
+    per pipe, every child is reaped, no descriptor is left, and the
+    exception handler hears nothing. On both loops."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    kinds = ["exited", "lost"] + [f"pipe_lost_{fd}" for fd in (0, 1, 2)]
+    book = {"made": [], **{kind: {} for kind in kinds}}
+
+    async def main():
+        transports = []
+        end = time.monotonic() + SECONDS
+        while time.monotonic() < end:
+            stderr = rng.choice([subprocess.PIPE, subprocess.STDOUT, subprocess.DEVNULL])
+            transport, _ = await loop.subprocess_exec(lambda: ReentrantSubprocess(rng, book), sys.executable, "-c",
+                                                      ECHO_CHILD, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                      stderr=stderr)
+            transports.append(transport)
+            await asyncio.sleep(rng.random() * 0.01)
+        for transport in transports:
+            transport.close()  # kills a child still running
+        deadline = time.monotonic() + 10
+        while len(book["lost"]) < len(book["made"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return [transport.get_pid() for transport in transports]
+
+    try:
+        pids, errors = run_collecting_errors(loop, main)
+    finally:
+        loop.close()
+    assert len(book["made"]) > 50, seed
+    for protocol in book["made"]:
+        expected = {"exited": 1, "lost": 1, **{f"pipe_lost_{fd}": 1 for fd in protocol.pipes}}
+        counts = {kind: book[kind].get(id(protocol), 0) for kind in kinds}
+        assert {kind: n for kind, n in counts.items() if n} == expected, (seed, protocol.pipes, counts)
+    for pid in pids:
+        with pytest.raises(ChildProcessError):  # reaped
+            os.waitpid(pid, os.WNOHANG)
+    assert not errors, (seed, errors[:5])
