@@ -576,34 +576,68 @@ static PyObject *stream_call_size(us_stream *s, PyObject *name, Py_ssize_t n)
     return r;
 }
 
-/* Copies one chunk into a BufferedProtocol's buffers. */
+/* Puts the undelivered rest of a chunk back at the head of inbound, for the
+ * delivery loop to hand over as the transport's state then allows. */
+static int stream_requeue_rest(us_stream *s, const char *p, Py_ssize_t left)
+{
+    PyObject *rest = PyBytes_FromStringAndSize(p, left);
+    int rc = rest ? PyList_Insert(s->inbound, 0, rest) : -1;
+    Py_XDECREF(rest);
+    return rc;
+}
+
+/* One get_buffer()/buffer_updated() round of stream_feed_buffered(): the
+ * bytes delivered, 0 when `protocol` was replaced inside get_buffer()
+ * (nothing copied), -1 when the protocol failed (reported), -2 to propagate. */
+static Py_ssize_t stream_fill_buffer(us_stream *s, PyObject *protocol, const char *p, Py_ssize_t left)
+{
+    PyObject *buf = stream_call_size(s, s->loop->st->s_get_buffer, left);
+    if (buf && s->protocol != protocol) {
+        Py_DECREF(buf);
+        return 0;
+    }
+    Py_buffer view;
+    int rc = buf ? PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE) : -1;
+    Py_XDECREF(buf);
+    if (rc == 0 && view.len == 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
+        rc = -1;
+    }
+    if (rc < 0)
+        return stream_callback_failed(s, "Fatal error: protocol.get_buffer() call failed.") < 0 ? -2 : -1;
+    Py_ssize_t n = view.len < left ? view.len : left;
+    memcpy(view.buf, p, (size_t)n);
+    PyBuffer_Release(&view);
+    PyObject *r = stream_call_size(s, s->loop->st->s_buffer_updated, n);
+    if (!r)
+        return stream_callback_failed(s, "Fatal error: protocol.buffer_updated() call failed.") < 0 ? -2 : -1;
+    Py_DECREF(r);
+    return n;
+}
+
+/* Copies one chunk into a BufferedProtocol's buffers: 0 when done or when
+ * the rest was put back, 1 when the protocol failed, -1 to propagate.
+ * A callback may pause reading or set another protocol (say a plain one):
+ * the rest then waits in inbound, and goes to whichever protocol is set
+ * through its own methods. A buffer whose protocol was replaced while it
+ * was being asked for gets nothing; its bytes go to the new protocol. */
 static int stream_feed_buffered(us_stream *s, PyObject *data)
 {
     const char *p = PyBytes_AS_STRING(data);
     Py_ssize_t left = PyBytes_GET_SIZE(data);
     while (left > 0) {
-        PyObject *buf = stream_call_size(s, s->loop->st->s_get_buffer, left);
-        if (!buf)
-            return stream_callback_failed(s, "Fatal error: protocol.get_buffer() call failed.") < 0 ? -1 : 1;
-        Py_buffer view;
-        int rc = PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE);
-        Py_DECREF(buf);
-        if (rc < 0)
-            return stream_callback_failed(s, "Fatal error: protocol.get_buffer() call failed.") < 0 ? -1 : 1;
-        if (view.len == 0) {
-            PyBuffer_Release(&view);
-            PyErr_SetString(PyExc_RuntimeError, "get_buffer() returned an empty buffer");
-            return stream_callback_failed(s, "Fatal error: protocol.get_buffer() call failed.") < 0 ? -1 : 1;
-        }
-        Py_ssize_t n = view.len < left ? view.len : left;
-        memcpy(view.buf, p, (size_t)n);
-        PyBuffer_Release(&view);
-        PyObject *r = stream_call_size(s, s->loop->st->s_buffer_updated, n);
-        if (!r)
-            return stream_callback_failed(s, "Fatal error: protocol.buffer_updated() call failed.") < 0 ? -1 : 1;
-        Py_DECREF(r);
+        /* a reference, so that a new protocol cannot reuse its address */
+        PyObject *protocol = Py_NewRef(s->protocol);
+        Py_ssize_t n = stream_fill_buffer(s, protocol, p, left);
+        int requeue = n == 0 || (n > 0 && left > n && !s->closing && (s->read_paused || s->protocol != protocol));
+        Py_DECREF(protocol);
+        if (n < 0)
+            return n == -2 ? -1 : 1;
         p += n;
         left -= n;
+        if (requeue)
+            return stream_requeue_rest(s, p, left);
         if (s->closing)
             return 1;
     }

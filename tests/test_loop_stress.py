@@ -293,7 +293,7 @@ class Reentrant(asyncio.Protocol):
         elif name == "limits":
             tr.set_write_buffer_limits(high=rng.choice([0, 1, 100, 65536, None]))
         elif name == "set_protocol" and self.depth < 3:
-            tr.set_protocol(Reentrant(rng, self.book, tr, self.depth + 1))
+            tr.set_protocol(rng.choice([Reentrant, ReentrantBuffered])(rng, self.book, tr, self.depth + 1))
         elif name == "sizes":
             tr.get_write_buffer_size(), tr.get_write_buffer_limits(), tr.is_closing(), tr.get_extra_info("peername")
         elif name == "close_soon":
@@ -331,6 +331,27 @@ class Reentrant(asyncio.Protocol):
         self.act()
 
 
+class ReentrantBuffered(Reentrant, asyncio.BufferedProtocol):
+    """Reentrant as a BufferedProtocol: the calls also come from inside
+    get_buffer() and buffer_updated(), whose buffers are of random sizes,
+    some of them memoryview slices; set_protocol() switches between the two
+    kinds mid-stream."""
+
+    def get_buffer(self, sizehint):
+        self.act()
+        buffer = bytearray(self.rng.choice([1, 7, 1024, 65536, 262144]))
+        if len(buffer) > 1 and self.rng.random() < 0.3:
+            return memoryview(buffer)[1:]
+        return buffer
+
+    def buffer_updated(self, nbytes):
+        self.data_received(None)
+
+
+def reentrant_protocol(rng, book):
+    return rng.choice([Reentrant, ReentrantBuffered])(rng, book)
+
+
 async def _end_every_transport(book, end):
     """Ends (abort or close) each transport that has not been lost, and
     waits up to 10 s for every connection_lost()."""
@@ -362,7 +383,8 @@ def _check_reentrant_run(loop, main, seed, book, tolerated=lambda context: False
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 def test_transport_calls_from_inside_every_protocol_callback(no_fd_leak, family, tmp_path):
     """Random transport calls from inside every protocol callback, on both
-    ends: nothing crashes or hangs, every transport's connection_lost() runs
+    ends, with Protocols and BufferedProtocols (switched by set_protocol()
+    too): nothing crashes or hangs, every transport's connection_lost() runs
     exactly once (to whichever protocol it has then), no descriptor is left,
     and the exception handler hears nothing.
     On uringloop only: stock asyncio fails it with its own errors (a close()
@@ -378,15 +400,15 @@ def test_transport_calls_from_inside_every_protocol_callback(no_fd_leak, family,
 
     async def connect():
         if family == "unix":
-            return await loop.create_unix_connection(lambda: Reentrant(rng, book), path)
-        return await loop.create_connection(lambda: Reentrant(rng, book), "127.0.0.1", port)
+            return await loop.create_unix_connection(lambda: reentrant_protocol(rng, book), path)
+        return await loop.create_connection(lambda: reentrant_protocol(rng, book), "127.0.0.1", port)
 
     async def main():
         nonlocal port
         if family == "unix":
-            server = await loop.create_unix_server(lambda: Reentrant(rng, book), path)
+            server = await loop.create_unix_server(lambda: reentrant_protocol(rng, book), path)
         else:
-            server = await loop.create_server(lambda: Reentrant(rng, book), "127.0.0.1", 0)
+            server = await loop.create_server(lambda: reentrant_protocol(rng, book), "127.0.0.1", 0)
             port = server.sockets[0].getsockname()[1]
         end = time.monotonic() + SECONDS
         while time.monotonic() < end:
@@ -432,12 +454,12 @@ def test_tls_transport_calls_from_inside_every_protocol_callback(loop, no_fd_lea
     timeouts = {"ssl_handshake_timeout": 5, "ssl_shutdown_timeout": 2}
 
     async def main():
-        server = await loop.create_server(lambda: Reentrant(rng, book), "127.0.0.1", 0, ssl=server_ctx, **timeouts)
+        server = await loop.create_server(lambda: reentrant_protocol(rng, book), "127.0.0.1", 0, ssl=server_ctx, **timeouts)
         port = server.sockets[0].getsockname()[1]
         end = time.monotonic() + SECONDS
         while time.monotonic() < end:
             await asyncio.wait_for(
-                loop.create_connection(lambda: Reentrant(rng, book), "127.0.0.1", port, ssl=client_ctx,
+                loop.create_connection(lambda: reentrant_protocol(rng, book), "127.0.0.1", port, ssl=client_ctx,
                                        server_hostname="localhost", **timeouts), 10)
             await asyncio.sleep(rng.random() * 0.005)
         server.close()

@@ -21,7 +21,7 @@ import pytest
 import uringloop
 import uringloop._net
 
-from conftest import close_with_reset, full_unix_dgram_peer, run, tls_contexts
+from conftest import close_with_reset, full_unix_dgram_peer, run, tcp_pair, tls_contexts
 from http_support import pids_while_one_is_blocked
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -435,6 +435,129 @@ def test_buffered_protocol(loop):
         await server.wait_closed()
 
     run(loop, main())
+
+
+class _Collecting(asyncio.Protocol):
+    def __init__(self):
+        self.got = bytearray()
+
+    def data_received(self, data):
+        self.got += data
+
+
+async def _feed_accepted(loop, protocol, payload, received):
+    """Serves one accepted TCP socket to `protocol` and sends it `payload`
+    in one send() from the peer; waits until received() reaches its
+    length. Returns the exception handler's reports."""
+    errors = []
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
+    a, b = tcp_pair()
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, a)
+    try:
+        b.sendall(payload)
+        deadline = time.monotonic() + 10
+        while received() < len(payload) and time.monotonic() < deadline and not errors:
+            await asyncio.sleep(0.001)
+    finally:
+        transport.abort()
+        b.close()
+    return errors
+
+
+def test_a_buffered_protocol_replaced_in_buffer_updated_hands_the_rest_to_the_new_one(loop):
+    """A BufferedProtocol that sets a plain Protocol from inside its first
+    buffer_updated(): the bytes after those in its 7-byte buffer go to the
+    new protocol's data_received(), in order. uringloop receives the 10 KB
+    as one chunk and fed the rest to the plain protocol's get_buffer()
+    (AttributeError, the transport closed); asyncio reads again for the
+    new protocol, as uringloop now does."""
+    payload = os.urandom(10_000)
+    plain = _Collecting()
+
+    class Switching(asyncio.BufferedProtocol):
+        buf, got = bytearray(7), bytearray()
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def get_buffer(self, sizehint):
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            self.got += self.buf[:nbytes]
+            self.transport.set_protocol(plain)
+
+    old = Switching()
+    errors = run(loop, _feed_accepted(loop, old, payload, lambda: len(old.got) + len(plain.got)))
+    assert not errors
+    assert bytes(old.got) == payload[:7] and bytes(plain.got) == payload[7:]
+
+
+def test_pause_reading_in_buffer_updated_holds_the_rest(loop):
+    """pause_reading() from inside buffer_updated(): nothing more is
+    delivered until resume_reading(), and then the rest, in order. uringloop
+    went on feeding the rest of a chunk it had received while paused."""
+    payload = os.urandom(10_000)
+
+    class Pausing(asyncio.BufferedProtocol):
+        buf, got, paused, early = bytearray(1000), bytearray(), False, 0
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def get_buffer(self, sizehint):
+            return self.buf
+
+        def buffer_updated(self, nbytes):
+            self.early += self.paused  # called while paused
+            self.got += self.buf[:nbytes]
+            self.paused = True
+            self.transport.pause_reading()
+            loop.call_later(0.005, self.resume)
+
+        def resume(self):
+            self.paused = False
+            self.transport.resume_reading()
+
+    protocol = Pausing()
+    errors = run(loop, _feed_accepted(loop, protocol, payload, lambda: len(protocol.got)))
+    assert not errors
+    assert protocol.early == 0
+    assert bytes(protocol.got) == payload
+
+
+def test_a_protocol_replaced_inside_get_buffer_gets_every_byte():
+    """A BufferedProtocol that sets a plain Protocol from inside
+    get_buffer(): the buffer it returns gets nothing, and every byte goes
+    to the new protocol's data_received(). uringloop only: asyncio 3.11
+    reads into the old protocol's buffer and then calls the new protocol's
+    buffer_updated() (for a plain protocol an AttributeError that closes
+    the transport; for a buffered one a count of bytes that are not in its
+    buffer). uringloop did the same before."""
+    loop = uringloop.new_event_loop()
+    payload = os.urandom(10_000)
+    plain = _Collecting()
+
+    class Switching(asyncio.BufferedProtocol):
+        updated = 0
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def get_buffer(self, sizehint):
+            self.transport.set_protocol(plain)
+            return bytearray(7)
+
+        def buffer_updated(self, nbytes):
+            self.updated += 1
+
+    old = Switching()
+    try:
+        errors = run(loop, _feed_accepted(loop, old, payload, lambda: len(plain.got)))
+    finally:
+        loop.close()
+    assert not errors
+    assert old.updated == 0 and bytes(plain.got) == payload
 
 
 def test_write_flow_control_pauses_and_resumes(loop):
