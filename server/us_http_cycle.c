@@ -416,6 +416,23 @@ static int set_expected_len(us_httpcycle *cy, const char *v, Py_ssize_t vl)
     return 0;
 }
 
+/* A Content-Length header of the app's: 0 to write it, 1 when it repeats
+ * the length already given (left out: the head carries it once), -1 when
+ * it is invalid or conflicts with it (a client could frame the body by
+ * either; h11 and browsers refuse such a response). */
+static int put_content_length(us_httpcycle *cy, const char *v, Py_ssize_t vl)
+{
+    int64_t before = cy->expected_len;
+    if (set_expected_len(cy, v, vl) < 0)
+        return -1;
+    if (before < 0)
+        return 0;
+    if (before == cy->expected_len)
+        return 1;
+    PyErr_SetString(PyExc_RuntimeError, "conflicting Content-Length headers in the ASGI response");
+    return -1;
+}
+
 /* One (name, value) pair of the app's headers into the head, noting what
  * the server must know of it. */
 static int put_app_header(us_httpcycle *cy, uh_buf *b, PyObject *pair, us_head_seen *seen)
@@ -434,8 +451,11 @@ static int put_app_header(us_httpcycle *cy, uh_buf *b, PyObject *pair, us_head_s
         as_bytes(PySequence_Fast_GET_ITEM(ps, 1), &v, &vl) < 0)
         goto done;
     if (name_is(n, nl, "content-length")) {
-        if (set_expected_len(cy, v, vl) < 0)
+        int cl = put_content_length(cy, v, vl);
+        if (cl != 0) {
+            rc = cl < 0 ? -1 : 0; /* 1: the same length again, written once */
             goto done;
+        }
     } else if (name_is(n, nl, "transfer-encoding")) {
         rc = 0; /* the server frames the body itself */
         goto done;
@@ -463,6 +483,7 @@ static int put_app_headers(us_httpcycle *cy, uh_buf *b, us_head_seen *seen)
     PyObject *seq = PySequence_Fast(cy->headers, "ASGI response headers must be an iterable of pairs");
     if (!seq)
         return -1;
+    cy->expected_len = -1; /* a head refused before may have set it */
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
         if (put_app_header(cy, b, PySequence_Fast_GET_ITEM(seq, i), seen) < 0) {
             Py_DECREF(seq);
@@ -1044,10 +1065,16 @@ typedef struct {
     PyObject *coro;
 } us_runner;
 
-static int is_passthrough(us_state *st)
+/* What the Task must see raised: KeyboardInterrupt, SystemExit,
+ * GeneratorExit, and the CancelledError of the server's own cancel at
+ * shutdown. A CancelledError the app raised of itself (or through a
+ * cancel() of its own) is the app's failure, as uvicorn reports it: logged,
+ * then a 500 or a close. */
+static int is_passthrough(us_httpserver *srv)
 {
     return PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) || PyErr_ExceptionMatches(PyExc_SystemExit) ||
-           PyErr_ExceptionMatches(PyExc_GeneratorExit) || PyErr_ExceptionMatches(st->CancelledError);
+           PyErr_ExceptionMatches(PyExc_GeneratorExit) ||
+           (srv->cancelled && PyErr_ExceptionMatches(srv->st->CancelledError));
 }
 
 /* The app's coroutine ended with `status`; settles the cycle. Returns the
@@ -1061,7 +1088,7 @@ static PySendResult runner_settle(us_runner *r, PySendResult status, PyObject **
     Py_CLEAR(cy->task);
     if (status == PYGEN_RETURN) {
         cycle_finished(cy, NULL, 0);
-    } else if (is_passthrough(cy->srv->st)) {
+    } else if (is_passthrough(cy->srv)) {
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
         if (cy->srv->cancelled && PyErr_GivenExceptionMatches(et, cy->srv->st->CancelledError)) {

@@ -359,6 +359,20 @@ def test_exception_after_start_closes_connection(server):
     alive(server.port)
 
 
+@pytest.mark.parametrize("path", ["/cancelled-error", "/cancel-own-task", "/cancelled-after-start"])
+def test_an_app_cancelled_of_itself_is_500_and_logged(server, path):
+    """A CancelledError the app raises, or that comes from a cancel() of
+    its own task, is the app's failure, as uvicorn treats it: logged with
+    its traceback and answered 500 (after a start whose head had not gone
+    out yet too). Before, the connection closed with no answer at all."""
+    r = request(server.port, get(path))
+    assert r.status == 500 and r.body == b"Internal Server Error"
+    time.sleep(0.1)
+    tail = server.log[server.log.rindex("Exception in ASGI application"):]
+    assert "asyncio.exceptions.CancelledError" in tail
+    alive(server.port)
+
+
 def test_no_response_is_500(server):
     r = request(server.port, get("/no-response"))
     assert r.status == 500
@@ -389,6 +403,21 @@ def test_header_injection_is_refused(server):
     r = request(server.port, get("/bad-header"))
     assert r.status == 500
     assert r.header("set-cookie") is None and b"should not" not in r.body
+
+
+def test_conflicting_content_lengths_from_the_app_are_refused(server):
+    """Two Content-Length headers with different values: send() raises
+    (the app fails, so a 500) rather than send a head a client could frame
+    either way; the same length twice goes out once. Before, both went out
+    and the body was framed by the last."""
+    r = request(server.port, get("/conflicting-length"))
+    assert r.status == 500 and r.body == b"Internal Server Error"
+    time.sleep(0.1)
+    assert "RuntimeError: conflicting Content-Length headers in the ASGI response" in server.log
+    r = request(server.port, get("/repeated-length"))
+    assert r.status == 200 and r.body == b"hello"
+    assert [name for name, _ in r.headers].count("content-length") == 1
+    alive(server.port)
 
 
 def test_body_longer_than_content_length(server):

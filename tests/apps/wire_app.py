@@ -88,6 +88,19 @@ async def app(scope, receive, send):
         raise ValueError("boom after the response started")
     elif path == "/no-response":
         return
+    elif path in ("/conflicting-length", "/repeated-length"):
+        second = b"7" if path == "/conflicting-length" else b"5"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"5"), (b"content-length", second)]})
+        await send({"type": "http.response.body", "body": b"hello"})
+    elif path == "/cancelled-error":
+        raise asyncio.CancelledError()
+    elif path == "/cancel-own-task":
+        asyncio.current_task().cancel()
+        await asyncio.sleep(1)
+    elif path == "/cancelled-after-start":
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        raise asyncio.CancelledError()
     elif path == "/incomplete":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"partial", "more_body": True})
