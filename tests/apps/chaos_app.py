@@ -1,0 +1,95 @@
+"""An ASGI app that does random things with its receive() and send(),
+right and wrong, chosen by the seed in the query string: responses started
+twice, bodies after the end, concurrent receive() calls, sends from tasks
+it does not await at once, calls cancelled halfway, bad messages, bad
+headers, exceptions and cancellation at any point. The path /ok answers
+200 plainly. For tests/test_http_chaos.py."""
+
+import asyncio
+import random
+
+
+async def _maybe(rng, awaitable):
+    """Awaits; what it raises is swallowed or raised on, at random."""
+    try:
+        return await awaitable
+    except Exception:
+        if rng.random() < 0.5:
+            raise
+
+
+def _start(rng):
+    headers = [(b"x-chaos", b"1")]
+    for _ in range(rng.randrange(3)):
+        headers.append(rng.choice([
+            (b"content-length", str(rng.choice([0, 5, 1000])).encode()),
+            (b"transfer-encoding", b"chunked"),
+            (b"connection", b"close"),
+            (b"bad name", b"x"),            # refused by send()
+            (b"x-injected", b"a\r\nb: c"),  # refused by send()
+            ("x-str", "not bytes"),          # refused by send()
+        ]))
+    return {"type": "http.response.start", "status": rng.choice([200, 200, 204, 304, 404, 500]), "headers": headers}
+
+
+def _body(rng):
+    return {"type": "http.response.body", "body": b"b" * rng.choice([0, 1, 1000, 100_000]),
+            "more_body": rng.random() < 0.5}
+
+
+def _bad_message(rng):
+    return rng.choice([{"type": "nonsense"}, "not a dict", {"type": "http.response.body", "body": "str"},
+                       {"type": "http.response.pathsend", "path": "/nonexistent/chaos"}, {}])
+
+
+async def _act(rng, receive, send, tasks):
+    action = rng.choice(["receive", "receive", "two_receives", "receive_cancelled", "start", "start", "body",
+                         "body", "body_in_task", "sleep", "bad_message", "raise", "cancel", "return"])
+    # receive() is bounded: once the body is read it waits for the
+    # disconnect, which the client would only make after the response
+    if action == "receive":
+        await _maybe(rng, asyncio.wait_for(receive(), 0.05))
+    elif action == "two_receives":
+        await asyncio.gather(_maybe(rng, asyncio.wait_for(receive(), 0.05)),
+                             _maybe(rng, asyncio.wait_for(receive(), 0.05)), return_exceptions=rng.random() < 0.5)
+    elif action == "receive_cancelled":
+        await _maybe(rng, asyncio.wait_for(receive(), rng.choice([0, 0.001])))
+    elif action == "start":
+        await _maybe(rng, send(_start(rng)))
+    elif action == "body":
+        await _maybe(rng, send(_body(rng)))
+    elif action == "body_in_task":
+        tasks.append(asyncio.ensure_future(send(_body(rng))))
+    elif action == "sleep":
+        await asyncio.sleep(rng.choice([0, 0.001, 0.005]))
+    elif action == "bad_message":
+        await _maybe(rng, send(_bad_message(rng)))
+    elif action == "raise":
+        raise RuntimeError("chaos")
+    elif action == "cancel":
+        raise asyncio.CancelledError()
+    elif action == "return":
+        return True
+    return False
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["path"] == "/ok":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    rng = random.Random(int(scope["query_string"] or b"0"))
+    tasks = []
+    try:
+        for _ in range(rng.randrange(1, 8)):
+            if await _act(rng, receive, send, tasks):
+                return
+    finally:
+        # the app's own tasks end with it, and their errors are its own
+        await asyncio.gather(*tasks, return_exceptions=True)

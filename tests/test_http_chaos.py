@@ -1,0 +1,143 @@
+"""uringserve under an app that misuses receive() and send() at random
+(tests/apps/chaos_app.py) and clients that send random requests, on
+keep-alive connections, some abandoned halfway. What must hold, for every
+seed: every byte the server sends parses as HTTP/1.1 (h11 as the client,
+a response cut short by a close being the only tolerated fault), nothing
+hangs, the server stays up and serves a plain request afterwards, its log
+has no loop-level error, and it holds no more descriptors than before."""
+
+import os
+import random
+import socket
+import threading
+import time
+
+import h11
+
+from http_support import connect, serve
+
+SECONDS = 4
+# h11's words for a response cut short by a close: uringserve closes a
+# connection whose app failed after the response began
+CUT_SHORT = ("peer closed connection without sending complete message body",)
+# what the server's log must never say
+LOG_ALARMS = ("Fatal Python error", "Segmentation", "Exception in callback", "Task exception was never retrieved",
+              "Task was destroyed but it is pending", "SystemError", "AddressSanitizer", "runtime error:")
+
+
+def _server_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _send_request(conn, sock, rng, seed, history):
+    """Sends one random request; False when the client abandons the
+    connection halfway (after part of the body)."""
+    framing = rng.choice(["none", "length", "chunked", "abandon"])
+    body = b"q" * rng.choice([1, 1000, 100_000])
+    history.append((seed, framing, len(body)))
+    headers = [("host", "chaos")]
+    if framing in ("length", "abandon"):
+        headers.append(("content-length", str(len(body))))
+    elif framing == "chunked":
+        headers.append(("transfer-encoding", "chunked"))
+    method = "GET" if framing == "none" else "POST"
+    out = conn.send(h11.Request(method=method, target=f"/chaos?{seed}", headers=headers))
+    if framing == "abandon":
+        sock.sendall(out + body[: len(body) // 2])
+        return False
+    if framing != "none":
+        out += conn.send(h11.Data(data=body))
+    sock.sendall(out + conn.send(h11.EndOfMessage()))
+    return True
+
+
+def _read_response(conn, sock, seed, history):
+    """Reads one response: "done", "cut" (closed inside the response),
+    "closed" (closed before any of it), or an error text."""
+    got_any = False
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            if str(exc).startswith(CUT_SHORT):
+                return "cut"
+            if not got_any and "ConnectionClosed" in str(exc):
+                return "closed"
+            return f"seed {seed}: {exc!r}; on this connection: {history}"
+        if event is h11.NEED_DATA:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            except socket.timeout:
+                return f"seed {seed}: no response in 10 s; on this connection: {history}"
+            got_any = got_any or bool(data)
+            conn.receive_data(data)
+        elif isinstance(event, h11.Response):
+            history.append((event.status_code, event.headers))
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return "done"
+
+
+def _client(port, rng, tally, failures, deadline):
+    retry = None
+    while time.monotonic() < deadline and not failures:
+        sock, conn = connect(port, timeout=10), h11.Connection(h11.CLIENT)
+        history = []
+        with sock:
+            while time.monotonic() < deadline:
+                seed = retry or rng.randrange(1 << 32)
+                retry = None
+                if not _send_request(conn, sock, rng, seed, history):
+                    tally["abandoned"] += 1
+                    break
+                outcome = _read_response(conn, sock, seed, history)
+                if outcome == "closed" and len(history) > 1:
+                    # A reused connection closed before the response: the
+                    # close that ends a response the app left unfinished
+                    # after its head had gone out (a 304 with more_body
+                    # pending, say), which a client cannot tell from a
+                    # keep-alive timeout. As clients do, the request is
+                    # made again on a new connection, where it must get
+                    # its response.
+                    tally["retried"] += 1
+                    retry = seed
+                    break
+                if outcome not in ("done", "cut"):
+                    failures.append(outcome if outcome != "closed" else f"seed {seed}: closed with no response")
+                    return
+                tally[outcome] += 1
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break  # closed, or must close
+                conn.start_next_cycle()
+                tally["reused"] += 1
+
+
+def test_an_app_misusing_receive_and_send_at_random_never_breaks_the_server(tmp_path):
+    seed = random.randrange(1 << 32)
+    tally = {"done": 0, "cut": 0, "abandoned": 0, "reused": 0, "retried": 0}
+    failures = []
+    with serve("apps.chaos_app:app", tmp_path=str(tmp_path)) as srv:
+        fds_before = _server_fds(srv.proc.pid)
+        deadline = time.monotonic() + SECONDS
+        clients = [threading.Thread(target=_client, args=(srv.port, random.Random(seed + i), tally, failures,
+                                                           deadline)) for i in range(2)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
+        assert not failures, (seed, failures, tally)
+        assert srv.proc.poll() is None, (seed, srv.log[-3000:])
+        with connect(srv.port) as sock:
+            sock.sendall(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+        deadline = time.monotonic() + 5
+        while _server_fds(srv.proc.pid) > fds_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _server_fds(srv.proc.pid) <= fds_before, (seed, os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        assert srv.stop() == 0
+        log = srv.log
+    alarms = [alarm for alarm in LOG_ALARMS if alarm in log]
+    assert not alarms, (seed, alarms, log[-3000:])
+    assert tally["done"] > 50 and tally["abandoned"] > 0, tally
+    print(seed, tally)
