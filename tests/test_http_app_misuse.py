@@ -1,10 +1,12 @@
 """uringserve under an app that misuses receive() and send() at random
-(tests/apps/chaos_app.py) and clients that send random requests, on
+(tests/apps/misuse_app.py) and clients that send random requests, on
 keep-alive connections, some abandoned halfway. What must hold, for every
 seed: every byte the server sends parses as HTTP/1.1 (h11 as the client,
 a response cut short by a close being the only tolerated fault), nothing
 hangs, the server stays up and serves a plain request afterwards, its log
-has no loop-level error, and it holds no more descriptors than before."""
+has no loop-level error, and it holds no more descriptors than before.
+e2e/test_stress.py is the converse: random, malformed and aborted clients
+against an app with a fixed set of misbehaviours, its responses unparsed."""
 
 import os
 import random
@@ -117,7 +119,7 @@ def test_an_app_misusing_receive_and_send_at_random_never_breaks_the_server(tmp_
     seed = random.randrange(1 << 32)
     tally = {"done": 0, "cut": 0, "abandoned": 0, "reused": 0, "retried": 0}
     failures = []
-    with serve("apps.chaos_app:app", tmp_path=str(tmp_path)) as srv:
+    with serve("apps.misuse_app:app", tmp_path=str(tmp_path)) as srv:
         fds_before = _server_fds(srv.proc.pid)
         deadline = time.monotonic() + SECONDS
         clients = [threading.Thread(target=_client, args=(srv.port, random.Random(seed + i), tally, failures,

@@ -3,7 +3,7 @@ right and wrong, chosen by the seed in the query string: responses started
 twice, bodies after the end, concurrent receive() calls, sends from tasks
 it does not await at once, calls cancelled halfway, bad messages, bad
 headers, exceptions and cancellation at any point. The path /ok answers
-200 plainly. For tests/test_http_chaos.py."""
+200 plainly. For tests/test_http_app_misuse.py."""
 
 import asyncio
 import random
