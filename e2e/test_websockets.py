@@ -97,6 +97,27 @@ def test_subprotocol_scope_and_close_codes(ws_server):
     assert "ASGI callable returned without sending handshake." in ws_server.log
 
 
+def test_an_app_cancelled_of_itself_is_a_failed_one(tmp_path):
+    """A CancelledError the app raises is its failure, as uvicorn treats
+    it: logged, and answered 500 before the accept, or closed with 1011
+    after it. Before, the connection was dropped without an answer."""
+    async def go(port):
+        with pytest.raises(InvalidStatus) as failed:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/cancelled"):
+                pass
+        assert failed.value.response.status_code == 500
+        async with websockets.connect(f"ws://127.0.0.1:{port}/cancelled?after=accept") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd.code == 1011
+    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
+        asyncio.run(go(srv.port))
+        assert srv.stop() == 0
+        log = srv.log
+    assert log.count("Exception in ASGI application") == 2
+    assert log.count("asyncio.exceptions.CancelledError") == 2
+
+
 def test_denial_response_reaches_the_client(ws_server):
     # The scope advertises "websocket.http.response": Starlette's
     # send_denial_response() is answered with the app's own status, headers

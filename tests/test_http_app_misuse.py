@@ -15,6 +15,8 @@ import threading
 import time
 
 import h11
+import websockets
+from websockets.sync.client import connect as ws_connect
 
 from http_support import connect, serve
 
@@ -115,15 +117,63 @@ def _client(port, rng, tally, failures, deadline):
                 tally["reused"] += 1
 
 
+# close codes a client sends when the server's frames break the protocol
+PROTOCOL_FAULTS = (1002, 1007)
+
+
+def _ws_session(port, rng, tally, failures):
+    """One WebSocket session against the misusing app: random sends,
+    receives and a close. The server may deny the handshake with an HTTP
+    status, close at any point, or drop the connection; it may not send
+    anything the websockets client finds malformed."""
+    seed = rng.randrange(1 << 32)
+    ws = None
+    try:
+        with ws_connect(f"ws://127.0.0.1:{port}/ws?{seed}", open_timeout=10, close_timeout=2,
+                        compression=rng.choice(["deflate", None]), subprotocols=rng.choice([None, ["unasked"]]),
+                        proxy=None) as ws:
+            for _ in range(rng.randrange(1, 6)):
+                step = rng.choice(["text", "bytes", "recv", "recv", "close"])
+                if step == "text":
+                    ws.send("t" * rng.choice([1, 1000, 100_000]))
+                elif step == "bytes":
+                    ws.send(b"b" * rng.choice([1, 1000, 100_000]))
+                elif step == "recv":
+                    try:
+                        ws.recv(timeout=0.1)
+                    except TimeoutError:
+                        pass
+                else:
+                    ws.close()
+        tally["ws_opened"] += 1
+    except websockets.exceptions.InvalidStatus:
+        tally["ws_denied"] += 1
+    except websockets.exceptions.NegotiationError:
+        tally["ws_negotiation"] += 1  # the app accepted with a subprotocol the client did not offer
+    except websockets.exceptions.ConnectionClosed:
+        tally["ws_closed"] += 1
+    except Exception as exc:
+        failures.append(f"websocket seed {seed}: {exc!r}")
+        return
+    if ws is not None and ws.protocol.close_sent is not None and ws.protocol.close_sent.code in PROTOCOL_FAULTS:
+        failures.append(f"websocket seed {seed}: the client closed with {ws.protocol.close_sent}")
+
+
+def _ws_client(port, rng, tally, failures, deadline):
+    while time.monotonic() < deadline and not failures:
+        _ws_session(port, rng, tally, failures)
+
+
 def test_an_app_misusing_receive_and_send_at_random_never_breaks_the_server(tmp_path):
     seed = random.randrange(1 << 32)
-    tally = {"done": 0, "cut": 0, "abandoned": 0, "reused": 0, "retried": 0}
+    tally = {"done": 0, "cut": 0, "abandoned": 0, "reused": 0, "retried": 0, "ws_opened": 0, "ws_denied": 0,
+             "ws_negotiation": 0, "ws_closed": 0}
     failures = []
     with serve("apps.misuse_app:app", tmp_path=str(tmp_path)) as srv:
         fds_before = _server_fds(srv.proc.pid)
         deadline = time.monotonic() + SECONDS
-        clients = [threading.Thread(target=_client, args=(srv.port, random.Random(seed + i), tally, failures,
-                                                           deadline)) for i in range(2)]
+        clients = [threading.Thread(target=client, args=(srv.port, random.Random(seed + i), tally, failures,
+                                                          deadline)) for i, client in enumerate([_client, _ws_client])]
         for client in clients:
             client.start()
         for client in clients:
@@ -141,5 +191,5 @@ def test_an_app_misusing_receive_and_send_at_random_never_breaks_the_server(tmp_
         log = srv.log
     alarms = [alarm for alarm in LOG_ALARMS if alarm in log]
     assert not alarms, (seed, alarms, log[-3000:])
-    assert tally["done"] > 50 and tally["abandoned"] > 0, tally
+    assert tally["done"] > 50 and tally["abandoned"] > 0 and tally["ws_opened"] + tally["ws_closed"] > 20, (seed, tally)
     print(seed, tally)

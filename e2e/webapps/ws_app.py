@@ -86,6 +86,12 @@ async def silent(ws: WebSocket):
     return  # neither accepts nor closes
 
 
+async def cancelled(ws: WebSocket):
+    if ws.query_params.get("after") == "accept":
+        await ws.accept()
+    raise asyncio.CancelledError()  # of the app's own making
+
+
 async def deny(ws: WebSocket):
     # the WebSocket Denial Response extension: an HTTP response of the app's
     await ws.send_denial_response(PlainTextResponse("no entry " * 3, status_code=401,
@@ -115,6 +121,7 @@ app = Starlette(routes=[
     WebSocketRoute("/ws", echo),
     WebSocketRoute("/refuse", refuse),
     WebSocketRoute("/silent", silent),
+    WebSocketRoute("/cancelled", cancelled),
     WebSocketRoute("/deny", deny),
     WebSocketRoute("/deny-injected", deny_injected),
     WebSocketRoute("/flood", flood),

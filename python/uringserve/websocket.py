@@ -106,6 +106,8 @@ class WebSocketHandler:
         tasks = [s.task for s in sessions if s.task is not None and not s.task.done()]
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for s in sessions:
+                s.shut_down = True
             for t in pending:
                 t.cancel()
             if pending:
@@ -152,6 +154,7 @@ class WebSocketSession(asyncio.Protocol):
         self.response_sent = False
         self.denial = None  # [status, headers, body chunks] of a denial response being sent
         self.task = None
+        self.shut_down = False  # its task was cancelled by the server's shutdown
         self.fragments = None
         self.fragment_text = False
         self.failed = False  # we failed the connection: later messages are not the app's
@@ -201,7 +204,11 @@ class WebSocketSession(asyncio.Protocol):
             try:
                 await self.handler.app(self.scope, self.receive, self.send)
             except BaseException as exc:
-                if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                # a CancelledError of the app's own making (or of a cancel()
+                # of its own) is its failure, as uvicorn reports it; the
+                # shutdown's cancel ends the task
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)) or (
+                        isinstance(exc, asyncio.CancelledError) and self.shut_down):
                     raise
                 if not (self.closed and isinstance(exc, OSError)):
                     logger.error("Exception in ASGI application", exc_info=(type(exc), exc, exc.__traceback__))
