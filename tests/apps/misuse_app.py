@@ -44,9 +44,8 @@ def _bad_message(rng):
                        {"type": "http.response.pathsend", "path": "/nonexistent/chaos"}, {}])
 
 
-async def _act(rng, receive, send, tasks):
-    action = rng.choice(["receive", "receive", "two_receives", "receive_cancelled", "start", "start", "body",
-                         "body", "body_in_task", "sleep", "bad_message", "raise", "cancel", "return"])
+async def _shared_act(rng, action, receive):
+    """The actions of both scopes; True when the app is to return."""
     # receive() is bounded: once the body is read it waits for the
     # disconnect, which the client would only make after the response
     if action == "receive":
@@ -54,7 +53,19 @@ async def _act(rng, receive, send, tasks):
     elif action == "two_receives":
         await asyncio.gather(_maybe(rng, asyncio.wait_for(receive(), 0.05)),
                              _maybe(rng, asyncio.wait_for(receive(), 0.05)), return_exceptions=rng.random() < 0.5)
-    elif action == "receive_cancelled":
+    elif action == "sleep":
+        await asyncio.sleep(rng.choice([0, 0.001, 0.005]))
+    elif action == "raise":
+        raise RuntimeError("chaos")
+    elif action == "cancel":
+        raise asyncio.CancelledError()
+    return action == "return"
+
+
+async def _act(rng, receive, send, tasks):
+    action = rng.choice(["receive", "receive", "two_receives", "receive_cancelled", "start", "start", "body",
+                         "body", "body_in_task", "sleep", "bad_message", "raise", "cancel", "return"])
+    if action == "receive_cancelled":
         await _maybe(rng, asyncio.wait_for(receive(), rng.choice([0, 0.001])))
     elif action == "start":
         await _maybe(rng, send(_start(rng)))
@@ -62,16 +73,10 @@ async def _act(rng, receive, send, tasks):
         await _maybe(rng, send(_body(rng)))
     elif action == "body_in_task":
         tasks.append(asyncio.ensure_future(send(_body(rng))))
-    elif action == "sleep":
-        await asyncio.sleep(rng.choice([0, 0.001, 0.005]))
     elif action == "bad_message":
         await _maybe(rng, send(_bad_message(rng)))
-    elif action == "raise":
-        raise RuntimeError("chaos")
-    elif action == "cancel":
-        raise asyncio.CancelledError()
-    elif action == "return":
-        return True
+    else:
+        return await _shared_act(rng, action, receive)
     return False
 
 
@@ -95,23 +100,12 @@ def _ws_message(rng):
 async def _ws_act(rng, receive, send, tasks):
     action = rng.choice(["receive", "receive", "two_receives", "send", "send", "send", "send_in_task", "sleep",
                          "raise", "cancel", "return"])
-    if action == "receive":
-        await _maybe(rng, asyncio.wait_for(receive(), 0.05))
-    elif action == "two_receives":
-        await asyncio.gather(_maybe(rng, asyncio.wait_for(receive(), 0.05)),
-                             _maybe(rng, asyncio.wait_for(receive(), 0.05)), return_exceptions=rng.random() < 0.5)
-    elif action == "send":
+    if action == "send":
         await _maybe(rng, send(_ws_message(rng)))
     elif action == "send_in_task":
         tasks.append(asyncio.ensure_future(send(_ws_message(rng))))
-    elif action == "sleep":
-        await asyncio.sleep(rng.choice([0, 0.001, 0.005]))
-    elif action == "raise":
-        raise RuntimeError("chaos")
-    elif action == "cancel":
-        raise asyncio.CancelledError()
-    elif action == "return":
-        return True
+    else:
+        return await _shared_act(rng, action, receive)
     return False
 
 
