@@ -60,7 +60,10 @@ def test_random_clients(tmp_path, kind, tls):
     with serve("webapps.chaos_app:app", *args, tmp_path=str(tmp_path)) as srv:
         before = descriptors(srv.proc.pid)
         stats = stress_clients.run(srv.port, 6, seed, "http" if kind == "http" else "ws", tls)
-        assert stats["health"] > 10 and stats["connections"] > (500 if kind == "http" else 100), (seed, stats)
+        # floors that show the run exercised the server, not a speed check:
+        # under ASan, beside the other xdist worker's heaviest tests, a run
+        # has made 474 HTTP and 67 WebSocket connections (2026-12-06)
+        assert stats["health"] > 10 and stats["connections"] > (200 if kind == "http" else 30), (seed, stats)
         # what the clients left is closed once the server has seen them go
         # (the lingering close waits up to 2 s for a client's FIN)
         deadline = time.monotonic() + 10
