@@ -1015,7 +1015,10 @@ static PyObject *cycle_send(PyObject *self, PyObject *msg)
         return NULL;
     if (can_write(cy))
         return Py_NewRef(st->done_none);
-    Py_XSETREF(cy->drain_waiter, new_future(cy));
+    /* a send() already waiting (the app's sends may overlap, from tasks)
+     * shares its future: replacing it would leave that one waiting forever */
+    if (!cy->drain_waiter || !future_pending(cy->drain_waiter))
+        Py_XSETREF(cy->drain_waiter, new_future(cy));
     return Py_XNewRef(cy->drain_waiter);
 }
 

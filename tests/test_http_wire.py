@@ -405,6 +405,16 @@ def test_header_injection_is_refused(server):
     assert r.header("set-cookie") is None and b"should not" not in r.body
 
 
+def test_overlapping_sends_that_wait_to_drain_all_return(server):
+    """Two send() calls of the app waiting for the send queue to drain at
+    once (from gather(), or tasks): both return and the response completes.
+    Before, the second took the first's place, the first never returned,
+    and the connection hung (found by tests/test_http_app_misuse.py)."""
+    r = request(server.port, get("/overlapping-sends"))
+    assert r.status == 200 and len(r.body) == 2 * (1 << 20) + 3 and r.body.endswith(b"end")
+    alive(server.port)
+
+
 def test_conflicting_content_lengths_from_the_app_are_refused(server):
     """Two Content-Length headers with different values: send() raises
     (the app fails, so a 500) rather than send a head a client could frame

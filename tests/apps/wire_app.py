@@ -88,6 +88,12 @@ async def app(scope, receive, send):
         raise ValueError("boom after the response started")
     elif path == "/no-response":
         return
+    elif path == "/overlapping-sends":
+        # two send() calls waiting to drain at once: both must return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.gather(send({"type": "http.response.body", "body": b"a" * (1 << 20), "more_body": True}),
+                             send({"type": "http.response.body", "body": b"b" * (1 << 20), "more_body": True}))
+        await send({"type": "http.response.body", "body": b"end"})
     elif path in ("/conflicting-length", "/repeated-length"):
         second = b"7" if path == "/conflicting-length" else b"5"
         await send({"type": "http.response.start", "status": 200,
