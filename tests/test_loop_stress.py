@@ -252,6 +252,21 @@ CALLS = ["write", "big_write", "writelines", "writelines_of_bytearrays", "close"
 REFUSALS = (RuntimeError, ValueError, NotImplementedError, AttributeError)
 
 
+def _shared_transport_call(tr, rng, name):
+    """The calls every transport kind has (close, abort, limits, sizes, a
+    close from the ready queue); other names do nothing."""
+    if name == "close":
+        tr.close()
+    elif name == "abort":
+        tr.abort()
+    elif name == "limits":
+        tr.set_write_buffer_limits(high=rng.choice([0, 1, 100, 65536, None]))
+    elif name == "sizes":
+        tr.get_write_buffer_size(), tr.get_write_buffer_limits(), tr.is_closing(), tr.get_extra_info("sockname")
+    elif name == "close_soon":
+        asyncio.get_running_loop().call_soon(tr.close)
+
+
 class Reentrant(asyncio.Protocol):
     """Each callback makes random transport calls: a close from
     pause_writing(), a write from connection_lost(), a new protocol from
@@ -280,24 +295,16 @@ class Reentrant(asyncio.Protocol):
         elif name == "writelines_of_bytearrays":
             self.batch = [bytearray(rng.randrange(1, 300000)) for _ in range(rng.randrange(1, 5))]
             tr.writelines(self.batch)
-        elif name == "close":
-            tr.close()
-        elif name == "abort":
-            tr.abort()
         elif name == "pause_reading":
             tr.pause_reading()
         elif name == "resume_reading":
             tr.resume_reading()
         elif name == "write_eof" and tr.can_write_eof():
             tr.write_eof()
-        elif name == "limits":
-            tr.set_write_buffer_limits(high=rng.choice([0, 1, 100, 65536, None]))
         elif name == "set_protocol" and self.depth < 3:
             tr.set_protocol(rng.choice([Reentrant, ReentrantBuffered])(rng, self.book, tr, self.depth + 1))
-        elif name == "sizes":
-            tr.get_write_buffer_size(), tr.get_write_buffer_limits(), tr.is_closing(), tr.get_extra_info("peername")
-        elif name == "close_soon":
-            asyncio.get_running_loop().call_soon(tr.close)
+        else:
+            _shared_transport_call(tr, rng, name)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -650,18 +657,10 @@ class ReentrantDatagram(asyncio.DatagramProtocol):
         elif name == "burst":
             for _ in range(rng.randrange(50, 300)):
                 self.send(b"b" * 1000)
-        elif name == "close":
-            tr.close()
-        elif name == "abort":
-            tr.abort()
-        elif name == "limits":
-            tr.set_write_buffer_limits(high=rng.choice([0, 1, 100, 65536, None]))
         elif name == "set_protocol" and self.depth < 3:
             tr.set_protocol(ReentrantDatagram(rng, self.book, tr, self.depth + 1, self.peer))
-        elif name == "sizes":
-            tr.get_write_buffer_size(), tr.get_write_buffer_limits(), tr.is_closing(), tr.get_extra_info("sockname")
-        elif name == "close_soon":
-            asyncio.get_running_loop().call_soon(tr.close)
+        else:
+            _shared_transport_call(tr, rng, name)
 
     def connection_made(self, transport):
         self.transport = transport
