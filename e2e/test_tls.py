@@ -46,6 +46,28 @@ def test_https_requests_bodies_and_keep_alive(tls_server):
     assert "Exception" not in tls_server.log
 
 
+def test_a_body_the_app_does_not_read_is_dropped_not_a_reset(tmp_path):
+    # The app fails before it reads a 4 MiB body: the client gets its 500
+    # and may go on sending the body, as over plain HTTP (lingering close).
+    # The server's close_notify goes out with the 500; what comes after it
+    # is dropped, and the connection ends with a close, not a reset (which
+    # made the client's sends fail, and could destroy the 500 in flight).
+    total = 4 << 20
+    with serve("apps.wire_app:app", "--ssl-certfile", CERT, tmp_path=str(tmp_path)) as srv, \
+            socket.create_connection(("127.0.0.1", srv.port), timeout=10) as raw:
+        with client_context().wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(b"POST /raise-before HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % total)
+            sock.sendall(b"b" * 65536)
+            response = b""
+            while b"Internal Server Error" not in response.partition(b"\r\n\r\n")[2]:
+                response += sock.recv(65536)
+            assert response.startswith(b"HTTP/1.1 500 ") and b"connection: close" in response.lower()
+            for _ in range(total // 65536 - 1):
+                sock.sendall(b"b" * 65536)
+            assert sock.recv(65536) == b""
+        assert srv.log.count("Exception in ASGI application") == 1
+
+
 def test_a_large_file_over_tls(tls_server, tmp_path):
     # http.response.pathsend is a sendfile() into the socketpair: on a
     # blocking descriptor it would wait for the bridge, which runs on the

@@ -414,3 +414,49 @@ def test_peer_vanishes_without_close_notify(loop):
         await server.wait_closed()
 
     run(loop, main())
+
+
+def test_data_after_our_close_notify_is_dropped_not_a_reset():
+    """The server closes (close_notify) while the client still sends, as an
+    HTTP server does that answers without reading a request body: what
+    comes after the close_notify is dropped, the client's close_notify ends
+    the connection cleanly, and the client never sees a reset. uringloop
+    only, as uvloop does: asyncio 3.11-3.13 hand the data to unwrap(), which
+    fails ("application data after close notify"), and abort the connection,
+    so that the client's sends fail and the answer can be lost."""
+    loop = uringloop.new_event_loop()
+    late = [os.urandom(16_000) for _ in range(64)]
+
+    def client(port):
+        peer = WirePeer(port)
+        try:
+            answer = peer.read_all(1 << 20)  # until the server's close_notify
+            for record in late:
+                peer.sock.sendall(peer.records(record))
+            peer.sock.sendall(peer.records(close_notify=True))
+            return answer, peer.sock.recv(65536)  # b"": the server's FIN, not a reset
+        finally:
+            peer.close()
+
+    class Answering(Recorder):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            transport.write(b"answered before reading")
+            transport.close()
+
+    async def main():
+        proto = Answering(loop)
+        server, port = await serve_one(loop, proto)
+        answer, after = await in_thread(client, port)
+        assert answer == b"answered before reading"
+        assert after == b""
+        assert await proto.lost is None
+        assert proto.data == b""
+        assert proto.events == ["made", "eof", ("lost", None)]
+        server.close()
+        await server.wait_closed()
+
+    try:
+        run(loop, main())
+    finally:
+        loop.close()

@@ -11,7 +11,15 @@ fields. They are translations of Python 3.11's sslproto, whose translated
 methods are the same, line for line, in 3.12 and 3.13 (3.13 changed only
 methods that stay in Python: ``_abort``, ``_do_read__buffered``, handshake
 and shutdown). 3.10 (the sslproto before 3.11's rewrite) and versions not
-checked yet use asyncio's class unchanged.
+checked yet use asyncio's class in Python.
+
+One behaviour differs from asyncio's, on purpose and as in uvloop, on every
+version: after our close_notify has gone out (``close()``), application
+data the peer still sends is read and dropped while its close_notify or EOF
+is awaited. asyncio hands that data to ``unwrap()``, which fails
+("application data after close notify"), and aborts: the peer, still
+sending a request body an HTTP server chose not to read, gets a reset that
+can destroy the response it was sent.
 """
 
 import ssl
@@ -22,12 +30,40 @@ from asyncio import sslproto
 from . import _core
 
 FAST_PATH = (3, 11) <= sys.version_info[:2] <= (3, 13)
+# 3.10 has the sslproto before 3.11's rewrite: an _SSLPipe under the protocol
+OLD_SSLPROTO = sys.version_info[:2] < (3, 11)
+
+
+class _DroppingLateData:
+    """3.11's SSLProtocol, minus the reset: in the SHUTDOWN state, what the
+    peer sent after our close_notify is read and dropped before unwrap()."""
+
+    def _do_shutdown(self):
+        if not self._eof_received and not self._drop_appdata():
+            return
+        super()._do_shutdown()
+
+    def _drop_appdata(self):
+        """False when the TLS stream was broken: the shutdown has then
+        failed, as asyncio fails it."""
+        try:
+            while self._sslobj.read(self.max_size):
+                pass
+        except sslproto.SSLAgainErrors:
+            pass
+        except ssl.SSLZeroReturnError:
+            pass  # the peer's close_notify: unwrap() completes the shutdown
+        except ssl.SSLError as exc:
+            self._on_shutdown_complete(exc)
+            return False
+        return True
+
 
 if FAST_PATH:
     class _SSLAppTransport(_core.SSLAppTransportCore, sslproto._SSLProtocolTransport):
         pass
 
-    class SSLProtocol(_core.SSLProtocolCore, sslproto.SSLProtocol):
+    class SSLProtocol(_core.SSLProtocolCore, _DroppingLateData, sslproto.SSLProtocol):
         def _get_app_transport(self):
             # asyncio's, with the transport class above
             if self._app_transport is None:
@@ -39,5 +75,24 @@ if FAST_PATH:
 
     _core._ssl_setup(sslproto.SSLProtocolState, sslproto.SSLAgainErrors, ssl.SSLObject,
                      sslproto.SSLProtocol._write_appdata)
+elif OLD_SSLPROTO:
+    class _SSLPipe(sslproto._SSLPipe):
+        def feed_ssldata(self, data, only_handshake=False):
+            # the late data dropped before unwrap(), as _DroppingLateData does
+            if self._state == sslproto._SHUTDOWN and data:
+                self._incoming.write(data)
+                data = b""
+                try:
+                    while self._sslobj.read(self.max_size):
+                        pass
+                except ssl.SSLError:
+                    pass  # want-read or the peer's close_notify; a broken stream fails unwrap() too
+            return super().feed_ssldata(data, only_handshake)
+
+    class SSLProtocol(sslproto.SSLProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)  # makes asyncio's pipe, then ours is that one
+            self._sslpipe.__class__ = _SSLPipe
 else:
-    SSLProtocol = sslproto.SSLProtocol
+    class SSLProtocol(_DroppingLateData, sslproto.SSLProtocol):
+        pass
