@@ -460,3 +460,50 @@ def test_data_after_our_close_notify_is_dropped_not_a_reset():
         run(loop, main())
     finally:
         loop.close()
+
+
+def test_late_data_is_dropped_while_the_app_has_reading_paused():
+    """As above, with the app's reading paused: the records it did not read
+    fill the incoming buffer, so the TCP transport stops reading too. The
+    close drops them and must start reading again, or the client's
+    close_notify behind them waits for the shutdown timeout (30 s)."""
+    loop = uringloop.new_event_loop()
+    unread = [os.urandom(16_000) for _ in range(32)]
+
+    def client(port, sent):
+        peer = WirePeer(port)
+        try:
+            peer.sock.sendall(peer.records(*unread))
+            loop.call_soon_threadsafe(sent.set_result, None)
+            answer = peer.read_all(1 << 20)
+            peer.sock.sendall(peer.records(close_notify=True))
+            return answer, peer.sock.recv(65536)
+        finally:
+            peer.close()
+
+    class Paused(Recorder):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            transport.pause_reading()
+
+    async def main():
+        proto = Paused(loop)
+        server, port = await serve_one(loop, proto)
+        sent = loop.create_future()
+        talk = asyncio.ensure_future(in_thread(client, port, sent))
+        transport = await proto.made
+        await sent
+        await asyncio.sleep(0.2)
+        transport.write(b"closing unread")
+        transport.close()
+        answer, after = await asyncio.wait_for(talk, 10)
+        assert (answer, after) == (b"closing unread", b"")
+        assert await asyncio.wait_for(proto.lost, 5) is None
+        assert proto.data == b""
+        server.close()
+        await server.wait_closed()
+
+    try:
+        run(loop, main())
+    finally:
+        loop.close()

@@ -56,6 +56,10 @@ class _DroppingLateData:
         except ssl.SSLError as exc:
             self._on_shutdown_complete(exc)
             return False
+        # the dropped records may have been what kept the TCP transport
+        # paused (an app that had paused reading): what comes after them,
+        # the peer's close_notify, must still be read
+        self._control_ssl_reading()
         return True
 
 
