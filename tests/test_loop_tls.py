@@ -416,6 +416,15 @@ def test_peer_vanishes_without_close_notify(loop):
     run(loop, main())
 
 
+def run_then_close(loop, coro):
+    """For the tests on a uringloop of their own (behaviour stock asyncio
+    lacks): runs `coro` on `loop`, then closes it whatever happened."""
+    try:
+        run(loop, coro)
+    finally:
+        loop.close()
+
+
 def test_data_after_our_close_notify_is_dropped_not_a_reset():
     """The server closes (close_notify) while the client still sends, as an
     HTTP server does that answers without reading a request body: what
@@ -456,10 +465,7 @@ def test_data_after_our_close_notify_is_dropped_not_a_reset():
         server.close()
         await server.wait_closed()
 
-    try:
-        run(loop, main())
-    finally:
-        loop.close()
+    run_then_close(loop, main())
 
 
 def test_late_data_is_dropped_while_the_app_has_reading_paused():
@@ -503,7 +509,4 @@ def test_late_data_is_dropped_while_the_app_has_reading_paused():
         server.close()
         await server.wait_closed()
 
-    try:
-        run(loop, main())
-    finally:
-        loop.close()
+    run_then_close(loop, main())
