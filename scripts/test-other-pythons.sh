@@ -33,7 +33,10 @@ for python in "$@"; do
             "httpx>=0.27" "aiohttp>=3.9" "websockets>=13" "fastapi>=0.115" "starlette>=0.40" \
             "python-multipart>=0.0.9" "django>=4.2,<5" "quart>=0.20" "gunicorn>=23" "uvicorn[standard]>=0.30"
         log "Python $ver: CPython's asyncio tests on uringloop, e2e"
-        "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/cpython e2e
+        # and, of the loop tests, the one for code written for 3.10 alone
+        # (its SSLProtocol's resume of a paused TCP transport at close())
+        "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/cpython e2e \
+            tests/test_loop_tls.py::test_late_data_is_dropped_while_the_app_has_reading_paused
     else
         URING_WERROR=ON "$venv/bin/python" -m pip install -q ".[test]"
         log "Python $ver: CPython's asyncio tests, the loop and server tests, e2e"

@@ -97,6 +97,14 @@ elif OLD_SSLPROTO:
         def connection_made(self, transport):
             super().connection_made(transport)  # makes asyncio's pipe, then ours is that one
             self._sslpipe.__class__ = _SSLPipe
+
+        def _start_shutdown(self):
+            super()._start_shutdown()
+            # 3.10's app transport pauses reading by pausing the TCP
+            # transport, and 3.10 has no shutdown timeout: the late data
+            # and the peer's close_notify behind it must still be read
+            if self._in_shutdown and self._sslpipe is not None and self._transport is not None:
+                self._transport.resume_reading()
 else:
     class SSLProtocol(_DroppingLateData, sslproto.SSLProtocol):
         pass
