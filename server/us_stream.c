@@ -1042,6 +1042,32 @@ static int stream_write_pipe_cannot_read(us_stream *s)
     return -1;
 }
 
+/* The bytes write() sends: bytes are immutable and shared; anything else
+ * may change after write() returns, so it is copied once. A buffer that is
+ * not C-contiguous (a strided memoryview) is not bytes-like: NULL with the
+ * BufferError in *refused, which asyncio's send() of it raises and makes a
+ * fatal error of the transport. NULL alone on any other error. */
+static PyObject *stream_copy_data(PyObject *data, PyObject **refused)
+{
+    if (PyBytes_CheckExact(data))
+        return Py_NewRef(data);
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyErr_NormalizeException(&et, &ev, &tb);
+            Py_XDECREF(et);
+            Py_XDECREF(tb);
+            *refused = ev;
+        }
+        return NULL;
+    }
+    PyObject *chunk = PyBytes_FromStringAndSize(view.buf, view.len);
+    PyBuffer_Release(&view);
+    return chunk;
+}
+
 /* write() of any bytes-like object (writelines() takes them all, as
  * asyncio's join does). */
 static PyObject *stream_write_buffer(us_stream *s, PyObject *data)
@@ -1054,12 +1080,11 @@ static PyObject *stream_write_buffer(us_stream *s, PyObject *data)
         PyErr_SetString(PyExc_RuntimeError, "unable to write; sendfile is in progress");
         return NULL;
     }
-    /* bytes are immutable and shared; anything else may change after
-     * write() returns, so it is copied once. */
-    PyObject *chunk = PyBytes_CheckExact(data) ? Py_NewRef(data) : PyBytes_FromObject(data);
-    if (!chunk)
+    PyObject *refused = NULL;
+    PyObject *chunk = stream_copy_data(data, &refused);
+    if (!chunk && !refused)
         return NULL;
-    if (PyBytes_GET_SIZE(chunk) == 0) {
+    if (chunk && PyBytes_GET_SIZE(chunk) == 0) {
         Py_DECREF(chunk);
         Py_RETURN_NONE;
     }
@@ -1070,7 +1095,17 @@ static PyObject *stream_write_buffer(us_stream *s, PyObject *data)
             PyErr_Clear();
         }
         s->conn_lost++;
-        Py_DECREF(chunk);
+        Py_XDECREF(chunk);
+        Py_XDECREF(refused);
+        Py_RETURN_NONE;
+    }
+    if (refused) { /* asyncio's send() of it fails here: a fatal error */
+        stream_fatal_error(s, refused,
+                           s->kind == US_STREAM_SOCKET ? "Fatal write error on socket transport"
+                                                       : "Fatal write error on pipe transport");
+        Py_DECREF(refused);
+        if (PyErr_Occurred())
+            return NULL;
         Py_RETURN_NONE;
     }
     if (stream_queue(s, chunk) < 0) {
@@ -1125,8 +1160,17 @@ static PyObject *stream_writelines(us_stream *s, PyObject *seq)
     Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(items, i);
+#if PY_VERSION_HEX >= 0x030C0000
         if (PyObject_CheckBuffer(item))
             continue;
+#else
+        Py_buffer view; /* join's test, which a strided memoryview fails too */
+        if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) == 0) {
+            PyBuffer_Release(&view);
+            continue;
+        }
+        PyErr_Clear();
+#endif
 #if PY_VERSION_HEX >= 0x030C0000
         PyErr_Format(PyExc_TypeError, "memoryview: a bytes-like object is required, not '%.200s'",
                      Py_TYPE(item)->tp_name);

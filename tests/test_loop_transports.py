@@ -193,6 +193,61 @@ def test_writelines_refuses_a_bad_item_before_writing_any(loop):
     run(loop, main())
 
 
+def test_a_strided_memoryview_is_a_fatal_write_error(loop):
+    """A memoryview that is not C-contiguous is not bytes-like. asyncio
+    offers it to send() or os.write(), which raise BufferError: a fatal
+    error of the transport (the exception handler hears it, the protocol's
+    connection_lost() gets it) and nothing is sent. 3.11's writelines()
+    refuses it at its join instead. uringloop sent the view's bytes."""
+    strided = memoryview(b"abcdef")[::2]
+    refused_by_join = sys.version_info < (3, 12)
+
+    async def check(tr, pr, write, message):
+        errors = []
+        loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))
+        write(tr)
+        exc = await asyncio.wait_for(pr.lost, 5)
+        loop.set_exception_handler(None)
+        assert isinstance(exc, BufferError) and tr.is_closing()
+        assert [(c["message"], c["exception"]) for c in errors] == [(message, exc)]
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        await check(tr, pr, lambda tr: tr.write(strided), "Fatal write error on socket transport")
+        peer.settimeout(5)
+        assert peer.recv(100) == b""
+        peer.close()
+
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        if refused_by_join:
+            with pytest.raises(TypeError, match="^sequence item 1: expected a bytes-like object, memoryview found$"):
+                tr.writelines([b"x", strided])
+            tr.write_eof()
+        else:
+            await check(tr, pr, lambda tr: tr.writelines([b"x", strided]), "Fatal write error on socket transport")
+        peer.settimeout(5)
+        assert peer.recv(100) == b""  # not even the b"x" before it
+        tr.close()
+        peer.close()
+
+        rfd, wfd = os.pipe()
+        with os.fdopen(wfd, "wb", buffering=0) as pipe:
+            tr, pr = await loop.connect_write_pipe(lambda: Recorder(loop), pipe)
+            await check(tr, pr, lambda tr: tr.write(strided), "Fatal write error on pipe transport")
+        assert os.read(rfd, 100) == b""
+        os.close(rfd)
+
+        server_ctx, client_ctx = tls_contexts()
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0, ssl=server_ctx)
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *server.sockets[0].getsockname(),
+                                              ssl=client_ctx, server_hostname="localhost")
+        await check(tr, pr, lambda tr: tr.write(strided), "Fatal error on SSL protocol")
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
 def test_writelines_sends_every_item_when_pause_writing_empties_the_list(loop, loop_kind):
     """The protocol's pause_writing() runs while writelines() writes, and
     may change the list it was given (a producer that clears its batch once
