@@ -148,6 +148,7 @@ us_state *us_state_of_type(PyTypeObject *tp);
 int us_report_exception(us_loop *loop, PyObject *message, PyObject *handle);
 int us_report_callback_exception(us_loop *loop, PyObject *cb, PyObject *args, PyObject *handle);
 int us_report_call_exception(us_loop *loop, PyObject *cb, PyObject *const *args, Py_ssize_t nargs, PyObject *context);
+PyObject *us_take_exception(void);
 PyObject *us_oserror_from_res(int32_t res);
 /* type(o).__name__: tp_name without its module ("array.array" -> "array"). */
 static inline const char *us_type_name(PyObject *o)

@@ -116,17 +116,26 @@ int us_report_call_exception(us_loop *loop, PyObject *cb, PyObject *const *args,
     return rc;
 }
 
+/* The current exception as one object (normalized, its traceback
+ * attached), a new reference, the error indicator cleared; NULL if none. */
+PyObject *us_take_exception(void)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (ev && tb)
+        PyException_SetTraceback(ev, tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    return ev;
+}
+
 /* OSError (the errno's subclass) for a negative errno result, or NULL. */
 PyObject *us_oserror_from_res(int32_t res)
 {
     errno = -res;
     PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyErr_NormalizeException(&et, &ev, &tb);
-    Py_XDECREF(et);
-    Py_XDECREF(tb);
-    return ev;
+    return us_take_exception();
 }
 
 static PyObject *mod_set_hooks(PyObject *mod, PyObject *args)

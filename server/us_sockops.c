@@ -404,17 +404,9 @@ static int sockop_stash_late(us_sockop *s, int32_t res)
 /* The future gets the kernel's error as the OSError socket calls raise. */
 static PyObject *sockop_fail_future(us_sockop *s, int32_t res)
 {
-    errno = -res;
-    PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyErr_NormalizeException(&et, &ev, &tb);
-    if (tb)
-        PyException_SetTraceback(ev, tb);
-    PyObject *r = PyObject_CallMethodOneArg(s->fut, s->loop->st->s_set_exception, ev);
-    Py_XDECREF(et);
+    PyObject *ev = us_oserror_from_res(res);
+    PyObject *r = ev ? PyObject_CallMethodOneArg(s->fut, s->loop->st->s_set_exception, ev) : NULL;
     Py_XDECREF(ev);
-    Py_XDECREF(tb);
     return r;
 }
 

@@ -192,15 +192,9 @@ static int fatal_on_exception(us_ssl_state *ss, PyObject *self)
 {
     if (!PyErr_ExceptionMatches(PyExc_Exception))
         return -1;
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyErr_NormalizeException(&et, &ev, &tb);
-    if (ev && tb)
-        PyException_SetTraceback(ev, tb);
+    PyObject *ev = us_take_exception();
     int rc = call_method(ss, self, N_fatal_error, ev ? ev : Py_None, ss->msg_fatal);
-    Py_XDECREF(et);
     Py_XDECREF(ev);
-    Py_XDECREF(tb);
     return rc;
 }
 

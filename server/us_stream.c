@@ -275,15 +275,9 @@ static int stream_callback_failed(us_stream *s, const char *message)
 {
     if (PyErr_ExceptionMatches(PyExc_SystemExit) || PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
         return -1;
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb);
-    PyErr_NormalizeException(&et, &ev, &tb);
-    if (tb)
-        PyException_SetTraceback(ev, tb);
+    PyObject *ev = us_take_exception();
     stream_fatal_error(s, ev ? ev : Py_None, message);
-    Py_XDECREF(et);
     Py_XDECREF(ev);
-    Py_XDECREF(tb);
     return 0;
 }
 
@@ -1053,14 +1047,8 @@ static PyObject *stream_copy_data(PyObject *data, PyObject **refused)
         return Py_NewRef(data);
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_BufferError)) {
-            PyObject *et, *ev, *tb;
-            PyErr_Fetch(&et, &ev, &tb);
-            PyErr_NormalizeException(&et, &ev, &tb);
-            Py_XDECREF(et);
-            Py_XDECREF(tb);
-            *refused = ev;
-        }
+        if (PyErr_ExceptionMatches(PyExc_BufferError))
+            *refused = us_take_exception();
         return NULL;
     }
     PyObject *chunk = PyBytes_FromStringAndSize(view.buf, view.len);
