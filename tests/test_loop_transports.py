@@ -710,6 +710,54 @@ def test_writes_while_paused_still_end_in_resume_writing(loop):
     run(loop, main(), timeout=30)
 
 
+def test_abort_inside_resume_writing_loses_the_connection_once():
+    """A protocol that aborts its transport from inside resume_writing():
+    connection_lost() runs once and the exception handler hears nothing.
+    uringloop only: asyncio 3.11-3.13's _write_ready() goes on after
+    resume_writing() as if nothing happened, finds the buffer empty and the
+    transport closing, and calls _call_connection_lost() itself; the one
+    abort() had already scheduled then fails on the closed socket
+    ("'NoneType' object has no attribute 'close'" to the exception handler).
+    The TLS stress test met that through asyncio's SSL protocol."""
+    loop = uringloop.new_event_loop()
+    errors = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+
+    class Aborting(asyncio.Protocol):
+        def __init__(self):
+            self.lost = []
+
+        def resume_writing(self):
+            self.transport.abort()
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def connection_lost(self, exc):
+            self.lost.append(exc)
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, Aborting)
+        peer.setblocking(False)
+        tr.set_write_buffer_limits(high=1 << 16)
+        tr.write(b"x" * (4 << 20))
+        while not pr.lost:
+            try:
+                peer.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        peer.close()
+        return pr.lost
+
+    try:
+        lost = run(loop, main())
+    finally:
+        loop.close()
+    assert lost == [None] and not errors
+
+
 def test_pause_reading_loses_nothing(loop):
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
