@@ -726,6 +726,10 @@ def test_abort_inside_resume_writing_loses_the_connection_once():
     class Aborting(asyncio.Protocol):
         def __init__(self):
             self.lost = []
+            self.paused = False
+
+        def pause_writing(self):
+            self.paused = True
 
         def resume_writing(self):
             self.transport.abort()
@@ -740,7 +744,12 @@ def test_abort_inside_resume_writing_loses_the_connection_once():
         tr, pr, peer = await connected_to_raw_peer(loop, Aborting)
         peer.setblocking(False)
         tr.set_write_buffer_limits(high=1 << 16)
-        tr.write(b"x" * (4 << 20))
+        for _ in range(200):  # until the kernel's buffers are full
+            tr.write(b"x" * (1 << 20))
+            if pr.paused:
+                break
+            await asyncio.sleep(0)
+        assert pr.paused
         while not pr.lost:
             try:
                 peer.recv(1 << 20)
