@@ -468,6 +468,107 @@ def test_data_after_our_close_notify_is_dropped_not_a_reset():
     run_then_close(loop, main())
 
 
+@pytest.mark.parametrize("ending", ["fin", "close_notify_and_fin"])
+def test_close_after_the_peer_ended_while_reading_was_paused(ending):
+    """The client sends records and ends its side (a FIN, with or without
+    a close_notify first) while the app has paused reading; the app then
+    closes. The connection must end, with eof_received() and
+    connection_lost(None), and the unread records stay unread. uringloop
+    only: asyncio 3.11-3.13 move to FLUSHING on that EOF and wait for
+    resume_reading(); close() then returns at once without arming the
+    shutdown timeout, and the connection and its descriptor stay open for
+    good (uvloop closes). The stress test's TLS clients met this on asyncio."""
+    loop = uringloop.new_event_loop()
+
+    def client(port, sent):
+        peer = WirePeer(port)
+        try:
+            peer.sock.sendall(peer.records(b"never read", close_notify=ending == "close_notify_and_fin"))
+            peer.sock.shutdown(socket.SHUT_WR)
+            loop.call_soon_threadsafe(sent.set_result, None)
+            after = b""
+            while chunk := peer.sock.recv(65536):  # until the server's FIN
+                after += chunk
+            return after
+        finally:
+            peer.close()
+
+    class Paused(Recorder):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            transport.pause_reading()
+
+    async def main():
+        proto = Paused(loop)
+        server, port = await serve_one(loop, proto)
+        sent = loop.create_future()
+        talk = asyncio.ensure_future(in_thread(client, port, sent))
+        transport = await proto.made
+        await sent
+        await asyncio.sleep(0.2)  # the records and the EOF are in
+        transport.close()
+        assert await asyncio.wait_for(proto.lost, 5) is None
+        await asyncio.wait_for(talk, 5)
+        assert proto.data == b""
+        assert proto.events == ["made", "eof", ("lost", None)]
+        server.close()
+        await server.wait_closed()
+
+    run_then_close(loop, main())
+
+
+def test_pause_and_close_inside_data_received_after_the_peer_ended():
+    """The same EOF while the app has paused reading, but the app resumes;
+    the resumed flush hands it the records, and from inside data_received()
+    it pauses and closes: the flush under way finishes the shutdown, once.
+    uringloop only, as above (a first version of the fix ran a second flush
+    from inside close() here, and the outer one then failed: "cannot switch
+    state from SHUTDOWN to SHUTDOWN")."""
+    loop = uringloop.new_event_loop()
+    errors = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+
+    def client(port, sent):
+        peer = WirePeer(port)
+        try:
+            peer.sock.sendall(peer.records(b"read after resume"))
+            peer.sock.shutdown(socket.SHUT_WR)
+            loop.call_soon_threadsafe(sent.set_result, None)
+            while peer.sock.recv(65536):  # until the server's FIN
+                pass
+        finally:
+            peer.close()
+
+    class PauseAndClose(Recorder):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            transport.pause_reading()
+
+        def data_received(self, data):
+            super().data_received(data)
+            self.transport.pause_reading()
+            self.transport.close()
+
+    async def main():
+        proto = PauseAndClose(loop)
+        server, port = await serve_one(loop, proto)
+        sent = loop.create_future()
+        talk = asyncio.ensure_future(in_thread(client, port, sent))
+        transport = await proto.made
+        await sent
+        await asyncio.sleep(0.2)  # the records and the EOF are in
+        transport.resume_reading()
+        assert await asyncio.wait_for(proto.lost, 5) is None
+        await asyncio.wait_for(talk, 5)
+        assert proto.data == b"read after resume"
+        assert proto.events == ["made", "eof", ("lost", None)]
+        server.close()
+        await server.wait_closed()
+
+    run_then_close(loop, main())
+    assert not errors
+
+
 def test_late_data_is_dropped_while_the_app_has_reading_paused():
     """As above, with the app's reading paused: the records it did not read
     fill the incoming buffer, so the TCP transport stops reading too. The

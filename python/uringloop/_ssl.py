@@ -19,7 +19,9 @@ data the peer still sends is read and dropped while its close_notify or EOF
 is awaited. asyncio hands that data to ``unwrap()``, which fails
 ("application data after close notify"), and aborts: the peer, still
 sending a request body an HTTP server chose not to read, gets a reset that
-can destroy the response it was sent.
+can destroy the response it was sent. And one hang is gone (3.11+): a
+close() after the peer's EOF came in while the app had paused reading ends
+the connection, which asyncio left open for good.
 """
 
 import ssl
@@ -36,7 +38,33 @@ OLD_SSLPROTO = sys.version_info[:2] < (3, 11)
 
 class _DroppingLateData:
     """3.11's SSLProtocol, minus the reset: in the SHUTDOWN state, what the
-    peer sent after our close_notify is read and dropped before unwrap()."""
+    peer sent after our close_notify is read and dropped before unwrap().
+    Also minus a hang: a close() after the peer's EOF came in while the app
+    had paused reading ends the connection."""
+
+    def _start_shutdown(self):
+        # asyncio's eof_received() in WRAPPED, with the app's reading paused,
+        # moves to FLUSHING and waits for resume_reading(); its close() then
+        # finds FLUSHING and returns without arming the shutdown timeout, so
+        # the connection and its descriptor stayed open for good (as on
+        # asyncio 3.11-3.13; uvloop closes). The app that closes will not
+        # resume: the shutdown goes on, its unread data unread. From the
+        # next callback, not from here: this close() may come from inside a
+        # _do_flush() (the app paused and closed in data_received()), which
+        # then moves on to SHUTDOWN itself.
+        if (self._state == sslproto.SSLProtocolState.FLUSHING and self._app_reading_paused
+                and self._shutdown_timeout_handle is None):
+            if self._app_transport is not None:
+                self._app_transport._closed = True
+            self._shutdown_timeout_handle = self._loop.call_later(self._ssl_shutdown_timeout,
+                                                                  self._check_shutdown_timeout)
+            self._loop.call_soon(self._flush_after_close)
+            return
+        super()._start_shutdown()
+
+    def _flush_after_close(self):
+        if self._state == sslproto.SSLProtocolState.FLUSHING:
+            self._do_flush()
 
     def _do_shutdown(self):
         if not self._eof_received and not self._drop_appdata():
