@@ -593,13 +593,19 @@ def test_reload_serves_the_changed_code_and_survives_broken_code(tmp_path):
         _write_app(app_file, APP_SOURCE % b"v2")
         _wait_for_body(srv, b"v2")
         assert "StatReload detected changes in" in srv.log and "reload_app_mod.py" in srv.log
+        # the v1 worker accepts until it has acted on its SIGTERM (it served
+        # v1 once after the broken code below had failed, under ASan)
+        deadline = time.monotonic() + 15
+        while "stopped (exit code 0)" not in srv.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "stopped (exit code 0)" in srv.log, srv.log
         # code that cannot import: the worker running v2 keeps serving
         _write_app(app_file, "this is not python(\n")
         deadline = time.monotonic() + 15
         while "failed to start" not in srv.log and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "failed to start" in srv.log, srv.log
-        assert _fetch(srv.port) == b"v2"
+        assert _fetch(srv.port) == b"v2", srv.log
         _write_app(app_file, APP_SOURCE % b"v3")
         _wait_for_body(srv, b"v3")
         # a file that does not match the include globs changes nothing
