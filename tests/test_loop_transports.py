@@ -79,6 +79,27 @@ async def connected_to_raw_peer(loop, protocol_factory):
     return tr, pr, peer
 
 
+async def write_until_paused(tr, protocol, chunk):
+    """Writes `chunk` until protocol.paused is set by its pause_writing()
+    (at most 200 times: far more than the kernel's buffers take)."""
+    for _ in range(200):
+        tr.write(chunk)
+        if protocol.paused:
+            return
+        await asyncio.sleep(0)
+
+
+async def drain_peer_until(peer, done):
+    """Reads and drops what reaches the raw peer until done()."""
+    peer.setblocking(False)
+    while not done():
+        try:
+            peer.recv(1 << 20)
+        except BlockingIOError:
+            pass
+        await asyncio.sleep(0.001)
+
+
 def test_echo_protocol_roundtrip_and_callbacks_once(loop):
     async def main():
         server, addr = await echo_server(loop)
@@ -636,21 +657,10 @@ def test_write_flow_control_pauses_and_resumes(loop):
         tr, pr, peer = await connected_to_raw_peer(loop, Producer)
         tr.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
         assert tr.get_write_buffer_limits() == (16 * 1024, 64 * 1024)
-        chunk = b"x" * 65536
-        for _ in range(200):  # far more than the kernel buffers
-            tr.write(chunk)
-            if pr.paused:
-                break
-            await asyncio.sleep(0)
+        await write_until_paused(tr, pr, b"x" * 65536)
         assert pr.paused == 1 and tr.get_write_buffer_size() > 64 * 1024
         # drain from the other side: the producer is resumed once
-        peer.setblocking(False)
-        while tr.get_write_buffer_size() > 0:
-            try:
-                peer.recv(1 << 20)
-            except BlockingIOError:
-                pass
-            await asyncio.sleep(0.001)
+        await drain_peer_until(peer, lambda: tr.get_write_buffer_size() == 0)
         assert pr.resumed == 1
         tr.close()
         await pr.lost
@@ -742,20 +752,10 @@ def test_abort_inside_resume_writing_loses_the_connection_once():
 
     async def main():
         tr, pr, peer = await connected_to_raw_peer(loop, Aborting)
-        peer.setblocking(False)
         tr.set_write_buffer_limits(high=1 << 16)
-        for _ in range(200):  # until the kernel's buffers are full
-            tr.write(b"x" * (1 << 20))
-            if pr.paused:
-                break
-            await asyncio.sleep(0)
+        await write_until_paused(tr, pr, b"x" * (1 << 20))
         assert pr.paused
-        while not pr.lost:
-            try:
-                peer.recv(1 << 20)
-            except BlockingIOError:
-                pass
-            await asyncio.sleep(0.001)
+        await drain_peer_until(peer, lambda: pr.lost)
         await asyncio.sleep(0.05)
         peer.close()
         return pr.lost
