@@ -46,7 +46,17 @@ struct ue_op {
     uint16_t gen;
     uint8_t state;
     uint8_t internal; /* not counted in loop->inflight (the wakeup poll) */
+    uint8_t quiet;    /* armed by ue_op_arm_quiet and not settled yet */
 };
+
+/* A quiet op (ue_op_arm_quiet) awaiting its verdict: it posts no CQE when it
+ * succeeds, so success is inferred once the kernel has consumed its SQE. */
+typedef struct ue_quiet {
+    ue_op *op;
+    unsigned sq_pos; /* its SQE's place in the SQ (compared with the kernel's head) */
+    uint16_t gen;    /* the arming it belongs to */
+    int32_t res;     /* what its callback gets on success */
+} ue_quiet;
 
 struct ue_timer {
     double when;    /* CLOCK_MONOTONIC seconds, as loop.time() */
@@ -87,6 +97,12 @@ struct ue_loop {
     uint32_t buf_taken;   /* CQEs that took a provided buffer (ue_bufring) */
     unsigned unsubmitted; /* SQEs prepared since the last submit */
 
+    /* quiet sends (ue_op_arm_quiet): whether this ring's kernel does what
+     * they need (probed at start), and those not yet settled */
+    int quiet_ok, quiet_probed, quiet_settling;
+    ue_quiet *quiet;
+    unsigned quiet_head, nquiet, quiet_cap; /* pending: quiet[quiet_head..nquiet) */
+
     const char *failed_step; /* which setup call failed, for error messages */
 };
 
@@ -109,6 +125,21 @@ int ue_current_tid(void);
  * full and the ring is enabled it submits first; otherwise NULL (-EBUSY). */
 struct io_uring_sqe *ue_sqe(ue_loop *l);
 void ue_op_arm(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb cb);
+/* Quiet sends. A SEND or SENDMSG on a stream socket prepared with
+ * MSG_DONTWAIT | MSG_WAITALL completes while it is submitted, inside the
+ * enter that submits it: all of it sent, part of it (the kernel then fails
+ * the request with the count sent), or nothing (-EAGAIN). Armed with
+ * ue_op_arm_quiet() it also carries IOSQE_CQE_SKIP_SUCCESS, so only the last
+ * two post a CQE; for the first, ue_dispatch() calls the op's callback with
+ * `res_on_success` once the kernel has consumed the SQE. A send nobody waits
+ * for then costs no CQE, and above all does not end the wait it was
+ * submitted with: on one connection a round trip takes one enter, not two.
+ * ue_quiet_reserve() says whether one may be armed now (the kernel was
+ * probed for these semantics when the ring started; room to track it);
+ * when it says no, arm a plain send. */
+int ue_quiet_reserve(ue_loop *l);
+void ue_op_arm_quiet(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb cb, int32_t res_on_success);
+#define UE_QUIET_SEND_FLAGS (MSG_DONTWAIT | MSG_WAITALL)
 /* Requests cancellation of an in-flight op; the op's final CQE still comes. */
 int ue_op_cancel(ue_loop *l, ue_op *op);
 /* Cancels an in-flight op and returns once the kernel has let go of it,
@@ -140,7 +171,8 @@ static inline unsigned ue_io_len(size_t n)
 void ue_wait_prepare(ue_loop *l, double timeout);
 int ue_wait(ue_loop *l, double timeout);
 int ue_submit(ue_loop *l);
-/* Runs the callback of every available CQE; returns how many. */
+/* Runs the callback of every available CQE, then settles the quiet ops the
+ * kernel has consumed without a CQE; returns how many CQEs. */
 unsigned ue_dispatch(ue_loop *l);
 /* Thread-safe: makes a sleeping ue_wait() return. */
 void ue_wakeup(ue_loop *l);

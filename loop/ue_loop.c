@@ -20,6 +20,9 @@
  * 0 marks CQEs nobody waits for (cancel requests). */
 #define UE_PTR_MASK ((UINT64_C(1) << 48) - 1)
 
+/* The quiet-send probe's own SQEs: never an op, whose addresses are aligned. */
+#define UE_UD_PROBE UINT64_C(1)
+
 static inline uint64_t ue__encode(const ue_op *op)
 {
     return ((uint64_t)(uintptr_t)op & UE_PTR_MASK) | ((uint64_t)op->gen << 48);
@@ -143,6 +146,136 @@ static void ue__wake_cb(ue_loop *l, ue_op *op, int32_t res, uint32_t flags)
     }
 }
 
+/* Submits one probe send of `len` bytes from `buf` and counts the probe's
+ * CQEs now in the CQ (left there; ue_dispatch skips them). *last gets the
+ * res of the newest. -1 when the submit failed. */
+static int ue__probe_send(ue_loop *l, int fd, const char *buf, unsigned len, int32_t *last)
+{
+    struct io_uring_sqe *sqe = ue_sqe(l);
+    if (!sqe)
+        return -1;
+    io_uring_prep_send(sqe, fd, buf, len, UE_QUIET_SEND_FLAGS | MSG_NOSIGNAL);
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data64(sqe, UE_UD_PROBE);
+    if (io_uring_submit_and_get_events(&l->ring) < 0)
+        return -1;
+    l->unsubmitted = 0;
+    unsigned head;
+    struct io_uring_cqe *cqe;
+    int n = 0;
+    io_uring_for_each_cqe(&l->ring, head, cqe)
+    {
+        if (cqe->user_data == UE_UD_PROBE) {
+            n++;
+            *last = cqe->res;
+        }
+    }
+    return n;
+}
+
+/* Whether this kernel gives quiet sends what they need (see ue.h): on a
+ * socketpair whose buffer holds a few KiB, a byte goes without a CQE, then
+ * 256 KiB go in part (a CQE with the count), then none of them (-EAGAIN),
+ * each within the enter that submitted it. Kernels without
+ * IOSQE_CQE_SKIP_SUCCESS (5.17) or without MSG_DONTWAIT's no-poll rule fail
+ * a step. */
+static int ue__probe_quiet(ue_loop *l)
+{
+    enum { BIG = 256 * 1024 };
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
+        return 0;
+    int small = 4096;
+    (void)setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    /* zero pages, read-only: the sends only read them */
+    char *buf = mmap(NULL, BIG, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int32_t res = 0;
+    int ok = buf != MAP_FAILED && ue__probe_send(l, sv[0], buf, 1, &res) == 0 &&
+             ue__probe_send(l, sv[0], buf, BIG, &res) == 1 && res > 0 && res < BIG &&
+             ue__probe_send(l, sv[0], buf, BIG, &res) == 2 && res == -EAGAIN;
+    close(sv[0]);
+    close(sv[1]);
+    /* Take the probe's CQEs out of the way when they are all there is (the
+     * first start of a ring); otherwise ue_dispatch() skips them. */
+    unsigned head, mine = 0;
+    struct io_uring_cqe *cqe;
+    io_uring_for_each_cqe(&l->ring, head, cqe) mine += cqe->user_data == UE_UD_PROBE;
+    if (mine && mine == io_uring_cq_ready(&l->ring))
+        io_uring_cq_advance(&l->ring, mine);
+    /* When a step failed its send may still be in the kernel, to read the
+     * buffer later: then the mapping stays (it holds no memory). */
+    if (ok)
+        munmap(buf, BIG);
+    return ok;
+}
+
+int ue_quiet_reserve(ue_loop *l)
+{
+    if (!l->quiet_ok)
+        return 0;
+    if (l->nquiet == l->quiet_cap) {
+        unsigned cap = l->quiet_cap ? l->quiet_cap * 2 : 64;
+        ue_quiet *q = realloc(l->quiet, cap * sizeof *q);
+        if (!q)
+            return 0;
+        l->quiet = q;
+        l->quiet_cap = cap;
+    }
+    return 1;
+}
+
+void ue_op_arm_quiet(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb cb, int32_t res_on_success)
+{
+    ue_op_arm(l, op, sqe, cb);
+    op->quiet = 1;
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    ue_quiet *q = &l->quiet[l->nquiet++];
+    q->op = op;
+    q->sq_pos = l->ring.sq.sqe_tail - 1; /* the SQE ue_sqe() just handed out */
+    q->gen = op->gen;
+    q->res = res_on_success;
+}
+
+/* A quiet op posted a CQE (it failed): forget its entry, since its owner
+ * may free it in the callback. */
+static void ue__quiet_forget(ue_loop *l, const ue_op *op)
+{
+    for (unsigned i = l->quiet_head; i < l->nquiet; i++)
+        if (l->quiet[i].op == op && l->quiet[i].gen == op->gen)
+            l->quiet[i].op = NULL;
+}
+
+/* Every quiet op whose SQE the kernel has consumed and that posted no CQE
+ * succeeded: it is idle, and its callback gets its res. Not while a CQE
+ * waits in the overflow list (a failure's may be there). */
+static void ue__settle_quiet(ue_loop *l)
+{
+    if (l->quiet_head == l->nquiet || l->quiet_settling || l->ring_fd < 0)
+        return;
+    if (IO_URING_READ_ONCE(*l->ring.sq.kflags) & IORING_SQ_CQ_OVERFLOW)
+        return;
+    unsigned consumed = io_uring_smp_load_acquire(l->ring.sq.khead);
+    l->quiet_settling = 1;
+    while (l->quiet_head < l->nquiet && (int)(consumed - l->quiet[l->quiet_head].sq_pos) > 0) {
+        ue_quiet q = l->quiet[l->quiet_head++]; /* a callback may arm more */
+        if (!q.op || q.op->gen != q.gen || q.op->state == UE_OP_IDLE)
+            continue;
+        q.op->quiet = 0;
+        q.op->state = UE_OP_IDLE;
+        if (!q.op->internal)
+            l->inflight--;
+        q.op->cb(l, q.op, q.res, 0);
+    }
+    if (l->quiet_head == l->nquiet) {
+        l->quiet_head = l->nquiet = 0;
+    } else if (l->quiet_head) {
+        memmove(l->quiet, l->quiet + l->quiet_head, (l->nquiet - l->quiet_head) * sizeof *l->quiet);
+        l->nquiet -= l->quiet_head;
+        l->quiet_head = 0;
+    }
+    l->quiet_settling = 0;
+}
+
 int ue_loop_start(ue_loop *l)
 {
     if (l->ring_fd < 0)
@@ -157,6 +290,10 @@ int ue_loop_start(ue_loop *l)
         return -EEXIST;
     } else if (!l->owner_tid) {
         l->owner_tid = ue_current_tid();
+    }
+    if (!l->quiet_probed) {
+        l->quiet_probed = 1;
+        l->quiet_ok = ue__probe_quiet(l);
     }
     if (l->wake_op.state == UE_OP_IDLE) {
         struct io_uring_sqe *sqe = ue_sqe(l);
@@ -189,6 +326,7 @@ struct io_uring_sqe *ue_sqe(ue_loop *l)
 void ue_op_arm(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb cb)
 {
     op->cb = cb;
+    op->quiet = 0;
     op->gen++;
     op->state = UE_OP_INFLIGHT;
     if (!op->internal)
@@ -310,7 +448,7 @@ unsigned ue_dispatch(ue_loop *l)
         seen++;
         if (flags & IORING_CQE_F_BUFFER)
             l->buf_taken++;
-        if (ud == 0)
+        if (ud == 0 || ud == UE_UD_PROBE)
             continue;
         ue_op *op = (ue_op *)(uintptr_t)(ud & UE_PTR_MASK);
         if (op->gen != (uint16_t)(ud >> 48) || op->state == UE_OP_IDLE)
@@ -319,12 +457,17 @@ unsigned ue_dispatch(ue_loop *l)
             op->state = UE_OP_IDLE;
             if (!op->internal)
                 l->inflight--;
+            if (op->quiet) {
+                op->quiet = 0;
+                ue__quiet_forget(l, op);
+            }
         }
         /* The callback may free `op`: nothing below may touch it. */
         op->cb(l, op, res, flags);
     }
     if (seen)
         io_uring_cq_advance(&l->ring, seen);
+    ue__settle_quiet(l);
     return seen;
 }
 
@@ -350,6 +493,7 @@ void ue_loop_cancel_all(ue_loop *l, int timeout_ms)
             io_uring_sqe_set_data64(sqe, 0);
         }
     }
+    ue__settle_quiet(l); /* they need no cancel, and will post nothing */
     double deadline = ue_now() + timeout_ms / 1000.0;
     while (l->inflight) {
         double left = deadline - ue_now();
@@ -375,6 +519,9 @@ void ue_loop_close(ue_loop *l)
     free(l->heap);
     l->heap = NULL;
     l->heap_len = l->heap_cap = 0;
+    free(l->quiet);
+    l->quiet = NULL;
+    l->quiet_head = l->nquiet = l->quiet_cap = 0;
     if (l->fork_mark) {
         munmap((void *)l->fork_mark, (size_t)sysconf(_SC_PAGESIZE));
         l->fork_mark = NULL;
@@ -395,6 +542,8 @@ int ue_loop_rebuild(ue_loop *l)
     l->unsubmitted = 0;
     l->owner_tid = 0;
     l->wake_op.state = UE_OP_IDLE;
+    l->quiet_head = l->nquiet = 0; /* abandoned with the rest */
+    l->quiet_probed = 0;
     atomic_store(&l->sleeping, 0);
     l->pid = getpid();
     if (l->fork_mark)

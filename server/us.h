@@ -78,6 +78,10 @@ typedef struct us_state {
     /* Freed handles kept for reuse: they are GC objects, and allocating a
      * batch of them would trigger generation-0 collections. */
 #define US_FREELIST_SIZE 1024
+/* How many bytes of large writes one iteration may hold back for its quiet
+ * sends: they wait until the iteration ends, so this many stay in a core's
+ * cache (1 MiB of L2 here) while the iteration goes on. */
+#define US_DEFER_BUDGET (256 * 1024)
     struct us_handle *handle_free[US_FREELIST_SIZE];
     int handle_free_n;
     struct us_timer_handle *timer_free[US_FREELIST_SIZE];
@@ -101,6 +105,9 @@ typedef struct us_loop {
     PyObject **flush;
     Py_ssize_t flush_len, flush_cap;
     Py_ssize_t flushers; /* streams and connections that hold a place in it */
+    /* bytes of large writes this iteration may still hold back for its quiet
+     * sends (see stream_may_defer in us_stream.c); reset at each flush */
+    Py_ssize_t defer_budget;
 
     /* provided buffers for the streams' multishot recv, made on first use */
     ue_bufring recv_pool;

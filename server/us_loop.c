@@ -704,6 +704,7 @@ static int loop_run_once(us_loop *self)
 {
     if (self->flush_len)
         flush_writes(self);
+    self->defer_budget = US_DEFER_BUDGET;
     double timeout = loop_timeout(self);
     if (timeout == -2 || loop_poll(self, timeout) < 0 || loop_expire_timers(self) < 0)
         return -1;
@@ -851,10 +852,11 @@ static PyObject *loop_uring_info(us_loop *self, PyObject *unused)
 {
     (void)unused;
     static const char *modes[] = {"single_issuer+defer_taskrun", "coop_taskrun", "plain"};
-    return Py_BuildValue("{s:s,s:I,s:i,s:I,s:n,s:i,s:I,s:I,s:n}", "mode", modes[self->ue.mode], "features",
+    return Py_BuildValue("{s:s,s:I,s:i,s:I,s:n,s:i,s:I,s:I,s:n,s:O}", "mode", modes[self->ue.mode], "features",
                          self->ue.features, "ring_fd", self->ue.ring_fd, "inflight", self->ue.inflight,
                          "sockops_inflight", self->sockops_inflight, "owner_tid", self->ue.owner_tid, "sq_entries",
-                         self->ue.sq_size, "cq_entries", self->ue.cq_size, "timers", (Py_ssize_t)self->ue.heap_len);
+                         self->ue.sq_size, "cq_entries", self->ue.cq_size, "timers", (Py_ssize_t)self->ue.heap_len,
+                         "quiet_sends", self->ue.quiet_ok ? Py_True : Py_False);
 }
 
 /* BaseEventLoop.create_future() and get_debug(), in C: every await on a

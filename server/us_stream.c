@@ -97,6 +97,7 @@ typedef struct us_stream {
     char buffered;          /* 1 a BufferedProtocol, US_PROTO_SSL uringloop's SSLProtocol (fed without get_buffer) */
     char closing, read_paused, protocol_paused;
     char eof_requested, eof_sent, queued_flush, flush_reserved;
+    char deferred;    /* a large write waits for the flush's quiet send (stream_may_defer) */
     int queued_ready; /* entries of this stream in the ready queue (at most 2) */
     char lost_pending, lost_ready, lost_done;
     PyObject *context;      /* see stream_enter_context() */
@@ -834,19 +835,34 @@ static void stream_maybe_pause_protocol(us_stream *s)
     stream_flow_callback(s, "pause_writing", 1);
 }
 
-static void stream_maybe_resume_protocol(us_stream *s)
+/* Pauses or resumes the protocol from a send completion, in the
+ * transport's context (pause_writing() from write() runs in the caller's). */
+static void stream_flow_from_loop(us_stream *s, int pause)
 {
-    if (!s->protocol_paused || s->wbuf > s->low || !s->protocol)
-        return;
-    s->protocol_paused = 0;
-    Py_XSETREF(s->paused_obj, Py_NewRef(Py_False));
+    s->protocol_paused = (char)pause;
+    Py_XSETREF(s->paused_obj, Py_NewRef(pause ? Py_True : Py_False));
     int entered = stream_enter_context(s, s->context);
     if (entered < 0) {
         PyErr_WriteUnraisable((PyObject *)s);
         return;
     }
-    stream_flow_callback(s, "resume_writing", 0);
+    stream_flow_callback(s, pause ? "pause_writing" : "resume_writing", 0);
     stream_exit_context(s, s->context, entered);
+}
+
+/* After a deferred write's send: what the kernel did not take decides
+ * whether the protocol pauses, as it would have in write(). */
+static void stream_settle_deferred(us_stream *s)
+{
+    s->deferred = 0;
+    if (s->wbuf > s->high && !s->protocol_paused && s->protocol && !s->closing && !s->conn_lost)
+        stream_flow_from_loop(s, 1);
+}
+
+static void stream_maybe_resume_protocol(us_stream *s)
+{
+    if (s->protocol_paused && s->wbuf <= s->low && s->protocol)
+        stream_flow_from_loop(s, 0);
 }
 
 static void stream_shutdown_write(us_stream *s)
@@ -877,13 +893,28 @@ static int stream_fill_iov(us_stream *s)
     return n;
 }
 
-/* Arms one sendmsg over everything queued. */
-static void stream_arm_send(us_stream *s)
+/* Whether the send about to be armed over `n` queued chunks may be quiet
+ * (ue_op_arm_quiet): a flush's send of a socket's whole queue whose
+ * completion nobody waits for, since a quiet success is only learnt after
+ * the enter that submits it, however long that enter sleeps. Waiting are a
+ * paused protocol (resume_writing), close() and write_eof() (they act once
+ * the queue is empty), loop.sendfile(), and chunks left out of this send. */
+static int stream_send_may_be_quiet(us_stream *s, int n)
+{
+    return s->kind == US_STREAM_SOCKET && n == s->wq_len && s->wbuf <= (Py_ssize_t)UE_MAX_IO_LEN &&
+           !s->protocol_paused && !s->closing && !s->eof_requested && !s->empty_waiter &&
+           ue_quiet_reserve(&s->loop->ue);
+}
+
+/* Arms one sendmsg over everything queued; quiet when `from_flush` and
+ * nothing waits on it (see stream_send_may_be_quiet). */
+static void stream_arm_send(us_stream *s, int from_flush)
 {
     us_loop *loop = s->loop;
     if (loop->closing)
         return; /* see stream_arm_recv */
     int n = stream_fill_iov(s);
+    int quiet = from_flush && stream_send_may_be_quiet(s, n);
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe) {
         PyErr_SetString(PyExc_RuntimeError, "uringloop: the io_uring submission queue is full");
@@ -891,12 +922,15 @@ static void stream_arm_send(us_stream *s)
         return;
     }
     if (s->kind == US_STREAM_SOCKET)
-        ue_prep_send_iov(sqe, s->fd, &s->msg, s->iov, n, MSG_NOSIGNAL);
+        ue_prep_send_iov(sqe, s->fd, &s->msg, s->iov, n, MSG_NOSIGNAL | (quiet ? UE_QUIET_SEND_FLAGS : 0));
     else if (n == 1) /* as a plain write, for the same reason */
         io_uring_prep_write(sqe, s->fd, s->iov[0].iov_base, ue_io_len(s->iov[0].iov_len), (uint64_t)-1);
     else
         io_uring_prep_writev(sqe, s->fd, s->msg.msg_iov, (unsigned)n, (uint64_t)-1);
-    ue_op_arm(&loop->ue, &s->send_op, sqe, stream_send_cb);
+    if (quiet)
+        ue_op_arm_quiet(&loop->ue, &s->send_op, sqe, stream_send_cb, (int32_t)s->wbuf);
+    else
+        ue_op_arm(&loop->ue, &s->send_op, sqe, stream_send_cb);
     loop->sockops_inflight++;
     Py_INCREF(s);
 }
@@ -907,7 +941,7 @@ void us_stream_flush(PyObject *o)
     us_stream *s = (us_stream *)o;
     s->queued_flush = 0;
     if (!s->conn_lost && s->wq_len && !ue_op_busy(&s->send_op))
-        stream_arm_send(s);
+        stream_arm_send(s, 1);
 }
 
 static void stream_consume(us_stream *s, size_t n)
@@ -934,6 +968,8 @@ static void stream_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     (void)flags;
     us_stream *s = US_CONTAINER(op, us_stream, send_op);
     s->loop->sockops_inflight--;
+    if (res == -EAGAIN)
+        res = 0; /* a quiet send the kernel had no room for: armed again below, to wait */
     if (res < 0) {
         if (res != -ECANCELED && !s->conn_lost) {
             PyObject *exc = us_oserror_from_res(res);
@@ -942,11 +978,13 @@ static void stream_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         }
     } else if (!s->conn_lost) {
         stream_consume(s, (size_t)res);
+        if (s->deferred)
+            stream_settle_deferred(s);
         stream_maybe_resume_protocol(s);
         if (PyErr_Occurred())
             PyErr_WriteUnraisable((PyObject *)s);
         if (s->wq_len) {
-            stream_arm_send(s); /* the rest, without waiting for the next flush */
+            stream_arm_send(s, 0); /* the rest, without waiting for the next flush */
         } else {
             stream_settle_empty_waiter(s, 0);
             if (s->eof_requested)
@@ -988,6 +1026,7 @@ static int stream_queue(us_stream *s, PyObject *chunk)
  * asyncio does, so pause_writing() means the kernel really refused it. */
 static void stream_send_now(us_stream *s)
 {
+    s->deferred = 0;
     int n = stream_fill_iov(s);
     ssize_t sent = s->kind == US_STREAM_SOCKET ? sendmsg(s->fd, &s->msg, MSG_DONTWAIT | MSG_NOSIGNAL)
                                                : writev(s->fd, s->iov, n); /* the fd is non-blocking */
@@ -998,6 +1037,25 @@ static void stream_send_now(us_stream *s)
         stream_fatal_error(s, exc, "Fatal write error on socket transport");
         Py_XDECREF(exc);
     }
+}
+
+/* A write that crosses the high-water mark may still wait for the flush,
+ * once per socket and iteration, within the iteration's budget: its send is
+ * then quiet, so on one connection a large echo costs an enter and a recv,
+ * not also a sendmsg. The protocol is not paused for it in write(): the
+ * quiet send's outcome decides, as the kernel's answer does in asyncio
+ * (stream_settle_deferred), so pause_writing() still means the kernel
+ * refused. A second crossing write in the iteration sends everything at
+ * once (stream_send_now), as before. */
+static int stream_may_defer(us_stream *s)
+{
+    us_loop *loop = s->loop;
+    if (s->kind != US_STREAM_SOCKET || s->deferred || s->wbuf > loop->defer_budget || !loop->ue.quiet_ok ||
+        s->closing || s->eof_requested)
+        return 0;
+    loop->defer_budget -= s->wbuf;
+    s->deferred = 1;
+    return 1;
 }
 
 /* asyncio's write() hands its data to the kernel at once, so its abort()
@@ -1105,11 +1163,13 @@ static PyObject *stream_write_buffer(us_stream *s, PyObject *data)
      * Not while the protocol is paused: a send here that emptied the queue
      * would leave no send completion to call resume_writing() (asyncio too
      * only queues behind a non-empty buffer). */
-    if ((s->kind != US_STREAM_SOCKET || s->wbuf > s->high) && !s->protocol_paused && !ue_op_busy(&s->send_op))
+    if ((s->kind != US_STREAM_SOCKET || s->wbuf > s->high) && !s->protocol_paused && !ue_op_busy(&s->send_op) &&
+        !stream_may_defer(s))
         stream_send_now(s);
     if (s->wq_len)
         stream_schedule_flush(s);
-    stream_maybe_pause_protocol(s);
+    if (!s->deferred)
+        stream_maybe_pause_protocol(s);
     if (PyErr_Occurred())
         return NULL;
     Py_RETURN_NONE;

@@ -100,6 +100,17 @@ async def drain_peer_until(peer, done):
         await asyncio.sleep(0.001)
 
 
+
+async def drain_peer_into(peer, got, done):
+    """Reads what reaches the raw peer into `got` until done()."""
+    peer.setblocking(False)
+    while not done():
+        try:
+            got += peer.recv(1 << 20)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+
+
 def test_echo_protocol_roundtrip_and_callbacks_once(loop):
     async def main():
         server, addr = await echo_server(loop)
@@ -636,18 +647,23 @@ def test_a_protocol_replaced_inside_get_buffer_gets_every_byte():
     assert old.updated == 0 and bytes(plain.got) == payload
 
 
+class _CountsFlow:
+    """Counts pause_writing() and resume_writing() calls."""
+
+    paused = 0
+    resumed = 0
+
+    def pause_writing(self):
+        self.paused += 1
+
+    def resume_writing(self):
+        self.resumed += 1
+
+
 def test_write_flow_control_pauses_and_resumes(loop):
-    class Producer(asyncio.Protocol):
+    class Producer(_CountsFlow, asyncio.Protocol):
         def __init__(self):
-            self.paused = 0
-            self.resumed = 0
             self.lost = loop.create_future()
-
-        def pause_writing(self):
-            self.paused += 1
-
-        def resume_writing(self):
-            self.resumed += 1
 
         def connection_lost(self, exc):
             self.lost.set_result(exc)
@@ -675,16 +691,8 @@ def test_writes_while_paused_still_end_in_resume_writing(loop):
     to a fast reader once left the protocol paused with nothing queued, and
     its drain() waited until its timeout."""
 
-    class Producer(asyncio.Protocol):
-        def __init__(self):
-            self.paused = 0
-            self.resumed = 0
-
-        def pause_writing(self):
-            self.paused += 1
-
-        def resume_writing(self):
-            self.resumed += 1
+    class Producer(_CountsFlow, asyncio.Protocol):
+        pass
 
     def drain_peer(peer):
         got = 0
@@ -765,6 +773,114 @@ def test_abort_inside_resume_writing_loses_the_connection_once():
     finally:
         loop.close()
     assert lost == [None] and not errors
+
+
+
+class _FlowRecorder(_CountsFlow, Recorder):
+    """A Recorder that also counts pause_writing() and resume_writing()."""
+
+
+def _squeezed(tr):
+    """Shrinks the transport's socket buffer, so that 200 KB do not fit."""
+    tr.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+
+
+def test_a_large_write_the_kernel_refuses_pauses_before_the_next_callback(loop):
+    """One write above the high-water mark: asyncio offers it to the kernel
+    in write() and pauses there for what is refused; uringloop may hold it
+    for the iteration's send (stream_may_defer) and pauses when that send
+    comes back short, before any other callback. Either way the protocol is
+    paused by the time the writer next runs, resumed once the peer reads,
+    and every byte arrives in order."""
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: _FlowRecorder(loop))
+        _squeezed(tr)
+        tr.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+        payload = bytes(range(256)) * 800  # 200 KB
+        tr.write(payload)
+        await asyncio.sleep(0)
+        assert pr.paused == 1 and tr.get_write_buffer_size() > 64 * 1024
+        got = bytearray()
+        await drain_peer_into(peer, got, lambda: len(got) == len(payload))
+        assert bytes(got) == payload
+        await asyncio.sleep(0.01)
+        assert (pr.paused, pr.resumed, tr.get_write_buffer_size()) == (1, 1, 0)
+        tr.close()
+        await pr.lost
+        peer.close()
+
+    run(loop, main(), timeout=30)
+
+
+@pytest.mark.parametrize("then", ["close", "write_eof", "write_again", "abort"])
+def test_a_large_write_then_another_call_in_the_same_callback(loop, then):
+    """A write above the high-water mark followed at once by close(),
+    write_eof(), a second large write or abort(): the peer gets the bytes
+    in order (after abort(), what the kernel took), then the end."""
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: _FlowRecorder(loop))
+        tr.set_write_buffer_limits(high=64 * 1024)
+        first, second = b"a" * 100_000, b"b" * 150_000
+        tr.write(first)
+        expected = first
+        if then == "close":
+            tr.close()
+        elif then == "write_eof":
+            tr.write_eof()
+        elif then == "write_again":
+            tr.write(second)
+            expected += second
+            tr.write_eof()
+        else:
+            tr.abort()
+        got = await loop.run_in_executor(None, recv_to_end, peer)
+        if then == "abort":
+            assert expected.startswith(got)
+        else:
+            assert got == expected
+        tr.close()
+        await pr.lost
+        peer.close()
+
+    run(loop, main(), timeout=30)
+
+
+def test_large_writes_with_drain_reach_a_slow_reader(loop):
+    """writer.write(100 KB) then drain(), fifty times, to a reader that
+    takes 16 KB at a time in another thread: nothing waits for a send
+    completion that never comes, and every byte arrives."""
+    chunk = bytes(range(256)) * 400
+    total = 50 * len(chunk)
+
+    def slow_reader(sock):
+        got = bytearray()
+        sock.settimeout(10)
+        while len(got) < total:
+            data = sock.recv(16384)
+            if not data:
+                break
+            got += data
+        return bytes(got)
+
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        peer, _ = listener.accept()
+        listener.close()
+        received = loop.run_in_executor(None, slow_reader, peer)
+        for _ in range(50):
+            writer.write(chunk)
+            await writer.drain()
+        assert await received == chunk * 50
+        writer.close()
+        await writer.wait_closed()
+        peer.close()
+
+    run(loop, main(), timeout=30)
 
 
 def test_pause_reading_loses_nothing(loop):
@@ -1041,6 +1157,18 @@ def recv_to_eof(peer, timeout=5):
     while chunk := peer.recv(100):
         got += chunk
     return got
+
+
+def recv_to_end(peer, timeout=5):
+    """As recv_to_eof(), also when the end is a reset."""
+    peer.settimeout(timeout)
+    got = bytearray()
+    try:
+        while chunk := peer.recv(1 << 16):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return bytes(got)
 
 
 def test_abort_drops_writes_and_reaches_peer(loop):

@@ -309,6 +309,147 @@ static void test_fork_gets_fresh_ring(void)
     close_pair_and_loop(sv, &l);
 }
 
+/* Quiet sends (ue_op_arm_quiet). The probe run by ue_loop_start() decides
+ * whether this kernel has what they need; where it has not, none may be
+ * armed. */
+static int setup_quiet(ue_loop *l)
+{
+    setup(l);
+    if (l->quiet_ok)
+        return 1;
+    CHECK(!ue_quiet_reserve(l));
+    printf("     (this kernel failed the quiet-send probe: ue_quiet_reserve refuses)\n");
+    ue_loop_close(l);
+    return 0;
+}
+
+static void arm_quiet_send(ue_loop *l, probe_op *p, int fd, const char *buf, unsigned len)
+{
+    REQUIRE(ue_quiet_reserve(l));
+    struct io_uring_sqe *sqe = ue_sqe(l);
+    REQUIRE(sqe);
+    io_uring_prep_send(sqe, fd, buf, len, UE_QUIET_SEND_FLAGS | MSG_NOSIGNAL);
+    ue_op_arm_quiet(l, &p->op, sqe, probe_cb, (int32_t)len);
+}
+
+static void test_quiet_send_success_posts_no_cqe(void)
+{
+    ue_loop l;
+    if (!setup_quiet(&l))
+        return;
+    int sv[2];
+    open_pair(sv);
+    probe_op p = {0};
+    arm_quiet_send(&l, &p, sv[0], "hello", 5);
+    CHECK(l.inflight == 1);
+    REQUIRE(ue_wait(&l, 0) == 0);
+    CHECK(io_uring_cq_ready(&l.ring) == 0); /* sent, and nothing posted */
+    ue_dispatch(&l);                        /* settles it */
+    CHECK(p.finals == 1 && p.last_res == 5 && p.last_flags == 0);
+    CHECK(l.inflight == 0 && !ue_op_busy(&p.op));
+    char got[8] = {0};
+    CHECK(read(sv[1], got, sizeof got) == 5 && memcmp(got, "hello", 5) == 0);
+    /* not settled twice */
+    ue_wait(&l, 0);
+    ue_dispatch(&l);
+    CHECK(p.finals == 1);
+    close_pair_and_loop(sv, &l);
+}
+
+static void test_quiet_send_reports_part_and_refusal(void)
+{
+    ue_loop l;
+    if (!setup_quiet(&l))
+        return;
+    int sv[2];
+    open_pair(sv);
+    int small = 4096;
+    REQUIRE(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small) == 0);
+    enum { BIG = 256 * 1024 };
+    char *big = calloc(1, BIG);
+    REQUIRE(big);
+    probe_op p = {0};
+    arm_quiet_send(&l, &p, sv[0], big, BIG);
+    REQUIRE(ue_wait(&l, 0) == 0);
+    CHECK(io_uring_cq_ready(&l.ring) == 1); /* posted within the submitting enter */
+    ue_dispatch(&l);
+    CHECK(p.finals == 1 && p.last_res > 0 && p.last_res < BIG);
+    arm_quiet_send(&l, &p, sv[0], big, BIG);
+    REQUIRE(ue_wait(&l, 0) == 0);
+    ue_dispatch(&l);
+    CHECK(p.finals == 2 && p.last_res == -EAGAIN);
+    CHECK(l.inflight == 0 && l.nquiet == 0);
+    close_pair_and_loop(sv, &l);
+    free(big);
+}
+
+/* A failed quiet op may be freed by its callback: settling must not touch
+ * it afterwards (ASan sees it if it does). */
+static void free_on_final(ue_loop *l, ue_op *op, int32_t res, uint32_t flags)
+{
+    probe_cb(l, op, res, flags);
+    free(op);
+}
+
+static void test_quiet_send_freed_by_its_failure_callback(void)
+{
+    ue_loop l;
+    if (!setup_quiet(&l))
+        return;
+    int sv[2];
+    open_pair(sv);
+    close(sv[1]); /* the send fails: EPIPE */
+    sv[1] = -1;
+    probe_op *p = calloc(1, sizeof *p);
+    REQUIRE(p && ue_quiet_reserve(&l));
+    struct io_uring_sqe *sqe = ue_sqe(&l);
+    REQUIRE(sqe);
+    io_uring_prep_send(sqe, sv[0], "x", 1, UE_QUIET_SEND_FLAGS | MSG_NOSIGNAL);
+    ue_op_arm_quiet(&l, &p->op, sqe, free_on_final, 1);
+    REQUIRE(ue_wait(&l, 0) == 0);
+    CHECK(ue_dispatch(&l) == 1);
+    CHECK(l.inflight == 0 && l.nquiet == 0);
+    close(sv[0]);
+    ue_loop_close(&l);
+}
+
+typedef struct {
+    int fd;
+} delayed_write_arg;
+
+static void *write_after_50ms(void *a)
+{
+    usleep(50 * 1000);
+    ssize_t n = write(((delayed_write_arg *)a)->fd, "w", 1);
+    (void)n;
+    return NULL;
+}
+
+/* The point of quiet sends: one submitted with a wait does not end it. */
+static void test_quiet_send_does_not_end_the_wait(void)
+{
+    ue_loop l;
+    if (!setup_quiet(&l))
+        return;
+    int a[2], b[2];
+    open_pair(a);
+    open_pair(b);
+    probe_op recv = {0}, send = {0};
+    arm_recv(&l, &recv, b[0]);
+    arm_quiet_send(&l, &send, a[0], "q", 1);
+    delayed_write_arg arg = {b[1]};
+    pthread_t t;
+    REQUIRE(pthread_create(&t, NULL, write_after_50ms, &arg) == 0);
+    REQUIRE(ue_wait(&l, 5.0) == 0); /* ends with the recv, 50 ms on */
+    ue_dispatch(&l);
+    pthread_join(t, NULL);
+    CHECK(recv.finals == 1 && recv.last_res == 1);
+    CHECK(send.finals == 1 && send.last_res == 1);
+    close_pair_and_loop(b, &l);
+    close(a[0]);
+    close(a[1]);
+}
+
 int main(void)
 {
     RUN(test_recv_completes_once);
@@ -322,5 +463,9 @@ int main(void)
     RUN(test_cancel_all);
     RUN(test_ring_belongs_to_one_thread);
     RUN(test_fork_gets_fresh_ring);
+    RUN(test_quiet_send_success_posts_no_cqe);
+    RUN(test_quiet_send_reports_part_and_refusal);
+    RUN(test_quiet_send_freed_by_its_failure_callback);
+    RUN(test_quiet_send_does_not_end_the_wait);
     return TEST_EXIT();
 }
