@@ -52,9 +52,8 @@ struct ue_op {
 /* A quiet op (ue_op_arm_quiet) awaiting its verdict: it posts no CQE when it
  * succeeds, so success is inferred once the kernel has consumed its SQE. */
 typedef struct ue_quiet {
-    ue_op *op;
+    ue_op *op;       /* an op has one entry at most; NULL once its CQE came */
     unsigned sq_pos; /* its SQE's place in the SQ (compared with the kernel's head) */
-    uint16_t gen;    /* the arming it belongs to */
     int32_t res;     /* what its callback gets on success */
 } ue_quiet;
 

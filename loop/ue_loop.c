@@ -146,9 +146,24 @@ static void ue__wake_cb(ue_loop *l, ue_op *op, int32_t res, uint32_t flags)
     }
 }
 
-/* Submits one probe send of `len` bytes from `buf` and counts the probe's
- * CQEs now in the CQ (left there; ue_dispatch skips them). *last gets the
- * res of the newest. -1 when the submit failed. */
+/* How many of the probe's CQEs are in the CQ (left there: ue_dispatch
+ * skips them); *last gets the res of the newest. */
+static unsigned ue__probe_cqes(ue_loop *l, int32_t *last)
+{
+    unsigned head, n = 0;
+    struct io_uring_cqe *cqe;
+    io_uring_for_each_cqe(&l->ring, head, cqe)
+    {
+        if (cqe->user_data == UE_UD_PROBE) {
+            n++;
+            *last = cqe->res;
+        }
+    }
+    return n;
+}
+
+/* Submits one probe send of `len` bytes from `buf`; returns the probe's
+ * CQEs then in the CQ (ue__probe_cqes), or -1 when the submit failed. */
 static int ue__probe_send(ue_loop *l, int fd, const char *buf, unsigned len, int32_t *last)
 {
     struct io_uring_sqe *sqe = ue_sqe(l);
@@ -160,17 +175,7 @@ static int ue__probe_send(ue_loop *l, int fd, const char *buf, unsigned len, int
     if (io_uring_submit_and_get_events(&l->ring) < 0)
         return -1;
     l->unsubmitted = 0;
-    unsigned head;
-    struct io_uring_cqe *cqe;
-    int n = 0;
-    io_uring_for_each_cqe(&l->ring, head, cqe)
-    {
-        if (cqe->user_data == UE_UD_PROBE) {
-            n++;
-            *last = cqe->res;
-        }
-    }
-    return n;
+    return (int)ue__probe_cqes(l, last);
 }
 
 /* Whether this kernel gives quiet sends what they need (see ue.h): on a
@@ -197,9 +202,7 @@ static int ue__probe_quiet(ue_loop *l)
     close(sv[1]);
     /* Take the probe's CQEs out of the way when they are all there is (the
      * first start of a ring); otherwise ue_dispatch() skips them. */
-    unsigned head, mine = 0;
-    struct io_uring_cqe *cqe;
-    io_uring_for_each_cqe(&l->ring, head, cqe) mine += cqe->user_data == UE_UD_PROBE;
+    unsigned mine = ue__probe_cqes(l, &res);
     if (mine && mine == io_uring_cq_ready(&l->ring))
         io_uring_cq_advance(&l->ring, mine);
     /* When a step failed its send may still be in the kernel, to read the
@@ -232,7 +235,6 @@ void ue_op_arm_quiet(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb c
     ue_quiet *q = &l->quiet[l->nquiet++];
     q->op = op;
     q->sq_pos = l->ring.sq.sqe_tail - 1; /* the SQE ue_sqe() just handed out */
-    q->gen = op->gen;
     q->res = res_on_success;
 }
 
@@ -241,7 +243,7 @@ void ue_op_arm_quiet(ue_loop *l, ue_op *op, struct io_uring_sqe *sqe, ue_op_cb c
 static void ue__quiet_forget(ue_loop *l, const ue_op *op)
 {
     for (unsigned i = l->quiet_head; i < l->nquiet; i++)
-        if (l->quiet[i].op == op && l->quiet[i].gen == op->gen)
+        if (l->quiet[i].op == op)
             l->quiet[i].op = NULL;
 }
 
@@ -258,8 +260,8 @@ static void ue__settle_quiet(ue_loop *l)
     l->quiet_settling = 1;
     while (l->quiet_head < l->nquiet && (int)(consumed - l->quiet[l->quiet_head].sq_pos) > 0) {
         ue_quiet q = l->quiet[l->quiet_head++]; /* a callback may arm more */
-        if (!q.op || q.op->gen != q.gen || q.op->state == UE_OP_IDLE)
-            continue;
+        if (!q.op)
+            continue; /* it failed: its CQE was dispatched */
         q.op->quiet = 0;
         q.op->state = UE_OP_IDLE;
         if (!q.op->internal)
