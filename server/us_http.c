@@ -633,12 +633,21 @@ static void conn_input(us_httpconn *c, const char *data, size_t len)
     conn_feed(c, data, len, 0);
 }
 
-/* The client closed its side or the connection failed. */
-static void conn_input_ended(us_httpconn *c)
+/* The client closed its side (`fin`: a FIN, from a client that is gone or
+ * one that half-closed and still reads, as `printf ... | nc -N` does) or
+ * the connection failed. After a FIN the requests that arrived whole are
+ * still answered, unless their app asks receive() and so learns of it (see
+ * us_httpcycle_input_ended). A request cut short, or any after a failure,
+ * is disconnected. */
+static void conn_input_ended(us_httpconn *c, int fin)
 {
     c->eof = 1;
-    for (int i = 0; i < c->ncycles; i++)
-        us_httpcycle_disconnect(c->cycles[i]);
+    for (int i = 0; i < c->ncycles; i++) {
+        if (fin && c->cycles[i]->body_complete)
+            us_httpcycle_input_ended(c->cycles[i]);
+        else
+            us_httpcycle_disconnect(c->cycles[i]);
+    }
     if (c->lingering || !c->ncycles || c->dead) {
         conn_close(c);
     } else {
@@ -661,7 +670,7 @@ static void conn_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         if (flags & IORING_CQE_F_BUFFER) /* not for a socket at EOF today, but ours if so */
             ue_bufring_recycle(&loop->recv_pool, ue_cqe_bid(flags));
         if (!c->eof)
-            conn_input_ended(c);
+            conn_input_ended(c, res == 0);
     }
     if (PyErr_Occurred())
         PyErr_WriteUnraisable((PyObject *)c);

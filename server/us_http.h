@@ -147,6 +147,7 @@ struct us_httpcycle {
     char body_complete, final_returned, response_started, head_written;
     char response_complete, chunked, head_request, keep_alive, http10;
     char continue_sent, disconnected, rejected;
+    char input_ended; /* the client half-closed after this request arrived whole */
 };
 
 /* us_http.c */
@@ -166,6 +167,7 @@ PyObject *us_http_build_scope(us_httpconn *c, uh_parser *p, const uh_request *re
 int us_httpcycle_start(us_httpcycle *cy);
 void us_httpcycle_wake(us_httpcycle *cy);
 void us_httpcycle_disconnect(us_httpcycle *cy);
+void us_httpcycle_input_ended(us_httpcycle *cy);
 int us_httpcycle_error_response(us_httpcycle *cy, int status, const char *text);
 PyObject *us_done_none_new(us_state *st);
 PyObject *us_http_simple_response(us_httpserver *srv, int status, const char *text);

@@ -756,6 +756,8 @@ static PyObject *next_message(us_httpcycle *cy)
         Py_DECREF(body);
         return m;
     }
+    if (cy->input_ended)
+        cy->disconnected = 1; /* told so: from here its send() raises, as after a reset */
     if (cy->disconnected || (cy->final_returned && cy->response_complete))
         return make_message(st, st->h_t_disconnect);
     if (!cy->final_returned && (cy->req_flags & UH_REQ_EXPECT_CONTINUE) && !cy->continue_sent &&
@@ -822,6 +824,17 @@ void us_httpcycle_wake(us_httpcycle *cy)
 void us_httpcycle_disconnect(us_httpcycle *cy)
 {
     cy->disconnected = 1;
+    us_httpcycle_wake(cy);
+}
+
+/* The client half-closed after the whole request. It may be gone (a FIN
+ * is all a close() sends) or still reading (a half-close), so the cycle is
+ * disconnected only once its app learns of it: receive(), after the body,
+ * says http.disconnect, and from then on send() raises (ASGI 2.4). An app
+ * that answers without asking gets its response sent. */
+void us_httpcycle_input_ended(us_httpcycle *cy)
+{
+    cy->input_ended = 1;
     us_httpcycle_wake(cy);
 }
 

@@ -437,6 +437,39 @@ def test_body_longer_than_content_length(server):
     assert "Response content longer than Content-Length" in server.log
 
 
+def test_a_client_that_half_closes_gets_its_responses(server):
+    """A client that sends its requests and then shuts down its sending side
+    (`printf ... | nc -N`, a FIN it sends while it still reads) is answered:
+    every request that arrived whole, a slow one among them, then the close.
+    Before, the FIN disconnected every request in flight, so whether the
+    client got anything depended on whether the app had answered before the
+    FIN was read (9 in 20 with the fast app)."""
+    for _ in range(10):
+        with connect(server.port) as s:
+            s.sendall(get("/") + get("/slow?0.05") + get("/echo").replace(b"GET", b"POST", 1))
+            s.shutdown(socket.SHUT_WR)
+            rd = Reader(s)
+            got = [rd.response() for _ in range(3)]
+            assert [(r.status, r.body) for r in got] == [(200, b"Hello, world!"), (200, b"slow done"), (200, b"")]
+            assert rd.closed(timeout=5)
+    alive(server.port)
+
+
+def test_an_app_that_asks_after_a_half_close_learns_of_it(server, tmp_path):
+    """After the client's FIN the server cannot tell a client that is gone
+    from one that half-closed: an app that waits in receive() is told
+    http.disconnect, and its send() then raises, as after a close."""
+    marker = tmp_path / "disc"
+    with connect(server.port) as s:
+        s.sendall(get(f"/wait-disconnect?{marker}"))
+        s.shutdown(socket.SHUT_WR)
+        assert Reader(s).closed(timeout=5)
+    deadline = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.read_text() == "disconnected ClientDisconnected"
+
+
 def test_disconnect_reaches_the_app(server, tmp_path):
     marker = tmp_path / "disc"
     with connect(server.port) as s:
