@@ -25,6 +25,8 @@ int uh_buf_reserve(uh_buf *b, size_t extra)
 
 int uh_buf_append(uh_buf *b, const void *data, size_t len)
 {
+    if (!len)
+        return 0; /* an empty buffer has no data pointer for memcpy() */
     if (uh_buf_reserve(b, len) < 0)
         return -1;
     memcpy(b->data + b->len, data, len);
