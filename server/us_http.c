@@ -715,13 +715,34 @@ static int conn_send_file(us_httpconn *c, us_seg *s)
     return 0;
 }
 
-static int conn_submit_send(us_httpconn *c)
+/* Whether the flush's send over `n` queued segments may be quiet
+ * (ue_op_arm_quiet): one that takes the whole queue and whose completion
+ * nobody waits for, since a quiet success is learnt only after the enter
+ * that submits it, however long that enter sleeps (on a keep-alive
+ * connection, until the next request). Waiting on a send are a send() held
+ * at the high-water mark (the head cycle's drain_waiter), a connection that
+ * closes once its responses are out (close_after, no_more, an error
+ * response in `tail`), a WebSocket handover (upgrading) and a lingering
+ * close. A response's end does not wait: the cycle is done when its last
+ * bytes are queued. */
+static int conn_send_may_be_quiet(us_httpconn *c, int n)
+{
+    return n == c->wq.len && c->wq.bytes <= US_HTTP_WRITE_HIGH && !(c->ncycles && c->cycles[0]->drain_waiter) &&
+           !c->tail && !c->close_after && !c->no_more && !c->upgrading && !c->lingering && !c->eof &&
+           ue_quiet_reserve(&c->srv->loop->ue);
+}
+
+/* Arms one send over the queue's bytes up to its first file (or a sendfile
+ * round for a file at the head); quiet when `from_flush` and nothing waits
+ * on it (see conn_send_may_be_quiet). */
+static int conn_submit_send(us_httpconn *c, int from_flush)
 {
     us_loop *loop = c->srv->loop;
     us_seg *first = us_segq_at(&c->wq, 0);
     if (first->fd >= 0)
         return conn_send_file(c, first);
     int n = 0;
+    size_t total = 0;
     for (int i = 0; i < c->wq.len && n < 64; i++) {
         us_seg *s = us_segq_at(&c->wq, i);
         if (!s->obj)
@@ -734,14 +755,19 @@ static int conn_submit_send(us_httpconn *c)
         }
         c->iov[n].iov_base = (void *)p;
         c->iov[n].iov_len = (size_t)len;
+        total += (size_t)len;
         n++;
     }
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe)
         return -EBUSY;
-    ue_prep_send_iov(sqe, c->fd, &c->msg, c->iov, n, MSG_NOSIGNAL);
+    int quiet = from_flush && conn_send_may_be_quiet(c, n);
+    ue_prep_send_iov(sqe, c->fd, &c->msg, c->iov, n, MSG_NOSIGNAL | (quiet ? UE_QUIET_SEND_FLAGS : 0));
     c->sent_iov = n;
-    ue_op_arm(&loop->ue, &c->send_op, sqe, conn_send_cb);
+    if (quiet)
+        ue_op_arm_quiet(&loop->ue, &c->send_op, sqe, conn_send_cb, (int32_t)total);
+    else
+        ue_op_arm(&loop->ue, &c->send_op, sqe, conn_send_cb);
     loop->sockops_inflight++;
     Py_INCREF(c);
     return 0;
@@ -760,7 +786,7 @@ static void conn_after_send(us_httpconn *c)
         c->tail = NULL;
         if (us_segq_push(&c->wq, seg) < 0)
             PyErr_WriteUnraisable((PyObject *)c);
-        else if (conn_submit_send(c) < 0)
+        else if (conn_submit_send(c, 0) < 0)
             c->dead = 1;
         return;
     }
@@ -782,7 +808,7 @@ void us_httpconn_flush(PyObject *o)
     if (ue_op_busy(&c->send_op))
         return;
     if (c->wq.len) {
-        int rc = conn_submit_send(c);
+        int rc = conn_submit_send(c, 1);
         if (rc < 0) {
             c->dead = 1;
             conn_close(c);
@@ -798,6 +824,8 @@ static void conn_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     (void)flags;
     us_httpconn *c = US_CONTAINER(op, us_httpconn, send_op);
     c->srv->loop->sockops_inflight--;
+    if (res == -EAGAIN)
+        res = 0; /* a quiet send the kernel had no room for: armed again below, to wait */
     if (c->sent_iov < 0) {
         /* a sendfile round: POLLOUT or an error */
         us_seg *s = c->wq.len ? us_segq_at(&c->wq, 0) : NULL;
@@ -830,7 +858,7 @@ static void conn_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
             us_httpcycle_disconnect(c->cycles[i]);
         conn_close(c);
     } else if (!c->closed && c->wq.len) {
-        if (conn_submit_send(c) < 0) {
+        if (conn_submit_send(c, 0) < 0) {
             c->dead = 1;
             conn_close(c);
         }

@@ -1,0 +1,158 @@
+"""The HTTP server's sends, and what waits for them to complete.
+
+The server sends a connection's queued responses with a quiet send
+(`ue_op_arm_quiet`) when nothing waits for that send to complete: its
+success is learnt only once the `io_uring_enter` that submitted it returns,
+and on a keep-alive connection that enter sleeps until the next request.
+A send that something does wait for (a close after the response, an error
+response queued behind it) must stay an ordinary send, whose completion
+ends the wait.
+
+These tests drive the C server in-process on a uringloop that has nothing
+else to wake it (no timers, no other sockets): the client runs in an
+executor thread, and the loop hears from it only when it is done. A send
+wrongly made quiet leaves the client waiting for a close that comes only
+after its 3 s timeout."""
+
+import asyncio
+import socket
+
+import pytest
+
+import uringloop
+from uringloop._core import HttpServer
+
+from http_support import Reader, get
+
+BIG = 60 * 1024  # under the server's high-water mark (64 KiB): a quiet send's size
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    size = {"/big": BIG, "/4k": 4096}.get(scope["path"])
+    body = bytes(range(256)) * (size // 256) if size else b"ok"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def log_error(message, exc):
+    raise AssertionError(f"server logged an error: {message} {exc!r}")
+
+
+def serve_one_client(client_side, buffers=None):
+    """Runs `client_side(sock)` in a thread against an in-process server on
+    a fresh uringloop, whose only other wake-up is the thread's end; returns
+    what it returned, once the server has let the connection go. With
+    `buffers`, the server's send buffer and the client's receive buffer
+    get that size (the accepted socket inherits the listener's)."""
+    loop = uringloop.new_event_loop()
+    lsock = socket.socket()
+    if buffers:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+
+    async def main():
+        # keep-alive and header deadlines far beyond the client's timeouts:
+        # no server timer ends a wait either
+        core = HttpServer(loop, app, log_error, keepalive_timeout=60.0, header_timeout=60.0)
+        core.listen(lsock)
+        client = socket.socket()
+        client.settimeout(5)
+        if buffers:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+        client.connect(lsock.getsockname())
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            result = await loop.run_in_executor(None, client_side, client)
+        finally:
+            client.close()
+        for _ in range(200):
+            if not core.stats["connections"]:
+                break
+            await asyncio.sleep(0.01)
+        assert core.stats["connections"] == 0
+        core.stop_accepting()
+        return result
+
+    try:
+        return loop.run_until_complete(asyncio.wait_for(main(), 30))
+    finally:
+        lsock.close()
+        loop.close()
+
+
+def responses_then_close(raw, count, half_close=False):
+    def client_side(sock):
+        sock.sendall(raw)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        rd = Reader(sock)
+        got = [rd.response() for _ in range(count)]
+        return got, rd.closed(timeout=3)
+
+    return client_side
+
+
+@pytest.mark.parametrize(
+    "raw, statuses, half_close",
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [200], False),
+        (b"GET / HTTP/1.0\r\nHost: x\r\n\r\n", [200], False),
+        (get("/") + get("/big") + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", [200, 200, 200], False),
+        (get("/"), [200], True),
+        (get("/") + b"GARBAGE\x01\r\n\r\n", [200, 400], False),
+    ],
+    ids=["connection-close", "http-1.0", "pipelined-then-close", "client-half-closed", "error-after-a-response"],
+)
+def test_the_close_after_the_last_response_follows_it(raw, statuses, half_close):
+    """The server closes a connection once its last response is out: that
+    send must complete by itself, not with the loop's next wake-up."""
+    got, closed = serve_one_client(responses_then_close(raw, len(statuses), half_close))
+    assert [r.status for r in got] == statuses
+    assert got[0].body == b"ok"
+    assert closed, "the server did not close the connection after its last response"
+
+
+def test_keep_alive_responses_need_no_other_wake_up():
+    """Request after request on one keep-alive connection, each sent only
+    once the response before it is in: every response goes out with the
+    wait that follows it, and nothing is held back until a later event."""
+
+    def client_side(sock):
+        rd = Reader(sock)
+        bodies = []
+        for i in range(200):
+            sock.sendall(get("/big" if i % 3 == 0 else "/"))
+            bodies.append(rd.response().body)
+        return bodies
+
+    bodies = serve_one_client(client_side)
+    assert len(bodies) == 200
+    assert all(b == (bytes(range(256)) * (BIG // 256) if i % 3 == 0 else b"ok") for i, b in enumerate(bodies))
+
+
+@pytest.mark.parametrize("path, size", [("/4k", 4096), ("/big", BIG)])
+def test_responses_the_kernel_cannot_take_at_once_all_arrive_in_order(path, size):
+    """A client asks for response after response, each once the server has
+    had time to send the one before (2 ms), and reads nothing until it has
+    asked for them all; the socket buffers are small. Each response is a
+    send of its own, and once the buffers are full the kernel refuses one
+    (EAGAIN, for a quiet send) or takes part of it. The rest must go out,
+    in order, once the client reads."""
+    import time
+
+    n = 100
+
+    def client_side(sock):
+        for _ in range(n):
+            sock.sendall(get(path))
+            time.sleep(0.002)
+        rd = Reader(sock)
+        return [rd.response() for _ in range(n)]
+
+    got = serve_one_client(client_side, buffers=4096)
+    expected = bytes(range(256)) * (size // 256)
+    assert [r.status for r in got] == [200] * n
+    assert all(r.body == expected for r in got)
