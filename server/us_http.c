@@ -199,14 +199,28 @@ static void conn_set_deadline(us_httpconn *c, int kind)
     server_arm_expiry(c->srv, c->deadline);
 }
 
+/* Responses not yet taken by the kernel, or requests read and held until
+ * they are (conn_may_parse). */
+static int conn_owes_output(const us_httpconn *c)
+{
+    return c->wq.len || ue_op_busy(&c->send_op) || c->parse_paused;
+}
+
 /* A deadline passed: a connection that owes its client nothing closes
  * (one with a request in progress has had its deadline cleared). */
 static void conn_expire(us_httpconn *c)
 {
+    int kind = c->dl_kind;
     int idle = c->lingering || !c->ncycles;
     conn_clear_deadline(c);
     if (!idle)
         return;
+    if (kind == US_DL_KEEPALIVE && conn_owes_output(c)) {
+        /* a client still reading its responses is slow, not idle: closing
+         * now would cut them short (asyncio's close() flushes too) */
+        conn_set_deadline(c, US_DL_KEEPALIVE);
+        return;
+    }
     Py_INCREF(c);
     c->dead = 1;
     conn_close(c);
@@ -305,6 +319,17 @@ static int conn_on_body(void *ud, const char *at, size_t len)
     return 0;
 }
 
+/* Whether the next request may be parsed and started: not after the last
+ * one, not beyond the pipeline's depth, and not while the responses already
+ * complete fill the send queue past its high-water mark. A response is
+ * complete once queued, so without that last condition a client that sends
+ * requests and never reads would have the server queue their responses
+ * without bound. */
+static int conn_may_parse(const us_httpconn *c)
+{
+    return !c->no_more && c->ncycles < US_HTTP_MAX_PIPELINE && c->wq.bytes <= US_HTTP_WRITE_HIGH;
+}
+
 static int conn_on_complete(void *ud)
 {
     us_httpconn *c = ud;
@@ -315,9 +340,7 @@ static int conn_on_complete(void *ud)
         if (!cy->keep_alive)
             c->no_more = 1;
     }
-    if (c->no_more || c->ncycles >= US_HTTP_MAX_PIPELINE)
-        return UH_CB_PAUSE;
-    return 0;
+    return conn_may_parse(c) ? 0 : UH_CB_PAUSE;
 }
 
 static const uh_callbacks conn_callbacks = {conn_on_head, conn_on_body, conn_on_complete};
@@ -461,7 +484,7 @@ void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy)
     }
     if (!c->ncycles)
         conn_set_deadline(c, US_DL_KEEPALIVE);
-    if (c->parse_paused && c->ncycles < US_HTTP_MAX_PIPELINE && !c->no_more)
+    if (c->parse_paused && conn_may_parse(c))
         conn_parse_pending(c);
 }
 
@@ -865,6 +888,8 @@ static void conn_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     } else if (!c->closed) {
         conn_after_send(c);
     }
+    if (!c->closed && !c->dead && c->parse_paused && conn_may_parse(c))
+        conn_parse_pending(c); /* the queue drained below its mark */
     if (PyErr_Occurred())
         PyErr_WriteUnraisable((PyObject *)c);
     conn_try_handover(c);

@@ -27,9 +27,13 @@ from http_support import Reader, get
 BIG = 60 * 1024  # under the server's high-water mark (64 KiB): a quiet send's size
 
 
+calls = []  # the paths the app was called for, in order
+
+
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
+    calls.append(scope["path"])
     size = {"/big": BIG, "/4k": 4096}.get(scope["path"])
     body = bytes(range(256)) * (size // 256) if size else b"ok"
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
@@ -40,7 +44,7 @@ def log_error(message, exc):
     raise AssertionError(f"server logged an error: {message} {exc!r}")
 
 
-def serve_one_client(client_side, buffers=None):
+def serve_one_client(client_side, buffers=None, keepalive_timeout=60.0):
     """Runs `client_side(sock)` in a thread against an in-process server on
     a fresh uringloop, whose only other wake-up is the thread's end; returns
     what it returned, once the server has let the connection go. With
@@ -56,7 +60,7 @@ def serve_one_client(client_side, buffers=None):
     async def main():
         # keep-alive and header deadlines far beyond the client's timeouts:
         # no server timer ends a wait either
-        core = HttpServer(loop, app, log_error, keepalive_timeout=60.0, header_timeout=60.0)
+        core = HttpServer(loop, app, log_error, keepalive_timeout=keepalive_timeout, header_timeout=60.0)
         core.listen(lsock)
         client = socket.socket()
         client.settimeout(5)
@@ -156,3 +160,52 @@ def test_responses_the_kernel_cannot_take_at_once_all_arrive_in_order(path, size
     expected = bytes(range(256)) * (size // 256)
     assert [r.status for r in got] == [200] * n
     assert all(r.body == expected for r in got)
+
+
+def test_a_client_that_does_not_read_has_a_bounded_queue_of_responses():
+    """A client pipelines 100 requests for 60 KiB responses and reads
+    nothing. A response is complete once queued, so the server used to run
+    all 100 apps and queue 6 MB; it now stops parsing while its send queue
+    is over the high-water mark, as uvicorn's send() waits for the transport
+    to drain: at most the 32 pipelined requests and a few more are run
+    before the client reads. Then every response arrives, in order."""
+    import time
+
+    n = 100
+    calls.clear()
+
+    def client_side(sock):
+        sock.sendall(b"".join(get("/big") for _ in range(n)))
+        time.sleep(0.5)
+        run_before_reading = len(calls)
+        rd = Reader(sock)
+        return run_before_reading, [rd.response() for _ in range(n)]
+
+    run_before_reading, got = serve_one_client(client_side, buffers=4096)
+    assert run_before_reading <= 40, run_before_reading
+    expected = bytes(range(256)) * (BIG // 256)
+    assert len(got) == n and all(r.status == 200 and r.body == expected for r in got)
+    assert len(calls) == n
+
+
+def test_the_keep_alive_timeout_waits_for_a_slow_reader():
+    """The keep-alive timeout runs from the last response's completion, and
+    a response is complete once queued: a client still reading must not be
+    cut off when it expires (the connection used to be closed at once, its
+    unsent responses dropped). It closes once the client has read it all
+    and stayed idle."""
+    import time
+
+    n = 40
+
+    def client_side(sock):
+        sock.sendall(b"".join(get("/big") for _ in range(n)))
+        time.sleep(1.0)  # twice the keep-alive timeout, reading nothing
+        rd = Reader(sock)
+        got = [rd.response() for _ in range(n)]
+        return got, rd.closed(timeout=5)
+
+    got, closed = serve_one_client(client_side, buffers=4096, keepalive_timeout=0.5)
+    expected = bytes(range(256)) * (BIG // 256)
+    assert len(got) == n and all(r.status == 200 and r.body == expected for r in got)
+    assert closed, "the idle connection was not closed after the keep-alive timeout"
