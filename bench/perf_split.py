@@ -14,6 +14,10 @@ fixed load from the C client, and the server's samples are split three ways:
 
 "floor" is uringloop's rest-of-kernel over uvloop's total: the CPU ratio a loop
 would reach with no user-space code and no syscall or io_uring cost at all.
+"Python" is the part of user space spent in the interpreter and asyncio's C
+accelerator (libpython, _asyncio): the app's Python code and asyncio's own
+(streams, Futures, Tasks), which a loop written in C runs as the stock loop
+does; "floor + Python" adds uringloop's to the floor.
 
     python bench/perf_split.py --kinds protocol --sizes 1 --conns 10
     python bench/perf_split.py --matrix --out bench/results/perf_split.json
@@ -39,6 +43,9 @@ LOOP_LAYER = re.compile(
     r"|security_file_permission|fdget|__fdget|fget|__fget|fput|sock_read_iter|sock_write_iter|sock_poll|tcp_poll"
     r"|__sys_sendto|__sys_recvfrom|_*sys_sendmsg|_*sys_recvmsg|sockfd_lookup_light|_*import_iovec"
     r"|copy_msghdr_from_user|task_work_run)")
+
+
+PYTHON_DSO = re.compile(r"libpython|^python3|_asyncio\.")
 
 
 def samples_by_symbol(data_path, pid):
@@ -88,10 +95,12 @@ def profile(loop_name, kind, conns, size, seconds, client):
     rts = result["round_trips"] / result["seconds"] * seconds  # round trips inside the perf window
     us = 1e6 / FREQ / rts
     user, layer, rest = split(found)
+    python = sum(n for (dso, sym), n in found.items() if PYTHON_DSO.search(dso))
     kernel = sorted((n, sym) for (dso, sym), n in found.items() if dso == "[kernel.kallsyms]")[::-1]
     top_layer = [(n, sym) for n, sym in kernel if LOOP_LAYER.match(sym)][:8]
     top_rest = [(n, sym) for n, sym in kernel if not LOOP_LAYER.match(sym)][:12]
-    return {"rt_per_s": result["round_trips"] / result["seconds"], "user_us": user * us, "layer_us": layer * us,
+    return {"rt_per_s": result["round_trips"] / result["seconds"], "user_us": user * us,
+            "python_us": python * us, "layer_us": layer * us,
             "rest_us": rest * us, "total_us": (user + layer + rest) * us,
             "top_layer": [[sym, round(n * us, 3)] for n, sym in top_layer],
             "top_rest": [[sym, round(n * us, 3)] for n, sym in top_rest]}
@@ -104,9 +113,10 @@ def median_run(runs):
 
 def print_row(kind, size_kib, conns, name, r, base=None):
     line = (f"| {kind} | {size_kib} KiB | {conns} | {name} | {r['total_us']:.2f} | {r['user_us']:.2f}"
-            f" | {r['layer_us']:.2f} | {r['rest_us']:.2f} |")
+            f" | {r['python_us']:.2f} | {r['layer_us']:.2f} | {r['rest_us']:.2f} |")
     if base is not None:
-        line += f" {r['total_us'] / base['total_us']:.2f}x | {r['rest_us'] / base['total_us']:.2f}x |"
+        line += (f" {r['total_us'] / base['total_us']:.2f}x | {r['rest_us'] / base['total_us']:.2f}x"
+                 f" | {(r['rest_us'] + r['python_us']) / base['total_us']:.2f}x |")
     print(line, flush=True)
 
 
@@ -128,8 +138,8 @@ def main():
     client = loop_bench.build_client()
     results = []
     compare = "uvloop" in loops and "uringloop" in loops
-    print(f"| server | msg | conns | loop | CPU µs/rt | user | loop layer | rest of kernel |"
-          f"{' uringloop/uvloop | floor |' if compare else ''}")
+    print(f"| server | msg | conns | loop | CPU µs/rt | user | of which Python | loop layer | rest of kernel |"
+          f"{' uringloop/uvloop | floor | floor + Python |' if compare else ''}")
     for kind in args.kinds.split(","):
         for size_kib in map(int, args.sizes.split(",")):
             for conns in map(int, args.conns.split(",")):
