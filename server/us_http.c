@@ -1323,6 +1323,12 @@ static void conn_drain(us_httpconn *c)
         return;
     }
     c->no_more = 1;
+    if (!c->ncycles && conn_owes_output(c)) {
+        /* responses still going to a slow reader: close once they are out
+         * (conn_after_send), as asyncio's close() flushes first */
+        c->close_after = 1;
+        return;
+    }
     if (!c->ncycles) {
         c->no_linger = conn_nothing_unread(c);
         Py_INCREF(c);
