@@ -658,10 +658,12 @@ static void conn_input(us_httpconn *c, const char *data, size_t len)
 
 /* The client closed its side (`fin`: a FIN, from a client that is gone or
  * one that half-closed and still reads, as `printf ... | nc -N` does) or
- * the connection failed. After a FIN the requests that arrived whole are
- * still answered, unless their app asks receive() and so learns of it (see
- * us_httpcycle_input_ended). A request cut short, or any after a failure,
- * is disconnected. */
+ * the connection failed. After a FIN the requests begun that arrived whole
+ * are still answered, unless their app asks receive() and so learns of it
+ * (see us_httpcycle_input_ended), and the responses already queued still go
+ * out; requests read but not begun (pipelined past the depth, or held while
+ * responses wait) are not. A request cut short, or any after a failure, is
+ * disconnected. */
 static void conn_input_ended(us_httpconn *c, int fin)
 {
     c->eof = 1;
@@ -671,10 +673,13 @@ static void conn_input_ended(us_httpconn *c, int fin)
         else
             us_httpcycle_disconnect(c->cycles[i]);
     }
-    if (c->lingering || !c->ncycles || c->dead) {
+    int owed = fin && (c->wq.len || ue_op_busy(&c->send_op));
+    if (c->lingering || c->dead || (!c->ncycles && !owed)) {
         conn_close(c);
     } else {
-        c->no_more = 1; /* finish the responses already started */
+        c->no_more = 1; /* finish the responses already begun */
+        if (!c->ncycles)
+            c->close_after = 1; /* then close, once they are out (conn_after_send) */
     }
 }
 

@@ -238,3 +238,28 @@ def test_a_graceful_shutdown_lets_a_slow_reader_have_its_responses():
     expected = bytes(range(256)) * (BIG // 256)
     assert len(got) >= 20 and all(r.status == 200 and r.body == expected for r in got)
     assert closed
+
+
+def test_a_client_that_half_closes_still_gets_the_responses_queued_for_it():
+    """A client pipelines requests for large responses, half-closes, and
+    reads only later. The FIN found no request in progress (every response
+    complete, being queued) and closed at once, dropping what was queued.
+    Now every response whose app ran goes out, then the close."""
+    import time
+
+    calls.clear()
+
+    def client_side(sock):
+        sock.sendall(b"".join(get("/big") for _ in range(40)))
+        time.sleep(0.3)
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+        answered = len(calls)
+        rd = Reader(sock)
+        got = [rd.response() for _ in range(answered)]
+        return got, rd.closed(timeout=5)
+
+    got, closed = serve_one_client(client_side, buffers=4096)
+    expected = bytes(range(256)) * (BIG // 256)
+    assert len(got) >= 20 and all(r.status == 200 and r.body == expected for r in got)
+    assert closed
