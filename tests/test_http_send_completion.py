@@ -34,7 +34,7 @@ async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     calls.append(scope["path"])
-    size = {"/big": BIG, "/4k": 4096}.get(scope["path"])
+    size = {"/big": BIG, "/4k": 4096, "/1k": 1024}.get(scope["path"])
     body = bytes(range(256)) * (size // 256) if size else b"ok"
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -263,3 +263,44 @@ def test_a_client_that_half_closes_still_gets_the_responses_queued_for_it():
     expected = bytes(range(256)) * (BIG // 256)
     assert len(got) >= 20 and all(r.status == 200 and r.body == expected for r in got)
     assert closed
+
+
+def test_a_quiet_send_the_kernel_refuses_is_sent_when_there_is_room():
+    """The EAGAIN of a quiet send, made certain: on a Unix socketpair
+    (adopted, as the TLS bridge's is) with an 8 KiB send buffer, each 1 KiB
+    response goes whole while any room is left, until the buffer is full and
+    the quiet send of the next finds none at all and is refused. It must be
+    sent again once the client reads (a refused quiet send counted as a
+    failed send would kill the connection), and every response arrive, in
+    order."""
+    import time
+
+    n = 20
+    loop = uringloop.new_event_loop()
+
+    async def main():
+        core = HttpServer(loop, app, log_error, keepalive_timeout=60.0, header_timeout=60.0)
+        ours, theirs = socket.socketpair()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel doubles it
+        core.adopt(theirs.detach(), None, None)
+        ours.settimeout(5)
+
+        def client_side():
+            for _ in range(n):
+                ours.sendall(get("/1k"))
+                time.sleep(0.02)  # each response is a send of its own
+            rd = Reader(ours)
+            return [rd.response() for _ in range(n)]
+
+        try:
+            return await loop.run_in_executor(None, client_side)
+        finally:
+            ours.close()
+
+    try:
+        got = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    finally:
+        loop.close()
+    expected = bytes(range(256)) * 4
+    assert [r.status for r in got] == [200] * n
+    assert all(r.body == expected for r in got)
