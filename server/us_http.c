@@ -199,11 +199,16 @@ static void conn_set_deadline(us_httpconn *c, int kind)
     server_arm_expiry(c->srv, c->deadline);
 }
 
-/* Responses not yet taken by the kernel, or requests read and held until
- * they are (conn_may_parse). */
+/* Response bytes not yet taken by the kernel. */
+static int conn_output_queued(const us_httpconn *c)
+{
+    return c->wq.len || ue_op_busy(&c->send_op);
+}
+
+/* That, or requests read and held until it drains (conn_may_parse). */
 static int conn_owes_output(const us_httpconn *c)
 {
-    return c->wq.len || ue_op_busy(&c->send_op) || c->parse_paused;
+    return conn_output_queued(c) || c->parse_paused;
 }
 
 /* A deadline passed: a connection that owes its client nothing closes
@@ -673,7 +678,7 @@ static void conn_input_ended(us_httpconn *c, int fin)
         else
             us_httpcycle_disconnect(c->cycles[i]);
     }
-    int owed = fin && (c->wq.len || ue_op_busy(&c->send_op));
+    int owed = fin && conn_output_queued(c);
     if (c->lingering || c->dead || (!c->ncycles && !owed)) {
         conn_close(c);
     } else {
@@ -750,14 +755,13 @@ static int conn_send_file(us_httpconn *c, us_seg *s)
  * connection, until the next request). Waiting on a send are a send() held
  * at the high-water mark (the head cycle's drain_waiter), a connection that
  * closes once its responses are out (close_after, no_more, an error
- * response in `tail`), a WebSocket handover (upgrading) and a lingering
- * close. A response's end does not wait: the cycle is done when its last
- * bytes are queued. */
+ * response in `tail`; no_more also covers a lingering close and a client's
+ * FIN) and a WebSocket handover (upgrading). A response's end does not
+ * wait: the cycle is done when its last bytes are queued. */
 static int conn_send_may_be_quiet(us_httpconn *c, int n)
 {
     return n == c->wq.len && c->wq.bytes <= US_HTTP_WRITE_HIGH && !(c->ncycles && c->cycles[0]->drain_waiter) &&
-           !c->tail && !c->close_after && !c->no_more && !c->upgrading && !c->lingering && !c->eof &&
-           ue_quiet_reserve(&c->srv->loop->ue);
+           !c->tail && !c->close_after && !c->no_more && !c->upgrading && ue_quiet_reserve(&c->srv->loop->ue);
 }
 
 /* Arms one send over the queue's bytes up to its first file (or a sendfile
@@ -1328,7 +1332,7 @@ static void conn_drain(us_httpconn *c)
         return;
     }
     c->no_more = 1;
-    if (!c->ncycles && conn_owes_output(c)) {
+    if (!c->ncycles && conn_output_queued(c)) {
         /* responses still going to a slow reader: close once they are out
          * (conn_after_send), as asyncio's close() flushes first */
         c->close_after = 1;
