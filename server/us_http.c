@@ -205,10 +205,17 @@ static int conn_output_queued(const us_httpconn *c)
     return c->wq.len || ue_op_busy(&c->send_op);
 }
 
-/* That, or requests read and held until it drains (conn_may_parse). */
+/* Requests read and held until the queue drains or the pipeline has room
+ * (conn_may_parse), which are still to be answered (not after no_more). */
+static int conn_holds_requests(const us_httpconn *c)
+{
+    return c->parse_paused && !c->no_more;
+}
+
+/* Output queued, or owed to the requests held. */
 static int conn_owes_output(const us_httpconn *c)
 {
-    return conn_output_queued(c) || c->parse_paused;
+    return conn_output_queued(c) || conn_holds_requests(c);
 }
 
 /* A deadline passed: a connection that owes its client nothing closes
@@ -344,6 +351,8 @@ static int conn_on_complete(void *ud)
         cy->body_complete = 1;
         if (!cy->keep_alive)
             c->no_more = 1;
+        if (c->eof)
+            us_httpcycle_input_ended(cy); /* held back when the FIN came (conn_input_ended) */
     }
     return conn_may_parse(c) ? 0 : UH_CB_PAUSE;
 }
@@ -483,7 +492,7 @@ void us_httpconn_cycle_done(us_httpconn *c, us_httpcycle *cy)
         c->no_more = 1;
         return;
     }
-    if (!c->ncycles && c->eof) {
+    if (!c->ncycles && c->eof && !conn_holds_requests(c)) {
         c->close_after = 1;
         return;
     }
@@ -622,6 +631,22 @@ static void conn_feed(us_httpconn *c, const char *data, size_t len, int from_pen
     }
 }
 
+/* The input held back when the client's FIN came is all parsed: a request
+ * it cut short gets no answer, and the connection closes once the responses
+ * owed are out. */
+static void conn_held_input_parsed(us_httpconn *c)
+{
+    if (c->parsing) {
+        us_httpcycle_disconnect(c->parsing);
+        c->parsing = NULL;
+    }
+    c->no_more = 1;
+    if (!c->ncycles) {
+        c->close_after = 1;
+        conn_schedule_flush(c);
+    }
+}
+
 static void conn_parse_pending(us_httpconn *c)
 {
     c->parse_paused = 0;
@@ -639,6 +664,8 @@ static void conn_parse_pending(us_httpconn *c)
             if (conn_arm_recv(c) < 0)
                 PyErr_WriteUnraisable((PyObject *)c);
         }
+        if (c->eof && !c->no_more)
+            conn_held_input_parsed(c);
     }
 }
 
@@ -663,12 +690,13 @@ static void conn_input(us_httpconn *c, const char *data, size_t len)
 
 /* The client closed its side (`fin`: a FIN, from a client that is gone or
  * one that half-closed and still reads, as `printf ... | nc -N` does) or
- * the connection failed. After a FIN the requests begun that arrived whole
- * are still answered, unless their app asks receive() and so learns of it
- * (see us_httpcycle_input_ended), and the responses already queued still go
- * out; requests read but not begun (pipelined past the depth, or held while
- * responses wait) are not. A request cut short, or any after a failure, is
- * disconnected. */
+ * the connection failed. After a FIN every request that arrived whole is
+ * still answered, unless its app asks receive() and so learns of it (see
+ * us_httpcycle_input_ended): the ones begun, the ones read but held back
+ * (pipelined past the depth, or held while responses wait), which are
+ * parsed in turn and end with conn_held_input_parsed, and the responses
+ * already queued still go out. A request cut short, or any after a failure,
+ * is disconnected. */
 static void conn_input_ended(us_httpconn *c, int fin)
 {
     c->eof = 1;
@@ -679,9 +707,10 @@ static void conn_input_ended(us_httpconn *c, int fin)
             us_httpcycle_disconnect(c->cycles[i]);
     }
     int owed = fin && conn_output_queued(c);
-    if (c->lingering || c->dead || (!c->ncycles && !owed)) {
+    int held = fin && conn_holds_requests(c);
+    if (c->lingering || c->dead || (!c->ncycles && !owed && !held)) {
         conn_close(c);
-    } else {
+    } else if (!held) {
         c->no_more = 1; /* finish the responses already begun */
         if (!c->ncycles)
             c->close_after = 1; /* then close, once they are out (conn_after_send) */
@@ -755,13 +784,15 @@ static int conn_send_file(us_httpconn *c, us_seg *s)
  * connection, until the next request). Waiting on a send are a send() held
  * at the high-water mark (the head cycle's drain_waiter), a connection that
  * closes once its responses are out (close_after, no_more, an error
- * response in `tail`; no_more also covers a lingering close and a client's
- * FIN) and a WebSocket handover (upgrading). A response's end does not
+ * response in `tail`, a client's FIN, after which the close may come from
+ * input held back (eof); no_more also covers a lingering close) and a
+ * WebSocket handover (upgrading). A response's end does not
  * wait: the cycle is done when its last bytes are queued. */
 static int conn_send_may_be_quiet(us_httpconn *c, int n)
 {
     return n == c->wq.len && c->wq.bytes <= US_HTTP_WRITE_HIGH && !(c->ncycles && c->cycles[0]->drain_waiter) &&
-           !c->tail && !c->close_after && !c->no_more && !c->upgrading && ue_quiet_reserve(&c->srv->loop->ue);
+           !c->tail && !c->close_after && !c->no_more && !c->eof && !c->upgrading &&
+           ue_quiet_reserve(&c->srv->loop->ue);
 }
 
 /* Arms one send over the queue's bytes up to its first file (or a sendfile

@@ -243,26 +243,60 @@ def test_a_graceful_shutdown_lets_a_slow_reader_have_its_responses():
 def test_a_client_that_half_closes_still_gets_the_responses_queued_for_it():
     """A client pipelines requests for large responses, half-closes, and
     reads only later. The FIN found no request in progress (every response
-    complete, being queued) and closed at once, dropping what was queued.
-    Now every response whose app ran goes out, then the close."""
+    complete, being queued) and closed at once, dropping what was queued;
+    then it let those go out but dropped the requests held back while they
+    waited. Now every request is answered, then the connection closes."""
     import time
 
+    n = 40
     calls.clear()
 
     def client_side(sock):
-        sock.sendall(b"".join(get("/big") for _ in range(40)))
+        sock.sendall(b"".join(get("/big") for _ in range(n)))
+        time.sleep(0.3)
+        held = n - len(calls)
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+        rd = Reader(sock)
+        got = [rd.response() for _ in range(n)]
+        return held, got, rd.closed(timeout=5)
+
+    held, got, closed = serve_one_client(client_side, buffers=4096)
+    assert held >= 5, "the test meant the FIN to find requests held back"
+    expected = bytes(range(256)) * (BIG // 256)
+    assert all(r.status == 200 and r.body == expected for r in got)
+    assert len(calls) == n
+    assert closed
+
+
+def test_a_graceful_shutdown_after_a_half_close_drops_only_the_requests_held():
+    """A client half-closes while requests are held back, then the server
+    begins its graceful shutdown: the responses of the apps that ran still
+    go out, the requests held are not begun (as with any shutdown), and the
+    connection closes."""
+    import time
+
+    n = 40
+    calls.clear()
+
+    def client_side(sock, drain):
+        sock.sendall(b"".join(get("/big") for _ in range(n)))
         time.sleep(0.3)
         sock.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+        drain()
         time.sleep(0.3)
         answered = len(calls)
         rd = Reader(sock)
         got = [rd.response() for _ in range(answered)]
-        return got, rd.closed(timeout=5)
+        return answered, got, rd.closed(timeout=5), rd.buf
 
-    got, closed = serve_one_client(client_side, buffers=4096)
+    answered, got, closed, extra = serve_one_client(client_side, buffers=4096, drain=True)
+    assert answered < n
     expected = bytes(range(256)) * (BIG // 256)
-    assert len(got) >= 20 and all(r.status == 200 and r.body == expected for r in got)
-    assert closed
+    assert all(r.status == 200 and r.body == expected for r in got)
+    assert closed and extra == b""
+    assert len(calls) == answered
 
 
 def test_a_quiet_send_the_kernel_refuses_is_sent_when_there_is_room():

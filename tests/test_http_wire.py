@@ -455,6 +455,63 @@ def test_a_client_that_half_closes_gets_its_responses(server):
     alive(server.port)
 
 
+def test_a_client_that_half_closes_after_a_deep_pipeline_gets_every_response(server):
+    """Requests read but held back, past the pipeline's depth of 32 here,
+    are still answered after the client's FIN: the input ended, the
+    requests in it did not. Before, the FIN dropped every request not yet
+    begun (32 answers of 50)."""
+    n = 50
+    with connect(server.port) as s:
+        s.sendall(get("/slow?0.05") + b"".join(get(f"/scope?{i}") for i in range(1, n)))
+        s.shutdown(socket.SHUT_WR)
+        rd = Reader(s)
+        first = rd.response()
+        assert (first.status, first.body) == (200, b"slow done")
+        for i in range(1, n):
+            r = rd.response()
+            assert r.status == 200, (i, r)
+            assert json.loads(r.body)["query_string"] == str(i), i
+        assert rd.closed(timeout=5)
+    alive(server.port)
+
+
+def test_a_half_close_after_requests_held_for_a_full_send_queue_answers_them(server):
+    """The same for requests held while more than 64 KiB of responses wait
+    for the client to read: a response larger than the kernel's buffers
+    keeps the queue full, the requests after it are held, the client
+    half-closes, then reads everything."""
+    size, n = 16 << 20, 10
+    with connect(server.port) as s:
+        s.sendall(get(f"/big?{size}"))
+        time.sleep(0.2)  # its response fills the kernel's buffers and the queue
+        s.sendall(b"".join(get("/") for _ in range(n)))
+        time.sleep(0.2)
+        s.shutdown(socket.SHUT_WR)
+        rd = Reader(s)
+        r = rd.response()
+        assert (r.status, len(r.body)) == (200, size)
+        for i in range(n):
+            assert rd.response().body == b"Hello, world!", i
+        assert rd.closed(timeout=5)
+    alive(server.port)
+
+
+def test_a_request_cut_short_by_a_fin_after_held_ones_is_not_answered(server):
+    """A request begun in the held-back input but cut short by the FIN (its
+    body incomplete) gets nothing, and the connection closes after the
+    responses owed."""
+    with connect(server.port) as s:
+        body_cut = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+        s.sendall(get("/slow?0.05") + b"".join(get("/") for _ in range(40)) + body_cut)
+        s.shutdown(socket.SHUT_WR)
+        rd = Reader(s)
+        assert rd.response().body == b"slow done"
+        for i in range(40):
+            assert rd.response().body == b"Hello, world!", i
+        assert rd.closed(timeout=5)
+    alive(server.port)
+
+
 def test_an_app_that_asks_after_a_half_close_learns_of_it(server, tmp_path):
     """After the client's FIN the server cannot tell a client that is gone
     from one that half-closed: an app that waits in receive() is told
