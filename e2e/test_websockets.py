@@ -149,6 +149,21 @@ def test_denial_response_headers_are_checked(tmp_path):
     assert "invalid response header b'x-evil'" in srv.log
 
 
+def test_a_denial_response_with_a_status_that_is_not_final_is_refused(tmp_path):
+    # a 101 denial would have told the client its handshake succeeded
+    async def go(port):
+        with pytest.raises(InvalidStatus) as denied:
+            async with websockets.connect(f"ws://127.0.0.1:{port}/deny-interim"):
+                pass
+        return denied.value.response
+
+    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
+        response = asyncio.run(go(srv.port))
+        assert srv.stop() == 0
+    assert response.status_code == 500
+    assert "invalid HTTP status code 101" in srv.log
+
+
 def test_the_app_sees_the_clients_close_code(ws_server):
     # websocket.disconnect carried 1006 for every client close: the code was
     # read from the protocol's close_code, which is set only after an EOF

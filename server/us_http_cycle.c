@@ -925,8 +925,11 @@ static PyObject *send_start(us_httpcycle *cy, PyObject *msg, PyObject *type)
     Py_DECREF(status);
     if (code == -1 && PyErr_Occurred())
         return NULL;
-    if (code < 100 || code > 999) {
-        PyErr_Format(PyExc_RuntimeError, "invalid HTTP status code %ld", code);
+    if (code < 200 || code > 599) {
+        /* a 1xx is not a final response (the client would wait for one, or
+         * take 101 for a protocol switch) and RFC 9110 calls codes outside
+         * 100-599 invalid; h11 refuses below 200 for uvicorn */
+        PyErr_Format(PyExc_RuntimeError, "invalid HTTP status code %ld: a response's status is 200 to 599", code);
         return NULL;
     }
     PyObject *headers = msg_get(msg, st->h_headers);

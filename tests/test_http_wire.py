@@ -338,6 +338,23 @@ def test_random_garbage_never_kills_the_server(server):
 
 # ---- application errors ----
 
+@pytest.mark.parametrize("code", [99, 100, 101, 103, 199, 600, 999, 1000])
+def test_a_status_that_is_not_a_final_response_is_refused(server, code):
+    """http.response.start carries the final response: a 1xx sent as one
+    left the client waiting for the response to follow (101 Switching
+    Protocols told it the connection now spoke another protocol), and RFC
+    9110 calls codes outside 100-599 invalid. send() raises, as h11 does for
+    uvicorn, and the request gets a 500."""
+    with connect(server.port) as s:
+        s.sendall(get(f"/status?{code}"))
+        rd = Reader(s)
+        r = rd.response()
+        assert (r.status, r.body) == (500, b"Internal Server Error")
+        assert rd.closed()
+    assert f"invalid HTTP status code {code}" in server.log
+    alive(server.port)
+
+
 def test_exception_before_response_is_500_and_logged(server):
     r = request(server.port, get("/raise-before"))
     assert r.status == 500 and r.body == b"Internal Server Error"

@@ -102,6 +102,10 @@ async def deny_injected(ws: WebSocket):
     await ws.send_denial_response(PlainTextResponse("x", headers={"x-evil": "a\r\nset-cookie: b"}))
 
 
+async def deny_interim(ws: WebSocket):
+    await ws.send_denial_response(PlainTextResponse("x", status_code=101))
+
+
 async def info(ws: WebSocket):
     await ws.accept()
     await ws.send_json({"path": ws.scope["path"], "scheme": ws.scope["scheme"],
@@ -124,6 +128,7 @@ app = Starlette(routes=[
     WebSocketRoute("/cancelled", cancelled),
     WebSocketRoute("/deny", deny),
     WebSocketRoute("/deny-injected", deny_injected),
+    WebSocketRoute("/deny-interim", deny_interim),
     WebSocketRoute("/flood", flood),
     Route("/flood-count", flood_count),
     WebSocketRoute("/hold", hold),

@@ -267,7 +267,10 @@ class WebSocketSession(asyncio.Protocol):
             elif kind == "websocket.close" and self.denial is None:
                 self._reject(403, "")
             elif kind == "websocket.http.response.start" and self.denial is None:
-                self.denial = [int(message["status"]), _checked_headers(message.get("headers")), []]
+                status = int(message["status"])
+                if not 200 <= status <= 599:
+                    raise RuntimeError(f"invalid HTTP status code {status}: a response's status is 200 to 599")
+                self.denial = [status, _checked_headers(message.get("headers")), []]
             elif kind == "websocket.http.response.body" and self.denial is not None:
                 self.denial[2].append(bytes(message.get("body", b"")))
                 if not message.get("more_body", False):
