@@ -134,34 +134,33 @@ def test_denial_response_reaches_the_client(ws_server):
     assert "Exception in ASGI application" not in ws_server.log
 
 
-def test_denial_response_headers_are_checked(tmp_path):
-    # a CR LF in a header value is an app error (500, logged), not a header
+def _denied_on_a_server_of_its_own(tmp_path, path):
+    """The denial response a WebSocket client gets at `path`, and the log of
+    the server it came from (one of its own: the app error is logged)."""
     async def go(port):
         with pytest.raises(InvalidStatus) as denied:
-            async with websockets.connect(f"ws://127.0.0.1:{port}/deny-injected"):
+            async with websockets.connect(f"ws://127.0.0.1:{port}{path}"):
                 pass
         return denied.value.response
 
     with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
         response = asyncio.run(go(srv.port))
         assert srv.stop() == 0
+    return response, srv.log
+
+
+def test_denial_response_headers_are_checked(tmp_path):
+    # a CR LF in a header value is an app error (500, logged), not a header
+    response, log = _denied_on_a_server_of_its_own(tmp_path, "/deny-injected")
     assert response.status_code == 500 and "set-cookie" not in response.headers
-    assert "invalid response header b'x-evil'" in srv.log
+    assert "invalid response header b'x-evil'" in log
 
 
 def test_a_denial_response_with_a_status_that_is_not_final_is_refused(tmp_path):
     # a 101 denial would have told the client its handshake succeeded
-    async def go(port):
-        with pytest.raises(InvalidStatus) as denied:
-            async with websockets.connect(f"ws://127.0.0.1:{port}/deny-interim"):
-                pass
-        return denied.value.response
-
-    with serve("webapps.ws_app:app", "--app-dir", E2E, tmp_path=str(tmp_path)) as srv:
-        response = asyncio.run(go(srv.port))
-        assert srv.stop() == 0
+    response, log = _denied_on_a_server_of_its_own(tmp_path, "/deny-interim")
     assert response.status_code == 500
-    assert "invalid HTTP status code 101" in srv.log
+    assert "invalid HTTP status code 101" in log
 
 
 def test_the_app_sees_the_clients_close_code(ws_server):
