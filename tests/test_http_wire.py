@@ -529,6 +529,56 @@ def test_a_request_cut_short_by_a_fin_after_held_ones_is_not_answered(server):
     alive(server.port)
 
 
+def test_random_pipelines_that_end_with_a_half_close_are_answered_in_full(server):
+    """Random pipelines (1 to 60 requests: small and large responses, echoed
+    bodies, slow apps), sent whole or in two parts, then a FIN, sometimes
+    after a request cut short; the client reads at once or after a pause.
+    Every request that arrived whole is answered, in order, and the cut one
+    is not; then the connection closes. Seeded: a failure names its seed."""
+    import random
+
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    for conn in range(30):
+        reqs, expected = [], []
+        for _ in range(rng.choice([1, 3, 20, 40, 60])):
+            kind = rng.choice(["hello", "echo", "big", "slow"])
+            if kind == "hello":
+                reqs.append(get("/"))
+                expected.append(b"Hello, world!")
+            elif kind == "echo":
+                body = rng.randbytes(rng.choice([0, 10, 5000, 70000]))
+                reqs.append(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                expected.append(body)
+            elif kind == "big":
+                n = rng.choice([1000, 100_000, 1 << 20])
+                reqs.append(get(f"/big?{n}"))
+                expected.append(b"x" * n)
+            else:
+                reqs.append(get("/slow?0.01"))
+                expected.append(b"slow done")
+        cut = rng.random() < 0.3
+        data = b"".join(reqs) + (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc" if cut else b"")
+        with connect(server.port) as s:
+            if rng.random() < 0.5:
+                half = rng.randrange(len(data))
+                s.sendall(data[:half])
+                time.sleep(rng.random() * 0.05)
+                s.sendall(data[half:])
+            else:
+                s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            if rng.random() < 0.3:
+                time.sleep(rng.random() * 0.2)  # the responses pile up, requests are held
+            rd = Reader(s)
+            for i, body in enumerate(expected):
+                r = rd.response()
+                assert (r.status, r.body) == (200, body), (seed, conn, i, r)
+            assert rd.closed(timeout=5), (seed, conn)
+            assert rd.buf == b"", (seed, conn, rd.buf[:100])
+    alive(server.port)
+
+
 def test_an_app_that_asks_after_a_half_close_learns_of_it(server, tmp_path):
     """After the client's FIN the server cannot tell a client that is gone
     from one that half-closed: an app that waits in receive() is told
