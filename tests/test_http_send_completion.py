@@ -25,6 +25,7 @@ from uringloop._core import HttpServer
 from http_support import Reader, get
 
 BIG = 60 * 1024  # under the server's high-water mark (64 KiB): a quiet send's size
+BIG_BODY = bytes(range(256)) * (BIG // 256)  # what /big answers
 
 
 calls = []  # the paths the app was called for, in order
@@ -90,6 +91,15 @@ def serve_one_client(client_side, buffers=None, keepalive_timeout=60.0, drain=Fa
         loop.close()
 
 
+def read_what_the_apps_that_ran_answered(sock):
+    """After the server began its graceful shutdown: how many apps ran,
+    their responses, whether the server then closed, and any bytes after."""
+    answered = len(calls)
+    rd = Reader(sock)
+    got = [rd.response() for _ in range(answered)]
+    return answered, got, rd.closed(timeout=5), rd.buf
+
+
 def responses_then_close(raw, count, half_close=False):
     def client_side(sock):
         sock.sendall(raw)
@@ -137,7 +147,7 @@ def test_keep_alive_responses_need_no_other_wake_up():
 
     bodies = serve_one_client(client_side)
     assert len(bodies) == 200
-    assert all(b == (bytes(range(256)) * (BIG // 256) if i % 3 == 0 else b"ok") for i, b in enumerate(bodies))
+    assert all(b == (BIG_BODY if i % 3 == 0 else b"ok") for i, b in enumerate(bodies))
 
 
 @pytest.mark.parametrize("path, size", [("/4k", 4096), ("/big", BIG)])
@@ -186,8 +196,7 @@ def test_a_client_that_does_not_read_has_a_bounded_queue_of_responses():
 
     run_before_reading, got = serve_one_client(client_side, buffers=4096)
     assert run_before_reading <= 40, run_before_reading
-    expected = bytes(range(256)) * (BIG // 256)
-    assert len(got) == n and all(r.status == 200 and r.body == expected for r in got)
+    assert len(got) == n and all(r.status == 200 and r.body == BIG_BODY for r in got)
     assert len(calls) == n
 
 
@@ -209,8 +218,7 @@ def test_the_keep_alive_timeout_waits_for_a_slow_reader():
         return got, rd.closed(timeout=5)
 
     got, closed = serve_one_client(client_side, buffers=4096, keepalive_timeout=0.5)
-    expected = bytes(range(256)) * (BIG // 256)
-    assert len(got) == n and all(r.status == 200 and r.body == expected for r in got)
+    assert len(got) == n and all(r.status == 200 and r.body == BIG_BODY for r in got)
     assert closed, "the idle connection was not closed after the keep-alive timeout"
 
 
@@ -229,14 +237,10 @@ def test_a_graceful_shutdown_lets_a_slow_reader_have_its_responses():
         time.sleep(0.3)
         drain()
         time.sleep(0.3)
-        answered = len(calls)
-        rd = Reader(sock)
-        got = [rd.response() for _ in range(answered)]
-        return got, rd.closed(timeout=5)
+        return read_what_the_apps_that_ran_answered(sock)
 
-    got, closed = serve_one_client(client_side, buffers=4096, drain=True)
-    expected = bytes(range(256)) * (BIG // 256)
-    assert len(got) >= 20 and all(r.status == 200 and r.body == expected for r in got)
+    _, got, closed, _ = serve_one_client(client_side, buffers=4096, drain=True)
+    assert len(got) >= 20 and all(r.status == 200 and r.body == BIG_BODY for r in got)
     assert closed
 
 
@@ -263,8 +267,7 @@ def test_a_client_that_half_closes_still_gets_the_responses_queued_for_it():
 
     held, got, closed = serve_one_client(client_side, buffers=4096)
     assert held >= 5, "the test meant the FIN to find requests held back"
-    expected = bytes(range(256)) * (BIG // 256)
-    assert all(r.status == 200 and r.body == expected for r in got)
+    assert all(r.status == 200 and r.body == BIG_BODY for r in got)
     assert len(calls) == n
     assert closed
 
@@ -286,15 +289,11 @@ def test_a_graceful_shutdown_after_a_half_close_drops_only_the_requests_held():
         time.sleep(0.1)
         drain()
         time.sleep(0.3)
-        answered = len(calls)
-        rd = Reader(sock)
-        got = [rd.response() for _ in range(answered)]
-        return answered, got, rd.closed(timeout=5), rd.buf
+        return read_what_the_apps_that_ran_answered(sock)
 
     answered, got, closed, extra = serve_one_client(client_side, buffers=4096, drain=True)
     assert answered < n
-    expected = bytes(range(256)) * (BIG // 256)
-    assert all(r.status == 200 and r.body == expected for r in got)
+    assert all(r.status == 200 and r.body == BIG_BODY for r in got)
     assert closed and extra == b""
     assert len(calls) == answered
 
