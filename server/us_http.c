@@ -1798,14 +1798,27 @@ int us_http_module_init(PyObject *m, us_state *st)
 #undef S
     if (!(st->h_empty_bytes = PyBytes_FromStringAndSize(NULL, 0)))
         return -1;
-    st->h_asgi_template = Py_BuildValue("{s:s,s:s}", "version", "3.0", "spec_version", "2.4");
-    st->h_extensions_template = Py_BuildValue("{s:{}}", "http.response.pathsend");
+    /* The templates' keys are the interned strings above, so that a key put
+     * into a copy, or looked up by an app with a literal (also interned), is
+     * found by identity rather than by comparing characters. */
+    PyObject *k_version = http_str("version"), *k_spec = http_str("spec_version"), *v_http = http_str("http");
+    if (!k_version || !k_spec || !v_http) {
+        Py_XDECREF(k_version);
+        Py_XDECREF(k_spec);
+        Py_XDECREF(v_http);
+        return -1;
+    }
+    st->h_asgi_template = Py_BuildValue("{O:s,O:s}", k_version, "3.0", k_spec, "2.4");
+    st->h_extensions_template = Py_BuildValue("{O:{}}", st->h_t_pathsend);
     /* every key in scope order, so that a copy never resizes */
-    st->h_scope_template =
-        Py_BuildValue("{s:s,s:O,s:O,s:O,s:s,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "type", "http", "asgi", Py_None,
-                      "http_version", Py_None, "method", Py_None, "scheme", "http", "path", Py_None, "raw_path",
-                      Py_None, "query_string", Py_None, "root_path", Py_None, "headers", Py_None, "client", Py_None,
-                      "server", Py_None, "state", Py_None, "extensions", Py_None);
+    st->h_scope_template = Py_BuildValue(
+        "{O:O,O:O,O:O,O:O,O:O,O:O,O:O,O:O,O:O,O:O,O:O,O:O,O:O,O:O}", st->h_type, v_http, st->h_asgi, Py_None,
+        st->h_http_version, Py_None, st->h_method, Py_None, st->h_scheme, v_http, st->h_path, Py_None, st->h_raw_path,
+        Py_None, st->h_query_string, Py_None, st->h_root_path, Py_None, st->h_headers, Py_None, st->h_client, Py_None,
+        st->h_server, Py_None, st->h_state, Py_None, st->h_extensions, Py_None);
+    Py_DECREF(k_version);
+    Py_DECREF(k_spec);
+    Py_DECREF(v_http);
     if (!st->h_asgi_template || !st->h_extensions_template || !st->h_scope_template)
         return -1;
     static const char *names[] = {"host",

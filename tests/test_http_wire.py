@@ -228,8 +228,10 @@ def test_scope(server):
            b"X-Dup: 2\r\nUser-Agent: t\r\n\r\n")
     with connect(server.port) as s:
         s.sendall(raw)
-        scope = json.loads(Reader(s).response().body)
+        r = Reader(s).response()
+        scope = json.loads(r.body)
         local = s.getsockname()
+    assert r.header("x-keys-not-interned") == ""  # so an app's scope["path"] is found by identity
     assert scope["type"] == "http"
     assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
     assert scope["http_version"] == "1.1" and scope["method"] == "GET" and scope["scheme"] == "http"

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import sys
 import time
 
 
@@ -66,7 +67,10 @@ async def app(scope, receive, send):
     elif path.startswith("/scope"):
         s = {k: v for k, v in scope.items() if k not in ("state",)}
         s["state"] = dict(scope["state"])
-        await respond(send, body=json.dumps(_jsonable(s)).encode(), headers=[(b"x-kind", b"scope")])
+        # keys that are not the interned string: an app's literal finds them only by comparing characters
+        slow = [k for d in (scope, scope["asgi"], scope["extensions"]) for k in d if sys.intern(k) is not k]
+        await respond(send, body=json.dumps(_jsonable(s)).encode(),
+                      headers=[(b"x-kind", b"scope"), (b"x-keys-not-interned", ",".join(slow).encode())])
     elif path == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for part in (b"one,", b"two,", b"three"):
