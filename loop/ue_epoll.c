@@ -19,6 +19,7 @@
 #include "ue.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <string.h>
 #include <unistd.h>
@@ -59,9 +60,16 @@ int ue_epoll_set(ue_epoll *e, int fd, uint32_t old_events, uint32_t new_events)
 {
     if (!new_events && e->epfd < 0)
         return 0; /* nothing was ever added */
-    int ret = e->epfd < 0 ? ue__epoll_open(e) : 0;
-    if (ret < 0)
-        return ret;
+    if (e->epfd < 0) {
+        /* A closed fd's number would go to the new set, and epoll_ctl()
+         * would then refuse the set as its own member (EINVAL): refuse it
+         * as closed first, as an existing set would (EBADF). */
+        if (fcntl(fd, F_GETFD) < 0)
+            return -errno;
+        int ret = ue__epoll_open(e);
+        if (ret < 0)
+            return ret;
+    }
     struct epoll_event ev;
     memset(&ev, 0, sizeof ev);
     ev.events = new_events;

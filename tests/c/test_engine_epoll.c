@@ -1,6 +1,7 @@
 /* The epoll set behind add_reader/add_writer: readiness through the ring,
  * level triggering, a closed fd leaving the set (and its peer seeing EOF),
- * regular files refused, a reused fd number, and a forked child's own set. */
+ * regular files refused, a closed fd given first, a reused fd number, and a
+ * forked child's own set. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -155,6 +156,30 @@ static void test_regular_file_is_refused(void)
     teardown(&l, &p);
 }
 
+/* The set is made at the first add. A closed fd given first must be refused
+ * as closed, not have its free number taken by the new set (which epoll_ctl()
+ * would then refuse as watching itself, EINVAL). */
+static void test_closed_fd_first_is_refused_as_closed(void)
+{
+    ue_loop l;
+    probe_set p;
+    setup(&l, &p);
+    int sv[2];
+    pair(sv);
+    close(sv[0]);
+    close(sv[1]);
+    CHECK(p.ep.epfd < 0);
+    CHECK(ue_epoll_set(&p.ep, sv[0], 0, EPOLLIN) == -EBADF);
+    CHECK(p.ep.epfd < 0);
+    pair(sv);
+    CHECK(ue_epoll_set(&p.ep, sv[0], 0, EPOLLIN) == 0);
+    CHECK(p.ep.epfd >= 0 && p.ep.epfd != sv[0]);
+    CHECK(ue_epoll_set(&p.ep, sv[0], EPOLLIN, 0) == 0);
+    close(sv[0]);
+    close(sv[1]);
+    teardown(&l, &p);
+}
+
 static void test_reused_fd_number_is_added_again(void)
 {
     ue_loop l;
@@ -215,6 +240,7 @@ int main(void)
         RUN(test_readiness_is_level_triggered);
         RUN(test_closed_fd_leaves_the_set);
         RUN(test_regular_file_is_refused);
+        RUN(test_closed_fd_first_is_refused_as_closed);
         RUN(test_reused_fd_number_is_added_again);
         RUN(test_forked_child_gets_its_own_set);
     }
