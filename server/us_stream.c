@@ -962,6 +962,20 @@ static void stream_consume(us_stream *s, size_t n)
     }
 }
 
+/* The queue is empty and no send is in flight: what waited for that goes
+ * on (loop.sendfile()'s waiter, write_eof()'s shutdown, close()'s
+ * connection_lost(), which the caller queues with stream_check_lost()). */
+static void stream_flushed(us_stream *s)
+{
+    stream_settle_empty_waiter(s, 0);
+    if (s->eof_requested)
+        stream_shutdown_write(s);
+    if (s->closing && !s->conn_lost) {
+        s->conn_lost++;
+        s->lost_pending = 1;
+    }
+}
+
 static void stream_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
 {
     (void)ue;
@@ -983,17 +997,10 @@ static void stream_send_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
         stream_maybe_resume_protocol(s);
         if (PyErr_Occurred())
             PyErr_WriteUnraisable((PyObject *)s);
-        if (s->wq_len) {
+        if (s->wq_len)
             stream_arm_send(s, 0); /* the rest, without waiting for the next flush */
-        } else {
-            stream_settle_empty_waiter(s, 0);
-            if (s->eof_requested)
-                stream_shutdown_write(s);
-            if (s->closing && !s->conn_lost) {
-                s->conn_lost++;
-                s->lost_pending = 1;
-            }
-        }
+        else
+            stream_flushed(s);
     }
     stream_check_lost(s);
     Py_DECREF(s);
@@ -1032,6 +1039,10 @@ static void stream_send_now(us_stream *s)
                                                : writev(s->fd, s->iov, n); /* the fd is non-blocking */
     if (sent > 0) {
         stream_consume(s, (size_t)sent);
+        if (!s->wq_len) { /* a write after close() can take the whole queue */
+            stream_flushed(s);
+            stream_check_lost(s);
+        }
     } else if (sent < 0 && errno != EAGAIN && errno != EINTR) {
         PyObject *exc = us_oserror_from_res(-errno);
         stream_fatal_error(s, exc, "Fatal write error on socket transport");

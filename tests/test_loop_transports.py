@@ -1150,6 +1150,32 @@ def test_close_flushes_pending_writes_then_fin(loop):
     run(loop, main(), timeout=30)
 
 
+def test_a_write_after_close_that_empties_the_queue_ends_the_connection(loop):
+    # asyncio lets write() follow close() while the buffer drains (3.10's
+    # SSL protocol writes its close_notify that way, after closing its
+    # transport). uringloop's small write waits for the iteration's flush,
+    # so its buffer is not empty at close(); a write past the high-water
+    # mark is then offered to the kernel at once, and when that emptied the
+    # queue the close waited for a send completion that never came: no
+    # connection_lost(), the fd left open. (asyncio sent the small write at
+    # once, so its buffer was empty at close() and it drops the second.)
+    small, large = b"a" * 100, b"b" * 5000
+
+    async def main():
+        tr, pr, peer = await connected_to_raw_peer(loop, lambda: Recorder(loop))
+        tr.set_write_buffer_limits(high=1000)
+        tr.write(small)
+        tr.close()
+        tr.write(large)
+        assert await asyncio.wait_for(pr.lost, 5) is None
+        assert pr.events == ["made", ("lost", None)]
+        got = await loop.run_in_executor(None, recv_to_eof, peer)
+        peer.close()
+        assert got in (small, small + large)
+
+    run(loop, main())
+
+
 def recv_to_eof(peer, timeout=5):
     """All a blocking raw socket receives until the transport's end reaches it."""
     peer.settimeout(timeout)
