@@ -112,3 +112,30 @@ def test_what_the_server_sends_after_the_client_is_gone_is_dropped_quietly(bridg
     with caplog.at_level(logging.WARNING, logger="asyncio"):
         run(loop, main())
     assert not [r for r in caplog.records if "socket.send() raised" in r.getMessage()]
+
+
+def test_a_tls_connection_lost_while_the_server_is_not_reading_lets_the_server_side_go(bridged):
+    # Found by e2e/test_stress.py (on 3.10, about one run in twenty): the C
+    # server stops reading while its answers wait for the client to read
+    # them, so what the client sent last stays in the bridge's buffer. When
+    # the TLS connection was lost then, close() waited to hand that over to
+    # a server that was waiting for it: both descriptors left open for good.
+    loop, start = bridged
+
+    async def main():
+        bridge, reader, writer, end = await start()
+        writer.write(b"x" * (8 << 20))  # more than the socketpair holds: the bridge keeps the rest
+        for _ in range(500):
+            if bridge.plain.get_write_buffer_size():
+                break
+            await asyncio.sleep(0.01)
+        assert bridge.plain.get_write_buffer_size()
+        bridge.tls.abort()  # the TLS connection ends (a reset, or ssl_shutdown_timeout)
+        for _ in range(300):
+            if bridge.plain._closed:
+                break
+            await asyncio.sleep(0.01)
+        assert bridge.plain._closed  # the server's end is told, although it never read
+        writer.close()
+
+    run(loop, main())

@@ -99,8 +99,17 @@ class TLSBridge(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.tls_closed = True
-        if self.plain is not None:
-            self.plain.close()
+        if self.plain is None:
+            return
+        if exc is None and not self.plain.get_write_buffer_size():
+            self.plain.close()  # the server sees the end after all the client sent
+        else:
+            # Nobody is left to read an answer. What the server has not taken
+            # of the client's bytes is dropped: close() would wait to hand
+            # it over, and a server that has stopped reading until its own
+            # answers are read (its 64 KiB bound) would wait for us in turn,
+            # both descriptors left open for good.
+            self.plain.abort()
 
     # -- called by the plain side --
 
