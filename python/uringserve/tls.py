@@ -107,8 +107,10 @@ class TLSBridge(asyncio.Protocol):
             # Nobody is left to read an answer. What the server has not taken
             # of the client's bytes is dropped: close() would wait to hand
             # it over, and a server that has stopped reading until its own
-            # answers are read (its 64 KiB bound) would wait for us in turn,
-            # both descriptors left open for good.
+            # answers are read (an HTTP connection past its 64 KiB bound, a
+            # WebSocket whose app waits in send() while its messages pile up
+            # to --ws-max-queue) would wait for us in turn, both descriptors
+            # left open for good.
             self.plain.abort()
 
     # -- called by the plain side --
