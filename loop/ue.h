@@ -102,6 +102,11 @@ struct ue_loop {
     ue_quiet *quiet;
     unsigned quiet_head, nquiet, quiet_cap; /* pending: quiet[quiet_head..nquiet) */
 
+    /* the sends' msghdrs and iovecs until their SQEs are submitted
+     * (ue_send_msg); allocated on first use */
+    char *scratch;
+    size_t scratch_used;
+
     const char *failed_step; /* which setup call failed, for error messages */
 };
 
@@ -252,10 +257,23 @@ void ue_prep_listen(struct io_uring_sqe *sqe, int fd, int shared);
 /* accept4() of a non-blocking, close-on-exec socket, retried on EINTR and
  * ECONNABORTED: the new fd, or -errno (-EAGAIN: nothing is waiting). */
 int ue_accept(int fd);
-/* Sends iov[0..n): one buffer as a plain SEND (the kernel then skips
- * importing a msghdr and an iovec array), several as a SENDMSG over `msg`.
- * `msg` and `iov` must stay valid until the CQE. */
-void ue_prep_send_iov(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, struct iovec *iov, int n, int flags);
+/* The msghdr of a send over `*n` buffers, for the caller to fill
+ * msg_iov[0..*n) of. The kernel copies a SENDMSG's msghdr and iovec, and a
+ * WRITEV's iovec, while it submits the SQE (IORING_FEAT_SUBMIT_STABLE), so
+ * they need to last only until then: several buffers get room in the loop's
+ * scratch area, shared by all its sockets and taken again once the SQ is
+ * empty, and a connection keeps no iovec of its own. One buffer, or no room
+ * (the kernel lacks SUBMIT_STABLE; no memory), gets the caller's `one` and
+ * *n becomes 1. Call it right before ue_sqe() for the SQE that uses it. */
+typedef struct ue_send_one {
+    struct msghdr msg;
+    struct iovec iov;
+} ue_send_one;
+#define UE_SEND_IOV_MAX 64 /* the most buffers one send takes */
+struct msghdr *ue_send_msg(ue_loop *l, int *n, ue_send_one *one);
+/* Sends msg's buffers: one as a plain SEND (the kernel then skips importing
+ * a msghdr and an iovec array), several as a SENDMSG over `msg`. */
+void ue_prep_send_msg(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, int flags);
 
 /* An epoll set the ring waits on (ue_epoll.c): what asyncio's add_reader and
  * add_writer need, which a POLL_ADD per fd cannot give (see there). The set

@@ -524,6 +524,9 @@ void ue_loop_close(ue_loop *l)
     free(l->quiet);
     l->quiet = NULL;
     l->quiet_head = l->nquiet = l->quiet_cap = 0;
+    free(l->scratch);
+    l->scratch = NULL;
+    l->scratch_used = 0;
     if (l->fork_mark) {
         munmap((void *)l->fork_mark, (size_t)sysconf(_SC_PAGESIZE));
         l->fork_mark = NULL;
@@ -545,6 +548,7 @@ int ue_loop_rebuild(ue_loop *l)
     l->owner_tid = 0;
     l->wake_op.state = UE_OP_IDLE;
     l->quiet_head = l->nquiet = 0; /* abandoned with the rest */
+    l->scratch_used = 0;
     l->quiet_probed = 0;
     atomic_store(&l->sleeping, 0);
     l->pid = getpid();
@@ -604,14 +608,53 @@ int ue_accept(int fd)
     }
 }
 
-void ue_prep_send_iov(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, struct iovec *iov, int n, int flags)
+/* Bytes of the send scratch area: room for 60 sends of UE_SEND_IOV_MAX
+ * buffers, or ~700 of two; when it is full, what is queued is submitted. */
+#define UE_SCRATCH_SIZE (64 * 1024)
+
+static struct msghdr *ue__scratch_take(ue_loop *l, unsigned niov)
 {
-    if (n == 1) {
-        io_uring_prep_send(sqe, fd, iov[0].iov_base, ue_io_len(iov[0].iov_len), flags);
+    size_t want = sizeof(struct msghdr) + niov * sizeof(struct iovec); /* both 8-aligned */
+    if (l->ring_fd < 0 || !(l->features & IORING_FEAT_SUBMIT_STABLE) || want > UE_SCRATCH_SIZE)
+        return NULL;
+    if (!l->scratch && !(l->scratch = malloc(UE_SCRATCH_SIZE)))
+        return NULL;
+    if (l->scratch_used + want > UE_SCRATCH_SIZE && io_uring_sq_ready(&l->ring) && l->enabled)
+        (void)ue_submit(l); /* the kernel takes its copies of what is queued */
+    if (io_uring_sq_ready(&l->ring) == 0)
+        l->scratch_used = 0; /* no SQE points into the area any more */
+    if (l->scratch_used + want > UE_SCRATCH_SIZE)
+        return NULL;
+    struct msghdr *msg = (struct msghdr *)(void *)(l->scratch + l->scratch_used);
+    l->scratch_used += want;
+    memset(msg, 0, sizeof *msg);
+    msg->msg_iov = (struct iovec *)(msg + 1);
+    msg->msg_iovlen = niov;
+    return msg;
+}
+
+struct msghdr *ue_send_msg(ue_loop *l, int *n, ue_send_one *one)
+{
+    if (*n > UE_SEND_IOV_MAX)
+        *n = UE_SEND_IOV_MAX;
+    if (*n > 1) {
+        struct msghdr *msg = ue__scratch_take(l, (unsigned)*n);
+        if (msg)
+            return msg;
+    }
+    *n = 1;
+    memset(&one->msg, 0, sizeof one->msg);
+    one->msg.msg_iov = &one->iov;
+    one->msg.msg_iovlen = 1;
+    return &one->msg;
+}
+
+void ue_prep_send_msg(struct io_uring_sqe *sqe, int fd, struct msghdr *msg, int flags)
+{
+    if (msg->msg_iovlen == 1) {
+        struct iovec *iov = msg->msg_iov;
+        io_uring_prep_send(sqe, fd, iov->iov_base, ue_io_len(iov->iov_len), flags);
         return;
     }
-    memset(msg, 0, sizeof *msg);
-    msg->msg_iov = iov;
-    msg->msg_iovlen = (size_t)n;
     io_uring_prep_sendmsg(sqe, fd, msg, (unsigned)flags);
 }

@@ -805,27 +805,28 @@ static int conn_submit_send(us_httpconn *c, int from_flush)
     if (first->fd >= 0)
         return conn_send_file(c, first);
     int n = 0;
+    while (n < c->wq.len && n < UE_SEND_IOV_MAX && us_segq_at(&c->wq, n)->obj)
+        n++; /* up to the first file, sent on its own */
+    ue_send_one one;
+    struct msghdr *msg = ue_send_msg(&loop->ue, &n, &one);
     size_t total = 0;
-    for (int i = 0; i < c->wq.len && n < 64; i++) {
+    for (int i = 0; i < n; i++) {
         us_seg *s = us_segq_at(&c->wq, i);
-        if (!s->obj)
-            break; /* a file: sent on its own */
         const char *p = PyBytes_AS_STRING(s->obj);
         Py_ssize_t len = PyBytes_GET_SIZE(s->obj);
         if (i == 0) {
             p += c->wq_off;
             len -= (Py_ssize_t)c->wq_off;
         }
-        c->iov[n].iov_base = (void *)p;
-        c->iov[n].iov_len = (size_t)len;
+        msg->msg_iov[i].iov_base = (void *)p;
+        msg->msg_iov[i].iov_len = (size_t)len;
         total += (size_t)len;
-        n++;
     }
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe)
         return -EBUSY;
     int quiet = from_flush && conn_send_may_be_quiet(c, n);
-    ue_prep_send_iov(sqe, c->fd, &c->msg, c->iov, n, MSG_NOSIGNAL | (quiet ? UE_QUIET_SEND_FLAGS : 0));
+    ue_prep_send_msg(sqe, c->fd, msg, MSG_NOSIGNAL | (quiet ? UE_QUIET_SEND_FLAGS : 0));
     c->sent_iov = n;
     if (quiet)
         ue_op_arm_quiet(&loop->ue, &c->send_op, sqe, conn_send_cb, (int32_t)total);

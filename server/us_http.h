@@ -116,10 +116,8 @@ struct us_httpconn {
     us_httpcycle *parsing;    /* the cycle whose body is being parsed */
     Py_ssize_t body_buffered; /* request body bytes not yet received by apps */
     us_segq wq;
-    int64_t wq_off; /* bytes of the first segment already sent */
-    int sent_iov;   /* segments in the send in flight */
-    struct iovec iov[64];
-    struct msghdr msg;
+    int64_t wq_off;                 /* bytes of the first segment already sent */
+    int sent_iov;                   /* segments in the send in flight */
     PyObject *client, *sockname;    /* scope tuples, made on first use */
     double deadline;                /* ue_now() seconds; 0: none */
     us_httpconn *dl_prev, *dl_next; /* in srv->deadlines[dl_kind] */

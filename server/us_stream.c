@@ -39,8 +39,6 @@
 
 #include <structmember.h>
 
-#define US_IOV_MAX 64
-
 enum { US_STREAM_SOCKET = 0, US_STREAM_READ_PIPE = 1, US_STREAM_WRITE_PIPE = 2 };
 #define US_CONNLOST_WARN 5 /* asyncio's LOG_THRESHOLD_FOR_CONNLOST_WRITES */
 
@@ -87,8 +85,6 @@ typedef struct us_stream {
     int wq_head, wq_len, wq_cap;
     size_t wq_off; /* bytes of wq[head] already sent */
     Py_ssize_t wbuf;
-    struct iovec iov[US_IOV_MAX];
-    struct msghdr msg;
     Py_ssize_t high, low;
 
     int conn_lost;
@@ -877,20 +873,37 @@ static void stream_shutdown_write(us_stream *s)
     }
 }
 
-/* Points s->msg at the queued chunks (up to US_IOV_MAX of them). */
-static int stream_fill_iov(us_stream *s)
+/* How many queued chunks the next send takes. */
+static int stream_iov_count(us_stream *s)
 {
-    int n = 0;
-    for (int i = 0; i < s->wq_len && n < US_IOV_MAX; i++, n++) {
+    return s->wq_len < UE_SEND_IOV_MAX ? s->wq_len : UE_SEND_IOV_MAX;
+}
+
+/* Points iov[0..n) at the first n queued chunks. */
+static void stream_fill_iov(us_stream *s, struct iovec *iov, int n)
+{
+    for (int i = 0; i < n; i++) {
         PyObject *chunk = s->wq[(s->wq_head + i) % s->wq_cap];
         size_t off = i == 0 ? s->wq_off : 0;
-        s->iov[n].iov_base = PyBytes_AS_STRING(chunk) + off;
-        s->iov[n].iov_len = (size_t)PyBytes_GET_SIZE(chunk) - off;
+        iov[i].iov_base = PyBytes_AS_STRING(chunk) + off;
+        iov[i].iov_len = (size_t)PyBytes_GET_SIZE(chunk) - off;
     }
-    memset(&s->msg, 0, sizeof s->msg);
-    s->msg.msg_iov = s->iov;
-    s->msg.msg_iovlen = (size_t)n;
-    return n;
+}
+
+/* One sendmsg (writev on a pipe) of the queue's first chunks, now, without
+ * blocking: bytes sent, or -1 with errno. */
+static ssize_t stream_send_sync(us_stream *s)
+{
+    struct iovec iov[UE_SEND_IOV_MAX];
+    struct msghdr msg;
+    int n = stream_iov_count(s);
+    stream_fill_iov(s, iov, n);
+    if (s->kind != US_STREAM_SOCKET)
+        return writev(s->fd, iov, n); /* the fd is non-blocking */
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = (size_t)n;
+    return sendmsg(s->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
 /* Whether the send about to be armed over `n` queued chunks may be quiet
@@ -913,7 +926,10 @@ static void stream_arm_send(us_stream *s, int from_flush)
     us_loop *loop = s->loop;
     if (loop->closing)
         return; /* see stream_arm_recv */
-    int n = stream_fill_iov(s);
+    ue_send_one one;
+    int n = stream_iov_count(s);
+    struct msghdr *msg = ue_send_msg(&loop->ue, &n, &one);
+    stream_fill_iov(s, msg->msg_iov, n);
     int quiet = from_flush && stream_send_may_be_quiet(s, n);
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe) {
@@ -922,11 +938,11 @@ static void stream_arm_send(us_stream *s, int from_flush)
         return;
     }
     if (s->kind == US_STREAM_SOCKET)
-        ue_prep_send_iov(sqe, s->fd, &s->msg, s->iov, n, MSG_NOSIGNAL | (quiet ? UE_QUIET_SEND_FLAGS : 0));
+        ue_prep_send_msg(sqe, s->fd, msg, MSG_NOSIGNAL | (quiet ? UE_QUIET_SEND_FLAGS : 0));
     else if (n == 1) /* as a plain write, for the same reason */
-        io_uring_prep_write(sqe, s->fd, s->iov[0].iov_base, ue_io_len(s->iov[0].iov_len), (uint64_t)-1);
+        io_uring_prep_write(sqe, s->fd, msg->msg_iov[0].iov_base, ue_io_len(msg->msg_iov[0].iov_len), (uint64_t)-1);
     else
-        io_uring_prep_writev(sqe, s->fd, s->msg.msg_iov, (unsigned)n, (uint64_t)-1);
+        io_uring_prep_writev(sqe, s->fd, msg->msg_iov, (unsigned)n, (uint64_t)-1);
     if (quiet)
         ue_op_arm_quiet(&loop->ue, &s->send_op, sqe, stream_send_cb, (int32_t)s->wbuf);
     else
@@ -1034,9 +1050,7 @@ static int stream_queue(us_stream *s, PyObject *chunk)
 static void stream_send_now(us_stream *s)
 {
     s->deferred = 0;
-    int n = stream_fill_iov(s);
-    ssize_t sent = s->kind == US_STREAM_SOCKET ? sendmsg(s->fd, &s->msg, MSG_DONTWAIT | MSG_NOSIGNAL)
-                                               : writev(s->fd, s->iov, n); /* the fd is non-blocking */
+    ssize_t sent = stream_send_sync(s);
     if (sent > 0) {
         stream_consume(s, (size_t)sent);
         if (!s->wq_len) { /* a write after close() can take the whole queue */
@@ -1078,11 +1092,7 @@ static void stream_send_before_abort(us_stream *s)
 {
     if (s->conn_lost || !s->wq_len || ue_op_busy(&s->send_op) || s->kind == US_STREAM_READ_PIPE)
         return;
-    int n = stream_fill_iov(s);
-    if (s->kind == US_STREAM_SOCKET)
-        (void)sendmsg(s->fd, &s->msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-    else
-        (void)writev(s->fd, s->iov, n);
+    (void)stream_send_sync(s);
 }
 
 /* asyncio's pipe transports are one-way: a read pipe has none of the

@@ -994,6 +994,32 @@ def test_large_messages_on_many_connections_at_once(loop):
     run(loop, main())
 
 
+def test_many_connections_each_writing_many_chunks_in_one_callback(loop):
+    # On uringloop the sends of one iteration take their msghdr and iovec
+    # from one scratch area per loop, which the kernel copies as it submits:
+    # 120 sockets flushing 70 chunks each fill it twice over, so the loop
+    # submits in the middle of a flush and starts the area again. Every peer
+    # must get its own bytes, whole and in order.
+    async def main():
+        pairs = [await connected_to_raw_peer(loop, lambda: Recorder(loop)) for _ in range(120)]
+        chunks = [[bytes([i % 251]) * 3 + j.to_bytes(2, "big") for j in range(70)] for i in range(len(pairs))]
+        for (tr, _, _), mine in zip(pairs, chunks):  # all in this callback: one flush
+            for c in mine:
+                tr.write(c)
+        for (tr, pr, peer), mine in zip(pairs, chunks):
+            want = b"".join(mine)
+            got = bytearray()
+            peer.settimeout(5)
+            while len(got) < len(want):
+                got += await loop.run_in_executor(None, peer.recv, 65536)
+            assert bytes(got) == want
+            tr.close()
+            await pr.lost
+            peer.close()
+
+    run(loop, main())
+
+
 def test_eof_right_behind_large_data_is_seen(loop):
     # On uringloop a socket in bulk mode learns of data from an
     # edge-triggered poll: data and a FIN that both arrive before the loop

@@ -450,6 +450,119 @@ static void test_quiet_send_does_not_end_the_wait(void)
     close(a[1]);
 }
 
+/* Several buffers get their msghdr and iovec from the loop's scratch area
+ * (ue_send_msg), which the next send takes again once the SQ is empty: the
+ * kernel must have its own copies by then, also of a send that has to wait
+ * for room and completes long after. */
+static void test_send_scratch_is_reused_once_submitted(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    open_pair(sv);
+    char fill[4096];
+    memset(fill, 'x', sizeof fill);
+    size_t filled = 0;
+    ssize_t w;
+    while ((w = write(sv[0], fill, sizeof fill)) > 0)
+        filled += (size_t)w; /* the peer's buffer is full: the send must wait */
+    ue_send_one one;
+    int n = 3;
+    struct msghdr *msg = ue_send_msg(&l, &n, &one);
+    REQUIRE(n == 3 && msg != &one.msg && msg->msg_iovlen == 3);
+    const char *parts[3] = {"ab", "cd", "ef"};
+    for (int i = 0; i < 3; i++) {
+        msg->msg_iov[i].iov_base = (void *)parts[i];
+        msg->msg_iov[i].iov_len = 2;
+    }
+    probe_op p = {0};
+    struct io_uring_sqe *sqe = ue_sqe(&l);
+    REQUIRE(sqe);
+    ue_prep_send_msg(sqe, sv[0], msg, MSG_NOSIGNAL);
+    ue_op_arm(&l, &p.op, sqe, probe_cb);
+    int m = 2;
+    struct msghdr *queued = ue_send_msg(&l, &m, &one);
+    CHECK(queued != msg); /* an SQE still points at the first */
+    REQUIRE(ue_submit(&l) >= 0);
+    m = UE_SEND_IOV_MAX;
+    struct msghdr *again = ue_send_msg(&l, &m, &one);
+    CHECK(again == msg);                                            /* the SQ is empty: the area is taken again */
+    memset(again->msg_iov, 0xff, (size_t)m * sizeof(struct iovec)); /* what the kernel must not read */
+    char buf[8192];
+    size_t drained = 0;
+    while (drained < filled) {
+        ssize_t r = read(sv[1], buf, sizeof buf);
+        if (r > 0)
+            drained += (size_t)r;
+    }
+    run_until(&l, &p.finals, 1, 5.0);
+    CHECK(p.finals == 1 && p.last_res == 6);
+    char got[6];
+    CHECK(read(sv[1], got, sizeof got) == 6 && memcmp(got, "abcdef", 6) == 0);
+    close_pair_and_loop(sv, &l);
+}
+
+/* One buffer, or a kernel without IORING_FEAT_SUBMIT_STABLE, is sent from
+ * the caller's single-buffer msghdr. */
+static void test_send_msg_falls_back_to_one_buffer(void)
+{
+    ue_loop l;
+    setup(&l);
+    ue_send_one one;
+    int n = 1;
+    CHECK(ue_send_msg(&l, &n, &one) == &one.msg && n == 1 && one.msg.msg_iov == &one.iov);
+    n = 500;
+    struct msghdr *msg = ue_send_msg(&l, &n, &one);
+    CHECK(n == UE_SEND_IOV_MAX && msg != &one.msg);
+    l.features &= ~(unsigned)IORING_FEAT_SUBMIT_STABLE;
+    n = 3;
+    CHECK(ue_send_msg(&l, &n, &one) == &one.msg && n == 1 && one.msg.msg_iovlen == 1);
+    ue_loop_close(&l);
+}
+
+/* A full area first submits what is queued, then starts over. */
+static void test_full_send_scratch_submits_first(void)
+{
+    ue_loop l;
+    setup(&l);
+    int sv[2];
+    open_pair(sv);
+    static probe_op ops[200];
+    char byte = 'z';
+    unsigned i, submitted_at = 0;
+    for (i = 0; i < 200 && !submitted_at; i++) {
+        unsigned pending = l.unsubmitted;
+        ue_send_one one;
+        int n = UE_SEND_IOV_MAX;
+        struct msghdr *msg = ue_send_msg(&l, &n, &one);
+        REQUIRE(n == UE_SEND_IOV_MAX);
+        if (l.unsubmitted < pending)
+            submitted_at = i;
+        for (int k = 0; k < n; k++) {
+            msg->msg_iov[k].iov_base = &byte;
+            msg->msg_iov[k].iov_len = 1;
+        }
+        struct io_uring_sqe *sqe = ue_sqe(&l);
+        REQUIRE(sqe);
+        ue_prep_send_msg(sqe, sv[0], msg, MSG_NOSIGNAL);
+        ue_op_arm(&l, &ops[i].op, sqe, probe_cb);
+    }
+    CHECK(submitted_at > 10 && submitted_at < 64); /* 64 KiB hold ~60 sends of 64 buffers */
+    int finals = 0;
+    double deadline = ue_now() + 5.0;
+    while (finals < (int)i && ue_now() < deadline) {
+        ue_wait(&l, 0.05);
+        ue_dispatch(&l);
+        finals = 0;
+        for (unsigned k = 0; k < i; k++)
+            finals += ops[k].finals;
+    }
+    CHECK(finals == (int)i);
+    for (unsigned k = 0; k < i; k++)
+        CHECK(ops[k].last_res == UE_SEND_IOV_MAX);
+    close_pair_and_loop(sv, &l);
+}
+
 int main(void)
 {
     RUN(test_recv_completes_once);
@@ -467,5 +580,8 @@ int main(void)
     RUN(test_quiet_send_reports_part_and_refusal);
     RUN(test_quiet_send_freed_by_its_failure_callback);
     RUN(test_quiet_send_does_not_end_the_wait);
+    RUN(test_send_scratch_is_reused_once_submitted);
+    RUN(test_send_msg_falls_back_to_one_buffer);
+    RUN(test_full_send_scratch_submits_first);
     return TEST_EXIT();
 }
