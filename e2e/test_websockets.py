@@ -97,6 +97,35 @@ def test_subprotocol_scope_and_close_codes(ws_server):
     assert "ASGI callable returned without sending handshake." in ws_server.log
 
 
+def test_a_browser_handshake_keeps_every_header_in_the_scope(ws_server):
+    # The websockets protocol parses only the headers its handshake reads
+    # (the rest would be a second copy for the connection's lifetime); the
+    # app still sees every header, and the handshake still negotiates the
+    # subprotocol and permessage-deflate the client offers.
+    cookie = "session=" + "c" * 6000
+    sent = {"Cookie": cookie, "User-Agent": "Mozilla/5.0 test",
+            "Accept-Language": "en-GB,en;q=0.7", "Cache-Control": "no-cache", "X-Custom": "kept"}
+
+    async def go():
+        async with websockets.connect(f"ws://127.0.0.1:{ws_server.port}/headers", subprotocols=["chat.v2"],
+                                      additional_headers=sent, origin="https://app.example") as ws:
+            import json
+            seen = dict(json.loads(await ws.recv()))
+            assert ws.subprotocol == "chat.v2"
+            assert [type(e).__name__ for e in ws.protocol.extensions] == ["PerMessageDeflate"]
+            await ws.send("compressed " * 100)
+            assert await ws.recv() == "compressed " * 100
+        return seen
+
+    seen = asyncio.run(go())
+    for name, value in sent.items():
+        assert seen[name.lower()] == value
+    assert seen["origin"] == "https://app.example"
+    for name in ("host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+                 "sec-websocket-extensions", "sec-websocket-protocol"):
+        assert name in seen
+
+
 def test_an_app_cancelled_of_itself_is_a_failed_one(tmp_path):
     """A CancelledError the app raises is its failure, as uvicorn treats
     it: logged, and answered 500 before the accept, or closed with 1011

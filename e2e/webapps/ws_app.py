@@ -113,6 +113,15 @@ async def info(ws: WebSocket):
     await ws.close()
 
 
+async def headers(ws: WebSocket):
+    """Accepts (with the client's first subprotocol), sends the scope's
+    headers, then echoes one message."""
+    await ws.accept(subprotocol=ws.scope["subprotocols"][0] if ws.scope["subprotocols"] else None)
+    await ws.send_json([[n.decode("latin-1"), v.decode("latin-1")] for n, v in ws.scope["headers"]])
+    await ws.send_text(await ws.receive_text())
+    await ws.close()
+
+
 async def last_disconnect(request):
     return JSONResponse(LAST_DISCONNECT)
 
@@ -134,6 +143,7 @@ app = Starlette(routes=[
     WebSocketRoute("/hold", hold),
     Route("/hold-release", hold_release),
     WebSocketRoute("/info", info),
+    WebSocketRoute("/headers", headers),
     Route("/last-disconnect", last_disconnect),
     Route("/", plain),
 ])

@@ -8,7 +8,6 @@ uringloop's C stream transport; this module maps them onto ASGI messages.
 """
 
 import asyncio
-import collections
 import dataclasses
 import http
 import logging
@@ -53,18 +52,21 @@ class ClientDisconnected(OSError):
 
 
 class _Inbox:
-    """Received ASGI messages waiting for the app's receive(): a deque and
-    the one waiter an ASGI app can have (asyncio.Queue's generality costs a
-    fair share of an echo's time)."""
+    """Received ASGI messages waiting for the app's receive(), and the one
+    waiter an ASGI app can have (asyncio.Queue's generality costs a fair
+    share of an echo's time). The messages are a list read from `head`,
+    emptied whenever it has all been read: an idle connection's inbox is an
+    empty list (a deque keeps a 64-slot block, ~600 bytes, even empty)."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("items", "head", "waiter")
 
     def __init__(self):
-        self.items = collections.deque()
+        self.items = []
+        self.head = 0
         self.waiter = None
 
     def __len__(self):
-        return len(self.items)
+        return len(self.items) - self.head
 
     def put(self, message):
         self.items.append(message)
@@ -73,13 +75,21 @@ class _Inbox:
             waiter.set_result(None)
 
     async def get(self, loop):
-        while not self.items:
+        items = self.items
+        while self.head == len(items):
             self.waiter = loop.create_future()
             try:
                 await self.waiter
             finally:
                 self.waiter = None
-        return self.items.popleft()
+        message = items[self.head]
+        if self.head + 1 == len(items):
+            items.clear()  # frees the list's storage
+            self.head = 0
+        else:
+            items[self.head] = None
+            self.head += 1
+        return message
 
 
 class WebSocketHandler:
@@ -113,6 +123,10 @@ class WebSocketHandler:
             if pending:
                 await asyncio.wait(pending, timeout=1)
 
+
+# the request headers websockets' ServerProtocol.accept() looks at
+_HANDSHAKE_HEADERS = frozenset((b"host", b"connection", b"upgrade", b"origin", b"sec-websocket-key",
+                                b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol"))
 
 _BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 
@@ -180,12 +194,17 @@ class WebSocketSession(asyncio.Protocol):
         return scope
 
     def _raw_request(self):
+        """The upgrade request for the `websockets` protocol, with only the
+        headers its handshake reads: the request stays alive in its parser
+        for the whole connection, and a browser's cookies and user agent
+        would be a second copy of what the scope holds."""
         scope = self.scope
         target = scope["raw_path"].decode("latin-1")
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
         lines = [f"GET {target} HTTP/1.1"]
-        lines += [f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in scope["headers"]]
+        lines += [f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in scope["headers"]
+                  if n in _HANDSHAKE_HEADERS]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     # -- running the app --
@@ -253,6 +272,7 @@ class WebSocketSession(asyncio.Protocol):
                     self.transport.close()
             elif kind == "websocket.accept":
                 response = self.proto.accept(self.request)
+                self.request = None  # its headers are in the scope; an idle session need not keep them twice
                 sub = message.get("subprotocol")
                 if sub:
                     response.headers["Sec-WebSocket-Protocol"] = sub
