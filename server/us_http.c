@@ -804,24 +804,26 @@ static int conn_submit_send(us_httpconn *c, int from_flush)
     us_seg *first = us_segq_at(&c->wq, 0);
     if (first->fd >= 0)
         return conn_send_file(c, first);
-    int n = 0;
-    while (n < c->wq.len && n < UE_SEND_IOV_MAX && us_segq_at(&c->wq, n)->obj)
-        n++; /* up to the first file, sent on its own */
+    int room = c->wq.len;
     ue_send_one one;
-    struct msghdr *msg = ue_send_msg(&loop->ue, &n, &one);
+    struct msghdr *msg = ue_send_msg(&loop->ue, &room, &one);
+    int n = 0;
     size_t total = 0;
-    for (int i = 0; i < n; i++) {
-        us_seg *s = us_segq_at(&c->wq, i);
+    for (; n < room; n++) {
+        us_seg *s = us_segq_at(&c->wq, n);
+        if (!s->obj)
+            break; /* a file: sent on its own */
         const char *p = PyBytes_AS_STRING(s->obj);
         Py_ssize_t len = PyBytes_GET_SIZE(s->obj);
-        if (i == 0) {
+        if (n == 0) {
             p += c->wq_off;
             len -= (Py_ssize_t)c->wq_off;
         }
-        msg->msg_iov[i].iov_base = (void *)p;
-        msg->msg_iov[i].iov_len = (size_t)len;
+        msg->msg_iov[n].iov_base = (void *)p;
+        msg->msg_iov[n].iov_len = (size_t)len;
         total += (size_t)len;
     }
+    msg->msg_iovlen = (size_t)n;
     struct io_uring_sqe *sqe = ue_sqe(&loop->ue);
     if (!sqe)
         return -EBUSY;
