@@ -266,6 +266,26 @@ def _masked_text(payload):
     return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def test_a_burst_of_messages_in_one_write_is_received_in_order(ws_server):
+    # 3,000 small messages in one write: far more than --ws-max-queue (32),
+    # so the server stops reading while the app takes them, and more arrive
+    # while earlier ones wait in the session's inbox. The app must receive
+    # every one once, in order, and then the next burst after the first has
+    # been drained.
+    with socket.create_connection(("127.0.0.1", ws_server.port), timeout=10) as s:
+        s.sendall(_upgrade_request(b"/ws"))
+        assert _read_head(s).startswith(b"HTTP/1.1 101")
+        got = bytearray()
+        for burst in range(2):
+            texts = [f"{burst}-{i}".encode() for i in range(3000)]
+            s.sendall(b"".join(_masked_text(t) for t in texts))
+            want = b"".join(bytes([0x81, len(b"echo:" + t)]) + b"echo:" + t for t in texts)
+            got.clear()
+            while len(got) < len(want):
+                got += s.recv(65536)
+            assert bytes(got) == want
+
+
 def test_a_protocol_error_after_a_message_ends_the_session_quietly(tmp_path):
     # A message, then an unmasked frame in the same write: the protocol
     # fails the connection (1002) while the app is about to answer the
