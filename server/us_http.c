@@ -258,6 +258,24 @@ static PyObject *server_expire(us_httpserver *srv, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* Room for one more cycle: the inline slots hold the common case (one
+ * request at a time, and the next one read while the first answers); a
+ * pipelining client gets the whole US_HTTP_MAX_PIPELINE on the heap. */
+static int conn_cycle_room(us_httpconn *c)
+{
+    if (c->ncycles < c->cycles_cap)
+        return 0;
+    us_httpcycle **more = PyMem_Malloc(US_HTTP_MAX_PIPELINE * sizeof *more);
+    if (!more) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(more, c->cycles, (size_t)c->ncycles * sizeof *more);
+    c->cycles = more;
+    c->cycles_cap = US_HTTP_MAX_PIPELINE;
+    return 0;
+}
+
 /* Upgrade: websocket on a connection with nothing else in flight. */
 static int conn_is_websocket(us_httpconn *c, uh_parser *p, const uh_request *req)
 {
@@ -294,7 +312,7 @@ static int conn_on_head(void *ud, uh_parser *p, const uh_request *req)
         p->error_status = 500;
         return -1;
     }
-    us_httpcycle *cy = us_httpcycle_new(c, p, req);
+    us_httpcycle *cy = conn_cycle_room(c) < 0 ? NULL : us_httpcycle_new(c, p, req);
     if (!cy) {
         us_http_log_error(c->srv, "Exception while building the ASGI scope", NULL);
         PyErr_Clear();
@@ -1027,6 +1045,8 @@ static void conn_dealloc(us_httpconn *c)
     PyTypeObject *tp = Py_TYPE(c);
     PyObject_GC_UnTrack(c);
     conn_clear(c);
+    if (c->cycles != c->cycles_inline)
+        PyMem_Free(c->cycles);
     us_segq_clear(&c->wq);
     uh_parser_free(&c->parser);
     uh_buf_free(&c->pending);
@@ -1076,6 +1096,8 @@ static void server_new_conn(us_httpserver *srv, int fd, PyObject *client, PyObje
     memset((char *)c + sizeof(PyObject), 0, sizeof *c - sizeof(PyObject));
     c->flush_reserved = 1;
     c->dl_kind = US_DL_NONE;
+    c->cycles = c->cycles_inline;
+    c->cycles_cap = (int)(sizeof c->cycles_inline / sizeof c->cycles_inline[0]);
     c->srv = (us_httpserver *)Py_NewRef(srv);
     c->fd = fd;
     c->client = Py_XNewRef(client);

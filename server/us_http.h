@@ -107,17 +107,21 @@ struct us_httpconn {
     PyObject_HEAD us_httpserver *srv;
     us_httpconn *prev, *next;
     int fd;
+    int sent_iov; /* segments in the send in flight */
     ue_op recv_op, send_op;
     uh_parser parser;
     uh_buf pending; /* unparsed input kept while parsing is paused */
     size_t pending_off;
-    us_httpcycle *cycles[US_HTTP_MAX_PIPELINE]; /* in request order */
-    int ncycles;
+    /* in request order: cycles_inline, or once a second request is
+     * pipelined behind the first, US_HTTP_MAX_PIPELINE slots of the heap
+     * (an idle connection need not carry 32 pointers) */
+    us_httpcycle **cycles;
+    us_httpcycle *cycles_inline[2];
+    int ncycles, cycles_cap;
     us_httpcycle *parsing;    /* the cycle whose body is being parsed */
     Py_ssize_t body_buffered; /* request body bytes not yet received by apps */
     us_segq wq;
     int64_t wq_off;                 /* bytes of the first segment already sent */
-    int sent_iov;                   /* segments in the send in flight */
     PyObject *client, *sockname;    /* scope tuples, made on first use */
     double deadline;                /* ue_now() seconds; 0: none */
     us_httpconn *dl_prev, *dl_next; /* in srv->deadlines[dl_kind] */
