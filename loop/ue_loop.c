@@ -615,7 +615,7 @@ int ue_accept(int fd)
 static struct msghdr *ue__scratch_take(ue_loop *l, unsigned niov)
 {
     size_t want = sizeof(struct msghdr) + niov * sizeof(struct iovec); /* both 8-aligned */
-    if (l->ring_fd < 0 || !(l->features & IORING_FEAT_SUBMIT_STABLE) || want > UE_SCRATCH_SIZE)
+    if (l->ring_fd < 0 || !(l->features & IORING_FEAT_SUBMIT_STABLE))
         return NULL;
     if (!l->scratch && !(l->scratch = malloc(UE_SCRATCH_SIZE)))
         return NULL;

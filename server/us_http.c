@@ -263,7 +263,8 @@ static PyObject *server_expire(us_httpserver *srv, PyObject *unused)
  * pipelining client gets the whole US_HTTP_MAX_PIPELINE on the heap. */
 static int conn_cycle_room(us_httpconn *c)
 {
-    if (c->ncycles < c->cycles_cap)
+    int cap = c->cycles == c->cycles_inline ? US_HTTP_INLINE_CYCLES : US_HTTP_MAX_PIPELINE;
+    if (c->ncycles < cap)
         return 0;
     us_httpcycle **more = PyMem_Malloc(US_HTTP_MAX_PIPELINE * sizeof *more);
     if (!more) {
@@ -272,7 +273,6 @@ static int conn_cycle_room(us_httpconn *c)
     }
     memcpy(more, c->cycles, (size_t)c->ncycles * sizeof *more);
     c->cycles = more;
-    c->cycles_cap = US_HTTP_MAX_PIPELINE;
     return 0;
 }
 
@@ -1097,7 +1097,6 @@ static void server_new_conn(us_httpserver *srv, int fd, PyObject *client, PyObje
     c->flush_reserved = 1;
     c->dl_kind = US_DL_NONE;
     c->cycles = c->cycles_inline;
-    c->cycles_cap = (int)(sizeof c->cycles_inline / sizeof c->cycles_inline[0]);
     c->srv = (us_httpserver *)Py_NewRef(srv);
     c->fd = fd;
     c->client = Py_XNewRef(client);

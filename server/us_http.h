@@ -16,6 +16,7 @@
 #include "../http/uh.h"
 
 #define US_HTTP_MAX_PIPELINE 32
+#define US_HTTP_INLINE_CYCLES 2        /* cycle slots a connection carries itself */
 #define US_HTTP_READ_HIGH (64 * 1024)  /* unread request body that pauses reading */
 #define US_HTTP_WRITE_HIGH (64 * 1024) /* queued response bytes that make send() wait */
 #define US_HTTP_WRITE_LOW (16 * 1024)
@@ -116,8 +117,8 @@ struct us_httpconn {
      * pipelined behind the first, US_HTTP_MAX_PIPELINE slots of the heap
      * (an idle connection need not carry 32 pointers) */
     us_httpcycle **cycles;
-    us_httpcycle *cycles_inline[2];
-    int ncycles, cycles_cap;
+    us_httpcycle *cycles_inline[US_HTTP_INLINE_CYCLES];
+    int ncycles;
     us_httpcycle *parsing;    /* the cycle whose body is being parsed */
     Py_ssize_t body_buffered; /* request body bytes not yet received by apps */
     us_segq wq;

@@ -272,7 +272,6 @@ class WebSocketSession(asyncio.Protocol):
                     self.transport.close()
             elif kind == "websocket.accept":
                 response = self.proto.accept(self.request)
-                self.request = None  # its headers are in the scope; an idle session need not keep them twice
                 sub = message.get("subprotocol")
                 if sub:
                     response.headers["Sec-WebSocket-Protocol"] = sub
