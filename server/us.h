@@ -38,11 +38,13 @@ typedef struct us_state {
     PyObject *extract_stack;          /* asyncio.format_helpers.extract_stack */
 
     /* hooks installed by python/uringloop at import */
-    PyObject *handle_repr;      /* callable(handle) -> str */
-    PyObject *sock_future;      /* Future subclass whose cancel() cancels the op */
-    PyObject *future_type;      /* asyncio.futures.Future, for create_future() */
-    PyObject *ssl_socket;       /* ssl.SSLSocket, which sock_* calls refuse; None without ssl */
-    PyObject *transport_socket; /* asyncio.trsock.TransportSocket, which sock_* calls refuse; None on 3.10 */
+    PyObject *handle_repr;            /* callable(handle) -> str */
+    PyObject *sock_future;            /* Future subclass whose cancel() cancels the op */
+    PyObject *future_type;            /* asyncio.futures.Future, for create_future() */
+    PyObject *ssl_socket;             /* ssl.SSLSocket, which sock_* calls refuse; None without ssl */
+    PyObject *transport_socket;       /* asyncio.trsock.TransportSocket, which sock_* calls refuse; None on 3.10 */
+    PyObject *transport_socket_class; /* asyncio.trsock.TransportSocket, for get_extra_info("socket") */
+    PyObject *water_high_default, *water_low_default; /* 65536 and 16384: every transport's limits at first */
 
     /* _socket.socket, whose fields sock_* reads without a method call:
      * offsets from its member descriptors (fd_off is -1 when the layout is

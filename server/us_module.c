@@ -141,13 +141,15 @@ PyObject *us_oserror_from_res(int32_t res)
 static PyObject *mod_set_hooks(PyObject *mod, PyObject *args)
 {
     us_state *st = PyModule_GetState(mod);
-    PyObject *handle_repr, *sock_future, *ssl_socket, *transport_socket;
-    if (!PyArg_ParseTuple(args, "OOOO:_set_hooks", &handle_repr, &sock_future, &ssl_socket, &transport_socket))
+    PyObject *handle_repr, *sock_future, *ssl_socket, *transport_socket, *transport_socket_class;
+    if (!PyArg_ParseTuple(args, "OOOOO:_set_hooks", &handle_repr, &sock_future, &ssl_socket, &transport_socket,
+                          &transport_socket_class))
         return NULL;
     Py_XSETREF(st->handle_repr, Py_NewRef(handle_repr));
     Py_XSETREF(st->sock_future, Py_NewRef(sock_future));
     Py_XSETREF(st->ssl_socket, Py_NewRef(ssl_socket));
     Py_XSETREF(st->transport_socket, Py_NewRef(transport_socket));
+    Py_XSETREF(st->transport_socket_class, Py_NewRef(transport_socket_class));
     Py_RETURN_NONE;
 }
 
@@ -330,7 +332,9 @@ static int us_module_exec(PyObject *m)
     INTERN(s_get_buffer, "get_buffer");
     INTERN(s_buffer_updated, "buffer_updated");
     st->kw_loop = PyTuple_Pack(1, st->s_loop);
-    if (!st->kw_loop)
+    st->water_high_default = PyLong_FromLong(64 * 1024);
+    st->water_low_default = PyLong_FromLong(16 * 1024);
+    if (!st->kw_loop || !st->water_high_default || !st->water_low_default)
         return -1;
     return us_http_module_init(m, st);
 }
@@ -355,6 +359,9 @@ static int us_module_exec(PyObject *m)
     X(future_type)                                                                                                     \
     X(ssl_socket)                                                                                                      \
     X(transport_socket)                                                                                                \
+    X(transport_socket_class)                                                                                          \
+    X(water_high_default)                                                                                              \
+    X(water_low_default)                                                                                               \
     X(socket_type)                                                                                                     \
     X(kw_loop)
 

@@ -30,7 +30,9 @@
  */
 #include "us.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <string.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -41,6 +43,14 @@
 
 enum { US_STREAM_SOCKET = 0, US_STREAM_READ_PIPE = 1, US_STREAM_WRITE_PIPE = 2 };
 #define US_CONNLOST_WARN 5 /* asyncio's LOG_THRESHOLD_FOR_CONNLOST_WRITES */
+
+/* An IP socket's address as getsockname() gives it (family AF_UNSPEC:
+ * none, the call failed). */
+typedef union us_inaddr {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+} us_inaddr;
 
 typedef struct us_stream {
     PyObject_HEAD
@@ -58,6 +68,11 @@ typedef struct us_stream {
     PyObject *sock;
     PyObject *protocol;
     PyObject *server;
+    /* A TCP transport's get_extra_info() without a dict (see
+     * stream_take_addresses): `extra` stays NULL until something reads
+     * _extra, and the answers come from these. */
+    us_inaddr sockname, peername;
+    PyObject *tsock; /* the TransportSocket, once asked for */
     int fd;
     int kind;      /* US_STREAM_SOCKET, US_STREAM_READ_PIPE, US_STREAM_WRITE_PIPE */
     ue_op recv_op; /* recv or read; for a write pipe, the hang-up poll */
@@ -337,6 +352,20 @@ static void stream_bulk_poll_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t fl
     Py_DECREF(s); /* the in-flight reference */
 }
 
+/* inbound is made when the first chunk has to wait in it: most transports
+ * never need it (see stream_hold_buffer), and an idle one saves the list. */
+static Py_ssize_t stream_inbound_len(us_stream *s)
+{
+    return s->inbound ? PyList_GET_SIZE(s->inbound) : 0;
+}
+
+static int stream_inbound_insert(us_stream *s, Py_ssize_t where, PyObject *data)
+{
+    if (!s->inbound && !(s->inbound = PyList_New(0)))
+        return -1;
+    return where < 0 ? PyList_Append(s->inbound, data) : PyList_Insert(s->inbound, where, data);
+}
+
 /* Reads what a readable socket in bulk mode holds, at delivery. */
 static void stream_bulk_read(us_stream *s)
 {
@@ -350,7 +379,7 @@ static void stream_bulk_read(us_stream *s)
     if (n > 0) {
         if (n < US_BULK_READ && _PyBytes_Resize(&data, n) < 0)
             stream_fail_reading(s); /* data is gone with the failure */
-        else if (PyList_Append(s->inbound, data) < 0)
+        else if (stream_inbound_insert(s, -1, data) < 0)
             stream_fail_reading(s);
         if (n == US_BULK_READ || s->bulk_hup) {
             /* maybe more, or the EOF behind this data: the poll fires on
@@ -417,7 +446,7 @@ static int stream_arm_recv(us_stream *s)
  * protocol as one data_received() call. Returns 1 when merged. */
 static int stream_merge_inbound(us_stream *s, const char *data, int32_t n)
 {
-    Py_ssize_t count = PyList_GET_SIZE(s->inbound);
+    Py_ssize_t count = stream_inbound_len(s);
     if (!count)
         return 0;
     PyObject **slot = &((PyListObject *)s->inbound)->ob_item[count - 1];
@@ -445,34 +474,51 @@ static void stream_fail_reading(us_stream *s)
     Py_XDECREF(tb);
 }
 
-/* Returns the held buffers to the ring, after copying them into one bytes
- * object appended to inbound when `keep`. */
-static void stream_release_held(us_stream *s, int keep)
+/* The held buffers' bytes, copied into one object; the buffers go back to
+ * the ring. NULL when there were none (or the ring was remade under
+ * them), or when the copy failed: reading has then failed with it. */
+static PyObject *stream_take_held(us_stream *s)
 {
     us_loop *loop = s->loop;
+    int n = s->nheld;
+    s->nheld = 0;
+    if (!n || !loop || !loop->recv_pool_ready || loop->recv_pool_gen != s->held_gen)
+        return NULL;
+    Py_ssize_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += s->held_len[i];
+    PyObject *data = PyBytes_FromStringAndSize(NULL, total);
+    char *p = data ? PyBytes_AS_STRING(data) : NULL;
+    for (int i = 0; i < n; i++) {
+        if (p) {
+            memcpy(p, ue_bufring_buf(&loop->recv_pool, s->held_bid[i]), (size_t)s->held_len[i]);
+            p += s->held_len[i];
+        }
+        ue_bufring_recycle(&loop->recv_pool, s->held_bid[i]);
+    }
+    if (!data)
+        stream_fail_reading(s);
+    return data;
+}
+
+/* Returns the held buffers to the ring, their bytes appended to inbound
+ * when `keep`. */
+static void stream_release_held(us_stream *s, int keep)
+{
     if (!s->nheld)
         return;
-    int valid = loop && loop->recv_pool_ready && loop->recv_pool_gen == s->held_gen;
-    if (valid && keep) {
-        Py_ssize_t total = 0;
-        for (int i = 0; i < s->nheld; i++)
-            total += s->held_len[i];
-        PyObject *data = PyBytes_FromStringAndSize(NULL, total);
-        if (data) {
-            char *p = PyBytes_AS_STRING(data);
-            for (int i = 0; i < s->nheld; i++) {
-                memcpy(p, ue_bufring_buf(&loop->recv_pool, s->held_bid[i]), (size_t)s->held_len[i]);
-                p += s->held_len[i];
-            }
-        }
-        if (!data || PyList_Append(s->inbound, data) < 0)
-            stream_fail_reading(s);
-        Py_XDECREF(data);
+    if (!keep) {
+        us_loop *loop = s->loop;
+        if (loop && loop->recv_pool_ready && loop->recv_pool_gen == s->held_gen)
+            for (int i = 0; i < s->nheld; i++)
+                ue_bufring_recycle(&loop->recv_pool, s->held_bid[i]);
+        s->nheld = 0;
+        return;
     }
-    if (valid)
-        for (int i = 0; i < s->nheld; i++)
-            ue_bufring_recycle(&loop->recv_pool, s->held_bid[i]);
-    s->nheld = 0;
+    PyObject *data = stream_take_held(s);
+    if (data && stream_inbound_insert(s, -1, data) < 0)
+        stream_fail_reading(s);
+    Py_XDECREF(data);
 }
 
 static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
@@ -480,7 +526,7 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
     (void)ue;
     us_stream *s = US_CONTAINER(op, us_stream, recv_op);
     us_loop *loop = s->loop;
-    if (res > 0 && (flags & IORING_CQE_F_BUFFER) && !s->closing && !PyList_GET_SIZE(s->inbound) &&
+    if (res > 0 && (flags & IORING_CQE_F_BUFFER) && !s->closing && !stream_inbound_len(s) &&
         (s->nheld == 0 || s->held_gen == loop->recv_pool_gen)) {
         /* held until delivery, later this iteration */
         if (s->nheld == US_HELD_MAX)
@@ -498,7 +544,7 @@ static void stream_recv_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t flags)
             stream_schedule_ready(s);
         } else if (!s->closing) {
             PyObject *data = PyBytes_FromStringAndSize(ue_bufring_buf(pool, bid), res);
-            if (!data || PyList_Append(s->inbound, data) < 0)
+            if (!data || stream_inbound_insert(s, -1, data) < 0)
                 stream_fail_reading(s);
             Py_XDECREF(data);
             stream_schedule_ready(s);
@@ -572,7 +618,7 @@ static PyObject *stream_call_size(us_stream *s, PyObject *name, Py_ssize_t n)
 static int stream_requeue_rest(us_stream *s, const char *p, Py_ssize_t left)
 {
     PyObject *rest = PyBytes_FromStringAndSize(p, left);
-    int rc = rest ? PyList_Insert(s->inbound, 0, rest) : -1;
+    int rc = rest ? stream_inbound_insert(s, 0, rest) : -1;
     Py_XDECREF(rest);
     return rc;
 }
@@ -635,38 +681,54 @@ static int stream_feed_buffered(us_stream *s, PyObject *data)
     return 0;
 }
 
+/* Hands one chunk to the protocol. Returns 0 to go on, 1 when the
+ * protocol failed or kept the rest back, -1 to propagate. */
+static int stream_deliver_chunk(us_stream *s, PyObject *data)
+{
+    if (s->buffered == US_PROTO_SSL)
+        return us_ssl_feed(s->protocol, data) == 0
+                   ? 0
+                   : (stream_callback_failed(s, "Fatal error: protocol.buffer_updated() call failed.") < 0 ? -1 : 1);
+    if (s->buffered)
+        return stream_feed_buffered(s, data);
+    PyObject *args[2] = {s->protocol, data};
+    PyObject *r =
+        PyObject_VectorcallMethod(s->loop->st->s_data_received, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (r) {
+        Py_DECREF(r);
+        return 0;
+    }
+    return stream_callback_failed(s, "Fatal error: protocol.data_received() call failed.") < 0 ? -1 : 1;
+}
+
 /* Gives the protocol what arrived: data, then EOF or the read error.
  * Returns -1 only when SystemExit/KeyboardInterrupt must propagate. */
 static int stream_deliver(us_stream *s)
 {
-    stream_release_held(s, 1);
+    if (s->nheld && !stream_inbound_len(s) && !s->read_paused && !s->closing) {
+        /* the common case: what arrived this iteration goes straight to
+         * the protocol, without a stay in inbound */
+        PyObject *data = stream_take_held(s);
+        int rc = data ? stream_deliver_chunk(s, data) : 0;
+        Py_XDECREF(data);
+        if (rc)
+            return rc < 0 ? -1 : 0;
+    } else
+        stream_release_held(s, 1);
     if (s->bulk_ready && !s->read_paused && !s->closing)
         stream_bulk_read(s);
-    while (PyList_GET_SIZE(s->inbound) && !s->read_paused && !s->closing) {
+    while (stream_inbound_len(s) && !s->read_paused && !s->closing) {
         PyObject *data = Py_NewRef(PyList_GET_ITEM(s->inbound, 0));
         if (PySequence_DelItem(s->inbound, 0) < 0) {
             Py_DECREF(data);
             return -1;
         }
-        int rc;
-        if (s->buffered == US_PROTO_SSL) {
-            rc = us_ssl_feed(s->protocol, data) == 0
-                     ? 0
-                     : (stream_callback_failed(s, "Fatal error: protocol.buffer_updated() call failed.") < 0 ? -1 : 1);
-        } else if (s->buffered) {
-            rc = stream_feed_buffered(s, data);
-        } else {
-            PyObject *args[2] = {s->protocol, data};
-            PyObject *r =
-                PyObject_VectorcallMethod(s->loop->st->s_data_received, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-            rc = r ? 0 : (stream_callback_failed(s, "Fatal error: protocol.data_received() call failed.") < 0 ? -1 : 1);
-            Py_XDECREF(r);
-        }
+        int rc = stream_deliver_chunk(s, data);
         Py_DECREF(data);
         if (rc)
             return rc < 0 ? -1 : 0;
     }
-    if (PyList_GET_SIZE(s->inbound) || s->read_paused || s->closing)
+    if (stream_inbound_len(s) || s->read_paused || s->closing)
         return 0;
     if (s->in_error) {
         PyObject *exc = s->in_error;
@@ -712,8 +774,11 @@ static int stream_call_connection_lost(us_stream *s)
 {
     s->lost_done = 1;
     int rc = 0;
+    /* The socket object stays, closed, for get_extra_info("socket") (a
+     * TransportSocket of it, as asyncio's dict keeps one); _sock and _pipe
+     * say None from now on, as asyncio's attributes do. */
     PyObject *protocol = s->protocol, *sock = s->sock, *server = s->server;
-    s->protocol = s->sock = s->server = NULL;
+    s->protocol = s->server = NULL;
     if (protocol) {
         PyObject *r = PyObject_CallMethod(protocol, "connection_lost", "O", s->lost_exc ? s->lost_exc : Py_None);
         if (!r) {
@@ -745,7 +810,6 @@ static int stream_call_connection_lost(us_stream *s)
     }
     PyErr_Restore(et, ev, tb);
     Py_XDECREF(protocol);
-    Py_XDECREF(sock);
     Py_XDECREF(server);
     Py_CLEAR(s->lost_exc);
     return rc;
@@ -1385,7 +1449,7 @@ static PyObject *stream_resume_reading(us_stream *s, PyObject *unused)
     if (s->closing || !s->read_paused)
         Py_RETURN_NONE;
     s->read_paused = 0;
-    if (PyList_GET_SIZE(s->inbound) || s->in_eof == 1 || s->in_error || s->bulk_ready)
+    if (stream_inbound_len(s) || s->in_eof == 1 || s->in_error || s->bulk_ready)
         stream_schedule_ready(s); /* what arrived before the pause took effect */
     if (stream_arm_recv(s) < 0)
         return NULL;
@@ -1410,6 +1474,14 @@ static PyObject *stream_start(us_stream *s, PyObject *unused)
 
 static int stream_set_limits(us_stream *s, Py_ssize_t high, Py_ssize_t low)
 {
+    us_state *st = s->loop->st;
+    if (high == 64 * 1024 && low == 16 * 1024) { /* asyncio's defaults: the same two ints for every transport */
+        Py_XSETREF(s->high_water_obj, Py_NewRef(st->water_high_default));
+        Py_XSETREF(s->low_water_obj, Py_NewRef(st->water_low_default));
+        s->high = high;
+        s->low = low;
+        return 0;
+    }
     PyObject *h = PyLong_FromSsize_t(high), *l = PyLong_FromSsize_t(low);
     if (!h || !l) {
         Py_XDECREF(h);
@@ -1481,13 +1553,117 @@ static PyObject *stream_get_write_buffer_size(us_stream *s, PyObject *unused)
     return PyLong_FromSsize_t(s->wbuf);
 }
 
+/* A TCP transport keeps its two addresses as the kernel gives them, 56
+ * bytes, rather than asyncio's dict of "socket", "sockname" and "peername"
+ * (about 500 bytes of objects for every connection, whether or not anyone
+ * asks). Taken now, as asyncio takes them: the peer's address is gone once
+ * the peer resets, and the local one once the socket is closed. */
+static void stream_take_addresses(us_stream *s)
+{
+    socklen_t len = sizeof s->sockname;
+    if (getsockname(s->fd, &s->sockname.sa, &len) < 0 || len > sizeof s->sockname)
+        s->sockname.sa.sa_family = AF_UNSPEC;
+    len = sizeof s->peername;
+    if (getpeername(s->fd, &s->peername.sa, &len) < 0 || len > sizeof s->peername)
+        s->peername.sa.sa_family = AF_UNSPEC;
+}
+
+/* The address as the socket module gives it: (host, port) for IPv4, (host,
+ * port, flowinfo, scope_id) for IPv6; None when there was none, as asyncio
+ * stores it. */
+static PyObject *stream_address(const us_inaddr *a)
+{
+    char host[INET6_ADDRSTRLEN];
+    switch (a->sa.sa_family) {
+    case AF_INET:
+        if (!inet_ntop(AF_INET, &a->in.sin_addr, host, sizeof host))
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, ntohs(a->in.sin_port));
+    case AF_INET6:
+        if (!inet_ntop(AF_INET6, &a->in6.sin6_addr, host, sizeof host))
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, ntohs(a->in6.sin6_port), (unsigned)ntohl(a->in6.sin6_flowinfo),
+                             (unsigned)a->in6.sin6_scope_id);
+    default:
+        Py_RETURN_NONE;
+    }
+}
+
+/* get_extra_info("socket"): one TransportSocket, made when first asked for. */
+static PyObject *stream_transport_socket(us_stream *s)
+{
+    if (!s->tsock) {
+        PyObject *cls = s->loop ? s->loop->st->transport_socket_class : NULL;
+        if (!cls || !s->sock) {
+            PyErr_SetString(PyExc_RuntimeError, "uringloop: the transport has no socket to wrap");
+            return NULL;
+        }
+        s->tsock = PyObject_CallOneArg(cls, s->sock);
+        if (!s->tsock)
+            return NULL;
+    }
+    return Py_NewRef(s->tsock);
+}
+
+/* The value for one of the three keys, or NULL with no error for any
+ * other name (the transport has no other extra info). */
+static PyObject *stream_lazy_extra(us_stream *s, PyObject *name)
+{
+    if (!PyUnicode_Check(name))
+        return NULL;
+    if (PyUnicode_CompareWithASCIIString(name, "peername") == 0)
+        return stream_address(&s->peername);
+    if (PyUnicode_CompareWithASCIIString(name, "sockname") == 0)
+        return stream_address(&s->sockname);
+    if (PyUnicode_CompareWithASCIIString(name, "socket") == 0)
+        return stream_transport_socket(s);
+    return NULL;
+}
+
+/* _extra, asyncio's dict, made on first read for a TCP transport; from
+ * then on get_extra_info() answers from it, as asyncio's does. */
+static PyObject *stream_get_extra(us_stream *s, void *c)
+{
+    (void)c;
+    if (s->extra)
+        return Py_NewRef(s->extra);
+    PyObject *d = PyDict_New();
+    static const char *const keys[] = {"socket", "sockname", "peername"};
+    for (size_t i = 0; d && i < sizeof keys / sizeof keys[0]; i++) {
+        PyObject *k = PyUnicode_FromString(keys[i]);
+        PyObject *v = k ? stream_lazy_extra(s, k) : NULL;
+        if (!v || PyDict_SetItem(d, k, v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    if (d)
+        s->extra = Py_NewRef(d);
+    return d;
+}
+
+static int stream_set_extra(us_stream *s, PyObject *v, void *c)
+{
+    (void)c;
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "a transport's _extra cannot be deleted");
+        return -1;
+    }
+    Py_XSETREF(s->extra, Py_NewRef(v));
+    return 0;
+}
+
 static PyObject *stream_get_extra_info(us_stream *s, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"name", "default", NULL};
     PyObject *name, *dflt = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:get_extra_info", kwlist, &name, &dflt))
         return NULL;
-    PyObject *v = s->extra ? PyDict_GetItemWithError(s->extra, name) : NULL;
+    if (!s->extra) {
+        PyObject *v = stream_lazy_extra(s, name);
+        return v || PyErr_Occurred() ? v : Py_NewRef(dflt);
+    }
+    PyObject *v = PyDict_GetItemWithError(s->extra, name);
     if (!v && PyErr_Occurred())
         return NULL;
     return Py_NewRef(v ? v : dflt);
@@ -1560,7 +1736,8 @@ static PyObject *stream_repr(us_stream *s)
     return PyUnicode_FromFormat("<StreamTransport %sfd=%d %s bufsize=%zd>", state, s->fd, writing, s->wbuf);
 }
 
-/* loop._stream_new(sock, protocol, extra, server) */
+/* loop._stream_new(sock, protocol, extra, server[, kind]); extra None: a TCP
+ * socket's, answered from its addresses (stream_take_addresses) */
 PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4 && nargs != 5) {
@@ -1570,6 +1747,10 @@ PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
     int kind = US_STREAM_SOCKET;
     if (nargs == 5 && (kind = (int)PyLong_AsLong(args[4])) == -1 && PyErr_Occurred())
         return NULL;
+    if (args[2] == Py_None && kind != US_STREAM_SOCKET) {
+        PyErr_SetString(PyExc_TypeError, "_stream_new(): a pipe's extra must be a dict");
+        return NULL;
+    }
     if (us_loop_check_open(loop) < 0)
         return NULL;
     int fd = PyObject_AsFileDescriptor(args[0]);
@@ -1583,14 +1764,15 @@ PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs)
     s->sock = Py_NewRef(args[0]);
     s->fd = fd;
     s->kind = kind;
-    s->extra = Py_NewRef(args[2]);
+    if (args[2] != Py_None)
+        s->extra = Py_NewRef(args[2]);
+    else
+        stream_take_addresses(s);
     s->server = Py_NewRef(args[3]);
     s->paused_obj = Py_NewRef(Py_False);
-    s->inbound = PyList_New(0);
     s->context = PyContext_CopyCurrent();
     PyObject_GC_Track(s);
-    if (!s->inbound || !s->context || stream_set_limits(s, 64 * 1024, 16 * 1024) < 0 ||
-        us_loop_flush_reserve(loop) < 0) {
+    if (!s->context || stream_set_limits(s, 64 * 1024, 16 * 1024) < 0 || us_loop_flush_reserve(loop) < 0) {
         Py_DECREF(s);
         return NULL;
     }
@@ -1609,6 +1791,7 @@ static int stream_traverse(us_stream *s, visitproc visit, void *arg)
     Py_VISIT(s->sock);
     Py_VISIT(s->protocol);
     Py_VISIT(s->extra);
+    Py_VISIT(s->tsock);
     Py_VISIT(s->server);
     Py_VISIT(s->inbound);
     Py_VISIT(s->in_error);
@@ -1632,6 +1815,7 @@ static int stream_clear(us_stream *s)
     Py_CLEAR(s->sock);
     Py_CLEAR(s->protocol);
     Py_CLEAR(s->extra);
+    Py_CLEAR(s->tsock);
     Py_CLEAR(s->server);
     Py_CLEAR(s->inbound);
     Py_CLEAR(s->in_error);
@@ -1672,7 +1856,7 @@ static void stream_dealloc(us_stream *s)
 static PyObject *stream_get_pipe(us_stream *s, void *c)
 {
     (void)c;
-    return Py_NewRef(s->kind != US_STREAM_SOCKET && s->sock ? s->sock : Py_None);
+    return Py_NewRef(s->kind != US_STREAM_SOCKET && s->sock && !s->lost_done ? s->sock : Py_None);
 }
 
 static int stream_set_pipe(us_stream *s, PyObject *v, void *c)
@@ -1684,6 +1868,13 @@ static int stream_set_pipe(us_stream *s, PyObject *v, void *c)
     }
     Py_XSETREF(s->sock, v && v != Py_None ? Py_NewRef(v) : NULL);
     return 0;
+}
+
+/* _sock: the socket object until connection_lost(), then None. */
+static PyObject *stream_get_sock(us_stream *s, void *c)
+{
+    (void)c;
+    return Py_NewRef(s->sock && !s->lost_done ? s->sock : Py_None);
 }
 
 static PyObject *stream_get_closed(us_stream *s, void *c)
@@ -1718,7 +1909,6 @@ static PyMethodDef stream_methods[] = {
 };
 
 static PyMemberDef stream_members[] = {
-    {"_sock", T_OBJECT, offsetof(us_stream, sock), READONLY, NULL},
     {"_sock_fd", T_INT, offsetof(us_stream, fd), READONLY, NULL},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(us_stream, weakreflist), READONLY, NULL},
     {"__dictoffset__", T_PYSSIZET, offsetof(us_stream, dict), READONLY, NULL},
@@ -1727,8 +1917,10 @@ static PyMemberDef stream_members[] = {
 
 static PyGetSetDef stream_getset[] = {
     {"_closed", (getter)stream_get_closed, NULL, NULL, NULL},
+    {"_sock", (getter)stream_get_sock, NULL, NULL, NULL},
     {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {"_pipe", (getter)stream_get_pipe, (setter)stream_set_pipe, NULL, NULL},
+    {"_extra", (getter)stream_get_extra, (setter)stream_set_extra, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

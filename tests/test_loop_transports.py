@@ -134,6 +134,69 @@ def test_echo_protocol_roundtrip_and_callbacks_once(loop):
     run(loop, main())
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_extra_info_outlives_the_peers_reset_and_the_close(loop, host):
+    """asyncio takes a socket transport's two addresses when it makes the
+    transport, so they are still given after the peer has reset the
+    connection (the kernel's getpeername() then fails) and after the
+    transport has closed its socket. uringloop keeps them in C instead of
+    in a dict; this is the test that they are taken early all the same."""
+
+    async def main():
+        accepted, lost = loop.create_future(), loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, tr):
+                accepted.set_result(tr)
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        server = await loop.create_server(Server, host, 0)
+        client = socket.socket(server.sockets[0].family)
+        client.connect(server.sockets[0].getsockname())
+        tr = await accepted
+        client_addr, server_addr = client.getsockname(), client.getpeername()
+        close_with_reset(client)
+        assert isinstance(await lost, ConnectionResetError)
+        assert tr.is_closing()
+        assert tr.get_extra_info("peername") == client_addr
+        assert tr.get_extra_info("sockname") == server_addr
+        assert len(client_addr) == (2 if host == "127.0.0.1" else 4)
+        assert tr.get_extra_info("socket").fileno() == -1  # closed: nothing left to ask the kernel
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
+def test_the_extra_dict_has_asyncios_keys_and_takes_new_ones(loop):
+    """transport._extra is the dict asyncio's get_extra_info() reads:
+    "socket", "sockname" and "peername", the same socket object that
+    get_extra_info() gave before, and a key put there is then given by
+    get_extra_info() (uringloop makes the dict when it is first read)."""
+
+    async def main():
+        server, addr = await echo_server(loop)
+        tr, pr = await loop.create_connection(lambda: Recorder(loop), *addr)
+        sock = tr.get_extra_info("socket")
+        assert sock is tr.get_extra_info("socket")
+        assert tr.get_extra_info("sslcontext", "none") == "none"
+        extra = tr._extra
+        assert set(extra) == {"socket", "sockname", "peername"}
+        assert extra["socket"] is sock
+        assert extra["peername"] == addr and extra["sockname"] == sock.getsockname()
+        extra["custom"] = "value"
+        assert tr.get_extra_info("custom") == "value"
+        assert tr._extra is extra
+        tr.close()
+        await pr.lost
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
 def test_transport_reprs_have_asyncios_layout(loop):
     """"<Name [closing |closed ]fd=N read=polling|idle write=<polling|idle,
     bufsize=N>>", as asyncio's socket and datagram transports show it."""

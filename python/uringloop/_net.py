@@ -67,6 +67,9 @@ def _set_nodelay(sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+_IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
 def _socket_extra(sock, extra):
     info = dict(extra) if extra else {}
     info["socket"] = trsock.TransportSocket(sock)
@@ -132,7 +135,10 @@ class NetworkMixin:
 
     def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
         _set_nodelay(sock)
-        transport = self._stream_new(sock, protocol, _socket_extra(sock, extra), server)
+        # A TCP transport keeps its addresses in C and makes asyncio's dict
+        # only if _extra is read (us_stream.c, stream_take_addresses).
+        info = None if extra is None and sock.family in _IP_FAMILIES else _socket_extra(sock, extra)
+        transport = self._stream_new(sock, protocol, info, server)
         self._start_transport(sock.fileno(), transport, protocol, transport._start, waiter)
         if server is not None:
             # 3.13's Server tracks its transports (close_clients(), abort_clients())
@@ -374,14 +380,18 @@ class NetworkMixin:
                 raise
             try:
                 conn.setblocking(False)
-                try:
-                    peer = conn.getpeername()
-                except OSError:
-                    peer = None
-                if self._debug:
-                    logger.debug("%r got a new connection from %r: %r", server, peer, conn)
+                extra = None  # a TCP transport takes its peer's address itself
+                if self._debug or family not in _IP_FAMILIES:
+                    try:
+                        peer = conn.getpeername()
+                    except OSError:
+                        peer = None
+                    if family not in _IP_FAMILIES:
+                        extra = {"peername": peer}
+                    if self._debug:
+                        logger.debug("%r got a new connection from %r: %r", server, peer, conn)
                 self.create_task(self._accept_connection2(
-                    protocol_factory, conn, {"peername": peer}, sslcontext, server,
+                    protocol_factory, conn, extra, sslcontext, server,
                     ssl_handshake_timeout, ssl_shutdown_timeout))
             except BaseException:
                 # (out of memory) the client sees its connection end now,
