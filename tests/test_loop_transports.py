@@ -156,6 +156,7 @@ def test_extra_info_outlives_the_peers_reset_and_the_close(loop, host):
         client = socket.socket(server.sockets[0].family)
         client.connect(server.sockets[0].getsockname())
         tr = await accepted
+        assert tr._sock.gettimeout() == 0.0 and not os.get_blocking(tr._sock.fileno())  # accepted non-blocking
         client_addr, server_addr = client.getsockname(), client.getpeername()
         close_with_reset(client)
         assert isinstance(await lost, ConnectionResetError)

@@ -374,12 +374,13 @@ class NetworkMixin:
                 self.call_later(constants.ACCEPT_RETRY_DELAY, acceptor.resume)
                 return
             try:
-                conn = socket.socket(family, type_, proto, fileno=fd)
+                # The accept made it non-blocking (SOCK_NONBLOCK); saying so
+                # here spares the ioctl that conn.setblocking(False) makes.
+                conn = socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto, fileno=fd)
             except BaseException:
                 os.close(fd)  # not taken by a socket object: nothing else will close it
                 raise
             try:
-                conn.setblocking(False)
                 extra = None  # a TCP transport takes its peer's address itself
                 if self._debug or family not in _IP_FAMILIES:
                     try:
