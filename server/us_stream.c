@@ -352,8 +352,10 @@ static void stream_bulk_poll_cb(ue_loop *ue, ue_op *op, int32_t res, uint32_t fl
     Py_DECREF(s); /* the in-flight reference */
 }
 
-/* inbound is made when the first chunk has to wait in it: most transports
- * never need it (see stream_hold_buffer), and an idle one saves the list. */
+/* inbound is made when the first chunk has to wait in it: what arrives in
+ * one iteration is held in the ring's buffers and handed over from them
+ * (stream_recv_cb, stream_deliver), so most transports never need it, and
+ * an idle one saves the list. */
 static Py_ssize_t stream_inbound_len(us_stream *s)
 {
     return s->inbound ? PyList_GET_SIZE(s->inbound) : 0;
