@@ -42,8 +42,8 @@ typedef struct us_state {
     PyObject *sock_future;            /* Future subclass whose cancel() cancels the op */
     PyObject *future_type;            /* asyncio.futures.Future, for create_future() */
     PyObject *ssl_socket;             /* ssl.SSLSocket, which sock_* calls refuse; None without ssl */
-    PyObject *transport_socket;       /* asyncio.trsock.TransportSocket, which sock_* calls refuse; None on 3.10 */
     PyObject *transport_socket_class; /* asyncio.trsock.TransportSocket, for get_extra_info("socket") */
+    PyObject *transport_socket;       /* the same class, which sock_* calls refuse; None on 3.10 (derived) */
     PyObject *water_high_default, *water_low_default; /* 65536 and 16384: every transport's limits at first */
 
     /* _socket.socket, whose fields sock_* reads without a method call:

@@ -141,10 +141,13 @@ PyObject *us_oserror_from_res(int32_t res)
 static PyObject *mod_set_hooks(PyObject *mod, PyObject *args)
 {
     us_state *st = PyModule_GetState(mod);
-    PyObject *handle_repr, *sock_future, *ssl_socket, *transport_socket, *transport_socket_class;
-    if (!PyArg_ParseTuple(args, "OOOOO:_set_hooks", &handle_repr, &sock_future, &ssl_socket, &transport_socket,
-                          &transport_socket_class))
+    PyObject *handle_repr, *sock_future, *ssl_socket, *transport_socket_class;
+    if (!PyArg_ParseTuple(args, "OOOO:_set_hooks", &handle_repr, &sock_future, &ssl_socket, &transport_socket_class))
         return NULL;
+    /* From 3.11 a TransportSocket has no recv(), send() etc., and sock_*
+     * calls given one fail as asyncio's do; 3.10's still had them. */
+    int has_recv = PyObject_HasAttrString(transport_socket_class, "recv");
+    PyObject *transport_socket = has_recv ? Py_None : transport_socket_class;
     Py_XSETREF(st->handle_repr, Py_NewRef(handle_repr));
     Py_XSETREF(st->sock_future, Py_NewRef(sock_future));
     Py_XSETREF(st->ssl_socket, Py_NewRef(ssl_socket));

@@ -476,6 +476,13 @@ static void stream_fail_reading(us_stream *s)
     Py_XDECREF(tb);
 }
 
+/* Whether the held buffers are still the ring's (not remade under them). */
+static int stream_held_valid(us_stream *s)
+{
+    us_loop *loop = s->loop;
+    return loop && loop->recv_pool_ready && loop->recv_pool_gen == s->held_gen;
+}
+
 /* The held buffers' bytes, copied into one object; the buffers go back to
  * the ring. NULL when there were none (or the ring was remade under
  * them), or when the copy failed: reading has then failed with it. */
@@ -484,7 +491,7 @@ static PyObject *stream_take_held(us_stream *s)
     us_loop *loop = s->loop;
     int n = s->nheld;
     s->nheld = 0;
-    if (!n || !loop || !loop->recv_pool_ready || loop->recv_pool_gen != s->held_gen)
+    if (!n || !stream_held_valid(s))
         return NULL;
     Py_ssize_t total = 0;
     for (int i = 0; i < n; i++)
@@ -510,10 +517,9 @@ static void stream_release_held(us_stream *s, int keep)
     if (!s->nheld)
         return;
     if (!keep) {
-        us_loop *loop = s->loop;
-        if (loop && loop->recv_pool_ready && loop->recv_pool_gen == s->held_gen)
+        if (stream_held_valid(s))
             for (int i = 0; i < s->nheld; i++)
-                ue_bufring_recycle(&loop->recv_pool, s->held_bid[i]);
+                ue_bufring_recycle(&s->loop->recv_pool, s->held_bid[i]);
         s->nheld = 0;
         return;
     }

@@ -85,10 +85,8 @@ def _handle_repr(handle):
     return "<{}>".format(" ".join(info))
 
 
-# From 3.11 a TransportSocket has no recv(), send() etc.: sock_* calls given
-# one fail as asyncio's do (3.10's still had them, deprecated).
 _core._set_hooks(_handle_repr, _SockFuture, base_events.ssl.SSLSocket if base_events.ssl else None,
-                 None if hasattr(trsock.TransportSocket, "recv") else trsock.TransportSocket, trsock.TransportSocket)
+                 trsock.TransportSocket)
 
 
 def _sighandler_noop(signum, frame):
