@@ -171,6 +171,40 @@ def test_extra_info_outlives_the_peers_reset_and_the_close(loop, host):
     run(loop, main())
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_connection_reset_before_its_transport_still_gives_its_peer(loop, host):
+    """A client that connects and resets at once, before the server's loop
+    has run: the connection is still accepted and its transport made, and
+    its peername is the client's address, which asyncio has from accept().
+    uringloop's multishot accept gives no address and the kernel's
+    getpeername() fails once the peer has reset, so it must ask otherwise."""
+
+    async def main():
+        made, lost = loop.create_future(), loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, tr):
+                made.set_result(tr)
+
+            def connection_lost(self, exc):
+                lost.set_result(exc)
+
+        server = await loop.create_server(Server, host, 0)
+        client = socket.socket(server.sockets[0].family)
+        client.connect(server.sockets[0].getsockname())  # done by the kernel's backlog
+        client_addr = client.getsockname()
+        close_with_reset(client)  # before the loop runs again
+        tr = await made
+        assert tr.get_extra_info("peername") == client_addr
+        assert tr.get_extra_info("sockname") == server.sockets[0].getsockname()
+        assert isinstance(await lost, ConnectionResetError)
+        assert tr.get_extra_info("peername") == client_addr
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main())
+
+
 def test_the_extra_dict_has_asyncios_keys_and_takes_new_ones(loop):
     """transport._extra is the dict asyncio's get_extra_info() reads:
     "socket", "sockname" and "peername", the same socket object that
