@@ -149,6 +149,23 @@ static PyObject *addr_tuple(const struct sockaddr_storage *ss)
     return Py_BuildValue("(si)", host, port);
 }
 
+/* getpeername(), which fails (ENOTCONN) once the peer has reset the
+ * connection, even with its request received. SO_PEERNAME then still gives
+ * the address the socket was connected to, as uvicorn has it from accept(),
+ * but only when asked for the address's exact length: IPv6's, else IPv4's. */
+static int conn_peer_address(int fd, struct sockaddr_storage *ss, socklen_t *len)
+{
+    if (getpeername(fd, (struct sockaddr *)ss, len) == 0)
+        return 0;
+    if (errno != ENOTCONN)
+        return -1;
+    *len = sizeof(struct sockaddr_in6);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERNAME, ss, len) == 0)
+        return 0;
+    *len = sizeof(struct sockaddr_in);
+    return getsockopt(fd, SOL_SOCKET, SO_PEERNAME, ss, len);
+}
+
 static PyObject *conn_addr(us_httpconn *c, int peer)
 {
     PyObject **slot = peer ? &c->client : &c->sockname;
@@ -156,8 +173,7 @@ static PyObject *conn_addr(us_httpconn *c, int peer)
         struct sockaddr_storage ss;
         socklen_t len = sizeof ss;
         memset(&ss, 0, sizeof ss);
-        int rc =
-            peer ? getpeername(c->fd, (struct sockaddr *)&ss, &len) : getsockname(c->fd, (struct sockaddr *)&ss, &len);
+        int rc = peer ? conn_peer_address(c->fd, &ss, &len) : getsockname(c->fd, (struct sockaddr *)&ss, &len);
         *slot = rc == 0 ? addr_tuple(&ss) : Py_NewRef(Py_None);
         if (!*slot)
             return NULL;

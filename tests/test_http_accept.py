@@ -10,6 +10,7 @@ import pytest
 import uringloop
 from uringloop._core import HttpServer
 
+from conftest import close_with_reset
 from http_support import Reader, get
 
 
@@ -235,3 +236,50 @@ def test_a_drain_lingers_where_a_next_request_has_begun():
     during, closed, after = _drain_with_one_client(lambda client: client.sendall(b"GET / HT"))
     assert during == 1
     assert closed and after == 0
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_a_request_from_a_client_that_reset_still_has_its_client_address(family):
+    """A client sends a request and resets the connection before the server
+    has read it. The request is still read and run (its bytes were
+    received), and scope["client"] is the client's address, which uvicorn
+    has from accept(): the kernel's getpeername() fails once the peer has
+    reset, so the server must ask the socket for the address it was
+    connected to."""
+    loop = uringloop.new_event_loop()
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    lsock = socket.socket(family)
+    lsock.bind((host, 0))
+    lsock.listen(16)
+    scopes = []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            scopes.append(scope)
+        await hello(scope, receive, send)
+
+    try:
+
+        async def main():
+            core = HttpServer(loop, app, lambda message, exc: None)  # the reset's send error may be logged
+            core.listen(lsock)
+            await asyncio.sleep(0.05)  # the accept is armed and waiting
+            # no yield to the loop from here to the reset
+            client = socket.create_connection(lsock.getsockname()[:2], timeout=5)
+            client.sendall(get("/"))
+            client_addr = client.getsockname()[:2]
+            close_with_reset(client)
+            for _ in range(500):
+                if scopes:
+                    break
+                await asyncio.sleep(0.01)
+            assert scopes and scopes[0]["client"] == client_addr
+            assert scopes[0]["server"] == lsock.getsockname()[:2]
+            core.stop_accepting()
+            core.drain()
+            await _connections_after(core, 5.0)
+
+        loop.run_until_complete(asyncio.wait_for(main(), 20))
+    finally:
+        lsock.close()
+        loop.close()
