@@ -267,7 +267,8 @@ def test_sock_tcp_client_server(loop):
         await loop.sock_connect(client, listener.getsockname())
         conn, addr = await accept
         assert addr == client.getsockname()
-        assert conn.gettimeout() == 0
+        assert conn.gettimeout() == 0 and not os.get_blocking(conn.fileno())
+        assert conn.type == socket.SOCK_STREAM  # the flag is not shown, as asyncio's conn shows none
         await loop.sock_sendall(client, b"hello")
         assert await loop.sock_recv(conn, 100) == b"hello"
         buf = bytearray(10)

@@ -459,11 +459,12 @@ class Loop(_core.LoopCore, NetworkMixin, base_events.BaseEventLoop):
             item = await self._sock_op(_ACCEPT, sock)
         fd, address = item
         try:
-            conn = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
+            # non-blocking from the accept (SOCK_NONBLOCK): saying so here
+            # spares the ioctl that conn.setblocking(False) would make
+            conn = socket.socket(sock.family, sock.type | socket.SOCK_NONBLOCK, sock.proto, fileno=fd)
         except BaseException:
             os.close(fd)
             raise
-        conn.setblocking(False)
         return conn, address
 
     async def _sock_sendfile_native(self, sock, file, offset, count):
