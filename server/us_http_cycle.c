@@ -149,10 +149,11 @@ static PyObject *addr_tuple(const struct sockaddr_storage *ss)
     return Py_BuildValue("(si)", host, port);
 }
 
-/* getpeername(), which fails (ENOTCONN) once the peer has reset the
- * connection, even with its request received. SO_PEERNAME then still gives
- * the address the socket was connected to, as uvicorn has it from accept(),
- * but only when asked for the address's exact length: IPv6's, else IPv4's. */
+/* The client's address. getpeername() fails (ENOTCONN) once the client
+ * has reset the connection, though its request may have been received;
+ * SO_PEERNAME then still gives the address the socket was connected to (as
+ * uvicorn has it from accept()), if asked for the address's exact length:
+ * IPv6's, else IPv4's. */
 static int conn_peer_address(int fd, struct sockaddr_storage *ss, socklen_t *len)
 {
     if (getpeername(fd, (struct sockaddr *)ss, len) == 0)

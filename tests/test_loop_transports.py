@@ -134,6 +134,22 @@ def test_echo_protocol_roundtrip_and_callbacks_once(loop):
     run(loop, main())
 
 
+def one_connection_server(loop):
+    """A protocol factory for a server that takes one connection, and two
+    futures: its transport (at connection_made) and connection_lost's
+    exception."""
+    made, lost = loop.create_future(), loop.create_future()
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, tr):
+            made.set_result(tr)
+
+        def connection_lost(self, exc):
+            lost.set_result(exc)
+
+    return Server, made, lost
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_extra_info_outlives_the_peers_reset_and_the_close(loop, host):
     """asyncio takes a socket transport's two addresses when it makes the
@@ -143,15 +159,7 @@ def test_extra_info_outlives_the_peers_reset_and_the_close(loop, host):
     in a dict; this is the test that they are taken early all the same."""
 
     async def main():
-        accepted, lost = loop.create_future(), loop.create_future()
-
-        class Server(asyncio.Protocol):
-            def connection_made(self, tr):
-                accepted.set_result(tr)
-
-            def connection_lost(self, exc):
-                lost.set_result(exc)
-
+        Server, accepted, lost = one_connection_server(loop)
         server = await loop.create_server(Server, host, 0)
         client = socket.socket(server.sockets[0].family)
         client.connect(server.sockets[0].getsockname())
@@ -180,15 +188,7 @@ def test_a_connection_reset_before_its_transport_still_gives_its_peer(loop, host
     getpeername() fails once the peer has reset, so it must ask otherwise."""
 
     async def main():
-        made, lost = loop.create_future(), loop.create_future()
-
-        class Server(asyncio.Protocol):
-            def connection_made(self, tr):
-                made.set_result(tr)
-
-            def connection_lost(self, exc):
-                lost.set_result(exc)
-
+        Server, made, lost = one_connection_server(loop)
         server = await loop.create_server(Server, host, 0)
         client = socket.socket(server.sockets[0].family)
         client.connect(server.sockets[0].getsockname())  # done by the kernel's backlog
