@@ -159,6 +159,7 @@ int us_report_callback_exception(us_loop *loop, PyObject *cb, PyObject *args, Py
 int us_report_call_exception(us_loop *loop, PyObject *cb, PyObject *const *args, Py_ssize_t nargs, PyObject *context);
 PyObject *us_take_exception(void);
 PyObject *us_oserror_from_res(int32_t res);
+int us_peer_address(int fd, struct sockaddr_storage *ss, socklen_t *len);
 /* type(o).__name__: tp_name without its module ("array.array" -> "array"). */
 static inline const char *us_type_name(PyObject *o)
 {

@@ -149,24 +149,6 @@ static PyObject *addr_tuple(const struct sockaddr_storage *ss)
     return Py_BuildValue("(si)", host, port);
 }
 
-/* The client's address. getpeername() fails (ENOTCONN) once the client
- * has reset the connection, though its request may have been received;
- * SO_PEERNAME then still gives the address the socket was connected to (as
- * uvicorn has it from accept()), if asked for the address's exact length:
- * IPv6's, else IPv4's. */
-static int conn_peer_address(int fd, struct sockaddr_storage *ss, socklen_t *len)
-{
-    if (getpeername(fd, (struct sockaddr *)ss, len) == 0)
-        return 0;
-    if (errno != ENOTCONN)
-        return -1;
-    *len = sizeof(struct sockaddr_in6);
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERNAME, ss, len) == 0)
-        return 0;
-    *len = sizeof(struct sockaddr_in);
-    return getsockopt(fd, SOL_SOCKET, SO_PEERNAME, ss, len);
-}
-
 static PyObject *conn_addr(us_httpconn *c, int peer)
 {
     PyObject **slot = peer ? &c->client : &c->sockname;
@@ -174,7 +156,7 @@ static PyObject *conn_addr(us_httpconn *c, int peer)
         struct sockaddr_storage ss;
         socklen_t len = sizeof ss;
         memset(&ss, 0, sizeof ss);
-        int rc = peer ? conn_peer_address(c->fd, &ss, &len) : getsockname(c->fd, (struct sockaddr *)&ss, &len);
+        int rc = peer ? us_peer_address(c->fd, &ss, &len) : getsockname(c->fd, (struct sockaddr *)&ss, &len);
         *slot = rc == 0 ? addr_tuple(&ss) : Py_NewRef(Py_None);
         if (!*slot)
             return NULL;

@@ -4,6 +4,7 @@
 #include "us.h"
 
 #include <errno.h>
+#include <netinet/in.h>
 #include <structmember.h>
 
 static struct PyModuleDef us_module_def;
@@ -136,6 +137,23 @@ PyObject *us_oserror_from_res(int32_t res)
     errno = -res;
     PyErr_SetFromErrno(PyExc_OSError);
     return us_take_exception();
+}
+
+/* A connected socket's peer address, as accept() gave it. getpeername()
+ * fails (ENOTCONN) once the peer has reset the connection; SO_PEERNAME then
+ * still gives the address the socket was connected to, if asked for the
+ * address's exact length: IPv6's, else IPv4's. One syscall unless reset. */
+int us_peer_address(int fd, struct sockaddr_storage *ss, socklen_t *len)
+{
+    if (getpeername(fd, (struct sockaddr *)ss, len) == 0)
+        return 0;
+    if (errno != ENOTCONN)
+        return -1;
+    *len = sizeof(struct sockaddr_in6);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERNAME, ss, len) == 0)
+        return 0;
+    *len = sizeof(struct sockaddr_in);
+    return getsockopt(fd, SOL_SOCKET, SO_PEERNAME, ss, len);
 }
 
 static PyObject *mod_set_hooks(PyObject *mod, PyObject *args)

@@ -1565,31 +1565,20 @@ static PyObject *stream_get_write_buffer_size(us_stream *s, PyObject *unused)
  * bytes, rather than asyncio's dict of "socket", "sockname" and "peername"
  * (about 500 bytes of objects for every connection, whether or not anyone
  * asks). Taken now, as asyncio takes them: the local address is gone once
- * the socket is closed.
- *
- * The peer's comes from SO_PEERNAME, not getpeername(): once the peer has
- * reset the connection getpeername() says ENOTCONN, while SO_PEERNAME still
- * gives the address the socket was connected to, which is what asyncio has
- * from accept() for a connection reset before its transport was made (the
- * multishot accept gives no address). It takes the address's exact length. */
+ * the socket is closed; the peer's is asked with us_peer_address(), which
+ * still answers once the peer has reset the connection (asyncio has it from
+ * accept(); the multishot accept gives none). */
 static void stream_take_addresses(us_stream *s)
 {
+    struct sockaddr_storage ss;
     socklen_t len = sizeof s->sockname;
     if (getsockname(s->fd, &s->sockname.sa, &len) < 0 || len > sizeof s->sockname)
         s->sockname.sa.sa_family = AF_UNSPEC;
-    s->peername.sa.sa_family = AF_UNSPEC;
-    switch (s->sockname.sa.sa_family) {
-    case AF_INET:
-        len = sizeof s->peername.in;
-        break;
-    case AF_INET6:
-        len = sizeof s->peername.in6;
-        break;
-    default:
-        return;
-    }
-    if (getsockopt(s->fd, SOL_SOCKET, SO_PEERNAME, &s->peername, &len) < 0)
+    len = sizeof ss;
+    if (us_peer_address(s->fd, &ss, &len) < 0 || len > sizeof s->peername)
         s->peername.sa.sa_family = AF_UNSPEC;
+    else
+        memcpy(&s->peername, &ss, len);
 }
 
 /* The address as the socket module gives it: (host, port) for IPv4, (host,
