@@ -196,6 +196,7 @@ PyObject *us_stream_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
 int us_stream_run(PyObject *s);
 PyObject *us_stream_bases(void);
 void us_stream_flush(PyObject *s);
+PyObject *us_stream_peer_address(PyObject *mod, PyObject *arg);
 PyObject *us_acceptor_new(us_loop *loop, PyObject *const *args, Py_ssize_t nargs);
 int us_acceptor_run(PyObject *a);
 ue_bufring *us_loop_recv_pool(us_loop *loop);

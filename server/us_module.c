@@ -225,6 +225,8 @@ static PyObject *mod_probe(PyObject *mod, PyObject *unused)
 static PyMethodDef us_module_methods[] = {
     {"_set_hooks", mod_set_hooks, METH_VARARGS, NULL},
     {"_ssl_setup", us_ssl_setup, METH_VARARGS, NULL},
+    {"peer_address", us_stream_peer_address, METH_O,
+     "The peer's address of a connected IP socket, even once reset; else None."},
     {"probe", mod_probe, METH_NOARGS, "Return 0 when io_uring can be set up here, else -errno."},
     {NULL, NULL, 0, NULL},
 };

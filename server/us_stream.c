@@ -1602,6 +1602,23 @@ static PyObject *stream_address(const us_inaddr *a)
     }
 }
 
+/* _core.peer_address(fd): the peer's address as a TCP transport gives it,
+ * for code that has the socket but no transport yet (the accept's debug
+ * log line). None for a socket that is not IP or not connected. */
+PyObject *us_stream_peer_address(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0)
+        return NULL;
+    struct sockaddr_storage ss;
+    us_inaddr a = {.sa.sa_family = AF_UNSPEC};
+    socklen_t len = sizeof ss;
+    if (us_peer_address(fd, &ss, &len) == 0 && len <= sizeof a)
+        memcpy(&a, &ss, len);
+    return stream_address(&a);
+}
+
 /* get_extra_info("socket"): one TransportSocket, made when first asked for. */
 static PyObject *stream_transport_socket(us_stream *s)
 {

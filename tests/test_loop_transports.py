@@ -8,6 +8,7 @@ import array
 import asyncio
 import contextvars
 import gc
+import logging
 import os
 import re
 import socket
@@ -179,13 +180,17 @@ def test_extra_info_outlives_the_peers_reset_and_the_close(loop, host):
     run(loop, main())
 
 
+@pytest.mark.parametrize("debug", [False, True], ids=["", "debug"])
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_a_connection_reset_before_its_transport_still_gives_its_peer(loop, host):
+def test_a_connection_reset_before_its_transport_still_gives_its_peer(loop, host, debug, caplog):
     """A client that connects and resets at once, before the server's loop
     has run: the connection is still accepted and its transport made, and
     its peername is the client's address, which asyncio has from accept().
     uringloop's multishot accept gives no address and the kernel's
-    getpeername() fails once the peer has reset, so it must ask otherwise."""
+    getpeername() fails once the peer has reset, so it must ask otherwise.
+    In debug mode the accept's log line names the client too."""
+    loop.set_debug(debug)
+    caplog.set_level(logging.DEBUG, logger="asyncio")
 
     async def main():
         Server, made, lost = one_connection_server(loop)
@@ -201,8 +206,14 @@ def test_a_connection_reset_before_its_transport_still_gives_its_peer(loop, host
         assert tr.get_extra_info("peername") == client_addr
         server.close()
         await server.wait_closed()
+        return client_addr
 
-    run(loop, main())
+    client_addr = run(loop, main())
+    accepts = [r.getMessage() for r in caplog.records if "got a new connection from" in r.getMessage()]
+    if debug:
+        assert len(accepts) == 1 and f"got a new connection from {client_addr!r}:" in accepts[0]
+    else:
+        assert accepts == []
 
 
 def test_the_extra_dict_has_asyncios_keys_and_takes_new_ones(loop):

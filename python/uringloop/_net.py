@@ -21,7 +21,7 @@ import sys
 from asyncio import base_events, base_subprocess, constants, futures, tasks, trsock
 from asyncio.log import logger
 
-from . import _ssl
+from . import _core, _ssl
 
 # kinds of _core.StreamTransport (server/us_stream.c)
 _READ_PIPE, _WRITE_PIPE = 1, 2
@@ -382,15 +382,17 @@ class NetworkMixin:
                 raise
             try:
                 extra = None  # a TCP transport takes its peer's address itself
-                if self._debug or family not in _IP_FAMILIES:
+                if family not in _IP_FAMILIES:
                     try:
                         peer = conn.getpeername()
                     except OSError:
                         peer = None
-                    if family not in _IP_FAMILIES:
-                        extra = {"peername": peer}
-                    if self._debug:
-                        logger.debug("%r got a new connection from %r: %r", server, peer, conn)
+                    extra = {"peername": peer}
+                elif self._debug:
+                    # as the transport has it: still there once the peer reset
+                    peer = _core.peer_address(conn)
+                if self._debug:
+                    logger.debug("%r got a new connection from %r: %r", server, peer, conn)
                 self.create_task(self._accept_connection2(
                     protocol_factory, conn, extra, sslcontext, server,
                     ssl_handshake_timeout, ssl_shutdown_timeout))
