@@ -777,6 +777,34 @@ static int stream_report_lost_error(us_stream *s, PyObject *protocol)
     return rc;
 }
 
+/* The socket (or pipe) object's close(); errors are reported, not raised. */
+static void stream_close_sock(us_stream *s)
+{
+    if (!s->sock)
+        return;
+    PyObject *r = PyObject_CallMethod(s->sock, "close", NULL);
+    if (!r)
+        PyErr_WriteUnraisable(s->sock);
+    Py_XDECREF(r);
+}
+
+/* Server._detach(): the transport no longer counts among its server's. */
+static void stream_detach(us_stream *s, PyObject *server)
+{
+    if (server == Py_None)
+        return;
+#if PY_VERSION_HEX >= 0x030D0000
+    /* 3.13's Server tracks its transports (see _net.py) */
+    PyObject *r = PyObject_CallMethod(server, "_detach", "O", (PyObject *)s);
+#else
+    (void)s;
+    PyObject *r = PyObject_CallMethod(server, "_detach", NULL);
+#endif
+    if (!r)
+        PyErr_WriteUnraisable(server);
+    Py_XDECREF(r);
+}
+
 /* connection_lost(exc), then the socket is closed: every op is final. */
 static int stream_call_connection_lost(us_stream *s)
 {
@@ -785,7 +813,7 @@ static int stream_call_connection_lost(us_stream *s)
     /* The socket object stays, closed, for get_extra_info("socket") (a
      * TransportSocket of it, as asyncio's dict keeps one); _sock and _pipe
      * say None from now on, as asyncio's attributes do. */
-    PyObject *protocol = s->protocol, *sock = s->sock, *server = s->server;
+    PyObject *protocol = s->protocol, *server = s->server;
     s->protocol = s->server = NULL;
     if (protocol) {
         PyObject *r = PyObject_CallMethod(protocol, "connection_lost", "O", s->lost_exc ? s->lost_exc : Py_None);
@@ -799,28 +827,41 @@ static int stream_call_connection_lost(us_stream *s)
     }
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
-    if (sock) {
-        PyObject *r = PyObject_CallMethod(sock, "close", NULL);
-        if (!r)
-            PyErr_WriteUnraisable(sock);
-        Py_XDECREF(r);
-    }
-    if (server && server != Py_None) {
-#if PY_VERSION_HEX >= 0x030D0000
-        /* 3.13's Server tracks its transports (see _net.py) */
-        PyObject *r = PyObject_CallMethod(server, "_detach", "O", (PyObject *)s);
-#else
-        PyObject *r = PyObject_CallMethod(server, "_detach", NULL);
-#endif
-        if (!r)
-            PyErr_WriteUnraisable(server);
-        Py_XDECREF(r);
-    }
+    stream_close_sock(s);
+    if (server)
+        stream_detach(s, server);
     PyErr_Restore(et, ev, tb);
     Py_XDECREF(protocol);
     Py_XDECREF(server);
     Py_CLEAR(s->lost_exc);
     return rc;
+}
+
+/* asyncio's transports warn when they are collected before their
+ * connection_lost(), and close their socket or pipe; on 3.13 a socket
+ * transport also leaves its server's count (_SelectorTransport's __del__;
+ * its Server counts transports from 3.13). Not for a transport whose making
+ * failed before it had its protocol. The warning is for one never closed:
+ * a closed one waits for the kernel's word on its ops before its
+ * connection_lost(), where asyncio's waits for one iteration, and a loop
+ * closed meanwhile lets go of it. */
+static void stream_finalize(us_stream *s)
+{
+    if (s->lost_done || !s->sock || !s->protocol)
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (!s->closing && PyErr_ResourceWarning((PyObject *)s, 1, "unclosed transport %R", (PyObject *)s) < 0)
+        PyErr_WriteUnraisable((PyObject *)s);
+    stream_close_sock(s);
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *server = s->server;
+    s->server = NULL;
+    if (server)
+        stream_detach(s, server);
+    Py_XDECREF(server);
+#endif
+    PyErr_Restore(et, ev, tb);
 }
 
 static int stream_run_in_context(us_stream *s)
@@ -1873,6 +1914,8 @@ static int stream_clear(us_stream *s)
 static void stream_dealloc(us_stream *s)
 {
     PyTypeObject *tp = Py_TYPE(s);
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)s) < 0)
+        return; /* the finalizer's warning made it live again */
     PyObject_GC_UnTrack(s);
     if (s->weakreflist)
         PyObject_ClearWeakRefs((PyObject *)s);
@@ -1956,6 +1999,7 @@ static PyGetSetDef stream_getset[] = {
 
 static PyType_Slot stream_slots[] = {
     {Py_tp_dealloc, stream_dealloc},
+    {Py_tp_finalize, stream_finalize},
     {Py_tp_traverse, stream_traverse},
     {Py_tp_clear, stream_clear},
     {Py_tp_repr, stream_repr},

@@ -134,7 +134,8 @@ def _endpoints(kind):
 def test_a_transport_that_fails_to_be_made_never_starts(kind):
     """One allocation fails at each index of the transport's making in
     turn: when it raises, nothing of the transport may run later (the caller
-    closes the socket, and its fd can be reused), and when it returns, the
+    closes the socket, or the transport collected unclosed did, and its fd
+    can be reused), and when it returns, the
     transport works. Found on 3.13: an append to the list of scheduled
     handles failed after its call_soon() had scheduled connection_made, so
     that handle escaped the cancelling, ran, and started reading."""
@@ -152,12 +153,18 @@ def test_a_transport_that_fails_to_be_made_never_starts(kind):
             end, send, close = _endpoints(kind)
             protocol, waiter = _Recorder(), loop.create_future()
             transport = _with_allocation_failing(index, make, end, protocol, waiter=waiter)
-            send()
+            try:
+                send()
+            except BrokenPipeError:
+                # the half-made transport was collected unclosed, and closed
+                # its socket or pipe, as asyncio's __del__ does
+                assert transport is _RAISED and kind != "datagram", index
             loop.run_until_complete(asyncio.sleep(0.005))
             if transport is _RAISED:
                 failed += 1
                 assert protocol.events == [] and not waiter.done(), (index, protocol.events)
-                assert end.fileno() not in loop._transports, index
+                if not (getattr(end, "closed", False) or end.fileno() == -1):  # (a file, a socket)
+                    assert end.fileno() not in loop._transports, index
             else:
                 made += 1
                 assert protocol.events == ["made", b"x"] and waiter.done(), (index, protocol.events)

@@ -216,6 +216,111 @@ def test_a_connection_reset_before_its_transport_still_gives_its_peer(loop, host
         assert accepts == []
 
 
+async def transport_and_its_peer(loop, what):
+    """A transport of the kind `what` that nothing closes, and the far end
+    of its socket or pipe, by which a test sees the transport's end closed."""
+    if what in ("tcp", "unix"):
+        made = loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, tr):
+                made.set_result(tr)
+
+        if what == "tcp":
+            server = await loop.create_server(Server, "127.0.0.1", 0)
+            peer = socket.create_connection(server.sockets[0].getsockname())
+        else:
+            path = tempfile.mktemp(prefix="uringloop-", suffix=".sock")
+            server = await loop.create_unix_server(Server, path)
+            peer = socket.socket(socket.AF_UNIX)
+            peer.connect(path)
+            os.unlink(path)
+        tr = await made
+        server.close()
+        return tr, peer
+    r, w = os.pipe()
+    if what == "read_pipe":
+        tr, _ = await loop.connect_read_pipe(asyncio.Protocol, open(r, "rb", 0))
+        return tr, open(w, "wb", 0)
+    tr, _ = await loop.connect_write_pipe(asyncio.Protocol, open(w, "wb", 0))
+    return tr, open(r, "rb", 0)
+
+
+@pytest.mark.parametrize("what", ["tcp", "unix", "read_pipe", "write_pipe"])
+def test_a_transport_never_closed_warns_when_collected(loop, what):
+    """asyncio's transports warn "unclosed transport" (a ResourceWarning
+    naming the transport) when they are collected without having been
+    closed, and close their socket or pipe then, so that it does not warn
+    in turn. A loop that is closed lets go of its transports."""
+
+    async def main():
+        tr, peer = await transport_and_its_peer(loop, what)
+        return repr(tr).split()[1], peer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        fd_part, peer = run(loop, main())
+        loop.close()
+        gc.collect()
+    with peer:
+        # (the socket's own warning may come too: the collector finalizes
+        # the objects of a cycle in any order, asyncio's as well)
+        unclosed = [w for w in caught if str(w.message).startswith("unclosed transport <")]
+        assert len(unclosed) == 1, [str(w.message) for w in caught]
+        assert unclosed[0].category is ResourceWarning
+        assert isinstance(unclosed[0].source, asyncio.BaseTransport)  # source=: the transport
+        assert fd_part in str(unclosed[0].message)  # "fd=N" of the transport's own repr
+        if what == "read_pipe":
+            with pytest.raises(BrokenPipeError):
+                peer.write(b"x")
+        elif what == "write_pipe":
+            assert peer.read(1) == b""
+        else:
+            peer.settimeout(5)
+            assert peer.recv(1) == b""  # the server's end is closed
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="only 3.13's Server counts a collected transport out")
+def test_a_transport_collected_unclosed_leaves_its_servers_count(loop):
+    """A 3.13 Server's wait_closed() waits for its transports (a WeakSet),
+    and one collected without being closed after the server was closed
+    leaves it through _detach() (asyncio's __del__), which wakes the
+    waiter; the WeakSet alone would let it go without a word, and
+    wait_closed() would never return. The transport here pauses its
+    reading, so that nothing of the loop's holds it while it runs."""
+
+    def unclosed():  # in the warnings recorded below
+        return [w for w in caught if str(w.message).startswith("unclosed transport <")]
+
+    async def main():
+        made = loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, tr):
+                tr.pause_reading()
+                made.set_result(None)
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        with socket.create_connection(server.sockets[0].getsockname()) as client:
+            await made
+            server.close()
+            closed = asyncio.ensure_future(server.wait_closed())
+            for i in range(50):  # (uringloop: until the kernel has let go of the cancelled receive)
+                await asyncio.sleep(0.001 * i)
+                gc.collect()
+                if unclosed():
+                    break
+            assert len(unclosed()) == 1, [str(w.message) for w in caught]
+            await asyncio.wait_for(closed, 5)
+            client.settimeout(5)
+            assert client.recv(1) == b""
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        run(loop, main())
+    assert len(unclosed()) == 1
+
+
 def test_the_extra_dict_has_asyncios_keys_and_takes_new_ones(loop):
     """transport._extra is the dict asyncio's get_extra_info() reads:
     "socket", "sockname" and "peername", the same socket object that
@@ -1603,7 +1708,10 @@ def test_out_of_descriptors_pauses_accepting_then_resumes(loop_kind, how):
 
 
 def test_streams_api_and_many_connections(loop):
+    handlers = []
+
     async def handle(reader, writer):
+        handlers.append(asyncio.current_task())
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
@@ -1622,10 +1730,15 @@ def test_streams_api_and_many_connections(loop):
         server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1000)
         port = server.sockets[0].getsockname()[1]
         await asyncio.gather(*(client(port, i) for i in range(1000)))
+        # The server's ends see their clients' EOF in their own time (not
+        # before the clients' wait_closed(), on either loop); the transports
+        # they close would be collected unclosed with the loop otherwise.
+        await asyncio.gather(*handlers)
         server.close()
         await server.wait_closed()
 
     run(loop, main(), timeout=60)
+    assert len(handlers) == 1000
 
 
 def test_unix_server_and_connection(loop):

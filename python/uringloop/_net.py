@@ -139,13 +139,15 @@ class NetworkMixin:
         # only if _extra is read (us_stream.c, stream_take_addresses).
         info = None if extra is None and sock.family in _IP_FAMILIES else _socket_extra(sock, extra)
         transport = self._stream_new(sock, protocol, info, server)
-        self._start_transport(sock.fileno(), transport, protocol, transport._start, waiter)
         if server is not None:
+            # At once, as asyncio's transport does in __init__: one collected
+            # unclosed leaves the count again on 3.13 (stream_finalize).
             # 3.13's Server tracks its transports (close_clients(), abort_clients())
             if _SERVER_TRACKS_TRANSPORTS:
                 server._attach(transport)
             else:
                 server._attach()
+        self._start_transport(sock.fileno(), transport, protocol, transport._start, waiter)
         return transport
 
     def _make_ssl_transport(self, rawsock, protocol, sslcontext, waiter=None, *, server_side=False,
