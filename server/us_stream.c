@@ -839,8 +839,9 @@ static int stream_call_connection_lost(us_stream *s)
 
 /* asyncio's transports warn when they are collected before their
  * connection_lost(), and close their socket or pipe; on 3.13 a socket
- * transport also leaves its server's count (_SelectorTransport's __del__;
- * its Server counts transports from 3.13). Not for a transport whose making
+ * transport also calls its server's _detach() (_SelectorTransport's
+ * __del__), which wakes a wait_closed() that the Server's WeakSet of
+ * transports alone would leave waiting. Not for a transport whose making
  * failed before it had its protocol. The warning is for one never closed:
  * a closed one waits for the kernel's word on its ops before its
  * connection_lost(), where asyncio's waits for one iteration, and a loop
