@@ -838,14 +838,15 @@ static int stream_call_connection_lost(us_stream *s)
 }
 
 /* asyncio's transports warn when they are collected before their
- * connection_lost(), and close their socket or pipe; on 3.13 a socket
- * transport also calls its server's _detach() (_SelectorTransport's
- * __del__), which wakes a wait_closed() that the Server's WeakSet of
- * transports alone would leave waiting. Not for a transport whose making
- * failed before it had its protocol. The warning is for one never closed:
- * a closed one waits for the kernel's word on its ops before its
- * connection_lost(), where asyncio's waits for one iteration, and a loop
- * closed meanwhile lets go of it. */
+ * connection_lost(), and close their socket or pipe. A socket transport
+ * also calls its server's _detach(), as asyncio's __del__ does from 3.13:
+ * a 3.12 Server's wait_closed() waits for a count that would otherwise
+ * never fall, a 3.13 one for a WeakSet that drops the transport without
+ * waking it. Not for a transport whose making failed before it had its
+ * protocol. The warning is for one never closed: a closed one waits for
+ * the kernel's word on its ops before its connection_lost(), where
+ * asyncio's waits for one iteration, and a loop closed meanwhile lets go
+ * of it. */
 static void stream_finalize(us_stream *s)
 {
     if (s->lost_done || !s->sock || !s->protocol)
@@ -855,13 +856,11 @@ static void stream_finalize(us_stream *s)
     if (!s->closing && PyErr_ResourceWarning((PyObject *)s, 1, "unclosed transport %R", (PyObject *)s) < 0)
         PyErr_WriteUnraisable((PyObject *)s);
     stream_close_sock(s);
-#if PY_VERSION_HEX >= 0x030D0000
     PyObject *server = s->server;
     s->server = NULL;
     if (server)
         stream_detach(s, server);
     Py_XDECREF(server);
-#endif
     PyErr_Restore(et, ev, tb);
 }
 

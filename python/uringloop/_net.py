@@ -141,7 +141,7 @@ class NetworkMixin:
         transport = self._stream_new(sock, protocol, info, server)
         if server is not None:
             # At once, as asyncio's transport does in __init__: one collected
-            # unclosed leaves the count again on 3.13 (stream_finalize).
+            # unclosed (a failure below, or a leak) leaves it (stream_finalize).
             # 3.13's Server tracks its transports (close_clients(), abort_clients())
             if _SERVER_TRACKS_TRANSPORTS:
                 server._attach(transport)
