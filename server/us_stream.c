@@ -788,11 +788,14 @@ static void stream_close_sock(us_stream *s)
     Py_XDECREF(r);
 }
 
-/* Server._detach(): the transport no longer counts among its server's. */
+/* Server._detach(): the transport no longer counts among its server's.
+ * Takes the reference to server (NULL or None: none). */
 static void stream_detach(us_stream *s, PyObject *server)
 {
-    if (server == Py_None)
+    if (!server || server == Py_None) {
+        Py_XDECREF(server);
         return;
+    }
 #if PY_VERSION_HEX >= 0x030D0000
     /* 3.13's Server tracks its transports (see _net.py) */
     PyObject *r = PyObject_CallMethod(server, "_detach", "O", (PyObject *)s);
@@ -803,6 +806,7 @@ static void stream_detach(us_stream *s, PyObject *server)
     if (!r)
         PyErr_WriteUnraisable(server);
     Py_XDECREF(r);
+    Py_DECREF(server);
 }
 
 /* connection_lost(exc), then the socket is closed: every op is final. */
@@ -828,11 +832,9 @@ static int stream_call_connection_lost(us_stream *s)
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     stream_close_sock(s);
-    if (server)
-        stream_detach(s, server);
+    stream_detach(s, server);
     PyErr_Restore(et, ev, tb);
     Py_XDECREF(protocol);
-    Py_XDECREF(server);
     Py_CLEAR(s->lost_exc);
     return rc;
 }
@@ -858,9 +860,7 @@ static void stream_finalize(us_stream *s)
     stream_close_sock(s);
     PyObject *server = s->server;
     s->server = NULL;
-    if (server)
-        stream_detach(s, server);
-    Py_XDECREF(server);
+    stream_detach(s, server);
     PyErr_Restore(et, ev, tb);
 }
 
@@ -1609,17 +1609,23 @@ static PyObject *stream_get_write_buffer_size(us_stream *s, PyObject *unused)
  * the socket is closed; the peer's is asked with us_peer_address(), which
  * still answers once the peer has reset the connection (asyncio has it from
  * accept(); the multishot accept gives none). */
-static void stream_take_addresses(us_stream *s)
+/* fd's peer address into *a, or family AF_UNSPEC when it has none. */
+static void stream_read_peer(int fd, us_inaddr *a)
 {
     struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (us_peer_address(fd, &ss, &len) < 0 || len > sizeof *a)
+        a->sa.sa_family = AF_UNSPEC;
+    else
+        memcpy(a, &ss, len);
+}
+
+static void stream_take_addresses(us_stream *s)
+{
     socklen_t len = sizeof s->sockname;
     if (getsockname(s->fd, &s->sockname.sa, &len) < 0 || len > sizeof s->sockname)
         s->sockname.sa.sa_family = AF_UNSPEC;
-    len = sizeof ss;
-    if (us_peer_address(s->fd, &ss, &len) < 0 || len > sizeof s->peername)
-        s->peername.sa.sa_family = AF_UNSPEC;
-    else
-        memcpy(&s->peername, &ss, len);
+    stream_read_peer(s->fd, &s->peername);
 }
 
 /* The address as the socket module gives it: (host, port) for IPv4, (host,
@@ -1652,11 +1658,8 @@ PyObject *us_stream_peer_address(PyObject *mod, PyObject *arg)
     int fd = PyObject_AsFileDescriptor(arg);
     if (fd < 0)
         return NULL;
-    struct sockaddr_storage ss;
-    us_inaddr a = {.sa.sa_family = AF_UNSPEC};
-    socklen_t len = sizeof ss;
-    if (us_peer_address(fd, &ss, &len) == 0 && len <= sizeof a)
-        memcpy(&a, &ss, len);
+    us_inaddr a;
+    stream_read_peer(fd, &a);
     return stream_address(&a);
 }
 
