@@ -72,7 +72,10 @@ typedef struct us_stream {
      * stream_take_addresses): `extra` stays NULL until something reads
      * _extra, and the answers come from these. */
     us_inaddr sockname, peername;
-    PyObject *tsock; /* the TransportSocket, once asked for */
+    /* Each made once, when first asked for, so that every answer is the
+     * same object (asyncio's come from its dict). */
+    PyObject *sockname_obj, *peername_obj;
+    PyObject *tsock; /* the TransportSocket */
     int fd;
     int kind;      /* US_STREAM_SOCKET, US_STREAM_READ_PIPE, US_STREAM_WRITE_PIPE */
     ue_op recv_op; /* recv or read; for a write pipe, the hang-up poll */
@@ -1679,6 +1682,14 @@ static PyObject *stream_transport_socket(us_stream *s)
     return Py_NewRef(s->tsock);
 }
 
+/* *slot, made from the address a the first time. */
+static PyObject *stream_address_once(PyObject **slot, const us_inaddr *a)
+{
+    if (!*slot)
+        *slot = stream_address(a);
+    return Py_XNewRef(*slot);
+}
+
 /* The value for one of the three keys, or NULL with no error for any
  * other name (the transport has no other extra info). */
 static PyObject *stream_lazy_extra(us_stream *s, PyObject *name)
@@ -1686,9 +1697,9 @@ static PyObject *stream_lazy_extra(us_stream *s, PyObject *name)
     if (!PyUnicode_Check(name))
         return NULL;
     if (PyUnicode_CompareWithASCIIString(name, "peername") == 0)
-        return stream_address(&s->peername);
+        return stream_address_once(&s->peername_obj, &s->peername);
     if (PyUnicode_CompareWithASCIIString(name, "sockname") == 0)
-        return stream_address(&s->sockname);
+        return stream_address_once(&s->sockname_obj, &s->sockname);
     if (PyUnicode_CompareWithASCIIString(name, "socket") == 0)
         return stream_transport_socket(s);
     return NULL;
@@ -1866,6 +1877,8 @@ static int stream_traverse(us_stream *s, visitproc visit, void *arg)
     Py_VISIT(s->protocol);
     Py_VISIT(s->extra);
     Py_VISIT(s->tsock);
+    Py_VISIT(s->sockname_obj);
+    Py_VISIT(s->peername_obj);
     Py_VISIT(s->server);
     Py_VISIT(s->inbound);
     Py_VISIT(s->in_error);
@@ -1890,6 +1903,8 @@ static int stream_clear(us_stream *s)
     Py_CLEAR(s->protocol);
     Py_CLEAR(s->extra);
     Py_CLEAR(s->tsock);
+    Py_CLEAR(s->sockname_obj);
+    Py_CLEAR(s->peername_obj);
     Py_CLEAR(s->server);
     Py_CLEAR(s->inbound);
     Py_CLEAR(s->in_error);
