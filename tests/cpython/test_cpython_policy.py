@@ -14,9 +14,9 @@ import unittest
 
 import uringloop
 from test.test_asyncio import utils as test_utils
-from test.test_asyncio import (test_buffered_proto, test_context, test_locks, test_queues, test_sendfile,
-                               test_server, test_sslproto, test_streams, test_subprocess, test_threads,
-                               test_waitfor)
+from test.test_asyncio import (test_buffered_proto, test_context, test_futures2, test_locks, test_pep492,
+                               test_queues, test_runners, test_sendfile, test_server, test_sslproto,
+                               test_streams, test_subprocess, test_tasks, test_threads, test_waitfor)
 
 
 def _since(version, name):
@@ -87,8 +87,14 @@ def _without_excluded(cls):
 
 
 # Modules whose tests take the loop from the policy: collected as they are.
+# test_tasks, test_futures2 and test_pep492 are beyond the issue's list:
+# their tests that make a loop with asyncio.new_event_loop() or run
+# asyncio.run() get uringloop (tasks, their C handles and the loop's task
+# factory together); the others step asyncio's virtual-clock TestLoop and
+# test asyncio's tasks alone.
 for _module in (test_streams, test_ssl, test_sslproto, test_subprocess, test_taskgroups, test_timeouts,
-                test_waitfor, test_locks, test_queues, test_context, test_threads, test_eager_task_factory):
+                test_waitfor, test_locks, test_queues, test_context, test_threads, test_eager_task_factory,
+                test_tasks, test_futures2, test_pep492):
     if _module is None:
         continue
     for _name, _obj in vars(_module).items():
@@ -116,6 +122,32 @@ class UringSendfileTests(test_sendfile.SendfileTestsBase, test_utils.TestCase):
 
 
 UringSendfileTests = _without_excluded(UringSendfileTests)
+
+
+def _new_uring_runner_loop(self):
+    """test_runners' BaseTest makes a mocked BaseEventLoop whose
+    shutdown_asyncgens() sets shutdown_ag_run, which its tearDown checks:
+    a uringloop loop here, its own shutdown_asyncgens() wrapped to say so
+    too. asyncio.run() and asyncio.Runner then drive uringloop."""
+    loop = _new_uring_loop(self)
+    loop.shutdown_ag_run = False
+    shutdown_asyncgens = loop.shutdown_asyncgens
+
+    async def shutdown_asyncgens_noted():
+        loop.shutdown_ag_run = True
+        await shutdown_asyncgens()
+
+    loop.shutdown_asyncgens = shutdown_asyncgens_noted
+    return loop
+
+
+class UringRunTests(test_runners.RunTests):
+    new_loop = _new_uring_runner_loop
+
+
+if hasattr(test_runners, "RunnerTests"):  # asyncio.Runner, 3.11+
+    class UringRunnerTests(test_runners.RunnerTests):
+        new_loop = _new_uring_runner_loop
 
 
 def test_zz_every_loop_was_uringloop():
