@@ -1605,13 +1605,6 @@ static PyObject *stream_get_write_buffer_size(us_stream *s, PyObject *unused)
     return PyLong_FromSsize_t(s->wbuf);
 }
 
-/* A TCP transport keeps its two addresses as the kernel gives them, 56
- * bytes, rather than asyncio's dict of "socket", "sockname" and "peername"
- * (about 500 bytes of objects for every connection, whether or not anyone
- * asks). Taken now, as asyncio takes them: the local address is gone once
- * the socket is closed; the peer's is asked with us_peer_address(), which
- * still answers once the peer has reset the connection (asyncio has it from
- * accept(); the multishot accept gives none). */
 /* fd's peer address into *a, or family AF_UNSPEC when it has none. */
 static void stream_read_peer(int fd, us_inaddr *a)
 {
@@ -1623,6 +1616,13 @@ static void stream_read_peer(int fd, us_inaddr *a)
         memcpy(a, &ss, len);
 }
 
+/* A TCP transport keeps its two addresses as the kernel gives them, 56
+ * bytes, rather than asyncio's dict of "socket", "sockname" and "peername"
+ * (about 500 bytes of objects for every connection, whether or not anyone
+ * asks). Taken now, as asyncio takes them: the local address is gone once
+ * the socket is closed; the peer's is asked with us_peer_address(), which
+ * still answers once the peer has reset the connection (asyncio has it from
+ * accept(); the multishot accept gives none). */
 static void stream_take_addresses(us_stream *s)
 {
     socklen_t len = sizeof s->sockname;

@@ -350,20 +350,16 @@ def test_the_extra_dict_has_asyncios_keys_and_takes_new_ones(loop):
     run(loop, main())
 
 
-def test_extra_info_addresses_are_one_object_each(loop):
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_extra_info_addresses_are_one_object_each(loop, host):
     """get_extra_info("peername") and ("sockname") give the same object
     every time, and _extra then holds that object, as asyncio's dict does
     (uringloop makes each tuple when it is first asked for). For a client
-    and a server transport, IPv4 and IPv6."""
+    and a server transport."""
 
-    async def main(host):
-        accepted = loop.create_future()
-
-        class Accept(asyncio.Protocol):
-            def connection_made(self, tr):
-                accepted.set_result(tr)
-
-        server = await loop.create_server(Accept, host, 0)
+    async def main():
+        Server, accepted, _ = one_connection_server(loop)
+        server = await loop.create_server(Server, host, 0)
         addr = server.sockets[0].getsockname()
         tr, pr = await loop.create_connection(lambda: Recorder(loop), host, addr[1])
         for t in (tr, await accepted):
@@ -378,9 +374,7 @@ def test_extra_info_addresses_are_one_object_each(loop):
         server.close()
         await server.wait_closed()
 
-    run(loop, main("127.0.0.1"))
-    if socket.has_ipv6:
-        run(loop, main("::1"))
+    run(loop, main())
 
 
 def test_transport_reprs_have_asyncios_layout(loop):
