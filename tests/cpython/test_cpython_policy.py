@@ -11,12 +11,14 @@ import asyncio
 import importlib
 import sys
 import unittest
+from unittest import mock
 
 import uringloop
 from test.test_asyncio import utils as test_utils
-from test.test_asyncio import (test_buffered_proto, test_context, test_futures2, test_locks, test_queues,
+from test.test_asyncio import (test_base_events, test_buffered_proto, test_context, test_events, test_futures2,
+                               test_locks, test_queues,
                                test_runners, test_sendfile, test_server, test_sslproto, test_streams,
-                               test_subprocess, test_tasks, test_threads, test_waitfor)
+                               test_subprocess, test_tasks, test_threads, test_unix_events, test_waitfor)
 
 
 def _since(version, name):
@@ -122,6 +124,39 @@ class UringSendfileTests(test_sendfile.SendfileTestsBase, test_utils.TestCase):
 
 
 UringSendfileTests = _without_excluded(UringSendfileTests)
+
+
+class UringUnixSocketTests(test_unix_events.SelectorEventLoopUnixSocketTests):
+    """create_unix_server() and create_unix_connection(): their argument
+    checks, pathlib paths, a stale socket file replaced, a path that is not a
+    socket refused. The mixin makes an asyncio.SelectorEventLoop in setUp."""
+
+    def setUp(self):
+        super(test_unix_events.SelectorEventLoopUnixSocketTests, self).setUp()
+        self.loop = _new_uring_loop(self)
+        self.set_event_loop(self.loop)
+
+    def test_create_unix_server_bind_error(self):
+        # The socket is closed when bind() fails. CPython's test mocks the
+        # socket module where asyncio's loop makes the socket
+        # (asyncio.unix_events); uringloop's makes it in uringloop._net.
+        with mock.patch("uringloop._net.socket") as m_socket:
+            test_unix_events.SelectorEventLoopUnixSocketTests.test_create_unix_server_bind_error.__wrapped__(
+                self, m_socket)
+
+
+# Classes of modules otherwise made of asyncio's own internals (mocked loops,
+# its selector and pipe transports) whose tests make their loops with
+# asyncio.new_event_loop(), so here uringloop's: add_reader() and friends
+# refusing invalid arguments and a transport's fd; Server.get_loop(); a loop
+# run inside a running one refused; run_in_executor() with a process pool
+# (the get-event-loop classes' other tests set asyncio's own policy).
+test_unix_events__TestFunctional = test_unix_events.TestFunctional
+for _name in ("TestPyGetEventLoop", "TestCGetEventLoop", "TestServer", "TestAbstractServer"):
+    if hasattr(test_events, _name):  # TestCGetEventLoop needs the _asyncio C module
+        globals()[f"test_events__{_name}"] = getattr(test_events, _name)
+del _name
+test_base_events__RunningLoopTests = test_base_events.RunningLoopTests
 
 
 def _new_uring_runner_loop(self):
