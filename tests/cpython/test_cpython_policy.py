@@ -16,9 +16,9 @@ from unittest import mock
 import uringloop
 from test.test_asyncio import utils as test_utils
 from test.test_asyncio import (test_base_events, test_buffered_proto, test_context, test_events, test_futures2,
-                               test_locks, test_queues,
-                               test_runners, test_sendfile, test_server, test_sslproto, test_streams,
-                               test_subprocess, test_tasks, test_threads, test_unix_events, test_waitfor)
+                               test_locks, test_queues, test_runners, test_sendfile, test_server, test_sslproto,
+                               test_streams, test_subprocess, test_tasks, test_threads, test_unix_events,
+                               test_waitfor)
 
 
 def _since(version, name):
@@ -88,6 +88,12 @@ def _without_excluded(cls):
     return type(cls.__name__, (cls,), {name: None for name in skipped})  # unittest collects callables only
 
 
+def _collect(module, cls):
+    """CPython's test class `cls` of `module` collected here as it is (but
+    for its exclusions), named after both."""
+    globals()[f"{module.__name__.rsplit('.', 1)[-1]}__{cls.__name__}"] = _without_excluded(cls)
+
+
 # Modules whose tests take the loop from the policy: collected as they are.
 # test_tasks and test_futures2 are beyond the issue's list: their tests
 # that make a loop with asyncio.new_event_loop() or run asyncio.run() get
@@ -102,7 +108,7 @@ for _module in (test_streams, test_ssl, test_sslproto, test_subprocess, test_tas
     for _name, _obj in vars(_module).items():
         if (isinstance(_obj, type) and issubclass(_obj, unittest.TestCase) and _obj.__module__ == _module.__name__
                 and "Proactor" not in _name and "Selector" not in _name):
-            globals()[f"{_module.__name__.rsplit('.', 1)[-1]}__{_name}"] = _without_excluded(_obj)
+            _collect(_module, _obj)
 del _module, _name, _obj  # or pytest would collect the last class twice
 
 
@@ -151,12 +157,12 @@ class UringUnixSocketTests(test_unix_events.SelectorEventLoopUnixSocketTests):
 # refusing invalid arguments and a transport's fd; Server.get_loop(); a loop
 # run inside a running one refused; run_in_executor() with a process pool
 # (the get-event-loop classes' other tests set asyncio's own policy).
-test_unix_events__TestFunctional = test_unix_events.TestFunctional
+_collect(test_unix_events, test_unix_events.TestFunctional)
+_collect(test_base_events, test_base_events.RunningLoopTests)
 for _name in ("TestPyGetEventLoop", "TestCGetEventLoop", "TestServer", "TestAbstractServer"):
     if hasattr(test_events, _name):  # TestCGetEventLoop needs the _asyncio C module
-        globals()[f"test_events__{_name}"] = getattr(test_events, _name)
+        _collect(test_events, getattr(test_events, _name))
 del _name
-test_base_events__RunningLoopTests = test_base_events.RunningLoopTests
 
 
 def _new_uring_runner_loop(self):
